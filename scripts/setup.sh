@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what the local service stack needs and is missing; idempotent.
+# With a Docker engine, docker-compose.yml provides the services instead and
+# nothing is installed.
+set -euo pipefail
+
+if docker info >/dev/null 2>&1; then
+  echo "setup: a Docker engine answers; services come from docker-compose.yml"
+  exit 0
+fi
+
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+
+packages=()
+command -v clickhouse-server >/dev/null 2>&1 || packages+=(clickhouse-server)
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  packages+=(postgresql)
+fi
+command -v psql >/dev/null 2>&1 || packages+=(postgresql-client)
+if [ ${#packages[@]} -gt 0 ]; then
+  echo "setup: installing ${packages[*]} (apt)"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${packages[@]}" >/dev/null
+fi
+
+if command -v nisshi >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/nisshi" ]; then
+  :
+else
+  echo "setup: building the nisshi Kafka-API broker (about 20 minutes, once; reused afterwards)"
+  cargo install nisshi@0.7.0-pre.2 --locked --features dynostore
+fi
+echo "setup: PostgreSQL, ClickHouse and the broker are installed"

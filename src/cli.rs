@@ -1,0 +1,273 @@
+//! Argument parsing for the `pg2ch` binary, and mapping outcomes to exit codes.
+//!
+//! Precedence: command-line flags, then environment variables, then a `.env`
+//! file in the working directory. Exit codes: 0 success, 1 `verify` found a
+//! mismatch, 2 any error (bad flag, unreachable service, wrong password, ...),
+//! reported as one line on stderr.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::commands::{self, RunOptions, Settings};
+use crate::config::{ChConfig, KafkaConfig, PgConfig, Secret, Timeouts};
+
+#[derive(Parser, Debug)]
+#[command(name = "pg2ch", version, about = "Move rows from PostgreSQL to ClickHouse through Kafka, exactly once")]
+pub struct Cli {
+    #[command(flatten)]
+    conn: Connection,
+    /// Log format on stderr (level from RUST_LOG, default info).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+struct Connection {
+    #[arg(long, global = true, env = "PG_HOST", default_value = "localhost")]
+    pg_host: String,
+    #[arg(long, global = true, env = "PG_PORT", default_value_t = 5432)]
+    pg_port: u16,
+    #[arg(long, global = true, env = "PG_USER", default_value = "pg2ch")]
+    pg_user: String,
+    #[arg(long, global = true, env = "PG_PASS", default_value = "", hide_env_values = true, hide_default_value = true)]
+    pg_pass: Secret,
+    #[arg(long, global = true, env = "PG_DB", default_value = "pg2ch")]
+    pg_db: String,
+    #[arg(long, global = true, env = "CH_HOST", default_value = "localhost")]
+    ch_host: String,
+    /// ClickHouse HTTP port.
+    #[arg(long, global = true, env = "CH_PORT", default_value_t = 8123)]
+    ch_port: u16,
+    #[arg(long, global = true, env = "CH_USER", default_value = "default")]
+    ch_user: String,
+    #[arg(long, global = true, env = "CH_PASS", default_value = "", hide_env_values = true, hide_default_value = true)]
+    ch_pass: Secret,
+    #[arg(long, global = true, env = "CH_DB", default_value = "default")]
+    ch_db: String,
+    /// Comma-separated host:port list.
+    #[arg(long, global = true, env = "KAFKA_BOOTSTRAP", default_value = "localhost:9092")]
+    kafka_bootstrap: String,
+    #[arg(long, global = true, env = "KAFKA_TOPIC", default_value = "user_events")]
+    kafka_topic: String,
+    /// Consumer group: names the positions stored in ClickHouse.
+    #[arg(long, global = true, env = "KAFKA_GROUP", default_value = "pg2ch")]
+    kafka_group: String,
+    /// Longest any single call to a service may take, in seconds.
+    #[arg(long, global = true, env = "PG2CH_TIMEOUT_SECS", default_value_t = 30)]
+    timeout_secs: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+struct RunArgs {
+    /// Move everything there at start, then exit 0.
+    #[arg(long)]
+    once: bool,
+    /// Rows claimed, published and flagged per producer batch.
+    #[arg(long, default_value_t = 10_000)]
+    batch_rows: usize,
+    /// Most rows per ClickHouse insert.
+    #[arg(long, default_value_t = 100_000)]
+    insert_rows: usize,
+    /// Partitions this consumer reads (comma-separated; default all). There is
+    /// no consumer-group protocol: split partitions between consumers here.
+    #[arg(long, value_delimiter = ',')]
+    partitions: Option<Vec<i32>>,
+    /// Milliseconds to wait for new rows or records when idle.
+    #[arg(long, default_value_t = 200)]
+    poll_ms: u64,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create the tables, the flag column and index, and the topic (idempotent).
+    Init {
+        /// Partitions of the topic, when it is created.
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+    },
+    /// Insert N synthetic login events into PostgreSQL.
+    Seed {
+        #[arg(long)]
+        rows: u64,
+    },
+    /// Publish unsent rows to Kafka and flag them sent.
+    Produce(RunArgs),
+    /// Write records from Kafka to ClickHouse.
+    Consume(RunArgs),
+    /// Produce and consume in one process.
+    Run(RunArgs),
+    /// Reconcile PostgreSQL and ClickHouse by id; exit 1 on any mismatch.
+    Verify {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Unsent rows, per-partition end offset, position and lag, rows in ClickHouse.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start, stop or describe the local service stack (no Docker needed).
+    Stack {
+        #[command(subcommand)]
+        action: StackAction,
+    },
+}
+
+#[derive(Subcommand, Debug, Clone, Copy)]
+enum StackAction {
+    /// Start PostgreSQL, ClickHouse and a Kafka-API broker on loopback (idempotent) and print the environment.
+    Up,
+    /// Stop what `up` started.
+    Down,
+    /// Print the environment for the stack.
+    Env,
+}
+
+impl RunArgs {
+    fn options(&self) -> RunOptions {
+        RunOptions {
+            once: self.once,
+            batch_rows: self.batch_rows.max(1),
+            insert_rows: self.insert_rows.max(1),
+            partitions: self.partitions.clone(),
+            poll: Duration::from_millis(self.poll_ms),
+        }
+    }
+}
+
+impl Connection {
+    fn settings(&self) -> Settings {
+        Settings {
+            pg: PgConfig {
+                host: self.pg_host.clone(),
+                port: self.pg_port,
+                user: self.pg_user.clone(),
+                password: self.pg_pass.clone(),
+                database: self.pg_db.clone(),
+            },
+            ch: ChConfig {
+                host: self.ch_host.clone(),
+                port: self.ch_port,
+                user: self.ch_user.clone(),
+                password: self.ch_pass.clone(),
+                database: self.ch_db.clone(),
+            },
+            kafka: KafkaConfig {
+                bootstrap: self.kafka_bootstrap.split(',').map(|s| s.trim().to_owned()).collect(),
+                topic: self.kafka_topic.clone(),
+                group: self.kafka_group.clone(),
+            },
+            timeouts: Timeouts { call: Duration::from_secs(self.timeout_secs.max(1)) },
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        // Drivers log every retry; their errors reach us as values anyway.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rskafka=off,sqlx=warn,hyper=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// A watch that turns true on SIGINT or SIGTERM.
+fn shutdown_signal() -> commands::Shutdown {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("stopping at the next safe point");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+/// Parses the arguments, runs the command, returns the process exit code.
+pub fn main() -> i32 {
+    if let Err(e) = dotenvy::dotenv() {
+        if !e.not_found() {
+            eprintln!("error: reading .env: {e}");
+            return 2;
+        }
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    init_logging(cli.log_format);
+    let runtime = tokio::runtime::Runtime::new().expect("starting the tokio runtime");
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            2
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    let s = cli.conn.settings();
+    if !matches!(cli.command, Command::Stack { .. }) {
+        commands::check_names(&s.ch, &s.kafka)?;
+    }
+    match cli.command {
+        Command::Init { partitions } => commands::init(&s, partitions).await?,
+        Command::Seed { rows } => commands::seed(&s, rows).await?,
+        Command::Produce(a) => commands::produce(&s, &a.options(), shutdown_signal()).await?,
+        Command::Consume(a) => commands::consume(&s, &a.options(), shutdown_signal()).await?,
+        Command::Run(a) => {
+            commands::run(&s, &a.options(), shutdown_signal()).await?;
+        }
+        Command::Verify { json } => {
+            let report = commands::verify(&s).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{report}");
+            }
+            return Ok(if report.ok() { 0 } else { 1 });
+        }
+        Command::Status { json } => {
+            let status = commands::status(&s).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                status.print(&mut std::io::stdout())?;
+            }
+        }
+        Command::Stack { action } => {
+            let stack = crate::stack::Stack::from_env();
+            match action {
+                StackAction::Up => {
+                    let env = stack.up().await?;
+                    print!("{}", env.shell_exports());
+                }
+                StackAction::Down => stack.down()?,
+                StackAction::Env => print!("{}", stack.env().shell_exports()),
+            }
+        }
+    }
+    Ok(0)
+}

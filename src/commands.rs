@@ -1,0 +1,334 @@
+//! What each `pg2ch` subcommand does: connect the adapters, hand them to the
+//! pipeline, report. The decisions themselves are in [`crate::pipeline`].
+
+use std::cell::Cell;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::clickhouse::{ChSink, ClickHouse};
+use crate::config::{ChConfig, KafkaConfig, PgConfig, Timeouts};
+use crate::kafka::{self, KafkaLog};
+use crate::pipeline::{Consumer, ConsumerConfig, NoFaults, ProduceStep, Producer, ProducerConfig};
+use crate::postgres::{self, PgSource};
+use crate::verify::{self, Report};
+
+/// Everything needed to reach the three systems.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub pg: PgConfig,
+    pub ch: ChConfig,
+    pub kafka: KafkaConfig,
+    pub timeouts: Timeouts,
+}
+
+/// Tunables of `produce`, `consume` and `run`.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Move what is there, then exit.
+    pub once: bool,
+    pub batch_rows: usize,
+    pub insert_rows: usize,
+    /// Partitions this consumer reads; `None` means all.
+    pub partitions: Option<Vec<i32>>,
+    /// How long to wait when there is nothing to do.
+    pub poll: Duration,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions { once: false, batch_rows: 10_000, insert_rows: 100_000, partitions: None, poll: Duration::from_millis(200) }
+    }
+}
+
+/// Set to true to ask a running command to stop at its next safe point.
+pub type Shutdown = watch::Receiver<bool>;
+
+pub async fn init(s: &Settings, partitions: i32) -> anyhow::Result<()> {
+    anyhow::ensure!(partitions >= 1, "--partitions must be at least 1, got {partitions}");
+    let pool = postgres::connect(&s.pg, 1, s.timeouts.call).await?;
+    let ch = ClickHouse::connect(&s.ch, s.timeouts.call).await?;
+    let kafka = kafka::connect(&s.kafka, s.timeouts.call).await?;
+    postgres::init(&pool).await?;
+    kafka::ensure_topic(&kafka, &s.kafka.topic, partitions, s.timeouts.call).await?;
+    ch.init().await?;
+    tracing::info!(
+        "initialised: PostgreSQL user_logins, topic {:?} ({partitions} partitions), ClickHouse {}.user_logins (server {}.{})",
+        s.kafka.topic, s.ch.database, ch.caps.version.0, ch.caps.version.1
+    );
+    Ok(())
+}
+
+pub async fn seed(s: &Settings, rows: u64) -> anyhow::Result<()> {
+    let pool = postgres::connect(&s.pg, 1, s.timeouts.call).await?;
+    postgres::check_columns(&pool).await?;
+    let bar = indicatif::ProgressBar::new(rows);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} rows ({per_sec}, eta {eta})")
+            .expect("static template"),
+    );
+    postgres::seed(&pool, rows, 10_000, |done| bar.set_position(done)).await?;
+    bar.finish_and_clear();
+    tracing::info!("seeded {rows} rows");
+    Ok(())
+}
+
+async fn producer(s: &Settings, o: &RunOptions) -> anyhow::Result<Producer<PgSource, KafkaLog>> {
+    let pool = postgres::connect(&s.pg, 2, s.timeouts.call).await?;
+    postgres::check_columns(&pool).await?;
+    let client = kafka::connect(&s.kafka, s.timeouts.call).await?;
+    let log = KafkaLog::open(&client, &s.kafka.topic, s.timeouts.call).await?;
+    let config = ProducerConfig { batch_rows: o.batch_rows, ..ProducerConfig::default() };
+    Ok(Producer::new(PgSource::new(pool, s.timeouts.call), log, config))
+}
+
+async fn consumer(s: &Settings, o: &RunOptions) -> anyhow::Result<Consumer<KafkaLog, ChSink>> {
+    let client = kafka::connect(&s.kafka, s.timeouts.call).await?;
+    let log = KafkaLog::open(&client, &s.kafka.topic, s.timeouts.call).await?;
+    let ch = ClickHouse::connect(&s.ch, s.timeouts.call).await?;
+    let count = crate::stores::EventLog::partitions(&log);
+    let mut config = ConsumerConfig::all_partitions(count);
+    if let Some(assigned) = &o.partitions {
+        if let Some(bad) = assigned.iter().find(|p| !(0..count).contains(*p)) {
+            anyhow::bail!("--partitions names partition {bad}, but topic {:?} has partitions 0..{count}", s.kafka.topic);
+        }
+        config.partitions = assigned.clone();
+    }
+    config.insert_rows = o.insert_rows;
+    let sink = ChSink { ch, group: s.kafka.group.clone(), topic: s.kafka.topic.clone() };
+    Ok(Consumer::new(log, sink, config))
+}
+
+/// Capped exponential backoff that logs once when trouble starts and once
+/// when it ends, not on every retry.
+struct Backoff {
+    what: &'static str,
+    delay: Duration,
+    failing: bool,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const CAP: Duration = Duration::from_secs(5);
+
+    fn new(what: &'static str) -> Self {
+        Backoff { what, delay: Self::FIRST, failing: false }
+    }
+    fn ok(&mut self) {
+        if self.failing {
+            tracing::info!("{}: recovered", self.what);
+        }
+        self.failing = false;
+        self.delay = Self::FIRST;
+    }
+    fn failed(&mut self, e: &anyhow::Error) -> Duration {
+        if !self.failing {
+            tracing::warn!("{}: {e:#}; retrying with backoff", self.what);
+        }
+        self.failing = true;
+        let now = self.delay;
+        self.delay = (self.delay * 2).min(Self::CAP);
+        now
+    }
+}
+
+/// Sleeps for `d` or until shutdown is asked, whichever comes first.
+async fn pause(d: Duration, shutdown: &mut Shutdown) {
+    if !*shutdown.borrow() {
+        let _ = tokio::time::timeout(d, shutdown.changed()).await;
+    }
+}
+
+async fn produce_loop(
+    p: &mut Producer<PgSource, KafkaLog>,
+    once: bool,
+    poll: Duration,
+    mut shutdown: Shutdown,
+) -> anyhow::Result<usize> {
+    let mut moved = 0;
+    let mut backoff = Backoff::new("producer");
+    while !*shutdown.borrow() {
+        match p.step(&NoFaults).await {
+            Ok(ProduceStep::Moved(n)) => {
+                backoff.ok();
+                moved += n;
+                tracing::debug!("published and flagged {n} rows");
+            }
+            Ok(ProduceStep::Idle) => {
+                backoff.ok();
+                if once {
+                    break;
+                }
+                pause(poll, &mut shutdown).await;
+            }
+            Err(e) if once => return Err(e),
+            Err(e) => {
+                let d = backoff.failed(&e);
+                pause(d, &mut shutdown).await;
+            }
+        }
+    }
+    Ok(moved)
+}
+
+/// Consumes until shutdown; when `done` says the producer finished, drains to
+/// the partitions' ends as they are then, and returns.
+async fn consume_loop(
+    c: &mut Consumer<KafkaLog, ChSink>,
+    done: Option<&Cell<Option<bool>>>,
+    poll: Duration,
+    mut shutdown: Shutdown,
+) -> anyhow::Result<usize> {
+    let mut records = 0;
+    let mut targets = None;
+    let mut backoff = Backoff::new("consumer");
+    while !*shutdown.borrow() {
+        if let Some(done) = done {
+            match done.get() {
+                Some(false) => break, // the producer failed; it reports why
+                Some(true) if targets.is_none() => targets = Some(c.high_watermarks().await?),
+                _ => {}
+            }
+        }
+        if let Some(t) = &targets {
+            if c.reached(t) {
+                break;
+            }
+        }
+        match c.step(&NoFaults, poll).await {
+            Ok(step) => {
+                backoff.ok();
+                records += step.records;
+            }
+            Err(e) if done.is_some() => return Err(e),
+            Err(e) => {
+                let d = backoff.failed(&e);
+                pause(d, &mut shutdown).await;
+            }
+        }
+    }
+    Ok(records)
+}
+
+pub async fn produce(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow::Result<()> {
+    let mut p = producer(s, o).await?;
+    let started = Instant::now();
+    let moved = produce_loop(&mut p, o.once, o.poll, shutdown).await?;
+    tracing::info!("producer: {moved} rows published and flagged in {:.1?}", started.elapsed());
+    Ok(())
+}
+
+pub async fn consume(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow::Result<()> {
+    let mut c = consumer(s, o).await?;
+    let started = Instant::now();
+    let records = if o.once {
+        c.drain(&NoFaults, o.poll).await?
+    } else {
+        consume_loop(&mut c, None, o.poll, shutdown).await?
+    };
+    tracing::info!("consumer: {records} records written in {:.1?}", started.elapsed());
+    Ok(())
+}
+
+/// Producer and consumer in one process. With `once`, returns when every row
+/// that was unsent at the start is in ClickHouse and its position stored.
+pub async fn run(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow::Result<usize> {
+    let mut p = producer(s, o).await?;
+    let mut c = consumer(s, o).await?;
+    let started = Instant::now();
+    let done: Cell<Option<bool>> = Cell::new(None);
+    let (moved, written) = if o.once {
+        let produce = async {
+            let r = produce_loop(&mut p, true, o.poll, shutdown.clone()).await;
+            done.set(Some(r.is_ok()));
+            r
+        };
+        tokio::join!(produce, consume_loop(&mut c, Some(&done), o.poll, shutdown.clone()))
+    } else {
+        tokio::join!(
+            produce_loop(&mut p, false, o.poll, shutdown.clone()),
+            consume_loop(&mut c, None, o.poll, shutdown.clone())
+        )
+    };
+    let (moved, written) = (moved?, written?);
+    tracing::info!("run: {moved} rows published, {written} records written in {:.1?}", started.elapsed());
+    Ok(moved)
+}
+
+pub async fn verify(s: &Settings) -> anyhow::Result<Report> {
+    let pool = postgres::connect(&s.pg, 1, s.timeouts.call).await?;
+    let ch = ClickHouse::connect(&s.ch, s.timeouts.call).await?;
+    let (pg_rows, ch_rows) = tokio::try_join!(postgres::all_rows(&pool), ch.rows_final())?;
+    let mut report = verify::reconcile(&pg_rows, &ch_rows);
+    let (count, first_ids) = ch.unmerged_copies(verify::SAMPLE).await?;
+    report.unmerged_copies = verify::Finding { count, first_ids };
+    Ok(report)
+}
+
+/// One partition in `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionStatus {
+    pub partition: i32,
+    pub end_offset: i64,
+    pub position: i64,
+    pub lag: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub topic: String,
+    pub group: String,
+    pub unsent_rows: i64,
+    pub partitions: Vec<PartitionStatus>,
+    pub clickhouse_rows_final: u64,
+    pub clickhouse_rows_stored: u64,
+}
+
+pub async fn status(s: &Settings) -> anyhow::Result<Status> {
+    let pool = postgres::connect(&s.pg, 1, s.timeouts.call).await?;
+    let mut c = consumer(s, &RunOptions::default()).await?;
+    let positions = c.positions().await?.clone();
+    let ends = c.high_watermarks().await?;
+    let partitions = positions
+        .iter()
+        .map(|(&p, &position)| {
+            let end_offset = ends.get(&p).copied().unwrap_or(0);
+            PartitionStatus { partition: p, end_offset, position, lag: (end_offset - position).max(0) }
+        })
+        .collect();
+    Ok(Status {
+        topic: s.kafka.topic.clone(),
+        group: s.kafka.group.clone(),
+        unsent_rows: postgres::unsent_count(&pool).await?,
+        partitions,
+        clickhouse_rows_final: c.sink.ch.final_count().await?,
+        clickhouse_rows_stored: c.sink.ch.stored_count().await?,
+    })
+}
+
+impl Status {
+    pub fn print(&self, out: &mut impl Write) -> std::io::Result<()> {
+        writeln!(out, "topic {:?}, consumer group {:?}", self.topic, self.group)?;
+        writeln!(out, "unsent rows in PostgreSQL: {}", self.unsent_rows)?;
+        writeln!(out, "{:>9} {:>12} {:>12} {:>10}", "partition", "end offset", "position", "lag")?;
+        for p in &self.partitions {
+            writeln!(out, "{:>9} {:>12} {:>12} {:>10}", p.partition, p.end_offset, p.position, p.lag)?;
+        }
+        writeln!(
+            out,
+            "ClickHouse rows: {} (FINAL), {} stored before merging",
+            self.clickhouse_rows_final, self.clickhouse_rows_stored
+        )
+    }
+}
+
+/// Checks the ClickHouse settings before anything connects.
+pub fn check_names(ch: &ChConfig, kafka: &KafkaConfig) -> anyhow::Result<()> {
+    crate::config::identifier("ClickHouse database (CH_DB)", &ch.database)?;
+    crate::config::topic_name(&kafka.topic).context("KAFKA_TOPIC")?;
+    anyhow::ensure!(!kafka.group.is_empty(), "KAFKA_GROUP must not be empty");
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! Kafka (Redpanda, nisshi, ...) through `rskafka`: the topic and the
+//! [`EventLog`] adapter.
+//!
+//! rskafka retries without a deadline and has no request timeout of its own,
+//! so every call here is bounded by [`bounded`] and the client's backoff is
+//! given a deadline. There is no consumer-group protocol: the consumer's
+//! partitions come from configuration and its positions live in ClickHouse.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use rskafka::BackoffConfig;
+use rskafka::client::partition::{Compression, PartitionClient, UnknownTopicHandling};
+use rskafka::client::{Client, ClientBuilder};
+use rskafka::record::Record;
+
+use crate::config::{KafkaConfig, bounded};
+use crate::stores::{EventLog, Fetched, FetchedRecord, LogRecord};
+
+/// Most bytes of record data in one produce request. Kafka's default
+/// `max.message.bytes` is 1 MiB; staying well under it needs no broker tuning.
+const MAX_REQUEST_BYTES: usize = 512 * 1024;
+
+/// Connects to the bootstrap brokers.
+pub async fn connect(cfg: &KafkaConfig, timeout: Duration) -> anyhow::Result<Client> {
+    let backoff = BackoffConfig { deadline: Some(timeout), ..BackoffConfig::default() };
+    bounded(|| format!("connecting to {}", cfg.describe()), timeout, async {
+        Ok(ClientBuilder::new(cfg.bootstrap.clone()).backoff_config(backoff).build().await?)
+    })
+    .await
+    .with_context(|| format!("cannot reach {}", cfg.describe()))
+}
+
+/// The topic's partition count, or `None` when the topic does not exist.
+pub async fn partition_count(client: &Client, topic: &str, timeout: Duration) -> anyhow::Result<Option<i32>> {
+    let topics = bounded(|| "listing Kafka topics".into(), timeout, async { Ok(client.list_topics().await?) }).await?;
+    Ok(topics.into_iter().find(|t| t.name == topic).map(|t| t.partitions.len() as i32))
+}
+
+/// Creates the topic with `partitions` partitions if it does not exist, and
+/// waits until the broker lists it. Fails if it exists with another count.
+pub async fn ensure_topic(client: &Client, topic: &str, partitions: i32, timeout: Duration) -> anyhow::Result<()> {
+    match partition_count(client, topic, timeout).await? {
+        Some(n) if n == partitions => return Ok(()),
+        Some(n) => anyhow::bail!(
+            "Kafka topic {topic:?} exists with {n} partitions, not the {partitions} asked for (pass --partitions {n})"
+        ),
+        None => {}
+    }
+    let controller = client.controller_client()?;
+    let created = bounded(|| format!("creating Kafka topic {topic:?}"), timeout, async {
+        Ok(controller.create_topic(topic, partitions, 1, timeout.as_millis() as i32).await?)
+    })
+    .await;
+    if let Err(e) = created {
+        // Another `init` may have created it meanwhile; the check below decides.
+        tracing::debug!("create_topic: {e:#}");
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match partition_count(client, topic, timeout).await? {
+            Some(n) if n == partitions => return Ok(()),
+            Some(n) => anyhow::bail!("Kafka topic {topic:?} has {n} partitions, not {partitions}"),
+            None if tokio::time::Instant::now() > deadline => {
+                anyhow::bail!("Kafka topic {topic:?} did not appear within {timeout:?}")
+            }
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// The topic, one rskafka partition client per partition.
+pub struct KafkaLog {
+    partitions: Vec<PartitionClient>,
+    timeout: Duration,
+    fetch_max_bytes: i32,
+    compression: Compression,
+}
+
+impl KafkaLog {
+    /// Opens every partition of an existing topic.
+    pub async fn open(client: &Client, topic: &str, timeout: Duration) -> anyhow::Result<Self> {
+        let count = partition_count(client, topic, timeout)
+            .await?
+            .with_context(|| format!("Kafka topic {topic:?} does not exist (run `pg2ch init`)"))?;
+        let mut partitions = Vec::with_capacity(count as usize);
+        for p in 0..count {
+            let pc = bounded(|| format!("opening partition {p} of {topic:?}"), timeout, async {
+                Ok(client.partition_client(topic, p, UnknownTopicHandling::Error).await?)
+            })
+            .await?;
+            partitions.push(pc);
+        }
+        Ok(KafkaLog { partitions, timeout, fetch_max_bytes: 4 * 1024 * 1024, compression: Compression::NoCompression })
+    }
+
+    fn client(&self, partition: i32) -> anyhow::Result<&PartitionClient> {
+        self.partitions.get(partition as usize).with_context(|| format!("no partition {partition}"))
+    }
+}
+
+impl EventLog for KafkaLog {
+    fn partitions(&self) -> i32 {
+        self.partitions.len() as i32
+    }
+
+    async fn append(&self, partition: i32, records: Vec<LogRecord>) -> anyhow::Result<()> {
+        let client = self.client(partition)?;
+        let now = chrono::Utc::now();
+        let mut request = Vec::new();
+        let mut bytes = 0;
+        let mut records = records.into_iter().peekable();
+        while let Some(r) = records.next() {
+            bytes += r.key.len() + r.value.len() + 16;
+            request.push(Record { key: Some(r.key), value: Some(r.value), headers: BTreeMap::new(), timestamp: now });
+            if bytes >= MAX_REQUEST_BYTES || records.peek().is_none() {
+                let batch = std::mem::take(&mut request);
+                bytes = 0;
+                bounded(|| format!("producing to partition {partition}"), self.timeout, async {
+                    Ok(client.produce(batch, self.compression).await?)
+                })
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn fetch(&self, partition: i32, offset: i64, max_wait: Duration) -> anyhow::Result<Fetched> {
+        let client = self.client(partition)?;
+        // Never ask for a zero wait: nisshi answers a fetch with max_wait 0 with
+        // no topic at all, which rskafka rejects. One millisecond costs nothing.
+        let wait_ms = (max_wait.as_millis() as i32).max(1);
+        let (records, high_watermark) =
+            bounded(|| format!("fetching partition {partition} at offset {offset}"), self.timeout + max_wait, async {
+                Ok(client.fetch_records(offset, 1..self.fetch_max_bytes, wait_ms).await?)
+            })
+            .await
+            .with_context(|| format!("fetching partition {partition} at offset {offset}"))?;
+        Ok(Fetched {
+            records: records
+                .into_iter()
+                .map(|r| FetchedRecord { offset: r.offset, value: r.record.value })
+                .collect(),
+            high_watermark,
+        })
+    }
+}

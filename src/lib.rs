@@ -1,0 +1,26 @@
+//! pg2ch moves rows from a PostgreSQL table to ClickHouse through Kafka,
+//! exactly once.
+//!
+//! Module map:
+//! - [`event`]: the row that travels and its JSON message format.
+//! - [`stores`]: the three stores as small traits (source table, log, sink).
+//! - [`pipeline`]: every decision (claim, publish, mark, fetch, write,
+//!   remember position), written once against those traits, with named crash points.
+//! - [`postgres`], [`kafka`], [`clickhouse`]: one adapter per outside system.
+//! - [`verify`]: reconciliation of PostgreSQL against ClickHouse.
+//! - [`commands`]: what each CLI subcommand does, wiring adapters to the pipeline.
+//! - [`stack`]: starts and stops a local PostgreSQL, ClickHouse and broker without Docker.
+//! - [`config`]: connection settings, secrets, identifier checks, timeouts.
+//! - [`cli`]: argument parsing for the `pg2ch` binary.
+
+pub mod clickhouse;
+pub mod config;
+pub mod event;
+pub mod kafka;
+pub mod pipeline;
+pub mod postgres;
+pub mod stores;
+pub mod cli;
+pub mod commands;
+pub mod stack;
+pub mod verify;

@@ -1,0 +1,418 @@
+//! Every decision pg2ch makes, in one place: claim, publish, mark, fetch,
+//! write, remember the position.
+//!
+//! Written against the traits in [`crate::stores`], so the real adapters and
+//! the simulated stores run exactly this code. Each step is a sequence of store
+//! calls with a named [`CrashPoint`] between them; [`Faults`] decides whether
+//! the process "dies" there. A crash drops the component's memory (cursor,
+//! cached positions, open claim); the stores keep what they committed.
+//!
+//! Why the order is safe:
+//! - The producer marks rows sent only after the broker acknowledged every
+//!   partition, and marking happens in the transaction that holds the row
+//!   locks. A failure or crash anywhere before the commit leaves the rows
+//!   unsent, so they are published again (a duplicate in the log, never a gap).
+//! - The consumer stores its position only after the rows are in ClickHouse.
+//!   A crash in between replays those records; the sink collapses them by id.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+
+use crate::event::LoginEvent;
+use crate::stores::{EventLog, LogRecord, Sink, SourceTable};
+
+/// The places where a component may die between two store calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CrashPoint {
+    /// Rows are locked; nothing published yet.
+    AfterClaim,
+    /// Some partitions have acknowledged, others not yet.
+    MidPublish,
+    /// Every partition acknowledged; the flags are not updated.
+    AfterAck,
+    /// Flags updated inside the transaction; not committed.
+    AfterMark,
+    /// Committed; the producer has not moved its cursor.
+    AfterCommit,
+    /// Consumer fetched records; nothing written.
+    AfterFetch,
+    /// Some insert chunks written, not all.
+    MidWrite,
+    /// All rows written; position not stored.
+    AfterWrite,
+    /// Position stored; in-memory position not yet advanced.
+    AfterStorePosition,
+}
+
+impl CrashPoint {
+    pub const ALL: [CrashPoint; 9] = [
+        CrashPoint::AfterClaim,
+        CrashPoint::MidPublish,
+        CrashPoint::AfterAck,
+        CrashPoint::AfterMark,
+        CrashPoint::AfterCommit,
+        CrashPoint::AfterFetch,
+        CrashPoint::MidWrite,
+        CrashPoint::AfterWrite,
+        CrashPoint::AfterStorePosition,
+    ];
+
+    pub fn is_producer(self) -> bool {
+        matches!(
+            self,
+            CrashPoint::AfterClaim
+                | CrashPoint::MidPublish
+                | CrashPoint::AfterAck
+                | CrashPoint::AfterMark
+                | CrashPoint::AfterCommit
+        )
+    }
+}
+
+/// The error a component returns when [`Faults`] killed it. Callers treat it
+/// as the end of the component: drop it and build a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("crash injected at {0:?}")]
+pub struct Crashed(pub CrashPoint);
+
+/// Decides, at each crash point, whether the component dies there.
+pub trait Faults {
+    fn at(&self, point: CrashPoint) -> Result<(), Crashed>;
+}
+
+/// Production: nobody dies on purpose.
+pub struct NoFaults;
+
+impl Faults for NoFaults {
+    fn at(&self, _: CrashPoint) -> Result<(), Crashed> {
+        Ok(())
+    }
+}
+
+/// Whether an error is an injected crash rather than a store failure.
+pub fn is_crash(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Crashed>().is_some()
+}
+
+/// Which partition a row goes to. A plain modulo of the id: stable,
+/// documented, and easy for another producer to reproduce.
+pub fn partition_for(id: i64, partitions: i32) -> i32 {
+    id.rem_euclid(partitions as i64) as i32
+}
+
+/// Test-only wrong orderings, to show the harness catches them. Not compiled
+/// into the release binary.
+#[cfg(any(test, feature = "broken-orderings"))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ordering {
+    #[default]
+    Correct,
+    /// Flag rows sent (and commit) before publishing them.
+    MarkBeforePublish,
+    /// Store the consumer position before writing the rows.
+    PositionBeforeWrite,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    /// Rows claimed, published and marked together.
+    pub batch_rows: usize,
+    #[cfg(any(test, feature = "broken-orderings"))]
+    pub ordering: Ordering,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        ProducerConfig {
+            batch_rows: 10_000,
+            #[cfg(any(test, feature = "broken-orderings"))]
+            ordering: Ordering::Correct,
+        }
+    }
+}
+
+/// What one producer step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProduceStep {
+    /// Published and marked this many rows.
+    Moved(usize),
+    /// Nothing unsent and unlocked is visible: the table is drained (for now).
+    Idle,
+}
+
+/// Claims unsent rows, publishes them, marks them sent.
+pub struct Producer<S, L> {
+    pub source: S,
+    pub log: L,
+    config: ProducerConfig,
+    /// Keyset cursor: claim ids above this. Reset to 0 whenever a claim comes
+    /// back short, so rows whose ids committed out of order are found on the
+    /// next pass instead of being skipped for ever.
+    cursor: i64,
+}
+
+impl<S: SourceTable, L: EventLog> Producer<S, L> {
+    pub fn new(source: S, log: L, config: ProducerConfig) -> Self {
+        Producer { source, log, config, cursor: 0 }
+    }
+
+    /// One claim, publish, mark cycle.
+    pub async fn step(&mut self, faults: &dyn Faults) -> anyhow::Result<ProduceStep> {
+        loop {
+            let rows = self.source.claim(self.cursor, self.config.batch_rows).await?;
+            faults.at(CrashPoint::AfterClaim)?;
+            if rows.is_empty() {
+                self.source.rollback().await?;
+                if self.cursor == 0 {
+                    return Ok(ProduceStep::Idle);
+                }
+                self.cursor = 0;
+                continue;
+            }
+            let short = rows.len() < self.config.batch_rows;
+            let last_id = rows.last().map(|r| r.id).unwrap_or(0);
+
+            #[cfg(any(test, feature = "broken-orderings"))]
+            if self.config.ordering == Ordering::MarkBeforePublish {
+                self.mark_and_commit(&rows, faults).await?;
+                self.publish(&rows, faults).await?;
+                self.cursor = if short { 0 } else { last_id };
+                return Ok(ProduceStep::Moved(rows.len()));
+            }
+
+            if let Err(e) = self.publish(&rows, faults).await {
+                if !is_crash(&e) {
+                    // Not acknowledged (or unknown): release the locks, keep
+                    // the rows unsent. They go again on the next step.
+                    let _ = self.source.rollback().await;
+                }
+                return Err(e);
+            }
+            faults.at(CrashPoint::AfterAck)?;
+            self.mark_and_commit(&rows, faults).await?;
+            self.cursor = if short { 0 } else { last_id };
+            return Ok(ProduceStep::Moved(rows.len()));
+        }
+    }
+
+    async fn mark_and_commit(&mut self, rows: &[LoginEvent], faults: &dyn Faults) -> anyhow::Result<()> {
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        self.source.mark_sent(&ids).await?;
+        faults.at(CrashPoint::AfterMark)?;
+        self.source.commit().await?;
+        faults.at(CrashPoint::AfterCommit)?;
+        Ok(())
+    }
+
+    /// Publishes rows to their partitions, all partitions at once; returns
+    /// only when every partition acknowledged.
+    async fn publish(&self, rows: &[LoginEvent], faults: &dyn Faults) -> anyhow::Result<()> {
+        let partitions = self.log.partitions();
+        let mut by_partition: BTreeMap<i32, Vec<LogRecord>> = BTreeMap::new();
+        for row in rows {
+            by_partition
+                .entry(partition_for(row.id, partitions))
+                .or_default()
+                .push(LogRecord { key: row.key(), value: row.encode() });
+        }
+        let total = by_partition.len();
+        let mut pending: FuturesUnordered<_> = by_partition
+            .into_iter()
+            .map(|(p, records)| async move {
+                self.log
+                    .append(p, records)
+                    .await
+                    .map_err(|e| e.context(format!("publishing to partition {p}")))
+            })
+            .collect();
+        let mut acknowledged = 0;
+        while let Some(result) = pending.next().await {
+            result?;
+            acknowledged += 1;
+            if acknowledged < total {
+                faults.at(CrashPoint::MidPublish)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs steps until the table is drained. Returns the rows moved.
+    pub async fn drain(&mut self, faults: &dyn Faults) -> anyhow::Result<usize> {
+        let mut moved = 0;
+        while let ProduceStep::Moved(n) = self.step(faults).await? {
+            moved += n;
+        }
+        Ok(moved)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// Partitions this consumer reads. pg2ch has no consumer-group protocol:
+    /// partitions are assigned by configuration (default: all of them).
+    pub partitions: Vec<i32>,
+    /// Most rows in one ClickHouse insert.
+    pub insert_rows: usize,
+    #[cfg(any(test, feature = "broken-orderings"))]
+    pub ordering: Ordering,
+}
+
+impl ConsumerConfig {
+    pub fn all_partitions(count: i32) -> Self {
+        ConsumerConfig {
+            partitions: (0..count).collect(),
+            insert_rows: 100_000,
+            #[cfg(any(test, feature = "broken-orderings"))]
+            ordering: Ordering::Correct,
+        }
+    }
+}
+
+/// What one consumer step did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConsumeStep {
+    /// Records consumed (rows written plus any skipped).
+    pub records: usize,
+    /// The high watermark each partition reported.
+    pub high_watermarks: BTreeMap<i32, i64>,
+}
+
+/// A record the consumer could not decode.
+#[derive(Debug, thiserror::Error)]
+#[error("partition {partition} offset {offset}: {reason}")]
+pub struct PoisonRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub reason: crate::event::DecodeError,
+}
+
+/// Reads the log from its remembered positions and writes to the sink.
+pub struct Consumer<L, K> {
+    pub log: L,
+    pub sink: K,
+    config: ConsumerConfig,
+    /// Next offset per partition; `None` until loaded from the sink.
+    positions: Option<BTreeMap<i32, i64>>,
+}
+
+impl<L: EventLog, K: Sink> Consumer<L, K> {
+    pub fn new(log: L, sink: K, config: ConsumerConfig) -> Self {
+        Consumer { log, sink, config, positions: None }
+    }
+
+    /// The positions in memory (loaded from the sink on first use).
+    pub async fn positions(&mut self) -> anyhow::Result<&BTreeMap<i32, i64>> {
+        if self.positions.is_none() {
+            let stored = self.sink.positions().await?;
+            let mine = self
+                .config
+                .partitions
+                .iter()
+                .map(|p| (*p, stored.get(p).copied().unwrap_or(0)))
+                .collect();
+            self.positions = Some(mine);
+        }
+        Ok(self.positions.as_ref().expect("just loaded"))
+    }
+
+    /// One fetch, write, remember cycle over all assigned partitions.
+    pub async fn step(&mut self, faults: &dyn Faults, max_wait: Duration) -> anyhow::Result<ConsumeStep> {
+        let from = self.positions().await?.clone();
+        let log = &self.log;
+        let fetched = futures::future::try_join_all(from.iter().map(|(&p, &offset)| async move {
+            log.fetch(p, offset, max_wait)
+                .await
+                .map(|f| (p, f))
+                .map_err(|e| e.context(format!("fetching partition {p} at offset {offset}")))
+        }))
+        .await?;
+        faults.at(CrashPoint::AfterFetch)?;
+
+        let mut step = ConsumeStep::default();
+        let mut rows = Vec::new();
+        let mut next = BTreeMap::new();
+        for (p, batch) in fetched {
+            step.high_watermarks.insert(p, batch.high_watermark);
+            let start = from[&p];
+            if start > batch.high_watermark {
+                anyhow::bail!(
+                    "stored position {start} of partition {p} is past the end of the log ({}): \
+                     was the topic deleted and created again? (use another KAFKA_GROUP or topic)",
+                    batch.high_watermark
+                );
+            }
+            // Brokers return whole batches: drop what lies before our position.
+            for record in batch.records.into_iter().filter(|r| r.offset >= start) {
+                let row = LoginEvent::decode(record.value.as_deref()).map_err(|reason| PoisonRecord {
+                    partition: p,
+                    offset: record.offset,
+                    reason,
+                })?;
+                rows.push(row);
+                step.records += 1;
+                next.insert(p, record.offset + 1);
+            }
+        }
+        if next.is_empty() {
+            return Ok(step);
+        }
+
+        #[cfg(any(test, feature = "broken-orderings"))]
+        if self.config.ordering == Ordering::PositionBeforeWrite {
+            self.sink.store_positions(&next).await?;
+            faults.at(CrashPoint::AfterStorePosition)?;
+            self.write(&rows, faults).await?;
+            self.positions.as_mut().expect("loaded above").extend(next);
+            return Ok(step);
+        }
+
+        self.write(&rows, faults).await?;
+        faults.at(CrashPoint::AfterWrite)?;
+        self.sink.store_positions(&next).await?;
+        faults.at(CrashPoint::AfterStorePosition)?;
+        self.positions.as_mut().expect("loaded above").extend(next);
+        Ok(step)
+    }
+
+    async fn write(&mut self, rows: &[LoginEvent], faults: &dyn Faults) -> anyhow::Result<()> {
+        for (i, chunk) in rows.chunks(self.config.insert_rows.max(1)).enumerate() {
+            if i > 0 {
+                faults.at(CrashPoint::MidWrite)?;
+            }
+            self.sink.write(chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// The current end of every assigned partition, as a fetch reports it.
+    /// (Some brokers answer ListOffsets(latest) wrongly; the fetch's high
+    /// watermark is right everywhere.)
+    pub async fn high_watermarks(&mut self) -> anyhow::Result<BTreeMap<i32, i64>> {
+        let from = self.positions().await?.clone();
+        let log = &self.log;
+        let marks = futures::future::try_join_all(from.iter().map(|(&p, &offset)| async move {
+            log.fetch(p, offset, Duration::ZERO).await.map(|f| (p, f.high_watermark))
+        }))
+        .await?;
+        Ok(marks.into_iter().collect())
+    }
+
+    /// True when every assigned partition's position has reached `targets`.
+    pub fn reached(&self, targets: &BTreeMap<i32, i64>) -> bool {
+        let Some(positions) = &self.positions else { return targets.values().all(|t| *t <= 0) };
+        targets.iter().all(|(p, t)| positions.get(p).copied().unwrap_or(0) >= *t)
+    }
+
+    /// Consumes until every assigned partition reached its end as it stands now.
+    pub async fn drain(&mut self, faults: &dyn Faults, max_wait: Duration) -> anyhow::Result<usize> {
+        let targets = self.high_watermarks().await?;
+        let mut records = 0;
+        while !self.reached(&targets) {
+            records += self.step(faults, max_wait).await?.records;
+        }
+        Ok(records)
+    }
+}

@@ -1,0 +1,212 @@
+//! PostgreSQL: the source table `user_logins`, its schema, seeding, and the
+//! [`SourceTable`] adapter the producer claims rows through.
+//!
+//! Every statement binds its values; the only SQL text built at run time is
+//! fixed. Columns are cast on the way out (`id::bigint`, `event_time::timestamptz`)
+//! so an existing table with `SERIAL` ids or `TIMESTAMP` times still works.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Postgres, Row, Transaction};
+
+use crate::config::{PgConfig, bounded};
+use crate::event::LoginEvent;
+use crate::stores::SourceTable;
+
+/// Opens a pool and proves the server answers and the password is right.
+pub async fn connect(cfg: &PgConfig, max_connections: u32, timeout: Duration) -> anyhow::Result<PgPool> {
+    let options = PgConnectOptions::new()
+        .host(&cfg.host)
+        .port(cfg.port)
+        .username(&cfg.user)
+        .password(cfg.password.expose())
+        .database(&cfg.database)
+        .application_name("pg2ch")
+        // Timestamps without a zone are read as UTC, whatever the server's default.
+        .options([("timezone", "UTC")]);
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(timeout)
+        .connect_with(options);
+    bounded(|| format!("connecting to {}", cfg.describe()), timeout, async {
+        pool.await.map_err(anyhow::Error::from)
+    })
+    .await
+    .with_context(|| format!("cannot connect to {}", cfg.describe()))
+}
+
+/// Creates `user_logins` if absent; on an existing table adds the flag column
+/// (a catalogue-only change since PostgreSQL 11: no table rewrite) and the
+/// partial index that makes finding unsent rows cheap.
+pub async fn init(pool: &PgPool) -> anyhow::Result<()> {
+    let statements = [
+        "CREATE TABLE IF NOT EXISTS user_logins (
+             id BIGSERIAL PRIMARY KEY,
+             username TEXT NOT NULL,
+             event_time TIMESTAMPTZ NOT NULL DEFAULT now(),
+             sent_to_kafka BOOLEAN NOT NULL DEFAULT FALSE)",
+        "ALTER TABLE user_logins ADD COLUMN IF NOT EXISTS sent_to_kafka BOOLEAN NOT NULL DEFAULT FALSE",
+        "CREATE INDEX IF NOT EXISTS user_logins_unsent_idx ON user_logins (id) WHERE NOT sent_to_kafka",
+    ];
+    for sql in statements {
+        sqlx::query(sql).execute(pool).await.with_context(|| format!("PostgreSQL init: {}", first_line(sql)))?;
+    }
+    check_columns(pool).await
+}
+
+fn first_line(sql: &str) -> &str {
+    sql.lines().next().unwrap_or(sql)
+}
+
+/// Fails with the names of the columns pg2ch needs that `user_logins` lacks.
+pub async fn check_columns(pool: &PgPool) -> anyhow::Result<()> {
+    let present: Vec<String> = sqlx::query_scalar(
+        "SELECT column_name::text FROM information_schema.columns
+         WHERE table_schema = current_schema() AND table_name = 'user_logins'",
+    )
+    .fetch_all(pool)
+    .await
+    .context("reading the columns of user_logins")?;
+    if present.is_empty() {
+        anyhow::bail!("PostgreSQL table user_logins does not exist (run `pg2ch init`)");
+    }
+    let missing: Vec<&str> = ["id", "username", "event_time", "sent_to_kafka"]
+        .into_iter()
+        .filter(|c| !present.iter().any(|p| p == c))
+        .collect();
+    if !missing.is_empty() {
+        anyhow::bail!("PostgreSQL table user_logins lacks column(s) {}", missing.join(", "));
+    }
+    Ok(())
+}
+
+/// Inserts `rows` synthetic login events in batches of `chunk`, calling
+/// `progress` with the number inserted after each batch.
+pub async fn seed(pool: &PgPool, rows: u64, chunk: usize, mut progress: impl FnMut(u64)) -> anyhow::Result<()> {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    let now = Utc::now().timestamp_micros();
+    let mut done = 0u64;
+    while done < rows {
+        let n = (rows - done).min(chunk as u64) as usize;
+        let mut names = Vec::with_capacity(n);
+        let mut times = Vec::with_capacity(n);
+        for _ in 0..n {
+            names.push(format!("user_{}", rng.random_range(0..100_000)));
+            let t = now - rng.random_range(0..30 * 86_400 * 1_000_000i64);
+            times.push(DateTime::from_timestamp_micros(t).expect("recent time is in range"));
+        }
+        insert_events(pool, &names, &times).await?;
+        done += n as u64;
+        progress(done);
+    }
+    Ok(())
+}
+
+/// Inserts rows with the given usernames and times (ids from the sequence).
+pub async fn insert_events(pool: &PgPool, names: &[String], times: &[DateTime<Utc>]) -> anyhow::Result<()> {
+    sqlx::query("INSERT INTO user_logins (username, event_time) SELECT * FROM UNNEST($1::text[], $2::timestamptz[])")
+        .bind(names)
+        .bind(times)
+        .execute(pool)
+        .await
+        .context("inserting into user_logins")?;
+    Ok(())
+}
+
+/// Rows not yet flagged sent.
+pub async fn unsent_count(pool: &PgPool) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE NOT sent_to_kafka")
+        .fetch_one(pool)
+        .await
+        .context("counting unsent rows")?)
+}
+
+/// Every row with its flag, in id order.
+pub async fn all_rows(pool: &PgPool) -> anyhow::Result<Vec<(LoginEvent, bool)>> {
+    sqlx::query(
+        "SELECT id::bigint, username::text, event_time::timestamptz, sent_to_kafka
+         FROM user_logins ORDER BY id",
+    )
+    .fetch(pool)
+    .map_err(anyhow::Error::from)
+    .and_then(|row| async move { Ok((event_from_row(&row)?, row.try_get::<bool, _>(3)?)) })
+    .try_collect()
+    .await
+    .context("reading user_logins")
+}
+
+fn event_from_row(row: &sqlx::postgres::PgRow) -> anyhow::Result<LoginEvent> {
+    let time: DateTime<Utc> = row.try_get(2)?;
+    Ok(LoginEvent { id: row.try_get(0)?, username: row.try_get(1)?, event_time_us: time.timestamp_micros() })
+}
+
+/// A producer's session on the source table.
+pub struct PgSource {
+    pool: PgPool,
+    timeout: Duration,
+    claim: Option<Transaction<'static, Postgres>>,
+}
+
+impl PgSource {
+    pub fn new(pool: PgPool, timeout: Duration) -> Self {
+        PgSource { pool, timeout, claim: None }
+    }
+}
+
+impl SourceTable for PgSource {
+    async fn claim(&mut self, after_id: i64, limit: usize) -> anyhow::Result<Vec<LoginEvent>> {
+        self.claim = None; // an abandoned claim rolls back when dropped
+        let pool = &self.pool;
+        let (tx, rows) = bounded(|| "claiming unsent rows in PostgreSQL".into(), self.timeout, async {
+            let mut tx = pool.begin().await?;
+            let rows = sqlx::query(
+                "SELECT id::bigint, username::text, event_time::timestamptz FROM user_logins
+                 WHERE NOT sent_to_kafka AND id > $1
+                 ORDER BY id LIMIT $2
+                 FOR UPDATE SKIP LOCKED",
+            )
+            .bind(after_id)
+            .bind(limit as i64)
+            .fetch_all(&mut *tx)
+            .await?;
+            let events = rows.iter().map(event_from_row).collect::<anyhow::Result<Vec<_>>>()?;
+            Ok((tx, events))
+        })
+        .await?;
+        self.claim = Some(tx);
+        Ok(rows)
+    }
+
+    async fn mark_sent(&mut self, ids: &[i64]) -> anyhow::Result<()> {
+        let tx = self.claim.as_mut().context("mark_sent without an open claim")?;
+        let result = bounded(|| "flagging rows sent in PostgreSQL".into(), self.timeout, async {
+            sqlx::query("UPDATE user_logins SET sent_to_kafka = TRUE WHERE id = ANY($1)")
+                .bind(ids)
+                .execute(&mut **tx)
+                .await?;
+            Ok(())
+        })
+        .await;
+        if result.is_err() {
+            self.claim = None;
+        }
+        result
+    }
+
+    async fn commit(&mut self) -> anyhow::Result<()> {
+        let tx = self.claim.take().context("commit without an open claim")?;
+        bounded(|| "committing in PostgreSQL".into(), self.timeout, async { Ok(tx.commit().await?) }).await
+    }
+
+    async fn rollback(&mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.claim.take() {
+            bounded(|| "rolling back in PostgreSQL".into(), self.timeout, async { Ok(tx.rollback().await?) }).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,371 @@
+//! A local PostgreSQL, ClickHouse and Kafka-API broker on loopback, for
+//! machines without Docker: `pg2ch stack up | down | env`.
+//!
+//! `up` is idempotent: a service that already answers with the stack's
+//! credentials is reused. PostgreSQL refuses to run as root, so when invoked
+//! as root its server runs as the `postgres` user (or `nobody`). Passwords are
+//! generated once per stack directory and kept in files only the owner can
+//! read; the printed environment reads them with `$(cat ...)`, so no password
+//! is ever printed.
+//!
+//! Environment knobs: `PG2CH_STACK_DIR` (default `/tmp/pg2ch-stack`),
+//! `PG2CH_STACK_PG_PORT` (5432), `PG2CH_STACK_CH_PORT` (8123, HTTP),
+//! `PG2CH_STACK_CH_TCP_PORT` (9000), `PG2CH_STACK_KAFKA_PORT` (9092).
+
+use std::fmt::Write as _;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::config::{ChConfig, KafkaConfig, PgConfig, Secret};
+
+const USER: &str = "pg2ch";
+
+/// Where the stack lives and which ports it uses.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    pub dir: PathBuf,
+    pub pg_port: u16,
+    pub ch_port: u16,
+    pub ch_tcp_port: u16,
+    pub kafka_port: u16,
+}
+
+/// How to reach a running stack.
+#[derive(Debug, Clone)]
+pub struct StackEnv {
+    pub pg: PgConfig,
+    pub ch: ChConfig,
+    pub kafka_bootstrap: String,
+    dir: PathBuf,
+}
+
+impl StackEnv {
+    /// `export` lines for a shell; passwords are read from their files.
+    pub fn shell_exports(&self) -> String {
+        let d = self.dir.display();
+        let mut s = String::new();
+        let _ = writeln!(s, "export PG_HOST={} PG_PORT={} PG_USER={} PG_DB={}", self.pg.host, self.pg.port, self.pg.user, self.pg.database);
+        let _ = writeln!(s, "export PG_PASS=\"$(cat {d}/secrets/pg.pass)\"");
+        let _ = writeln!(s, "export CH_HOST={} CH_PORT={} CH_USER={} CH_DB={}", self.ch.host, self.ch.port, self.ch.user, self.ch.database);
+        let _ = writeln!(s, "export CH_PASS=\"$(cat {d}/secrets/ch.pass)\"");
+        let _ = writeln!(s, "export KAFKA_BOOTSTRAP={}", self.kafka_bootstrap);
+        s
+    }
+}
+
+fn env_port(name: &str, default: u16) -> u16 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn find_binary(names: &[&str], extra_dirs: &[PathBuf]) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs = std::env::split_paths(&path).chain(extra_dirs.iter().cloned());
+    for dir in dirs {
+        for name in names {
+            let candidate = dir.join(name);
+            if candidate.is_file() {
+                return Some(candidate);
+            }
+        }
+    }
+    None
+}
+
+fn postgres_bin_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    dirs.sort();
+    dirs.reverse(); // newest version first
+    dirs
+}
+
+fn cargo_bin_dir() -> Vec<PathBuf> {
+    std::env::var_os("HOME").map(|h| vec![PathBuf::from(h).join(".cargo/bin")]).unwrap_or_default()
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+}
+
+/// The unprivileged account PostgreSQL runs as when we are root.
+fn service_user() -> &'static str {
+    let has = |u: &str| Command::new("id").arg("-u").arg(u).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    if has("postgres") { "postgres" } else { "nobody" }
+}
+
+/// Runs `program args` (as the service user when root), failing with its output.
+fn run_as_service_user(program: &Path, args: &[&str], what: &str) -> anyhow::Result<()> {
+    let mut cmd = if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", service_user(), "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    };
+    let out = cmd.args(args).stdin(Stdio::null()).output().with_context(|| format!("{what}: cannot run {}", program.display()))?;
+    if !out.status.success() {
+        bail!("{what} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+fn chown_to_service_user(path: &Path) -> anyhow::Result<()> {
+    if is_root() {
+        let status = Command::new("chown").arg("-R").arg(service_user()).arg(path).status()?;
+        anyhow::ensure!(status.success(), "chown {} failed", path.display());
+    }
+    Ok(())
+}
+
+/// Reads the password in `file`, creating a random one on first use.
+fn secret_file(file: &Path) -> anyhow::Result<Secret> {
+    if let Ok(s) = std::fs::read_to_string(file) {
+        return Ok(Secret::new(s.trim()));
+    }
+    use rand::Rng;
+    let value: String = rand::rng().sample_iter(rand::distr::Alphanumeric).take(24).map(char::from).collect();
+    std::fs::create_dir_all(file.parent().expect("secret files live in a directory"))?;
+    std::fs::write(file, &value)?;
+    std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))?;
+    Ok(Secret::new(value))
+}
+
+/// Polls `probe` until it succeeds or `limit` passes.
+async fn wait_until<F, Fut>(what: &str, limit: Duration, mut probe: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let start = Instant::now();
+    loop {
+        match probe().await {
+            Ok(()) => return Ok(()),
+            Err(e) if start.elapsed() > limit => return Err(e.context(format!("{what} did not answer within {limit:?}"))),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Starts `cmd` in its own process group, detached from our terminal, with its
+/// output in `log`, and records its pid in `pidfile`.
+fn spawn_detached(mut cmd: Command, log: &Path, pidfile: &Path) -> anyhow::Result<()> {
+    let out = std::fs::File::create(log)?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    std::fs::write(pidfile, child.id().to_string())?;
+    Ok(())
+}
+
+fn stop_pidfile(pidfile: &Path) {
+    let Ok(pid) = std::fs::read_to_string(pidfile) else { return };
+    let pid = pid.trim().to_owned();
+    let _ = Command::new("kill").arg(&pid).stderr(Stdio::null()).status();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = Command::new("kill").args(["-9", &pid]).stderr(Stdio::null()).status();
+    let _ = std::fs::remove_file(pidfile);
+}
+
+impl Stack {
+    pub fn from_env() -> Self {
+        Stack {
+            dir: std::env::var_os("PG2CH_STACK_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp/pg2ch-stack")),
+            pg_port: env_port("PG2CH_STACK_PG_PORT", 5432),
+            ch_port: env_port("PG2CH_STACK_CH_PORT", 8123),
+            ch_tcp_port: env_port("PG2CH_STACK_CH_TCP_PORT", 9000),
+            kafka_port: env_port("PG2CH_STACK_KAFKA_PORT", 9092),
+        }
+    }
+
+    /// The environment of this stack (whether or not it is running).
+    pub fn env(&self) -> StackEnv {
+        let read = |name: &str| secret_file(&self.dir.join("secrets").join(name)).unwrap_or_default();
+        StackEnv {
+            pg: PgConfig { host: "127.0.0.1".into(), port: self.pg_port, user: USER.into(), password: read("pg.pass"), database: USER.into() },
+            ch: ChConfig { host: "127.0.0.1".into(), port: self.ch_port, user: USER.into(), password: read("ch.pass"), database: "default".into() },
+            kafka_bootstrap: format!("127.0.0.1:{}", self.kafka_port),
+            dir: self.dir.clone(),
+        }
+    }
+
+    /// Starts whatever is not already answering and waits until all three do.
+    pub async fn up(&self) -> anyhow::Result<StackEnv> {
+        std::fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
+        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o755))?;
+        let env = self.env();
+        tokio::try_join!(self.postgres_up(&env), self.clickhouse_up(&env), self.broker_up(&env))?;
+        Ok(env)
+    }
+
+    /// Stops what `up` started in this directory.
+    pub fn down(&self) -> anyhow::Result<()> {
+        let data = self.dir.join("pg/data");
+        if data.join("postmaster.pid").exists() {
+            if let Some(pg_ctl) = find_binary(&["pg_ctl"], &postgres_bin_dirs()) {
+                let data = data.to_string_lossy().into_owned();
+                run_as_service_user(&pg_ctl, &["-D", &data, "-m", "fast", "-w", "stop"], "pg_ctl stop")?;
+            }
+        }
+        stop_pidfile(&self.dir.join("ch/server.pid"));
+        stop_pidfile(&self.dir.join("broker/broker.pid"));
+        tracing::info!("stack in {} stopped", self.dir.display());
+        Ok(())
+    }
+
+    async fn postgres_up(&self, env: &StackEnv) -> anyhow::Result<()> {
+        let admin = PgConfig { database: "postgres".into(), ..env.pg.clone() };
+        let probe = || async { crate::postgres::connect(&admin, 1, Duration::from_secs(2)).await.map(|_| ()) };
+        if probe().await.is_err() {
+            let dirs = postgres_bin_dirs();
+            let missing = "PostgreSQL server binaries (initdb, pg_ctl) not found: install postgresql (apt-get install postgresql)";
+            let initdb = find_binary(&["initdb"], &dirs).context(missing)?;
+            let pg_ctl = find_binary(&["pg_ctl"], &dirs).context(missing)?;
+            let root = self.dir.join("pg");
+            let data = root.join("data");
+            if !data.join("PG_VERSION").exists() {
+                std::fs::create_dir_all(&root)?;
+                let pwfile = root.join("initdb.pw");
+                std::fs::write(&pwfile, env.pg.password.expose())?;
+                chown_to_service_user(&root)?;
+                let (d, pw) = (data.to_string_lossy().into_owned(), pwfile.to_string_lossy().into_owned());
+                let result = run_as_service_user(
+                    &initdb,
+                    &["-D", &d, "-U", USER, "--pwfile", &pw, "-A", "scram-sha-256", "-E", "UTF8", "--no-locale"],
+                    "initdb",
+                );
+                let _ = std::fs::remove_file(&pwfile);
+                result?;
+            }
+            let (d, log, sock) = (
+                data.to_string_lossy().into_owned(),
+                root.join("server.log").to_string_lossy().into_owned(),
+                root.to_string_lossy().into_owned(),
+            );
+            // A throwaway development server: durability settings off for speed.
+            let options = format!(
+                "-p {} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
+                self.pg_port
+            );
+            run_as_service_user(&pg_ctl, &["-D", &d, "-l", &log, "-o", &options, "-w", "-t", "60", "start"], "pg_ctl start")
+                .with_context(|| format!("see {log}"))?;
+            wait_until("PostgreSQL", Duration::from_secs(30), probe).await?;
+        }
+        let pool = crate::postgres::connect(&admin, 1, Duration::from_secs(10)).await?;
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(USER)
+            .fetch_one(&pool)
+            .await?;
+        if !exists {
+            sqlx::query("CREATE DATABASE pg2ch").execute(&pool).await?;
+        }
+        tracing::info!("PostgreSQL ready on 127.0.0.1:{}", self.pg_port);
+        Ok(())
+    }
+
+    async fn clickhouse_up(&self, env: &StackEnv) -> anyhow::Result<()> {
+        let probe = || async { crate::clickhouse::ClickHouse::connect(&env.ch, Duration::from_secs(2)).await.map(|_| ()) };
+        if probe().await.is_err() {
+            let bin = find_binary(&["clickhouse-server"], &[]).context(
+                "clickhouse-server not found: run `just setup` (or apt-get install clickhouse-server)",
+            )?;
+            let root = self.dir.join("ch");
+            for sub in ["data", "tmp", "user_files", "format_schemas"] {
+                std::fs::create_dir_all(root.join(sub))?;
+            }
+            let r = root.display();
+            let config = format!(
+                r#"<?xml version="1.0"?>
+<yandex>
+  <logger><level>warning</level><log>{r}/server.log</log><errorlog>{r}/error.log</errorlog><console>0</console></logger>
+  <listen_host>127.0.0.1</listen_host>
+  <http_port>{http}</http_port>
+  <tcp_port>{tcp}</tcp_port>
+  <path>{r}/data/</path>
+  <tmp_path>{r}/tmp/</tmp_path>
+  <user_files_path>{r}/user_files/</user_files_path>
+  <format_schema_path>{r}/format_schemas/</format_schema_path>
+  <users_config>{r}/users.xml</users_config>
+  <default_profile>default</default_profile>
+  <default_database>default</default_database>
+  <mark_cache_size>268435456</mark_cache_size>
+  <max_concurrent_queries>200</max_concurrent_queries>
+</yandex>
+"#,
+                http = self.ch_port,
+                tcp = self.ch_tcp_port
+            );
+            std::fs::write(root.join("config.xml"), config)?;
+            let users = format!(
+                r#"<?xml version="1.0"?>
+<yandex>
+  <profiles><default><max_memory_usage>4000000000</max_memory_usage></default></profiles>
+  <users>
+    <{USER}>
+      <password>{}</password>
+      <networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
+      <profile>default</profile>
+      <quota>default</quota>
+    </{USER}>
+  </users>
+  <quotas><default></default></quotas>
+</yandex>
+"#,
+                env.ch.password.expose()
+            );
+            let users_path = root.join("users.xml");
+            std::fs::write(&users_path, users)?;
+            std::fs::set_permissions(&users_path, std::fs::Permissions::from_mode(0o600))?;
+            let mut cmd = Command::new(bin);
+            cmd.arg(format!("--config-file={r}/config.xml")).current_dir(&root);
+            spawn_detached(cmd, &root.join("stdout.log"), &root.join("server.pid"))?;
+            wait_until("ClickHouse", Duration::from_secs(60), probe)
+                .await
+                .with_context(|| format!("see {r}/error.log"))?;
+        }
+        tracing::info!("ClickHouse ready on 127.0.0.1:{}", self.ch_port);
+        Ok(())
+    }
+
+    async fn broker_up(&self, env: &StackEnv) -> anyhow::Result<()> {
+        let kafka = KafkaConfig { bootstrap: vec![env.kafka_bootstrap.clone()], topic: String::new(), group: String::new() };
+        let probe = || async {
+            let client = crate::kafka::connect(&kafka, Duration::from_secs(2)).await?;
+            crate::config::bounded(|| "listing topics".into(), Duration::from_secs(2), async { Ok(client.list_topics().await?) })
+                .await
+                .map(|_| ())
+        };
+        if probe().await.is_err() {
+            let root = self.dir.join("broker");
+            std::fs::create_dir_all(&root)?;
+            let url = format!("tcp://127.0.0.1:{}", self.kafka_port);
+            let cmd = if let Some(nisshi) = find_binary(&["nisshi"], &cargo_bin_dir()) {
+                let mut c = Command::new(nisshi);
+                c.args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://nisshi/"]);
+                c
+            } else {
+                bail!(
+                    "no Kafka-API broker found: run `just setup` (or cargo install nisshi@0.7.0-pre.2 --locked --features dynostore), or point KAFKA_BOOTSTRAP at a running broker"
+                );
+            };
+            spawn_detached(cmd, &root.join("broker.log"), &root.join("broker.pid"))?;
+            wait_until("the Kafka broker", Duration::from_secs(30), probe)
+                .await
+                .with_context(|| format!("see {}/broker.log", root.display()))?;
+        }
+        tracing::info!("Kafka broker ready on {}", env.kafka_bootstrap);
+        Ok(())
+    }
+}

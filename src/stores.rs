@@ -1,0 +1,79 @@
+//! The three stores the pipeline talks to, as small traits.
+//!
+//! The pipeline ([`crate::pipeline`]) is written against these and nothing else,
+//! so the same decisions run against PostgreSQL, Kafka and ClickHouse
+//! (`postgres.rs`, `kafka.rs`, `clickhouse.rs`) and against the simulated
+//! stores of the crash-replay harness. Every method may fail; a failure may
+//! also mean "outcome unknown" (a timeout after the server acted), and the
+//! pipeline is written so that both readings are safe.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::event::LoginEvent;
+
+/// The source table: rows with a `sent_to_kafka` flag.
+///
+/// One value is one producer's session: at most one claim is open at a time,
+/// and a claim holds row locks until [`commit`](Self::commit) or
+/// [`rollback`](Self::rollback). Dropping the value abandons the claim, as a
+/// crashed process would.
+#[allow(async_fn_in_trait)]
+pub trait SourceTable {
+    /// Opens a transaction and locks up to `limit` unsent rows with `id > after_id`,
+    /// in id order, skipping rows that another session holds.
+    async fn claim(&mut self, after_id: i64, limit: usize) -> anyhow::Result<Vec<LoginEvent>>;
+    /// Flags these rows sent inside the open claim (not yet visible to others).
+    async fn mark_sent(&mut self, ids: &[i64]) -> anyhow::Result<()>;
+    /// Commits the open claim. An error may mean the commit happened anyway.
+    async fn commit(&mut self) -> anyhow::Result<()>;
+    /// Abandons the open claim, if any: locks go, nothing is flagged.
+    async fn rollback(&mut self) -> anyhow::Result<()>;
+}
+
+/// One record to append: key and value bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRecord {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+/// A record read back, with its offset. The value is optional as in Kafka.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchedRecord {
+    pub offset: i64,
+    pub value: Option<Vec<u8>>,
+}
+
+/// What one fetch returned. Brokers return whole batches, so `records` may
+/// start before the requested offset; `high_watermark` is the offset the next
+/// appended record will get.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fetched {
+    pub records: Vec<FetchedRecord>,
+    pub high_watermark: i64,
+}
+
+/// The log: a topic with a fixed number of partitions.
+#[allow(async_fn_in_trait)]
+pub trait EventLog {
+    /// Number of partitions of the topic, fixed for the life of the value.
+    fn partitions(&self) -> i32;
+    /// Appends records to one partition and returns once the broker
+    /// acknowledged them (acks=all). An error may mean they were appended anyway.
+    async fn append(&self, partition: i32, records: Vec<LogRecord>) -> anyhow::Result<()>;
+    /// Reads from `offset`, waiting at most `max_wait` for data to arrive.
+    async fn fetch(&self, partition: i32, offset: i64, max_wait: Duration) -> anyhow::Result<Fetched>;
+}
+
+/// The sink table and the consumer's remembered positions, both in ClickHouse.
+#[allow(async_fn_in_trait)]
+pub trait Sink {
+    /// The next offset to read, per partition, as last stored for this consumer group.
+    async fn positions(&mut self) -> anyhow::Result<BTreeMap<i32, i64>>;
+    /// Inserts rows. Rows carry their source id, and the table collapses
+    /// copies by id, so writing a row twice is harmless.
+    async fn write(&mut self, rows: &[LoginEvent]) -> anyhow::Result<()>;
+    /// Remembers the next offset to read for these partitions.
+    async fn store_positions(&mut self, positions: &BTreeMap<i32, i64>) -> anyhow::Result<()>;
+}

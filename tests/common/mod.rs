@@ -1,0 +1,148 @@
+//! Test support: real services and an isolated namespace per test.
+//!
+//! Services come from, in order: endpoints in the environment (`PG_HOST`,
+//! `CH_HOST`, `KAFKA_BOOTSTRAP`, ... as exported by `just test`), else the
+//! local process stack, started here if needed. (With a Docker engine,
+//! `just test` brings up docker-compose.yml and exports its endpoints, so the
+//! first path covers it.) A test never skips: if no service can be had, it
+//! fails with what to install.
+#![allow(dead_code)]
+
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use pg2ch::commands::Settings;
+use pg2ch::config::{ChConfig, KafkaConfig, PgConfig, Secret, Timeouts};
+use sqlx::PgPool;
+use tokio::sync::OnceCell;
+
+static BASE: OnceCell<Settings> = OnceCell::const_new();
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+async fn base() -> Settings {
+    BASE.get_or_init(|| async {
+        if let (Some(pg_host), Some(ch_host), Some(bootstrap)) = (var("PG_HOST"), var("CH_HOST"), var("KAFKA_BOOTSTRAP")) {
+            let port = |n: &str, d: u16| var(n).and_then(|v| v.parse().ok()).unwrap_or(d);
+            return Settings {
+                pg: PgConfig {
+                    host: pg_host,
+                    port: port("PG_PORT", 5432),
+                    user: var("PG_USER").unwrap_or_else(|| "pg2ch".into()),
+                    password: Secret::new(var("PG_PASS").unwrap_or_default()),
+                    database: var("PG_DB").unwrap_or_else(|| "pg2ch".into()),
+                },
+                ch: ChConfig {
+                    host: ch_host,
+                    port: port("CH_PORT", 8123),
+                    user: var("CH_USER").unwrap_or_else(|| "default".into()),
+                    password: Secret::new(var("CH_PASS").unwrap_or_default()),
+                    database: "default".into(),
+                },
+                kafka: KafkaConfig { bootstrap: vec![bootstrap], topic: String::new(), group: "pg2ch".into() },
+                timeouts: Timeouts { call: Duration::from_secs(30) },
+            };
+        }
+        let env = pg2ch::stack::Stack::from_env()
+            .up()
+            .await
+            .unwrap_or_else(|e| panic!("no services for the tests and the local stack did not start: {e:#}\n(run `just setup`, or export PG_HOST/CH_HOST/KAFKA_BOOTSTRAP)"));
+        Settings {
+            pg: env.pg,
+            ch: env.ch,
+            kafka: KafkaConfig { bootstrap: vec![env.kafka_bootstrap], topic: String::new(), group: "pg2ch".into() },
+            timeouts: Timeouts { call: Duration::from_secs(30) },
+        }
+    })
+    .await
+    .clone()
+}
+
+/// One test's own PostgreSQL database, ClickHouse database and topic.
+pub struct TestEnv {
+    pub name: String,
+    pub settings: Settings,
+}
+
+impl TestEnv {
+    pub async fn new(label: &str) -> TestEnv {
+        let base = base().await;
+        let name = format!(
+            "t_{label}_{}_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst),
+            rand::random::<u32>()
+        );
+        let admin = pg2ch::postgres::connect(&base.pg, 1, Duration::from_secs(10)).await.expect("PostgreSQL admin connection");
+        // The name is generated above from [a-z0-9_]; CREATE DATABASE takes no bind parameters.
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.expect("creating the test database");
+        let mut settings = base.clone();
+        settings.pg.database = name.clone();
+        settings.ch.database = name.clone();
+        settings.kafka.topic = name.clone();
+        TestEnv { name, settings }
+    }
+
+    /// The same namespace, seen by another consumer group writing to another ClickHouse database.
+    pub fn with_group(&self, group: &str) -> TestEnv {
+        let mut settings = self.settings.clone();
+        settings.kafka.group = group.into();
+        settings.ch.database = format!("{}_{group}", self.name);
+        TestEnv { name: self.name.clone(), settings }
+    }
+
+    pub async fn pg(&self) -> PgPool {
+        pg2ch::postgres::connect(&self.settings.pg, 2, Duration::from_secs(10)).await.expect("PostgreSQL connection")
+    }
+
+    pub async fn ch(&self) -> pg2ch::clickhouse::ClickHouse {
+        pg2ch::clickhouse::ClickHouse::connect(&self.settings.ch, Duration::from_secs(10)).await.expect("ClickHouse connection")
+    }
+
+    /// The environment the binary reads, for this namespace.
+    pub fn vars(&self) -> Vec<(&'static str, String)> {
+        let s = &self.settings;
+        vec![
+            ("PG_HOST", s.pg.host.clone()),
+            ("PG_PORT", s.pg.port.to_string()),
+            ("PG_USER", s.pg.user.clone()),
+            ("PG_PASS", s.pg.password.expose().to_owned()),
+            ("PG_DB", s.pg.database.clone()),
+            ("CH_HOST", s.ch.host.clone()),
+            ("CH_PORT", s.ch.port.to_string()),
+            ("CH_USER", s.ch.user.clone()),
+            ("CH_PASS", s.ch.password.expose().to_owned()),
+            ("CH_DB", s.ch.database.clone()),
+            ("KAFKA_BOOTSTRAP", s.kafka.bootstrap.join(",")),
+            ("KAFKA_TOPIC", s.kafka.topic.clone()),
+            ("KAFKA_GROUP", s.kafka.group.clone()),
+            ("PG2CH_TIMEOUT_SECS", "10".into()),
+        ]
+    }
+
+    /// A `pg2ch` command with this namespace's environment (and nothing from the caller's).
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pg2ch"));
+        for key in ["PG_HOST", "PG_PORT", "PG_USER", "PG_PASS", "PG_DB", "CH_HOST", "CH_PORT", "CH_USER", "CH_PASS", "CH_DB", "KAFKA_BOOTSTRAP", "KAFKA_TOPIC", "KAFKA_GROUP"] {
+            cmd.env_remove(key);
+        }
+        cmd.envs(self.vars()).args(args).current_dir(std::env::temp_dir());
+        cmd
+    }
+
+    /// Runs `pg2ch args` to completion.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("running pg2ch")
+    }
+
+    /// Runs `pg2ch args` and fails the test unless it exits 0.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "pg2ch {args:?} failed ({}):\n{}\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
