@@ -1,0 +1,205 @@
+//! End to end against real PostgreSQL, broker and ClickHouse, driving the
+//! `pg2ch` binary as another program would.
+
+mod common;
+
+use chrono::{DateTime, Utc};
+use common::TestEnv;
+use pg2ch::event::LoginEvent;
+
+fn tricky_names() -> Vec<String> {
+    vec![
+        "plain".into(),
+        String::new(),
+        "it's \"quoted\"".into(),
+        "back\\slash \\N \\0 \\x00".into(),
+        "new\nline\r\nand\ttab".into(),
+        "emoji 🦀🚀 and ünïcödé 日本語".into(),
+        "'; DROP TABLE user_logins; --".into(),
+        "SELECT * FROM system.tables FORMAT JSON".into(),
+        "x".repeat(10_000),
+        "{\"json\": [1, 2]}".into(),
+    ]
+}
+
+fn tricky_times() -> Vec<DateTime<Utc>> {
+    [1_700_000_000_123_456i64, 946_684_800_000_001, 4_102_444_799_999_999, 1_234_567_890_000_000]
+        .iter()
+        .map(|us| DateTime::from_timestamp_micros(*us).unwrap())
+        .collect()
+}
+
+async fn pg_rows(env: &TestEnv) -> Vec<(LoginEvent, bool)> {
+    pg2ch::postgres::all_rows(&env.pg().await).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tricky_content_arrives_byte_for_byte() {
+    let env = TestEnv::new("tricky").await;
+    env.ok(&["init", "--partitions", "3"]);
+    let names = tricky_names();
+    let times: Vec<_> = tricky_times().into_iter().cycle().take(names.len()).collect();
+    pg2ch::postgres::insert_events(&env.pg().await, &names, &times).await.unwrap();
+
+    env.ok(&["run", "--once"]);
+    let report = env.ok(&["verify"]);
+    assert!(report.contains("verify: OK"), "{report}");
+
+    let pg = pg_rows(&env).await;
+    assert!(pg.iter().all(|(_, sent)| *sent), "every row flagged sent");
+    let ch = env.ch().await.rows_final().await.unwrap();
+    let pg_events: Vec<LoginEvent> = pg.into_iter().map(|(e, _)| e).collect();
+    assert_eq!(ch, pg_events, "ClickHouse FINAL equals PostgreSQL row for row");
+    assert_eq!(ch.iter().map(|e| e.username.clone()).collect::<Vec<_>>(), names);
+    assert_eq!(ch[0].event_time_us, 1_700_000_000_123_456, "microseconds kept");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_resumes_from_the_stored_position() {
+    let env = TestEnv::new("resume").await;
+    env.ok(&["init", "--partitions", "2"]);
+    env.ok(&["seed", "--rows", "3000"]);
+    env.ok(&["produce", "--once"]);
+    env.ok(&["consume", "--once"]);
+    let ch = env.ch().await;
+    assert_eq!(ch.stored_count().await.unwrap(), 3000);
+
+    env.ok(&["seed", "--rows", "2000"]);
+    env.ok(&["produce", "--once"]);
+    env.ok(&["consume", "--once"]);
+    // Resumed, not replayed: nothing was written twice, even before merging.
+    assert_eq!(ch.stored_count().await.unwrap(), 5000);
+    assert_eq!(ch.final_count().await.unwrap(), 5000);
+    let status = env.ok(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["unsent_rows"], 0);
+    let lag: i64 = status["partitions"].as_array().unwrap().iter().map(|p| p["lag"].as_i64().unwrap()).sum();
+    assert_eq!(lag, 0);
+    let ends: i64 = status["partitions"].as_array().unwrap().iter().map(|p| p["end_offset"].as_i64().unwrap()).sum();
+    assert_eq!(ends, 5000, "end offsets come from the fetch high watermark");
+    assert!(env.ok(&["verify"]).contains("verify: OK"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_groups_fan_out_independently() {
+    let env = TestEnv::new("fanout").await;
+    let a = env.with_group("alpha");
+    let b = env.with_group("beta");
+    a.ok(&["init", "--partitions", "2"]);
+    b.ok(&["init", "--partitions", "2"]);
+    env.ok(&["seed", "--rows", "1500"]);
+    a.ok(&["run", "--once"]);
+    // Group beta has stored nothing yet and must get every event on its own.
+    b.ok(&["consume", "--once"]);
+    for group in [&a, &b] {
+        let ch = group.ch().await;
+        assert_eq!(ch.final_count().await.unwrap(), 1500, "{}", group.settings.ch.database);
+        assert!(group.ok(&["verify"]).contains("verify: OK"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn init_adds_the_flag_to_an_existing_table_without_rewriting_it() {
+    let env = TestEnv::new("legacy").await;
+    let pool = env.pg().await;
+    // The original design's table: SERIAL ids, TIMESTAMP without zone, no flag.
+    sqlx::query("CREATE TABLE user_logins (id SERIAL PRIMARY KEY, username VARCHAR(100) NOT NULL, event_time TIMESTAMP NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO user_logins (username, event_time) SELECT 'legacy_' || g, TIMESTAMP '2024-01-01 00:00:00.000001' + g * INTERVAL '1 second' FROM generate_series(1, 500) g")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let file_before: i64 = sqlx::query_scalar("SELECT pg_relation_filenode('user_logins')::bigint").fetch_one(&pool).await.unwrap();
+
+    env.ok(&["init"]);
+    env.ok(&["init"]); // idempotent
+
+    let file_after: i64 = sqlx::query_scalar("SELECT pg_relation_filenode('user_logins')::bigint").fetch_one(&pool).await.unwrap();
+    assert_eq!(file_before, file_after, "adding the flag must not rewrite the table");
+    let unsent: i64 = sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE NOT sent_to_kafka").fetch_one(&pool).await.unwrap();
+    assert_eq!(unsent, 500);
+    let index: Option<String> = sqlx::query_scalar("SELECT indexdef FROM pg_indexes WHERE tablename = 'user_logins' AND indexdef LIKE '%WHERE (NOT sent_to_kafka)%'")
+        .fetch_optional(&pool)
+        .await
+        .unwrap();
+    assert!(index.is_some(), "a partial index finds unsent rows");
+
+    env.ok(&["run", "--once"]);
+    assert!(env.ok(&["verify"]).contains("verify: OK"));
+    let ch = env.ch().await.rows_final().await.unwrap();
+    assert_eq!(ch.len(), 500);
+    assert_eq!(ch[0].event_time_us, 1_704_067_201_000_001, "TIMESTAMP read as UTC, microseconds kept");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_fails_on_planted_extra_missing_and_altered_rows() {
+    let env = TestEnv::new("planted").await;
+    env.ok(&["init", "--partitions", "2"]);
+    env.ok(&["seed", "--rows", "200"]);
+    env.ok(&["run", "--once"]);
+    assert!(env.ok(&["verify"]).contains("verify: OK"));
+    let pool = env.pg().await;
+    let ch = env.ch().await;
+    let insert_ch = |id: i64, name: &str| {
+        let sql = format!("INSERT INTO user_logins (id, username, event_time_us) VALUES ({id}, '{name}', 0)");
+        let client = ch.client.clone();
+        async move { client.query(&sql).execute().await.unwrap() }
+    };
+
+    // Extra: an id PostgreSQL never had.
+    insert_ch(999_999_999, "ghost").await;
+    let out = env.run(&["verify"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("ids in ClickHouse that PostgreSQL lacks: 1 (first: [999999999])"), "{text}");
+
+    // Missing: a row flagged sent that never went anywhere.
+    let id: i64 = sqlx::query_scalar("INSERT INTO user_logins (username, event_time, sent_to_kafka) VALUES ('lost', now(), TRUE) RETURNING id")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&env.run(&["verify"]).stdout).into_owned();
+    assert!(text.contains(&format!("sent rows missing from ClickHouse: 1 (first: [{id}])")), "{text}");
+
+    // Altered: the newest copy of id 1 has other content, and FINAL keeps it.
+    insert_ch(1, "tampered").await;
+    let out = env.run(&["verify"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text.contains("rows whose content differs: 1 (first: [1])"), "{text}");
+    assert!(text.contains("ids stored more than once before merging"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_configuration_gives_one_line_and_exit_2_without_leaking_passwords() {
+    let env = TestEnv::new("badcfg").await;
+    env.ok(&["init"]); // so that each case below has exactly one thing wrong
+    let secret = "s3cr3t-Pa55";
+    let out = env.command(&["init"]).env("PG_PASS", secret).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("PostgreSQL"), "{err}");
+    assert!(!err.contains(secret), "password leaked: {err}");
+    assert_eq!(err.lines().filter(|l| l.starts_with("error:")).count(), 1, "{err}");
+
+    let out = env.command(&["status"]).env("CH_PASS", secret).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("ClickHouse") && !err.contains(secret), "{err}");
+
+    let out = env.command(&["init"]).env("CH_DB", "x; DROP DATABASE default").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(err.contains("CH_DB"), "{err}");
+
+    let out = env.command(&["run", "--once"]).env("KAFKA_BOOTSTRAP", "127.0.0.1:1").env("PG2CH_TIMEOUT_SECS", "2").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("Kafka broker 127.0.0.1:1"), "{err}");
+
+    let out = env.command(&["seed", "--rows", "many"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--rows"));
+}
