@@ -77,6 +77,9 @@ struct RunArgs {
     /// Most rows per ClickHouse insert.
     #[arg(long, default_value_t = 100_000)]
     insert_rows: usize,
+    /// Most bytes fetched per partition per consumer step (bounds memory).
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    fetch_max_bytes: i32,
     /// Partitions this consumer reads (comma-separated; default all). There is
     /// no consumer-group protocol: split partitions between consumers here.
     #[arg(long, value_delimiter = ',')]
@@ -138,6 +141,7 @@ impl RunArgs {
             once: self.once,
             batch_rows: self.batch_rows.max(1),
             insert_rows: self.insert_rows.max(1),
+            fetch_max_bytes: self.fetch_max_bytes.max(1),
             partitions: self.partitions.clone(),
             poll: Duration::from_millis(self.poll_ms),
         }

@@ -32,6 +32,8 @@ pub struct RunOptions {
     pub once: bool,
     pub batch_rows: usize,
     pub insert_rows: usize,
+    /// Most bytes fetched per partition per step.
+    pub fetch_max_bytes: i32,
     /// Partitions this consumer reads; `None` means all.
     pub partitions: Option<Vec<i32>>,
     /// How long to wait when there is nothing to do.
@@ -40,7 +42,14 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { once: false, batch_rows: 10_000, insert_rows: 100_000, partitions: None, poll: Duration::from_millis(200) }
+        RunOptions {
+            once: false,
+            batch_rows: 10_000,
+            insert_rows: 100_000,
+            fetch_max_bytes: 4 * 1024 * 1024,
+            partitions: None,
+            poll: Duration::from_millis(200),
+        }
     }
 }
 
@@ -76,7 +85,8 @@ pub async fn seed(s: &Settings, rows: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn producer(s: &Settings, o: &RunOptions) -> anyhow::Result<Producer<PgSource, KafkaLog>> {
+/// A producer on the real stores, as `pg2ch produce` builds it.
+pub async fn producer(s: &Settings, o: &RunOptions) -> anyhow::Result<Producer<PgSource, KafkaLog>> {
     let pool = postgres::connect(&s.pg, 2, s.timeouts.call).await?;
     postgres::check_columns(&pool).await?;
     let client = kafka::connect(&s.kafka, s.timeouts.call).await?;
@@ -85,9 +95,10 @@ async fn producer(s: &Settings, o: &RunOptions) -> anyhow::Result<Producer<PgSou
     Ok(Producer::new(PgSource::new(pool, s.timeouts.call), log, config))
 }
 
-async fn consumer(s: &Settings, o: &RunOptions) -> anyhow::Result<Consumer<KafkaLog, ChSink>> {
+/// A consumer on the real stores, as `pg2ch consume` builds it.
+pub async fn consumer(s: &Settings, o: &RunOptions) -> anyhow::Result<Consumer<KafkaLog, ChSink>> {
     let client = kafka::connect(&s.kafka, s.timeouts.call).await?;
-    let log = KafkaLog::open(&client, &s.kafka.topic, s.timeouts.call).await?;
+    let log = KafkaLog::open(&client, &s.kafka.topic, s.timeouts.call).await?.with_fetch_max_bytes(o.fetch_max_bytes);
     let ch = ClickHouse::connect(&s.ch, s.timeouts.call).await?;
     let count = crate::stores::EventLog::partitions(&log);
     let mut config = ConsumerConfig::all_partitions(count);

@@ -95,6 +95,13 @@ impl KafkaLog {
         Ok(KafkaLog { partitions, timeout, fetch_max_bytes: 4 * 1024 * 1024, compression: Compression::NoCompression })
     }
 
+    /// Most bytes one fetch asks for per partition (the broker still returns
+    /// at least one whole batch). Bounds the consumer's memory.
+    pub fn with_fetch_max_bytes(mut self, bytes: i32) -> Self {
+        self.fetch_max_bytes = bytes.max(1);
+        self
+    }
+
     fn client(&self, partition: i32) -> anyhow::Result<&PartitionClient> {
         self.partitions.get(partition as usize).with_context(|| format!("no partition {partition}"))
     }

@@ -24,3 +24,5 @@ pub mod cli;
 pub mod commands;
 pub mod stack;
 pub mod verify;
+#[cfg(test)]
+pub mod sim;

@@ -1,0 +1,90 @@
+//! Simulated Kafka log: partitions of batches with contiguous offsets,
+//! appends that fail or time out after appending (so a retry appends twice),
+//! and fetches that return whole batches, sometimes starting well before the
+//! requested offset, as real brokers may.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use super::{Chaos, yield_now};
+use crate::stores::{EventLog, Fetched, FetchedRecord, LogRecord};
+
+#[derive(Debug)]
+struct Batch {
+    base: i64,
+    values: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, Default)]
+pub struct Log {
+    partitions: Vec<Vec<Batch>>,
+}
+
+impl Log {
+    pub fn new(partitions: i32) -> Self {
+        Log { partitions: (0..partitions).map(|_| Vec::new()).collect() }
+    }
+
+    fn end(&self, partition: usize) -> i64 {
+        self.partitions[partition].last().map(|b| b.base + b.values.len() as i64).unwrap_or(0)
+    }
+
+    /// Every value ever appended, in any partition.
+    pub fn values(&self) -> impl Iterator<Item = &[u8]> {
+        self.partitions.iter().flatten().flat_map(|b| b.values.iter().map(|v| v.as_slice()))
+    }
+}
+
+pub struct SimLog {
+    pub(super) chaos: Rc<Chaos>,
+    pub(super) log: Rc<RefCell<Log>>,
+    pub(super) partitions: i32,
+}
+
+impl EventLog for SimLog {
+    fn partitions(&self) -> i32 {
+        self.partitions
+    }
+
+    async fn append(&self, partition: i32, records: Vec<LogRecord>) -> anyhow::Result<()> {
+        yield_now().await;
+        if self.chaos.fails("kafka.append") {
+            anyhow::bail!("simulated: produce failed");
+        }
+        let mut log = self.log.borrow_mut();
+        let base = log.end(partition as usize);
+        let count = records.len();
+        log.partitions[partition as usize].push(Batch { base, values: records.into_iter().map(|r| r.value).collect() });
+        self.chaos.note(&("append", partition, base, count));
+        if self.chaos.outcome_lost("kafka.append") {
+            anyhow::bail!("simulated: produce timed out (it was appended)");
+        }
+        Ok(())
+    }
+
+    async fn fetch(&self, partition: i32, offset: i64, _max_wait: Duration) -> anyhow::Result<Fetched> {
+        yield_now().await;
+        if self.chaos.fails("kafka.fetch") {
+            anyhow::bail!("simulated: fetch failed");
+        }
+        let log = self.log.borrow();
+        let batches = &log.partitions[partition as usize];
+        let high_watermark = log.end(partition as usize);
+        let Some(mut first) = batches.iter().position(|b| offset < b.base + b.values.len() as i64) else {
+            return Ok(Fetched { records: Vec::new(), high_watermark });
+        };
+        if first > 0 && self.chaos.chance(0.3) {
+            first -= 1; // a batch wholly before the requested offset
+        }
+        let take = 1 + self.chaos.below(3);
+        let records = batches[first..]
+            .iter()
+            .take(take)
+            .flat_map(|b| {
+                b.values.iter().enumerate().map(|(i, v)| FetchedRecord { offset: b.base + i as i64, value: Some(v.clone()) })
+            })
+            .collect();
+        Ok(Fetched { records, high_watermark })
+    }
+}

@@ -1,0 +1,89 @@
+//! Simulated ClickHouse: a ReplacingMergeTree by id (copies visible until a
+//! merge; FINAL shows the newest copy of each id), inserts that fail or whose
+//! response is lost after they landed, and the stored consumer positions
+//! (largest offset wins, as in the real positions table).
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use super::{Chaos, yield_now};
+use crate::event::LoginEvent;
+use crate::stores::Sink;
+
+#[derive(Debug, Default)]
+pub struct SinkTable {
+    /// Insert blocks in arrival order, not yet merged.
+    pub parts: Vec<Vec<LoginEvent>>,
+    /// (group, partition) → every next offset ever stored.
+    positions: BTreeMap<(String, i32), Vec<i64>>,
+}
+
+impl SinkTable {
+    /// What `SELECT ... FINAL ORDER BY id` returns: the newest copy of each id.
+    pub fn final_rows(&self) -> Vec<LoginEvent> {
+        let mut newest = BTreeMap::new();
+        for row in self.parts.iter().flatten() {
+            newest.insert(row.id, row.clone());
+        }
+        newest.into_values().collect()
+    }
+
+    /// A background merge: all parts collapse into one.
+    pub fn merge(&mut self) {
+        let merged = self.final_rows();
+        self.parts = vec![merged];
+    }
+}
+
+pub struct SimSink {
+    pub(super) chaos: Rc<Chaos>,
+    pub(super) table: Rc<RefCell<SinkTable>>,
+    pub(super) group: String,
+}
+
+impl Sink for SimSink {
+    async fn positions(&mut self) -> anyhow::Result<BTreeMap<i32, i64>> {
+        yield_now().await;
+        if self.chaos.fails("ch.positions") {
+            anyhow::bail!("simulated: reading positions failed");
+        }
+        let table = self.table.borrow();
+        Ok(table
+            .positions
+            .iter()
+            .filter(|((g, _), _)| *g == self.group)
+            .map(|((_, p), offsets)| (*p, offsets.iter().copied().max().unwrap_or(0)))
+            .collect())
+    }
+
+    async fn write(&mut self, rows: &[LoginEvent]) -> anyhow::Result<()> {
+        yield_now().await;
+        if self.chaos.fails("ch.insert") {
+            anyhow::bail!("simulated: insert failed");
+        }
+        self.table.borrow_mut().parts.push(rows.to_vec());
+        self.chaos.note(&("insert", rows.len()));
+        if self.chaos.outcome_lost("ch.insert") {
+            anyhow::bail!("simulated: insert response lost (it landed)");
+        }
+        Ok(())
+    }
+
+    async fn store_positions(&mut self, positions: &BTreeMap<i32, i64>) -> anyhow::Result<()> {
+        yield_now().await;
+        if self.chaos.fails("ch.store_positions") {
+            anyhow::bail!("simulated: storing positions failed");
+        }
+        let mut table = self.table.borrow_mut();
+        for (p, offset) in positions {
+            table.positions.entry((self.group.clone(), *p)).or_default().push(*offset);
+        }
+        drop(table);
+        self.chaos.note(&("positions", positions.len()));
+        if self.chaos.outcome_lost("ch.store_positions") {
+            anyhow::bail!("simulated: storing positions response lost (it landed)");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,140 @@
+//! Simulated PostgreSQL table: committed rows with the sent flag, row locks
+//! with SKIP LOCKED, inserts whose ids are allocated now and committed later
+//! (out of order), and commits that fail or whose outcome is lost.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use super::{Chaos, yield_now};
+use crate::event::LoginEvent;
+use crate::stores::SourceTable;
+
+#[derive(Debug, Default)]
+pub struct Table {
+    /// Committed rows and their sent flag.
+    pub committed: BTreeMap<i64, (LoginEvent, bool)>,
+    /// Row locks: id → session holding it.
+    locks: BTreeMap<i64, u32>,
+    /// Inserted, id allocated, not committed yet.
+    pub pending: Vec<LoginEvent>,
+    next_id: i64,
+}
+
+impl Table {
+    /// Allocates an id for a new row; it becomes visible when committed.
+    pub fn insert(&mut self, username: String, event_time_us: i64) {
+        self.next_id += 1;
+        self.pending.push(LoginEvent { id: self.next_id, username, event_time_us });
+    }
+
+    /// Commits the pending insert at `index` (modulo the number pending).
+    pub fn commit_insert(&mut self, index: usize) {
+        if !self.pending.is_empty() {
+            let row = self.pending.remove(index % self.pending.len());
+            self.committed.insert(row.id, (row, false));
+        }
+    }
+
+    pub fn rows(&self) -> Vec<(LoginEvent, bool)> {
+        self.committed.values().cloned().collect()
+    }
+
+    fn release(&mut self, session: u32) {
+        self.locks.retain(|_, holder| *holder != session);
+    }
+}
+
+/// One producer's session. Dropping it releases its locks, as the server
+/// does when a client's connection dies.
+pub struct SimSource {
+    pub(super) chaos: Rc<Chaos>,
+    pub(super) table: Rc<RefCell<Table>>,
+    pub(super) session: u32,
+    pub(super) marked: Option<Vec<i64>>,
+}
+
+impl SimSource {
+    fn abort(&mut self) {
+        self.marked = None;
+        self.table.borrow_mut().release(self.session);
+    }
+}
+
+impl Drop for SimSource {
+    fn drop(&mut self) {
+        self.table.borrow_mut().release(self.session);
+    }
+}
+
+impl SourceTable for SimSource {
+    async fn claim(&mut self, after_id: i64, limit: usize) -> anyhow::Result<Vec<LoginEvent>> {
+        yield_now().await;
+        self.abort();
+        if self.chaos.fails("pg.claim") {
+            anyhow::bail!("simulated: claim failed");
+        }
+        let mut table = self.table.borrow_mut();
+        let rows: Vec<LoginEvent> = table
+            .committed
+            .range(after_id.saturating_add(1)..)
+            .filter(|(id, (_, sent))| !sent && !table.locks.contains_key(id))
+            .take(limit)
+            .map(|(_, (row, _))| row.clone())
+            .collect();
+        for row in &rows {
+            table.locks.insert(row.id, self.session);
+        }
+        self.marked = Some(Vec::new());
+        self.chaos.note(&("claim", self.session, rows.len()));
+        Ok(rows)
+    }
+
+    async fn mark_sent(&mut self, ids: &[i64]) -> anyhow::Result<()> {
+        yield_now().await;
+        if self.marked.is_none() {
+            anyhow::bail!("simulated: mark_sent without a claim");
+        }
+        if self.chaos.fails("pg.mark") {
+            self.abort();
+            anyhow::bail!("simulated: update failed");
+        }
+        let table = self.table.borrow();
+        assert!(
+            ids.iter().all(|id| table.locks.get(id) == Some(&self.session)),
+            "the pipeline flagged a row it had not locked"
+        );
+        drop(table);
+        self.marked = Some(ids.to_vec());
+        Ok(())
+    }
+
+    async fn commit(&mut self) -> anyhow::Result<()> {
+        yield_now().await;
+        let Some(marked) = self.marked.take() else { anyhow::bail!("simulated: commit without a claim") };
+        if self.chaos.fails("pg.commit") {
+            self.abort();
+            anyhow::bail!("simulated: commit failed");
+        }
+        {
+            let mut table = self.table.borrow_mut();
+            for id in &marked {
+                if let Some(row) = table.committed.get_mut(id) {
+                    row.1 = true;
+                }
+            }
+            table.release(self.session);
+        }
+        self.chaos.note(&("commit", self.session, marked.len()));
+        if self.chaos.outcome_lost("pg.commit") {
+            anyhow::bail!("simulated: commit outcome unknown");
+        }
+        Ok(())
+    }
+
+    async fn rollback(&mut self) -> anyhow::Result<()> {
+        yield_now().await;
+        self.abort();
+        Ok(())
+    }
+}
