@@ -31,6 +31,9 @@ pub struct RunOptions {
     /// Move what is there, then exit.
     pub once: bool,
     pub batch_rows: usize,
+    /// Producer lanes in this process: one claims and publishes while another
+    /// flags its batch, which is where PostgreSQL spends its time.
+    pub producers: usize,
     pub insert_rows: usize,
     /// Most bytes fetched per partition per step.
     pub fetch_max_bytes: i32,
@@ -45,6 +48,7 @@ impl Default for RunOptions {
         RunOptions {
             once: false,
             batch_rows: 10_000,
+            producers: 2,
             insert_rows: 100_000,
             fetch_max_bytes: 4 * 1024 * 1024,
             partitions: None,
@@ -57,7 +61,10 @@ impl Default for RunOptions {
 pub type Shutdown = watch::Receiver<bool>;
 
 pub async fn init(s: &Settings, partitions: i32) -> anyhow::Result<()> {
-    anyhow::ensure!(partitions >= 1, "--partitions must be at least 1, got {partitions}");
+    anyhow::ensure!(
+        partitions >= 1,
+        "--partitions must be at least 1, got {partitions}"
+    );
     let pool = postgres::connect(&s.pg, 1, s.timeouts.call).await?;
     let ch = ClickHouse::connect(&s.ch, s.timeouts.call).await?;
     let kafka = kafka::connect(&s.kafka, s.timeouts.call).await?;
@@ -66,7 +73,10 @@ pub async fn init(s: &Settings, partitions: i32) -> anyhow::Result<()> {
     ch.init().await?;
     tracing::info!(
         "initialised: PostgreSQL user_logins, topic {:?} ({partitions} partitions), ClickHouse {}.user_logins (server {}.{})",
-        s.kafka.topic, s.ch.database, ch.caps.version.0, ch.caps.version.1
+        s.kafka.topic,
+        s.ch.database,
+        ch.caps.version.0,
+        ch.caps.version.1
     );
     Ok(())
 }
@@ -85,31 +95,88 @@ pub async fn seed(s: &Settings, rows: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A producer on the real stores, as `pg2ch produce` builds it.
-pub async fn producer(s: &Settings, o: &RunOptions) -> anyhow::Result<Producer<PgSource, KafkaLog>> {
-    let pool = postgres::connect(&s.pg, 2, s.timeouts.call).await?;
-    postgres::check_columns(&pool).await?;
-    let client = kafka::connect(&s.kafka, s.timeouts.call).await?;
-    let log = KafkaLog::open(&client, &s.kafka.topic, s.timeouts.call).await?;
-    let config = ProducerConfig { batch_rows: o.batch_rows, ..ProducerConfig::default() };
-    Ok(Producer::new(PgSource::new(pool, s.timeouts.call), log, config))
+/// What producers need from the real services: the topic, and one
+/// PostgreSQL session per lane.
+pub struct ProducerStores {
+    pub log: KafkaLog,
+    pub sources: Vec<PgSource>,
+    config: ProducerConfig,
+}
+
+impl ProducerStores {
+    pub async fn connect(s: &Settings, o: &RunOptions) -> anyhow::Result<Self> {
+        let lanes = o.producers.max(1);
+        let pool = postgres::connect(&s.pg, lanes as u32 + 1, s.timeouts.call).await?;
+        postgres::check_columns(&pool).await?;
+        let client = kafka::connect(&s.kafka, s.timeouts.call).await?;
+        let log = KafkaLog::open(&client, &s.kafka.topic, s.timeouts.call).await?;
+        let sources = (0..lanes)
+            .map(|_| PgSource::new(pool.clone(), s.timeouts.call))
+            .collect();
+        let config = ProducerConfig {
+            batch_rows: o.batch_rows,
+            ..ProducerConfig::default()
+        };
+        Ok(ProducerStores {
+            log,
+            sources,
+            config,
+        })
+    }
+
+    /// One producer per lane, sharing the log and the keyset cursor.
+    pub fn producers(&mut self) -> Vec<Producer<PgSource, &KafkaLog>> {
+        let cursor = crate::pipeline::Cursor::default();
+        std::mem::take(&mut self.sources)
+            .into_iter()
+            .map(|source| {
+                Producer::new(source, &self.log, self.config.clone()).with_cursor(cursor.clone())
+            })
+            .collect()
+    }
+}
+
+/// A single producer on the real stores (the crash-replay tests use this).
+pub async fn producer(
+    s: &Settings,
+    o: &RunOptions,
+) -> anyhow::Result<Producer<PgSource, KafkaLog>> {
+    let mut stores = ProducerStores::connect(
+        s,
+        &RunOptions {
+            producers: 1,
+            ..o.clone()
+        },
+    )
+    .await?;
+    let source = stores.sources.pop().expect("one lane");
+    Ok(Producer::new(source, stores.log, stores.config))
 }
 
 /// A consumer on the real stores, as `pg2ch consume` builds it.
 pub async fn consumer(s: &Settings, o: &RunOptions) -> anyhow::Result<Consumer<KafkaLog, ChSink>> {
     let client = kafka::connect(&s.kafka, s.timeouts.call).await?;
-    let log = KafkaLog::open(&client, &s.kafka.topic, s.timeouts.call).await?.with_fetch_max_bytes(o.fetch_max_bytes);
+    let log = KafkaLog::open(&client, &s.kafka.topic, s.timeouts.call)
+        .await?
+        .with_fetch_max_bytes(o.fetch_max_bytes);
     let ch = ClickHouse::connect(&s.ch, s.timeouts.call).await?;
     let count = crate::stores::EventLog::partitions(&log);
     let mut config = ConsumerConfig::all_partitions(count);
     if let Some(assigned) = &o.partitions {
         if let Some(bad) = assigned.iter().find(|p| !(0..count).contains(*p)) {
-            anyhow::bail!("--partitions names partition {bad}, but topic {:?} has partitions 0..{count}", s.kafka.topic);
+            anyhow::bail!(
+                "--partitions names partition {bad}, but topic {:?} has partitions 0..{count}",
+                s.kafka.topic
+            );
         }
         config.partitions = assigned.clone();
     }
     config.insert_rows = o.insert_rows;
-    let sink = ChSink { ch, group: s.kafka.group.clone(), topic: s.kafka.topic.clone() };
+    let sink = ChSink {
+        ch,
+        group: s.kafka.group.clone(),
+        topic: s.kafka.topic.clone(),
+    };
     Ok(Consumer::new(log, sink, config))
 }
 
@@ -126,7 +193,11 @@ impl Backoff {
     const CAP: Duration = Duration::from_secs(5);
 
     fn new(what: &'static str) -> Self {
-        Backoff { what, delay: Self::FIRST, failing: false }
+        Backoff {
+            what,
+            delay: Self::FIRST,
+            failing: false,
+        }
     }
     fn ok(&mut self) {
         if self.failing {
@@ -153,8 +224,8 @@ async fn pause(d: Duration, shutdown: &mut Shutdown) {
     }
 }
 
-async fn produce_loop(
-    p: &mut Producer<PgSource, KafkaLog>,
+async fn produce_loop<L: crate::stores::EventLog>(
+    p: &mut Producer<PgSource, L>,
     once: bool,
     poll: Duration,
     mut shutdown: Shutdown,
@@ -224,11 +295,31 @@ async fn consume_loop(
     Ok(records)
 }
 
+/// Runs every lane until done (with `once`) or shutdown; returns rows moved.
+async fn produce_lanes<L: crate::stores::EventLog>(
+    producers: &mut [Producer<PgSource, L>],
+    once: bool,
+    poll: Duration,
+    shutdown: &Shutdown,
+) -> anyhow::Result<usize> {
+    let moved = futures::future::try_join_all(
+        producers
+            .iter_mut()
+            .map(|p| produce_loop(p, once, poll, shutdown.clone())),
+    )
+    .await?;
+    Ok(moved.into_iter().sum())
+}
+
 pub async fn produce(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow::Result<()> {
-    let mut p = producer(s, o).await?;
+    let mut stores = ProducerStores::connect(s, o).await?;
+    let mut producers = stores.producers();
     let started = Instant::now();
-    let moved = produce_loop(&mut p, o.once, o.poll, shutdown).await?;
-    tracing::info!("producer: {moved} rows published and flagged in {:.1?}", started.elapsed());
+    let moved = produce_lanes(&mut producers, o.once, o.poll, &shutdown).await?;
+    tracing::info!(
+        "producer: {moved} rows published and flagged in {:.1?}",
+        started.elapsed()
+    );
     Ok(())
 }
 
@@ -240,32 +331,42 @@ pub async fn consume(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow
     } else {
         consume_loop(&mut c, None, o.poll, shutdown).await?
     };
-    tracing::info!("consumer: {records} records written in {:.1?}", started.elapsed());
+    tracing::info!(
+        "consumer: {records} records written in {:.1?}",
+        started.elapsed()
+    );
     Ok(())
 }
 
 /// Producer and consumer in one process. With `once`, returns when every row
 /// that was unsent at the start is in ClickHouse and its position stored.
 pub async fn run(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow::Result<usize> {
-    let mut p = producer(s, o).await?;
+    let mut stores = ProducerStores::connect(s, o).await?;
+    let mut producers = stores.producers();
     let mut c = consumer(s, o).await?;
     let started = Instant::now();
     let done: Cell<Option<bool>> = Cell::new(None);
     let (moved, written) = if o.once {
         let produce = async {
-            let r = produce_loop(&mut p, true, o.poll, shutdown.clone()).await;
+            let r = produce_lanes(&mut producers, true, o.poll, &shutdown).await;
             done.set(Some(r.is_ok()));
             r
         };
-        tokio::join!(produce, consume_loop(&mut c, Some(&done), o.poll, shutdown.clone()))
+        tokio::join!(
+            produce,
+            consume_loop(&mut c, Some(&done), o.poll, shutdown.clone())
+        )
     } else {
         tokio::join!(
-            produce_loop(&mut p, false, o.poll, shutdown.clone()),
+            produce_lanes(&mut producers, false, o.poll, &shutdown),
             consume_loop(&mut c, None, o.poll, shutdown.clone())
         )
     };
     let (moved, written) = (moved?, written?);
-    tracing::info!("run: {moved} rows published, {written} records written in {:.1?}", started.elapsed());
+    tracing::info!(
+        "run: {moved} rows published, {written} records written in {:.1?}",
+        started.elapsed()
+    );
     Ok(moved)
 }
 
@@ -307,7 +408,12 @@ pub async fn status(s: &Settings) -> anyhow::Result<Status> {
         .iter()
         .map(|(&p, &position)| {
             let end_offset = ends.get(&p).copied().unwrap_or(0);
-            PartitionStatus { partition: p, end_offset, position, lag: (end_offset - position).max(0) }
+            PartitionStatus {
+                partition: p,
+                end_offset,
+                position,
+                lag: (end_offset - position).max(0),
+            }
         })
         .collect();
     Ok(Status {
@@ -322,11 +428,23 @@ pub async fn status(s: &Settings) -> anyhow::Result<Status> {
 
 impl Status {
     pub fn print(&self, out: &mut impl Write) -> std::io::Result<()> {
-        writeln!(out, "topic {:?}, consumer group {:?}", self.topic, self.group)?;
+        writeln!(
+            out,
+            "topic {:?}, consumer group {:?}",
+            self.topic, self.group
+        )?;
         writeln!(out, "unsent rows in PostgreSQL: {}", self.unsent_rows)?;
-        writeln!(out, "{:>9} {:>12} {:>12} {:>10}", "partition", "end offset", "position", "lag")?;
+        writeln!(
+            out,
+            "{:>9} {:>12} {:>12} {:>10}",
+            "partition", "end offset", "position", "lag"
+        )?;
         for p in &self.partitions {
-            writeln!(out, "{:>9} {:>12} {:>12} {:>10}", p.partition, p.end_offset, p.position, p.lag)?;
+            writeln!(
+                out,
+                "{:>9} {:>12} {:>12} {:>10}",
+                p.partition, p.end_offset, p.position, p.lag
+            )?;
         }
         writeln!(
             out,

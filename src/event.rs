@@ -95,7 +95,11 @@ mod tests {
             event_time_us: 1_700_000_000_123_456,
         };
         let bytes = e.encode();
-        assert!(std::str::from_utf8(&bytes).unwrap().contains("2023-11-14T22:13:20.123456Z"));
+        assert!(
+            std::str::from_utf8(&bytes)
+                .unwrap()
+                .contains("2023-11-14T22:13:20.123456Z")
+        );
         assert_eq!(LoginEvent::decode(Some(&bytes)).unwrap(), e);
     }
 
@@ -103,9 +107,14 @@ mod tests {
     fn rejects_what_is_not_an_event() {
         assert_eq!(LoginEvent::decode(None), Err(DecodeError::Empty));
         assert_eq!(LoginEvent::decode(Some(b"")), Err(DecodeError::Empty));
-        assert!(matches!(LoginEvent::decode(Some(b"nope")), Err(DecodeError::Json(_))));
         assert!(matches!(
-            LoginEvent::decode(Some(br#"{"username":"a","event_time":"2024-01-01T00:00:00Z"}"#)),
+            LoginEvent::decode(Some(b"nope")),
+            Err(DecodeError::Json(_))
+        ));
+        assert!(matches!(
+            LoginEvent::decode(Some(
+                br#"{"username":"a","event_time":"2024-01-01T00:00:00Z"}"#
+            )),
             Err(DecodeError::Json(_))
         ));
         assert!(matches!(

@@ -24,23 +24,48 @@ const MAX_REQUEST_BYTES: usize = 512 * 1024;
 
 /// Connects to the bootstrap brokers.
 pub async fn connect(cfg: &KafkaConfig, timeout: Duration) -> anyhow::Result<Client> {
-    let backoff = BackoffConfig { deadline: Some(timeout), ..BackoffConfig::default() };
-    bounded(|| format!("connecting to {}", cfg.describe()), timeout, async {
-        Ok(ClientBuilder::new(cfg.bootstrap.clone()).backoff_config(backoff).build().await?)
-    })
+    let backoff = BackoffConfig {
+        deadline: Some(timeout),
+        ..BackoffConfig::default()
+    };
+    bounded(
+        || format!("connecting to {}", cfg.describe()),
+        timeout,
+        async {
+            Ok(ClientBuilder::new(cfg.bootstrap.clone())
+                .backoff_config(backoff)
+                .build()
+                .await?)
+        },
+    )
     .await
     .with_context(|| format!("cannot reach {}", cfg.describe()))
 }
 
 /// The topic's partition count, or `None` when the topic does not exist.
-pub async fn partition_count(client: &Client, topic: &str, timeout: Duration) -> anyhow::Result<Option<i32>> {
-    let topics = bounded(|| "listing Kafka topics".into(), timeout, async { Ok(client.list_topics().await?) }).await?;
-    Ok(topics.into_iter().find(|t| t.name == topic).map(|t| t.partitions.len() as i32))
+pub async fn partition_count(
+    client: &Client,
+    topic: &str,
+    timeout: Duration,
+) -> anyhow::Result<Option<i32>> {
+    let topics = bounded(|| "listing Kafka topics".into(), timeout, async {
+        Ok(client.list_topics().await?)
+    })
+    .await?;
+    Ok(topics
+        .into_iter()
+        .find(|t| t.name == topic)
+        .map(|t| t.partitions.len() as i32))
 }
 
 /// Creates the topic with `partitions` partitions if it does not exist, and
 /// waits until the broker lists it. Fails if it exists with another count.
-pub async fn ensure_topic(client: &Client, topic: &str, partitions: i32, timeout: Duration) -> anyhow::Result<()> {
+pub async fn ensure_topic(
+    client: &Client,
+    topic: &str,
+    partitions: i32,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     match partition_count(client, topic, timeout).await? {
         Some(n) if n == partitions => return Ok(()),
         Some(n) => anyhow::bail!(
@@ -49,9 +74,15 @@ pub async fn ensure_topic(client: &Client, topic: &str, partitions: i32, timeout
         None => {}
     }
     let controller = client.controller_client()?;
-    let created = bounded(|| format!("creating Kafka topic {topic:?}"), timeout, async {
-        Ok(controller.create_topic(topic, partitions, 1, timeout.as_millis() as i32).await?)
-    })
+    let created = bounded(
+        || format!("creating Kafka topic {topic:?}"),
+        timeout,
+        async {
+            Ok(controller
+                .create_topic(topic, partitions, 1, timeout.as_millis() as i32)
+                .await?)
+        },
+    )
     .await;
     if let Err(e) = created {
         // Another `init` may have created it meanwhile; the check below decides.
@@ -86,13 +117,24 @@ impl KafkaLog {
             .with_context(|| format!("Kafka topic {topic:?} does not exist (run `pg2ch init`)"))?;
         let mut partitions = Vec::with_capacity(count as usize);
         for p in 0..count {
-            let pc = bounded(|| format!("opening partition {p} of {topic:?}"), timeout, async {
-                Ok(client.partition_client(topic, p, UnknownTopicHandling::Error).await?)
-            })
+            let pc = bounded(
+                || format!("opening partition {p} of {topic:?}"),
+                timeout,
+                async {
+                    Ok(client
+                        .partition_client(topic, p, UnknownTopicHandling::Error)
+                        .await?)
+                },
+            )
             .await?;
             partitions.push(pc);
         }
-        Ok(KafkaLog { partitions, timeout, fetch_max_bytes: 4 * 1024 * 1024, compression: Compression::NoCompression })
+        Ok(KafkaLog {
+            partitions,
+            timeout,
+            fetch_max_bytes: 4 * 1024 * 1024,
+            compression: Compression::NoCompression,
+        })
     }
 
     /// Most bytes one fetch asks for per partition (the broker still returns
@@ -103,7 +145,9 @@ impl KafkaLog {
     }
 
     fn client(&self, partition: i32) -> anyhow::Result<&PartitionClient> {
-        self.partitions.get(partition as usize).with_context(|| format!("no partition {partition}"))
+        self.partitions
+            .get(partition as usize)
+            .with_context(|| format!("no partition {partition}"))
     }
 }
 
@@ -120,34 +164,54 @@ impl EventLog for KafkaLog {
         let mut records = records.into_iter().peekable();
         while let Some(r) = records.next() {
             bytes += r.key.len() + r.value.len() + 16;
-            request.push(Record { key: Some(r.key), value: Some(r.value), headers: BTreeMap::new(), timestamp: now });
+            request.push(Record {
+                key: Some(r.key),
+                value: Some(r.value),
+                headers: BTreeMap::new(),
+                timestamp: now,
+            });
             if bytes >= MAX_REQUEST_BYTES || records.peek().is_none() {
                 let batch = std::mem::take(&mut request);
                 bytes = 0;
-                bounded(|| format!("producing to partition {partition}"), self.timeout, async {
-                    Ok(client.produce(batch, self.compression).await?)
-                })
+                bounded(
+                    || format!("producing to partition {partition}"),
+                    self.timeout,
+                    async { Ok(client.produce(batch, self.compression).await?) },
+                )
                 .await?;
             }
         }
         Ok(())
     }
 
-    async fn fetch(&self, partition: i32, offset: i64, max_wait: Duration) -> anyhow::Result<Fetched> {
+    async fn fetch(
+        &self,
+        partition: i32,
+        offset: i64,
+        max_wait: Duration,
+    ) -> anyhow::Result<Fetched> {
         let client = self.client(partition)?;
         // Never ask for a zero wait: nisshi answers a fetch with max_wait 0 with
         // no topic at all, which rskafka rejects. One millisecond costs nothing.
         let wait_ms = (max_wait.as_millis() as i32).max(1);
-        let (records, high_watermark) =
-            bounded(|| format!("fetching partition {partition} at offset {offset}"), self.timeout + max_wait, async {
-                Ok(client.fetch_records(offset, 1..self.fetch_max_bytes, wait_ms).await?)
-            })
-            .await
-            .with_context(|| format!("fetching partition {partition} at offset {offset}"))?;
+        let (records, high_watermark) = bounded(
+            || format!("fetching partition {partition} at offset {offset}"),
+            self.timeout + max_wait,
+            async {
+                Ok(client
+                    .fetch_records(offset, 1..self.fetch_max_bytes, wait_ms)
+                    .await?)
+            },
+        )
+        .await
+        .with_context(|| format!("fetching partition {partition} at offset {offset}"))?;
         Ok(Fetched {
             records: records
                 .into_iter()
-                .map(|r| FetchedRecord { offset: r.offset, value: r.record.value })
+                .map(|r| FetchedRecord {
+                    offset: r.offset,
+                    value: r.record.value,
+                })
                 .collect(),
             high_watermark,
         })

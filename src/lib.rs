@@ -13,16 +13,16 @@
 //! - [`config`]: connection settings, secrets, identifier checks, timeouts.
 //! - [`cli`]: argument parsing for the `pg2ch` binary.
 
+pub mod cli;
 pub mod clickhouse;
+pub mod commands;
 pub mod config;
 pub mod event;
 pub mod kafka;
 pub mod pipeline;
 pub mod postgres;
-pub mod stores;
-pub mod cli;
-pub mod commands;
-pub mod stack;
-pub mod verify;
 #[cfg(test)]
 pub mod sim;
+pub mod stack;
+pub mod stores;
+pub mod verify;

@@ -15,7 +15,9 @@
 //! - The consumer stores its position only after the rows are in ClickHouse.
 //!   A crash in between replays those records; the sink collapses them by id.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -143,43 +145,65 @@ pub enum ProduceStep {
     Idle,
 }
 
+/// Keyset cursor: claim ids above this. Reset to 0 whenever a claim comes
+/// back short, so rows whose ids committed out of order are found on the next
+/// pass instead of being skipped for ever. Producers in one process may share
+/// one, so that each claims after the rows the others hold instead of
+/// scanning over their locks. It is only a hint: SKIP LOCKED and the
+/// wrap-around keep claims correct whatever it says.
+pub type Cursor = Rc<Cell<i64>>;
+
 /// Claims unsent rows, publishes them, marks them sent.
 pub struct Producer<S, L> {
     pub source: S,
     pub log: L,
     config: ProducerConfig,
-    /// Keyset cursor: claim ids above this. Reset to 0 whenever a claim comes
-    /// back short, so rows whose ids committed out of order are found on the
-    /// next pass instead of being skipped for ever.
-    cursor: i64,
+    cursor: Cursor,
 }
 
 impl<S: SourceTable, L: EventLog> Producer<S, L> {
     pub fn new(source: S, log: L, config: ProducerConfig) -> Self {
-        Producer { source, log, config, cursor: 0 }
+        Producer {
+            source,
+            log,
+            config,
+            cursor: Cursor::default(),
+        }
+    }
+
+    /// Shares `cursor` with other producers in this process.
+    pub fn with_cursor(mut self, cursor: Cursor) -> Self {
+        self.cursor = cursor;
+        self
     }
 
     /// One claim, publish, mark cycle.
     pub async fn step(&mut self, faults: &dyn Faults) -> anyhow::Result<ProduceStep> {
         loop {
-            let rows = self.source.claim(self.cursor, self.config.batch_rows).await?;
-            faults.at(CrashPoint::AfterClaim)?;
+            let from = self.cursor.get();
+            let rows = self.source.claim(from, self.config.batch_rows).await?;
             if rows.is_empty() {
+                self.cursor.set(0);
                 self.source.rollback().await?;
-                if self.cursor == 0 {
+                if from == 0 {
                     return Ok(ProduceStep::Idle);
                 }
-                self.cursor = 0;
                 continue;
             }
+            // Move the cursor now, not after the commit, so that a producer
+            // sharing it claims the next rows while this one publishes.
             let short = rows.len() < self.config.batch_rows;
-            let last_id = rows.last().map(|r| r.id).unwrap_or(0);
+            self.cursor.set(if short {
+                0
+            } else {
+                rows.last().map(|r| r.id).unwrap_or(0)
+            });
+            faults.at(CrashPoint::AfterClaim)?;
 
             #[cfg(any(test, feature = "broken-orderings"))]
             if self.config.ordering == Ordering::MarkBeforePublish {
                 self.mark_and_commit(&rows, faults).await?;
                 self.publish(&rows, faults).await?;
-                self.cursor = if short { 0 } else { last_id };
                 return Ok(ProduceStep::Moved(rows.len()));
             }
 
@@ -193,12 +217,15 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
             }
             faults.at(CrashPoint::AfterAck)?;
             self.mark_and_commit(&rows, faults).await?;
-            self.cursor = if short { 0 } else { last_id };
             return Ok(ProduceStep::Moved(rows.len()));
         }
     }
 
-    async fn mark_and_commit(&mut self, rows: &[LoginEvent], faults: &dyn Faults) -> anyhow::Result<()> {
+    async fn mark_and_commit(
+        &mut self,
+        rows: &[LoginEvent],
+        faults: &dyn Faults,
+    ) -> anyhow::Result<()> {
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
         self.source.mark_sent(&ids).await?;
         faults.at(CrashPoint::AfterMark)?;
@@ -216,7 +243,10 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
             by_partition
                 .entry(partition_for(row.id, partitions))
                 .or_default()
-                .push(LogRecord { key: row.key(), value: row.encode() });
+                .push(LogRecord {
+                    key: row.key(),
+                    value: row.encode(),
+                });
         }
         let total = by_partition.len();
         let mut pending: FuturesUnordered<_> = by_partition
@@ -300,7 +330,12 @@ pub struct Consumer<L, K> {
 
 impl<L: EventLog, K: Sink> Consumer<L, K> {
     pub fn new(log: L, sink: K, config: ConsumerConfig) -> Self {
-        Consumer { log, sink, config, positions: None }
+        Consumer {
+            log,
+            sink,
+            config,
+            positions: None,
+        }
     }
 
     /// The positions in memory (loaded from the sink on first use).
@@ -319,7 +354,11 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
     }
 
     /// One fetch, write, remember cycle over all assigned partitions.
-    pub async fn step(&mut self, faults: &dyn Faults, max_wait: Duration) -> anyhow::Result<ConsumeStep> {
+    pub async fn step(
+        &mut self,
+        faults: &dyn Faults,
+        max_wait: Duration,
+    ) -> anyhow::Result<ConsumeStep> {
         let from = self.positions().await?.clone();
         let log = &self.log;
         let fetched = futures::future::try_join_all(from.iter().map(|(&p, &offset)| async move {
@@ -346,11 +385,12 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
             }
             // Brokers return whole batches: drop what lies before our position.
             for record in batch.records.into_iter().filter(|r| r.offset >= start) {
-                let row = LoginEvent::decode(record.value.as_deref()).map_err(|reason| PoisonRecord {
-                    partition: p,
-                    offset: record.offset,
-                    reason,
-                })?;
+                let row =
+                    LoginEvent::decode(record.value.as_deref()).map_err(|reason| PoisonRecord {
+                        partition: p,
+                        offset: record.offset,
+                        reason,
+                    })?;
                 rows.push(row);
                 step.records += 1;
                 next.insert(p, record.offset + 1);
@@ -394,7 +434,9 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
         let from = self.positions().await?.clone();
         let log = &self.log;
         let marks = futures::future::try_join_all(from.iter().map(|(&p, &offset)| async move {
-            log.fetch(p, offset, Duration::ZERO).await.map(|f| (p, f.high_watermark))
+            log.fetch(p, offset, Duration::ZERO)
+                .await
+                .map(|f| (p, f.high_watermark))
         }))
         .await?;
         Ok(marks.into_iter().collect())
@@ -402,12 +444,20 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
 
     /// True when every assigned partition's position has reached `targets`.
     pub fn reached(&self, targets: &BTreeMap<i32, i64>) -> bool {
-        let Some(positions) = &self.positions else { return targets.values().all(|t| *t <= 0) };
-        targets.iter().all(|(p, t)| positions.get(p).copied().unwrap_or(0) >= *t)
+        let Some(positions) = &self.positions else {
+            return targets.values().all(|t| *t <= 0);
+        };
+        targets
+            .iter()
+            .all(|(p, t)| positions.get(p).copied().unwrap_or(0) >= *t)
     }
 
     /// Consumes until every assigned partition reached its end as it stands now.
-    pub async fn drain(&mut self, faults: &dyn Faults, max_wait: Duration) -> anyhow::Result<usize> {
+    pub async fn drain(
+        &mut self,
+        faults: &dyn Faults,
+        max_wait: Duration,
+    ) -> anyhow::Result<usize> {
         let targets = self.high_watermarks().await?;
         let mut records = 0;
         while !self.reached(&targets) {

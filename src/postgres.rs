@@ -18,7 +18,11 @@ use crate::event::LoginEvent;
 use crate::stores::SourceTable;
 
 /// Opens a pool and proves the server answers and the password is right.
-pub async fn connect(cfg: &PgConfig, max_connections: u32, timeout: Duration) -> anyhow::Result<PgPool> {
+pub async fn connect(
+    cfg: &PgConfig,
+    max_connections: u32,
+    timeout: Duration,
+) -> anyhow::Result<PgPool> {
     let options = PgConnectOptions::new()
         .host(&cfg.host)
         .port(cfg.port)
@@ -32,9 +36,11 @@ pub async fn connect(cfg: &PgConfig, max_connections: u32, timeout: Duration) ->
         .max_connections(max_connections)
         .acquire_timeout(timeout)
         .connect_with(options);
-    bounded(|| format!("connecting to {}", cfg.describe()), timeout, async {
-        pool.await.map_err(anyhow::Error::from)
-    })
+    bounded(
+        || format!("connecting to {}", cfg.describe()),
+        timeout,
+        async { pool.await.map_err(anyhow::Error::from) },
+    )
     .await
     .with_context(|| format!("cannot connect to {}", cfg.describe()))
 }
@@ -53,7 +59,10 @@ pub async fn init(pool: &PgPool) -> anyhow::Result<()> {
         "CREATE INDEX IF NOT EXISTS user_logins_unsent_idx ON user_logins (id) WHERE NOT sent_to_kafka",
     ];
     for sql in statements {
-        sqlx::query(sql).execute(pool).await.with_context(|| format!("PostgreSQL init: {}", first_line(sql)))?;
+        sqlx::query(sql)
+            .execute(pool)
+            .await
+            .with_context(|| format!("PostgreSQL init: {}", first_line(sql)))?;
     }
     check_columns(pool).await
 }
@@ -79,14 +88,22 @@ pub async fn check_columns(pool: &PgPool) -> anyhow::Result<()> {
         .filter(|c| !present.iter().any(|p| p == c))
         .collect();
     if !missing.is_empty() {
-        anyhow::bail!("PostgreSQL table user_logins lacks column(s) {}", missing.join(", "));
+        anyhow::bail!(
+            "PostgreSQL table user_logins lacks column(s) {}",
+            missing.join(", ")
+        );
     }
     Ok(())
 }
 
 /// Inserts `rows` synthetic login events in batches of `chunk`, calling
 /// `progress` with the number inserted after each batch.
-pub async fn seed(pool: &PgPool, rows: u64, chunk: usize, mut progress: impl FnMut(u64)) -> anyhow::Result<()> {
+pub async fn seed(
+    pool: &PgPool,
+    rows: u64,
+    chunk: usize,
+    mut progress: impl FnMut(u64),
+) -> anyhow::Result<()> {
     use rand::Rng;
     let mut rng = rand::rng();
     let now = Utc::now().timestamp_micros();
@@ -108,7 +125,11 @@ pub async fn seed(pool: &PgPool, rows: u64, chunk: usize, mut progress: impl FnM
 }
 
 /// Inserts rows with the given usernames and times (ids from the sequence).
-pub async fn insert_events(pool: &PgPool, names: &[String], times: &[DateTime<Utc>]) -> anyhow::Result<()> {
+pub async fn insert_events(
+    pool: &PgPool,
+    names: &[String],
+    times: &[DateTime<Utc>],
+) -> anyhow::Result<()> {
     sqlx::query("INSERT INTO user_logins (username, event_time) SELECT * FROM UNNEST($1::text[], $2::timestamptz[])")
         .bind(names)
         .bind(times)
@@ -120,10 +141,12 @@ pub async fn insert_events(pool: &PgPool, names: &[String], times: &[DateTime<Ut
 
 /// Rows not yet flagged sent.
 pub async fn unsent_count(pool: &PgPool) -> anyhow::Result<i64> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE NOT sent_to_kafka")
-        .fetch_one(pool)
-        .await
-        .context("counting unsent rows")?)
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE NOT sent_to_kafka")
+            .fetch_one(pool)
+            .await
+            .context("counting unsent rows")?,
+    )
 }
 
 /// Every row with its flag, in id order.
@@ -142,7 +165,11 @@ pub async fn all_rows(pool: &PgPool) -> anyhow::Result<Vec<(LoginEvent, bool)>> 
 
 fn event_from_row(row: &sqlx::postgres::PgRow) -> anyhow::Result<LoginEvent> {
     let time: DateTime<Utc> = row.try_get(2)?;
-    Ok(LoginEvent { id: row.try_get(0)?, username: row.try_get(1)?, event_time_us: time.timestamp_micros() })
+    Ok(LoginEvent {
+        id: row.try_get(0)?,
+        username: row.try_get(1)?,
+        event_time_us: time.timestamp_micros(),
+    })
 }
 
 /// A producer's session on the source table.
@@ -154,7 +181,11 @@ pub struct PgSource {
 
 impl PgSource {
     pub fn new(pool: PgPool, timeout: Duration) -> Self {
-        PgSource { pool, timeout, claim: None }
+        PgSource {
+            pool,
+            timeout,
+            claim: None,
+        }
     }
 }
 
@@ -162,35 +193,49 @@ impl SourceTable for PgSource {
     async fn claim(&mut self, after_id: i64, limit: usize) -> anyhow::Result<Vec<LoginEvent>> {
         self.claim = None; // an abandoned claim rolls back when dropped
         let pool = &self.pool;
-        let (tx, rows) = bounded(|| "claiming unsent rows in PostgreSQL".into(), self.timeout, async {
-            let mut tx = pool.begin().await?;
-            let rows = sqlx::query(
-                "SELECT id::bigint, username::text, event_time::timestamptz FROM user_logins
+        let (tx, rows) = bounded(
+            || "claiming unsent rows in PostgreSQL".into(),
+            self.timeout,
+            async {
+                let mut tx = pool.begin().await?;
+                let rows = sqlx::query(
+                    "SELECT id::bigint, username::text, event_time::timestamptz FROM user_logins
                  WHERE NOT sent_to_kafka AND id > $1
                  ORDER BY id LIMIT $2
                  FOR UPDATE SKIP LOCKED",
-            )
-            .bind(after_id)
-            .bind(limit as i64)
-            .fetch_all(&mut *tx)
-            .await?;
-            let events = rows.iter().map(event_from_row).collect::<anyhow::Result<Vec<_>>>()?;
-            Ok((tx, events))
-        })
+                )
+                .bind(after_id)
+                .bind(limit as i64)
+                .fetch_all(&mut *tx)
+                .await?;
+                let events = rows
+                    .iter()
+                    .map(event_from_row)
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                Ok((tx, events))
+            },
+        )
         .await?;
         self.claim = Some(tx);
         Ok(rows)
     }
 
     async fn mark_sent(&mut self, ids: &[i64]) -> anyhow::Result<()> {
-        let tx = self.claim.as_mut().context("mark_sent without an open claim")?;
-        let result = bounded(|| "flagging rows sent in PostgreSQL".into(), self.timeout, async {
-            sqlx::query("UPDATE user_logins SET sent_to_kafka = TRUE WHERE id = ANY($1)")
-                .bind(ids)
-                .execute(&mut **tx)
-                .await?;
-            Ok(())
-        })
+        let tx = self
+            .claim
+            .as_mut()
+            .context("mark_sent without an open claim")?;
+        let result = bounded(
+            || "flagging rows sent in PostgreSQL".into(),
+            self.timeout,
+            async {
+                sqlx::query("UPDATE user_logins SET sent_to_kafka = TRUE WHERE id = ANY($1)")
+                    .bind(ids)
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(())
+            },
+        )
         .await;
         if result.is_err() {
             self.claim = None;
@@ -200,12 +245,20 @@ impl SourceTable for PgSource {
 
     async fn commit(&mut self) -> anyhow::Result<()> {
         let tx = self.claim.take().context("commit without an open claim")?;
-        bounded(|| "committing in PostgreSQL".into(), self.timeout, async { Ok(tx.commit().await?) }).await
+        bounded(|| "committing in PostgreSQL".into(), self.timeout, async {
+            Ok(tx.commit().await?)
+        })
+        .await
     }
 
     async fn rollback(&mut self) -> anyhow::Result<()> {
         if let Some(tx) = self.claim.take() {
-            bounded(|| "rolling back in PostgreSQL".into(), self.timeout, async { Ok(tx.rollback().await?) }).await?;
+            bounded(
+                || "rolling back in PostgreSQL".into(),
+                self.timeout,
+                async { Ok(tx.rollback().await?) },
+            )
+            .await?;
         }
         Ok(())
     }

@@ -49,9 +49,17 @@ impl StackEnv {
     pub fn shell_exports(&self) -> String {
         let d = self.dir.display();
         let mut s = String::new();
-        let _ = writeln!(s, "export PG_HOST={} PG_PORT={} PG_USER={} PG_DB={}", self.pg.host, self.pg.port, self.pg.user, self.pg.database);
+        let _ = writeln!(
+            s,
+            "export PG_HOST={} PG_PORT={} PG_USER={} PG_DB={}",
+            self.pg.host, self.pg.port, self.pg.user, self.pg.database
+        );
         let _ = writeln!(s, "export PG_PASS=\"$(cat {d}/secrets/pg.pass)\"");
-        let _ = writeln!(s, "export CH_HOST={} CH_PORT={} CH_USER={} CH_DB={}", self.ch.host, self.ch.port, self.ch.user, self.ch.database);
+        let _ = writeln!(
+            s,
+            "export CH_HOST={} CH_PORT={} CH_USER={} CH_DB={}",
+            self.ch.host, self.ch.port, self.ch.user, self.ch.database
+        );
         let _ = writeln!(s, "export CH_PASS=\"$(cat {d}/secrets/ch.pass)\"");
         let _ = writeln!(s, "export KAFKA_BOOTSTRAP={}", self.kafka_bootstrap);
         s
@@ -59,7 +67,10 @@ impl StackEnv {
 }
 
 fn env_port(name: &str, default: u16) -> u16 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn find_binary(names: &[&str], extra_dirs: &[PathBuf]) -> Option<PathBuf> {
@@ -78,7 +89,11 @@ fn find_binary(names: &[&str], extra_dirs: &[PathBuf]) -> Option<PathBuf> {
 
 fn postgres_bin_dirs() -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
         .unwrap_or_default();
     dirs.sort();
     dirs.reverse(); // newest version first
@@ -86,17 +101,33 @@ fn postgres_bin_dirs() -> Vec<PathBuf> {
 }
 
 fn cargo_bin_dir() -> Vec<PathBuf> {
-    std::env::var_os("HOME").map(|h| vec![PathBuf::from(h).join(".cargo/bin")]).unwrap_or_default()
+    std::env::var_os("HOME")
+        .map(|h| vec![PathBuf::from(h).join(".cargo/bin")])
+        .unwrap_or_default()
 }
 
 fn is_root() -> bool {
-    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
 }
 
 /// The unprivileged account PostgreSQL runs as when we are root.
 fn service_user() -> &'static str {
-    let has = |u: &str| Command::new("id").arg("-u").arg(u).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
-    if has("postgres") { "postgres" } else { "nobody" }
+    let has = |u: &str| {
+        Command::new("id")
+            .arg("-u")
+            .arg(u)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if has("postgres") {
+        "postgres"
+    } else {
+        "nobody"
+    }
 }
 
 /// Runs `program args` (as the service user when root), failing with its output.
@@ -108,16 +139,28 @@ fn run_as_service_user(program: &Path, args: &[&str], what: &str) -> anyhow::Res
     } else {
         Command::new(program)
     };
-    let out = cmd.args(args).stdin(Stdio::null()).output().with_context(|| format!("{what}: cannot run {}", program.display()))?;
+    let out = cmd
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("{what}: cannot run {}", program.display()))?;
     if !out.status.success() {
-        bail!("{what} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{what} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }
 
 fn chown_to_service_user(path: &Path) -> anyhow::Result<()> {
     if is_root() {
-        let status = Command::new("chown").arg("-R").arg(service_user()).arg(path).status()?;
+        let status = Command::new("chown")
+            .arg("-R")
+            .arg(service_user())
+            .arg(path)
+            .status()?;
         anyhow::ensure!(status.success(), "chown {} failed", path.display());
     }
     Ok(())
@@ -129,7 +172,11 @@ fn secret_file(file: &Path) -> anyhow::Result<Secret> {
         return Ok(Secret::new(s.trim()));
     }
     use rand::Rng;
-    let value: String = rand::rng().sample_iter(rand::distr::Alphanumeric).take(24).map(char::from).collect();
+    let value: String = rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(24)
+        .map(char::from)
+        .collect();
     std::fs::create_dir_all(file.parent().expect("secret files live in a directory"))?;
     std::fs::write(file, &value)?;
     std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))?;
@@ -146,7 +193,9 @@ where
     loop {
         match probe().await {
             Ok(()) => return Ok(()),
-            Err(e) if start.elapsed() > limit => return Err(e.context(format!("{what} did not answer within {limit:?}"))),
+            Err(e) if start.elapsed() > limit => {
+                return Err(e.context(format!("{what} did not answer within {limit:?}")));
+            }
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
@@ -168,21 +217,31 @@ fn spawn_detached(mut cmd: Command, log: &Path, pidfile: &Path) -> anyhow::Resul
 }
 
 fn stop_pidfile(pidfile: &Path) {
-    let Ok(pid) = std::fs::read_to_string(pidfile) else { return };
+    let Ok(pid) = std::fs::read_to_string(pidfile) else {
+        return;
+    };
     let pid = pid.trim().to_owned();
-    let _ = Command::new("kill").arg(&pid).stderr(Stdio::null()).status();
+    let _ = Command::new("kill")
+        .arg(&pid)
+        .stderr(Stdio::null())
+        .status();
     let deadline = Instant::now() + Duration::from_secs(15);
     while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = Command::new("kill").args(["-9", &pid]).stderr(Stdio::null()).status();
+    let _ = Command::new("kill")
+        .args(["-9", &pid])
+        .stderr(Stdio::null())
+        .status();
     let _ = std::fs::remove_file(pidfile);
 }
 
 impl Stack {
     pub fn from_env() -> Self {
         Stack {
-            dir: std::env::var_os("PG2CH_STACK_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp/pg2ch-stack")),
+            dir: std::env::var_os("PG2CH_STACK_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/tmp/pg2ch-stack")),
             pg_port: env_port("PG2CH_STACK_PG_PORT", 5432),
             ch_port: env_port("PG2CH_STACK_CH_PORT", 8123),
             ch_tcp_port: env_port("PG2CH_STACK_CH_TCP_PORT", 9000),
@@ -192,10 +251,23 @@ impl Stack {
 
     /// The environment of this stack (whether or not it is running).
     pub fn env(&self) -> StackEnv {
-        let read = |name: &str| secret_file(&self.dir.join("secrets").join(name)).unwrap_or_default();
+        let read =
+            |name: &str| secret_file(&self.dir.join("secrets").join(name)).unwrap_or_default();
         StackEnv {
-            pg: PgConfig { host: "127.0.0.1".into(), port: self.pg_port, user: USER.into(), password: read("pg.pass"), database: USER.into() },
-            ch: ChConfig { host: "127.0.0.1".into(), port: self.ch_port, user: USER.into(), password: read("ch.pass"), database: "default".into() },
+            pg: PgConfig {
+                host: "127.0.0.1".into(),
+                port: self.pg_port,
+                user: USER.into(),
+                password: read("pg.pass"),
+                database: USER.into(),
+            },
+            ch: ChConfig {
+                host: "127.0.0.1".into(),
+                port: self.ch_port,
+                user: USER.into(),
+                password: read("ch.pass"),
+                database: "default".into(),
+            },
             kafka_bootstrap: format!("127.0.0.1:{}", self.kafka_port),
             dir: self.dir.clone(),
         }
@@ -203,10 +275,15 @@ impl Stack {
 
     /// Starts whatever is not already answering and waits until all three do.
     pub async fn up(&self) -> anyhow::Result<StackEnv> {
-        std::fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
         std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o755))?;
         let env = self.env();
-        tokio::try_join!(self.postgres_up(&env), self.clickhouse_up(&env), self.broker_up(&env))?;
+        tokio::try_join!(
+            self.postgres_up(&env),
+            self.clickhouse_up(&env),
+            self.broker_up(&env)
+        )?;
         Ok(env)
     }
 
@@ -216,7 +293,11 @@ impl Stack {
         if data.join("postmaster.pid").exists() {
             if let Some(pg_ctl) = find_binary(&["pg_ctl"], &postgres_bin_dirs()) {
                 let data = data.to_string_lossy().into_owned();
-                run_as_service_user(&pg_ctl, &["-D", &data, "-m", "fast", "-w", "stop"], "pg_ctl stop")?;
+                run_as_service_user(
+                    &pg_ctl,
+                    &["-D", &data, "-m", "fast", "-w", "stop"],
+                    "pg_ctl stop",
+                )?;
             }
         }
         stop_pidfile(&self.dir.join("ch/server.pid"));
@@ -226,8 +307,15 @@ impl Stack {
     }
 
     async fn postgres_up(&self, env: &StackEnv) -> anyhow::Result<()> {
-        let admin = PgConfig { database: "postgres".into(), ..env.pg.clone() };
-        let probe = || async { crate::postgres::connect(&admin, 1, Duration::from_secs(2)).await.map(|_| ()) };
+        let admin = PgConfig {
+            database: "postgres".into(),
+            ..env.pg.clone()
+        };
+        let probe = || async {
+            crate::postgres::connect(&admin, 1, Duration::from_secs(2))
+                .await
+                .map(|_| ())
+        };
         if probe().await.is_err() {
             let dirs = postgres_bin_dirs();
             let missing = "PostgreSQL server binaries (initdb, pg_ctl) not found: install postgresql (apt-get install postgresql)";
@@ -240,10 +328,25 @@ impl Stack {
                 let pwfile = root.join("initdb.pw");
                 std::fs::write(&pwfile, env.pg.password.expose())?;
                 chown_to_service_user(&root)?;
-                let (d, pw) = (data.to_string_lossy().into_owned(), pwfile.to_string_lossy().into_owned());
+                let (d, pw) = (
+                    data.to_string_lossy().into_owned(),
+                    pwfile.to_string_lossy().into_owned(),
+                );
                 let result = run_as_service_user(
                     &initdb,
-                    &["-D", &d, "-U", USER, "--pwfile", &pw, "-A", "scram-sha-256", "-E", "UTF8", "--no-locale"],
+                    &[
+                        "-D",
+                        &d,
+                        "-U",
+                        USER,
+                        "--pwfile",
+                        &pw,
+                        "-A",
+                        "scram-sha-256",
+                        "-E",
+                        "UTF8",
+                        "--no-locale",
+                    ],
                     "initdb",
                 );
                 let _ = std::fs::remove_file(&pwfile);
@@ -259,15 +362,22 @@ impl Stack {
                 "-p {} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
                 self.pg_port
             );
-            run_as_service_user(&pg_ctl, &["-D", &d, "-l", &log, "-o", &options, "-w", "-t", "60", "start"], "pg_ctl start")
-                .with_context(|| format!("see {log}"))?;
+            run_as_service_user(
+                &pg_ctl,
+                &[
+                    "-D", &d, "-l", &log, "-o", &options, "-w", "-t", "60", "start",
+                ],
+                "pg_ctl start",
+            )
+            .with_context(|| format!("see {log}"))?;
             wait_until("PostgreSQL", Duration::from_secs(30), probe).await?;
         }
         let pool = crate::postgres::connect(&admin, 1, Duration::from_secs(10)).await?;
-        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(USER)
-            .fetch_one(&pool)
-            .await?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                .bind(USER)
+                .fetch_one(&pool)
+                .await?;
         if !exists {
             sqlx::query("CREATE DATABASE pg2ch").execute(&pool).await?;
         }
@@ -276,7 +386,11 @@ impl Stack {
     }
 
     async fn clickhouse_up(&self, env: &StackEnv) -> anyhow::Result<()> {
-        let probe = || async { crate::clickhouse::ClickHouse::connect(&env.ch, Duration::from_secs(2)).await.map(|_| ()) };
+        let probe = || async {
+            crate::clickhouse::ClickHouse::connect(&env.ch, Duration::from_secs(2))
+                .await
+                .map(|_| ())
+        };
         if probe().await.is_err() {
             let bin = find_binary(&["clickhouse-server"], &[]).context(
                 "clickhouse-server not found: run `just setup` (or apt-get install clickhouse-server)",
@@ -329,7 +443,8 @@ impl Stack {
             std::fs::write(&users_path, users)?;
             std::fs::set_permissions(&users_path, std::fs::Permissions::from_mode(0o600))?;
             let mut cmd = Command::new(bin);
-            cmd.arg(format!("--config-file={r}/config.xml")).current_dir(&root);
+            cmd.arg(format!("--config-file={r}/config.xml"))
+                .current_dir(&root);
             spawn_detached(cmd, &root.join("stdout.log"), &root.join("server.pid"))?;
             wait_until("ClickHouse", Duration::from_secs(60), probe)
                 .await
@@ -340,12 +455,18 @@ impl Stack {
     }
 
     async fn broker_up(&self, env: &StackEnv) -> anyhow::Result<()> {
-        let kafka = KafkaConfig { bootstrap: vec![env.kafka_bootstrap.clone()], topic: String::new(), group: String::new() };
+        let kafka = KafkaConfig {
+            bootstrap: vec![env.kafka_bootstrap.clone()],
+            topic: String::new(),
+            group: String::new(),
+        };
         let probe = || async {
             let client = crate::kafka::connect(&kafka, Duration::from_secs(2)).await?;
-            crate::config::bounded(|| "listing topics".into(), Duration::from_secs(2), async { Ok(client.list_topics().await?) })
-                .await
-                .map(|_| ())
+            crate::config::bounded(|| "listing topics".into(), Duration::from_secs(2), async {
+                Ok(client.list_topics().await?)
+            })
+            .await
+            .map(|_| ())
         };
         if probe().await.is_err() {
             let root = self.dir.join("broker");
@@ -353,7 +474,15 @@ impl Stack {
             let url = format!("tcp://127.0.0.1:{}", self.kafka_port);
             let cmd = if let Some(nisshi) = find_binary(&["nisshi"], &cargo_bin_dir()) {
                 let mut c = Command::new(nisshi);
-                c.args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://nisshi/"]);
+                c.args([
+                    "broker",
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                    "--storage-engine",
+                    "memory://nisshi/",
+                ]);
                 c
             } else {
                 bail!(

@@ -63,7 +63,30 @@ pub trait EventLog {
     /// acknowledged them (acks=all). An error may mean they were appended anyway.
     async fn append(&self, partition: i32, records: Vec<LogRecord>) -> anyhow::Result<()>;
     /// Reads from `offset`, waiting at most `max_wait` for data to arrive.
-    async fn fetch(&self, partition: i32, offset: i64, max_wait: Duration) -> anyhow::Result<Fetched>;
+    async fn fetch(
+        &self,
+        partition: i32,
+        offset: i64,
+        max_wait: Duration,
+    ) -> anyhow::Result<Fetched>;
+}
+
+/// Several producers in one process share one log.
+impl<T: EventLog> EventLog for &T {
+    fn partitions(&self) -> i32 {
+        (**self).partitions()
+    }
+    async fn append(&self, partition: i32, records: Vec<LogRecord>) -> anyhow::Result<()> {
+        (**self).append(partition, records).await
+    }
+    async fn fetch(
+        &self,
+        partition: i32,
+        offset: i64,
+        max_wait: Duration,
+    ) -> anyhow::Result<Fetched> {
+        (**self).fetch(partition, offset, max_wait).await
+    }
 }
 
 /// The sink table and the consumer's remembered positions, both in ClickHouse.

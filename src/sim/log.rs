@@ -23,16 +23,24 @@ pub struct Log {
 
 impl Log {
     pub fn new(partitions: i32) -> Self {
-        Log { partitions: (0..partitions).map(|_| Vec::new()).collect() }
+        Log {
+            partitions: (0..partitions).map(|_| Vec::new()).collect(),
+        }
     }
 
     fn end(&self, partition: usize) -> i64 {
-        self.partitions[partition].last().map(|b| b.base + b.values.len() as i64).unwrap_or(0)
+        self.partitions[partition]
+            .last()
+            .map(|b| b.base + b.values.len() as i64)
+            .unwrap_or(0)
     }
 
     /// Every value ever appended, in any partition.
     pub fn values(&self) -> impl Iterator<Item = &[u8]> {
-        self.partitions.iter().flatten().flat_map(|b| b.values.iter().map(|v| v.as_slice()))
+        self.partitions
+            .iter()
+            .flatten()
+            .flat_map(|b| b.values.iter().map(|v| v.as_slice()))
     }
 }
 
@@ -55,7 +63,10 @@ impl EventLog for SimLog {
         let mut log = self.log.borrow_mut();
         let base = log.end(partition as usize);
         let count = records.len();
-        log.partitions[partition as usize].push(Batch { base, values: records.into_iter().map(|r| r.value).collect() });
+        log.partitions[partition as usize].push(Batch {
+            base,
+            values: records.into_iter().map(|r| r.value).collect(),
+        });
         self.chaos.note(&("append", partition, base, count));
         if self.chaos.outcome_lost("kafka.append") {
             anyhow::bail!("simulated: produce timed out (it was appended)");
@@ -63,7 +74,12 @@ impl EventLog for SimLog {
         Ok(())
     }
 
-    async fn fetch(&self, partition: i32, offset: i64, _max_wait: Duration) -> anyhow::Result<Fetched> {
+    async fn fetch(
+        &self,
+        partition: i32,
+        offset: i64,
+        _max_wait: Duration,
+    ) -> anyhow::Result<Fetched> {
         yield_now().await;
         if self.chaos.fails("kafka.fetch") {
             anyhow::bail!("simulated: fetch failed");
@@ -71,8 +87,14 @@ impl EventLog for SimLog {
         let log = self.log.borrow();
         let batches = &log.partitions[partition as usize];
         let high_watermark = log.end(partition as usize);
-        let Some(mut first) = batches.iter().position(|b| offset < b.base + b.values.len() as i64) else {
-            return Ok(Fetched { records: Vec::new(), high_watermark });
+        let Some(mut first) = batches
+            .iter()
+            .position(|b| offset < b.base + b.values.len() as i64)
+        else {
+            return Ok(Fetched {
+                records: Vec::new(),
+                high_watermark,
+            });
         };
         if first > 0 && self.chaos.chance(0.3) {
             first -= 1; // a batch wholly before the requested offset
@@ -82,9 +104,15 @@ impl EventLog for SimLog {
             .iter()
             .take(take)
             .flat_map(|b| {
-                b.values.iter().enumerate().map(|(i, v)| FetchedRecord { offset: b.base + i as i64, value: Some(v.clone()) })
+                b.values.iter().enumerate().map(|(i, v)| FetchedRecord {
+                    offset: b.base + i as i64,
+                    value: Some(v.clone()),
+                })
             })
             .collect();
-        Ok(Fetched { records, high_watermark })
+        Ok(Fetched {
+            records,
+            high_watermark,
+        })
     }
 }

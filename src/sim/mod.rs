@@ -35,7 +35,8 @@ use rand::{Rng, SeedableRng};
 
 use crate::event::LoginEvent;
 use crate::pipeline::{
-    Consumer, ConsumerConfig, CrashPoint, Crashed, Faults, NoFaults, Ordering, ProducerConfig, Producer, is_crash,
+    Consumer, ConsumerConfig, CrashPoint, Crashed, Cursor, Faults, NoFaults, Ordering, Producer,
+    ProducerConfig, is_crash,
 };
 
 /// How often things go wrong, each a probability per opportunity.
@@ -50,7 +51,11 @@ pub struct FaultRates {
 }
 
 impl FaultRates {
-    pub const NONE: FaultRates = FaultRates { fail: 0.0, lost: 0.0, crash: 0.0 };
+    pub const NONE: FaultRates = FaultRates {
+        fail: 0.0,
+        lost: 0.0,
+        crash: 0.0,
+    };
 }
 
 /// The one source of randomness and faults, shared by all simulated stores.
@@ -162,15 +167,28 @@ impl World {
     }
 
     pub fn source(&self, session: u32) -> source::SimSource {
-        source::SimSource { chaos: self.chaos.clone(), table: self.table.clone(), session, marked: None }
+        source::SimSource {
+            chaos: self.chaos.clone(),
+            table: self.table.clone(),
+            session,
+            marked: None,
+        }
     }
 
     pub fn event_log(&self) -> log::SimLog {
-        log::SimLog { chaos: self.chaos.clone(), log: self.log.clone(), partitions: self.partitions }
+        log::SimLog {
+            chaos: self.chaos.clone(),
+            log: self.log.clone(),
+            partitions: self.partitions,
+        }
     }
 
     pub fn sink_store(&self) -> sink::SimSink {
-        sink::SimSink { chaos: self.chaos.clone(), table: self.sink.clone(), group: GROUP.into() }
+        sink::SimSink {
+            chaos: self.chaos.clone(),
+            table: self.sink.clone(),
+            group: GROUP.into(),
+        }
     }
 
     pub fn faults(&self) -> SimFaults {
@@ -179,7 +197,14 @@ impl World {
 
     /// Inserts a row with awkward content chosen by the RNG (not yet committed).
     fn insert_row(&self) {
-        const NAMES: [&str; 6] = ["alice", "", "quote\" back\\slash", "new\nline\ttab", "🦀 emoji", "'; DROP TABLE x; --"];
+        const NAMES: [&str; 6] = [
+            "alice",
+            "",
+            "quote\" back\\slash",
+            "new\nline\ttab",
+            "🦀 emoji",
+            "'; DROP TABLE x; --",
+        ];
         let name = NAMES[self.chaos.below(NAMES.len())].to_owned();
         let time = 1_700_000_000_000_000 + self.chaos.below(1_000_000_000) as i64;
         self.table.borrow_mut().insert(name, time);
@@ -191,15 +216,27 @@ impl World {
         for row in self.sink.borrow().parts.iter().flatten() {
             match table.committed.get(&row.id) {
                 Some((pg, _)) if pg == row => {}
-                Some((pg, _)) => return Err(format!("sink has id {} with content {row:?}, table has {pg:?}", row.id)),
+                Some((pg, _)) => {
+                    return Err(format!(
+                        "sink has id {} with content {row:?}, table has {pg:?}",
+                        row.id
+                    ));
+                }
                 None => return Err(format!("sink has id {} that the table lacks", row.id)),
             }
         }
-        let logged: BTreeSet<LoginEvent> =
-            self.log.borrow().values().filter_map(|v| LoginEvent::decode(Some(v)).ok()).collect();
+        let logged: BTreeSet<LoginEvent> = self
+            .log
+            .borrow()
+            .values()
+            .filter_map(|v| LoginEvent::decode(Some(v)).ok())
+            .collect();
         for (row, sent) in table.committed.values() {
             if *sent && !logged.contains(row) {
-                return Err(format!("row {} is flagged sent but is not in the log", row.id));
+                return Err(format!(
+                    "row {} is flagged sent but is not in the log",
+                    row.id
+                ));
             }
         }
         Ok(())
@@ -214,7 +251,9 @@ impl World {
         let expected: Vec<LoginEvent> = table.committed.values().map(|(r, _)| r.clone()).collect();
         let report = crate::verify::reconcile(&table.rows(), &self.sink.borrow().final_rows());
         if !report.ok() || report.clickhouse_final_rows != expected.len() as u64 {
-            return Err(format!("sink FINAL differs from the table after draining:\n{report}"));
+            return Err(format!(
+                "sink FINAL differs from the table after draining:\n{report}"
+            ));
         }
         Ok(())
     }
@@ -250,6 +289,10 @@ pub struct Scenario {
     pub partitions: i32,
     pub batch_rows: usize,
     pub insert_rows: usize,
+    /// Whether the two producers share one keyset cursor (lanes of one
+    /// process). A restarted producer keeps the shared, possibly stale, value:
+    /// the cursor is a hint, and any value must be safe.
+    pub shared_cursor: bool,
     pub actions: Vec<Action>,
 }
 
@@ -272,8 +315,16 @@ pub struct Outcome {
 
 type Task = LocalBoxFuture<'static, anyhow::Error>;
 
-fn producer_task(world: &World, session: u32, config: ProducerConfig) -> Task {
+fn producer_task(
+    world: &World,
+    session: u32,
+    config: ProducerConfig,
+    cursor: Option<Cursor>,
+) -> Task {
     let mut producer = Producer::new(world.source(session), world.event_log(), config);
+    if let Some(cursor) = cursor {
+        producer = producer.with_cursor(cursor);
+    }
     let faults = world.faults();
     async move {
         loop {
@@ -307,11 +358,15 @@ fn consumer_task(world: &World, config: ConsumerConfig) -> Task {
 /// Runs a scenario; `Err` says which property broke and when.
 pub fn run(s: &Scenario, orderings: Orderings) -> Result<Outcome, String> {
     let world = World::new(s.seed, s.rates, s.partitions);
-    let producer_config = ProducerConfig { batch_rows: s.batch_rows, ordering: orderings.producer };
+    let producer_config = ProducerConfig {
+        batch_rows: s.batch_rows,
+        ordering: orderings.producer,
+    };
     let mut consumer_config = ConsumerConfig::all_partitions(s.partitions);
     consumer_config.insert_rows = s.insert_rows;
     consumer_config.ordering = orderings.consumer;
 
+    let shared = s.shared_cursor.then(Cursor::default);
     let mut tasks: [Option<Task>; 3] = [None, None, None];
     let waker = futures::task::noop_waker();
     let mut cx = Context::from_waker(&waker);
@@ -321,8 +376,12 @@ pub fn run(s: &Scenario, orderings: Orderings) -> Result<Outcome, String> {
             Action::Step(c) => {
                 let slot = &mut tasks[c as usize];
                 let task = slot.get_or_insert_with(|| match c {
-                    Component::Producer1 => producer_task(&world, 1, producer_config.clone()),
-                    Component::Producer2 => producer_task(&world, 2, producer_config.clone()),
+                    Component::Producer1 => {
+                        producer_task(&world, 1, producer_config.clone(), shared.clone())
+                    }
+                    Component::Producer2 => {
+                        producer_task(&world, 2, producer_config.clone(), shared.clone())
+                    }
                     Component::Consumer => consumer_task(&world, consumer_config.clone()),
                 });
                 if let Poll::Ready(_crash) = task.as_mut().poll(&mut cx) {
@@ -334,7 +393,9 @@ pub fn run(s: &Scenario, orderings: Orderings) -> Result<Outcome, String> {
             Action::CommitInsert(k) => world.table.borrow_mut().commit_insert(k as usize),
             Action::Merge => world.sink.borrow_mut().merge(),
         }
-        world.check_always().map_err(|e| format!("after action {i} ({action:?}): {e}"))?;
+        world
+            .check_always()
+            .map_err(|e| format!("after action {i} ({action:?}): {e}"))?;
     }
 
     // Quiescence: no more faults, every insert committed, every component
@@ -345,13 +406,19 @@ pub fn run(s: &Scenario, orderings: Orderings) -> Result<Outcome, String> {
         world.table.borrow_mut().commit_insert(0);
     }
     let mut producer = Producer::new(world.source(3), world.event_log(), producer_config);
-    futures::executor::block_on(producer.drain(&NoFaults)).map_err(|e| format!("final produce: {e:#}"))?;
+    futures::executor::block_on(producer.drain(&NoFaults))
+        .map_err(|e| format!("final produce: {e:#}"))?;
     let mut consumer = Consumer::new(world.event_log(), world.sink_store(), consumer_config);
-    futures::executor::block_on(consumer.drain(&NoFaults, Duration::ZERO)).map_err(|e| format!("final consume: {e:#}"))?;
-    world.check_always().map_err(|e| format!("after draining: {e}"))?;
+    futures::executor::block_on(consumer.drain(&NoFaults, Duration::ZERO))
+        .map_err(|e| format!("final consume: {e:#}"))?;
+    world
+        .check_always()
+        .map_err(|e| format!("after draining: {e}"))?;
     world.check_quiescent()?;
     world.sink.borrow_mut().merge();
-    world.check_quiescent().map_err(|e| format!("after the final merge: {e}"))?;
+    world
+        .check_quiescent()
+        .map_err(|e| format!("after the final merge: {e}"))?;
     Ok(Outcome {
         rows: world.table.borrow().committed.len(),
         trace: world.chaos.trace.get(),

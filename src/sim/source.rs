@@ -25,7 +25,11 @@ impl Table {
     /// Allocates an id for a new row; it becomes visible when committed.
     pub fn insert(&mut self, username: String, event_time_us: i64) {
         self.next_id += 1;
-        self.pending.push(LoginEvent { id: self.next_id, username, event_time_us });
+        self.pending.push(LoginEvent {
+            id: self.next_id,
+            username,
+            event_time_us,
+        });
     }
 
     /// Commits the pending insert at `index` (modulo the number pending).
@@ -101,7 +105,8 @@ impl SourceTable for SimSource {
         }
         let table = self.table.borrow();
         assert!(
-            ids.iter().all(|id| table.locks.get(id) == Some(&self.session)),
+            ids.iter()
+                .all(|id| table.locks.get(id) == Some(&self.session)),
             "the pipeline flagged a row it had not locked"
         );
         drop(table);
@@ -111,7 +116,9 @@ impl SourceTable for SimSource {
 
     async fn commit(&mut self) -> anyhow::Result<()> {
         yield_now().await;
-        let Some(marked) = self.marked.take() else { anyhow::bail!("simulated: commit without a claim") };
+        let Some(marked) = self.marked.take() else {
+            anyhow::bail!("simulated: commit without a claim")
+        };
         if self.chaos.fails("pg.commit") {
             self.abort();
             anyhow::bail!("simulated: commit failed");

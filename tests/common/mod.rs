@@ -77,9 +77,14 @@ impl TestEnv {
             COUNTER.fetch_add(1, Ordering::SeqCst),
             rand::random::<u32>()
         );
-        let admin = pg2ch::postgres::connect(&base.pg, 1, Duration::from_secs(10)).await.expect("PostgreSQL admin connection");
+        let admin = pg2ch::postgres::connect(&base.pg, 1, Duration::from_secs(10))
+            .await
+            .expect("PostgreSQL admin connection");
         // The name is generated above from [a-z0-9_]; CREATE DATABASE takes no bind parameters.
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.expect("creating the test database");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .expect("creating the test database");
         let mut settings = base.clone();
         settings.pg.database = name.clone();
         settings.ch.database = name.clone();
@@ -92,15 +97,22 @@ impl TestEnv {
         let mut settings = self.settings.clone();
         settings.kafka.group = group.into();
         settings.ch.database = format!("{}_{group}", self.name);
-        TestEnv { name: self.name.clone(), settings }
+        TestEnv {
+            name: self.name.clone(),
+            settings,
+        }
     }
 
     pub async fn pg(&self) -> PgPool {
-        pg2ch::postgres::connect(&self.settings.pg, 2, Duration::from_secs(10)).await.expect("PostgreSQL connection")
+        pg2ch::postgres::connect(&self.settings.pg, 2, Duration::from_secs(10))
+            .await
+            .expect("PostgreSQL connection")
     }
 
     pub async fn ch(&self) -> pg2ch::clickhouse::ClickHouse {
-        pg2ch::clickhouse::ClickHouse::connect(&self.settings.ch, Duration::from_secs(10)).await.expect("ClickHouse connection")
+        pg2ch::clickhouse::ClickHouse::connect(&self.settings.ch, Duration::from_secs(10))
+            .await
+            .expect("ClickHouse connection")
     }
 
     /// The environment the binary reads, for this namespace.
@@ -127,10 +139,26 @@ impl TestEnv {
     /// A `pg2ch` command with this namespace's environment (and nothing from the caller's).
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pg2ch"));
-        for key in ["PG_HOST", "PG_PORT", "PG_USER", "PG_PASS", "PG_DB", "CH_HOST", "CH_PORT", "CH_USER", "CH_PASS", "CH_DB", "KAFKA_BOOTSTRAP", "KAFKA_TOPIC", "KAFKA_GROUP"] {
+        for key in [
+            "PG_HOST",
+            "PG_PORT",
+            "PG_USER",
+            "PG_PASS",
+            "PG_DB",
+            "CH_HOST",
+            "CH_PORT",
+            "CH_USER",
+            "CH_PASS",
+            "CH_DB",
+            "KAFKA_BOOTSTRAP",
+            "KAFKA_TOPIC",
+            "KAFKA_GROUP",
+        ] {
             cmd.env_remove(key);
         }
-        cmd.envs(self.vars()).args(args).current_dir(std::env::temp_dir());
+        cmd.envs(self.vars())
+            .args(args)
+            .current_dir(std::env::temp_dir());
         cmd
     }
 
@@ -142,7 +170,13 @@ impl TestEnv {
     /// Runs `pg2ch args` and fails the test unless it exits 0.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
-        assert!(out.status.success(), "pg2ch {args:?} failed ({}):\n{}\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pg2ch {args:?} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
