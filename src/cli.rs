@@ -13,11 +13,7 @@ use crate::commands::{self, RunOptions, Settings};
 use crate::config::{ChConfig, KafkaConfig, PgConfig, Secret, Timeouts};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "pg2ch",
-    version,
-    about = "Move rows from PostgreSQL to ClickHouse through Kafka, exactly once"
-)]
+#[command(name = "pg2ch", version, about = "Move rows from PostgreSQL to ClickHouse through Kafka, exactly once")]
 pub struct Cli {
     #[command(flatten)]
     conn: Connection,
@@ -42,14 +38,7 @@ struct Connection {
     pg_port: u16,
     #[arg(long, global = true, env = "PG_USER", default_value = "pg2ch")]
     pg_user: String,
-    #[arg(
-        long,
-        global = true,
-        env = "PG_PASS",
-        default_value = "",
-        hide_env_values = true,
-        hide_default_value = true
-    )]
+    #[arg(long, global = true, env = "PG_PASS", default_value = "", hide_env_values = true, hide_default_value = true)]
     pg_pass: Secret,
     #[arg(long, global = true, env = "PG_DB", default_value = "pg2ch")]
     pg_db: String,
@@ -60,31 +49,14 @@ struct Connection {
     ch_port: u16,
     #[arg(long, global = true, env = "CH_USER", default_value = "default")]
     ch_user: String,
-    #[arg(
-        long,
-        global = true,
-        env = "CH_PASS",
-        default_value = "",
-        hide_env_values = true,
-        hide_default_value = true
-    )]
+    #[arg(long, global = true, env = "CH_PASS", default_value = "", hide_env_values = true, hide_default_value = true)]
     ch_pass: Secret,
     #[arg(long, global = true, env = "CH_DB", default_value = "default")]
     ch_db: String,
     /// Comma-separated host:port list.
-    #[arg(
-        long,
-        global = true,
-        env = "KAFKA_BOOTSTRAP",
-        default_value = "localhost:9092"
-    )]
+    #[arg(long, global = true, env = "KAFKA_BOOTSTRAP", default_value = "localhost:9092")]
     kafka_bootstrap: String,
-    #[arg(
-        long,
-        global = true,
-        env = "KAFKA_TOPIC",
-        default_value = "user_events"
-    )]
+    #[arg(long, global = true, env = "KAFKA_TOPIC", default_value = "user_events")]
     kafka_topic: String,
     /// Consumer group: names the positions stored in ClickHouse.
     #[arg(long, global = true, env = "KAFKA_GROUP", default_value = "pg2ch")]
@@ -198,17 +170,11 @@ impl Connection {
                 database: self.ch_db.clone(),
             },
             kafka: KafkaConfig {
-                bootstrap: self
-                    .kafka_bootstrap
-                    .split(',')
-                    .map(|s| s.trim().to_owned())
-                    .collect(),
+                bootstrap: self.kafka_bootstrap.split(',').map(|s| s.trim().to_owned()).collect(),
                 topic: self.kafka_topic.clone(),
                 group: self.kafka_group.clone(),
             },
-            timeouts: Timeouts {
-                call: Duration::from_secs(self.timeout_secs.max(1)),
-            },
+            timeouts: Timeouts { call: Duration::from_secs(self.timeout_secs.max(1)) },
         }
     }
 }
@@ -216,9 +182,7 @@ impl Connection {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         // Drivers log every retry; their errors reach us as values anyway.
-        .unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new("info,rskafka=off,sqlx=warn,hyper=warn")
-        });
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rskafka=off,sqlx=warn,hyper=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -38,11 +38,7 @@ impl Capabilities {
         let (Some(Ok(major)), Some(Ok(minor))) = (parts.next(), parts.next()) else {
             anyhow::bail!("cannot read ClickHouse version {text:?}");
         };
-        Ok(Capabilities {
-            version: (major, minor),
-            datetime64: (major, minor) >= (20, 5),
-            validation: major >= 24,
-        })
+        Ok(Capabilities { version: (major, minor), datetime64: (major, minor) >= (20, 5), validation: major >= 24 })
     }
 }
 
@@ -83,41 +79,23 @@ impl ClickHouse {
     /// Does not require the database to exist (see [`ClickHouse::init`]).
     pub async fn connect(cfg: &ChConfig, timeout: Duration) -> anyhow::Result<Self> {
         let probe = base_client(cfg).with_compression(Compression::None);
-        let version: String = bounded(
-            || format!("connecting to {}", cfg.describe()),
-            timeout,
-            async {
-                Ok(probe
-                    .query("SELECT version()")
-                    .fetch_one::<String>()
-                    .await?)
-            },
-        )
+        let version: String = bounded(|| format!("connecting to {}", cfg.describe()), timeout, async {
+            Ok(probe.query("SELECT version()").fetch_one::<String>().await?)
+        })
         .await
         .with_context(|| format!("cannot connect to {}", cfg.describe()))?;
         let caps = Capabilities::from_version(&version)?;
         let client = base_client(cfg)
             .with_database(&cfg.database)
             .with_validation(caps.validation)
-            .with_compression(if caps.datetime64 {
-                Compression::Lz4
-            } else {
-                Compression::None
-            });
-        Ok(ClickHouse {
-            client,
-            caps,
-            database: cfg.database.clone(),
-            timeout,
-        })
+            .with_compression(if caps.datetime64 { Compression::Lz4 } else { Compression::None });
+        Ok(ClickHouse { client, caps, database: cfg.database.clone(), timeout })
     }
 
     async fn run(&self, what: &str, sql: &str) -> anyhow::Result<()> {
-        bounded(|| format!("ClickHouse: {what}"), self.timeout, async {
-            Ok(self.client.query(sql).execute().await?)
-        })
-        .await
-        .with_context(|| format!("ClickHouse: {what}"))
+        bounded(|| format!("ClickHouse: {what}"), self.timeout, async { Ok(self.client.query(sql).execute().await?) })
+            .await
+            .with_context(|| format!("ClickHouse: {what}"))
     }
 
     /// Creates the database, the sink table and the positions table if absent.
@@ -126,19 +104,9 @@ impl ClickHouse {
         // only name spliced into SQL text here.
         let db = &self.database;
         let create_db = format!("CREATE DATABASE IF NOT EXISTS {db}");
-        bounded(
-            || "ClickHouse: create database".into(),
-            self.timeout,
-            async {
-                Ok(self
-                    .client
-                    .clone()
-                    .with_database("default")
-                    .query(&create_db)
-                    .execute()
-                    .await?)
-            },
-        )
+        bounded(|| "ClickHouse: create database".into(), self.timeout, async {
+            Ok(self.client.clone().with_database("default").query(&create_db).execute().await?)
+        })
         .await
         .with_context(|| format!("ClickHouse: creating database {db}"))?;
         let event_time = if self.caps.datetime64 {
@@ -172,27 +140,42 @@ impl ClickHouse {
         .await
     }
 
-    /// Rows as `FINAL` reads them (one per id), in id order.
-    pub async fn rows_final(&self) -> anyhow::Result<Vec<LoginEvent>> {
-        let rows: Vec<SinkRow> = bounded(
-            || "ClickHouse: reading user_logins".into(),
-            self.timeout * 4,
-            async {
+    /// Fails, naming the table, unless both pg2ch tables exist.
+    pub async fn check_tables(&self) -> anyhow::Result<()> {
+        for table in ["user_logins", "pg2ch_positions"] {
+            let exists = bounded(|| "ClickHouse: checking tables".into(), self.timeout, async {
+                // Asked from `default`: the configured database may not exist either.
                 Ok(self
                     .client
-                    .query("SELECT id, username, event_time_us FROM user_logins FINAL ORDER BY id")
-                    .fetch_all()
+                    .clone()
+                    .with_database("default")
+                    .query("SELECT count() FROM system.tables WHERE database = ? AND name = ?")
+                    .bind(self.database.as_str())
+                    .bind(table)
+                    .fetch_one::<u64>()
                     .await?)
-            },
-        )
+            })
+            .await?;
+            if exists == 0 {
+                anyhow::bail!("ClickHouse table {}.{table} does not exist (run `pg2ch init`)", self.database);
+            }
+        }
+        Ok(())
+    }
+
+    /// Rows as `FINAL` reads them (one per id), in id order.
+    pub async fn rows_final(&self) -> anyhow::Result<Vec<LoginEvent>> {
+        let rows: Vec<SinkRow> = bounded(|| "ClickHouse: reading user_logins".into(), self.timeout * 4, async {
+            Ok(self
+                .client
+                .query("SELECT id, username, event_time_us FROM user_logins FINAL ORDER BY id")
+                .fetch_all()
+                .await?)
+        })
         .await?;
         Ok(rows
             .into_iter()
-            .map(|r| LoginEvent {
-                id: r.id,
-                username: r.username,
-                event_time_us: r.event_time_us,
-            })
+            .map(|r| LoginEvent { id: r.id, username: r.username, event_time_us: r.event_time_us })
             .collect())
     }
 
@@ -208,11 +191,8 @@ impl ClickHouse {
 
     /// How many ids are stored more than once (awaiting a merge), and the first few.
     pub async fn unmerged_copies(&self, sample: usize) -> anyhow::Result<(u64, Vec<i64>)> {
-        let count = self
-            .scalar(
-                "SELECT count() FROM (SELECT id FROM user_logins GROUP BY id HAVING count() > 1)",
-            )
-            .await?;
+        let count =
+            self.scalar("SELECT count() FROM (SELECT id FROM user_logins GROUP BY id HAVING count() > 1)").await?;
         let ids = bounded(|| "ClickHouse: sampling copies".into(), self.timeout, async {
             Ok(self
                 .client
@@ -234,22 +214,18 @@ impl ClickHouse {
 
     /// Stored positions of one consumer group on one topic.
     pub async fn positions(&self, group: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
-        let rows: Vec<(i32, u64)> = bounded(
-            || "ClickHouse: reading positions".into(),
-            self.timeout,
-            async {
-                Ok(self
-                    .client
-                    .query(
-                        "SELECT partition, max(next_offset) FROM pg2ch_positions
+        let rows: Vec<(i32, u64)> = bounded(|| "ClickHouse: reading positions".into(), self.timeout, async {
+            Ok(self
+                .client
+                .query(
+                    "SELECT partition, max(next_offset) FROM pg2ch_positions
                      WHERE consumer_group = ? AND topic = ? GROUP BY partition",
-                    )
-                    .bind(group)
-                    .bind(topic)
-                    .fetch_all()
-                    .await?)
-            },
-        )
+                )
+                .bind(group)
+                .bind(topic)
+                .fetch_all()
+                .await?)
+        })
         .await?;
         Ok(rows.into_iter().map(|(p, o)| (p, o as i64)).collect())
     }
@@ -262,17 +238,13 @@ impl ClickHouse {
     where
         for<'a> T: Row<Value<'a> = T>,
     {
-        bounded(
-            || format!("ClickHouse: inserting into {table}"),
-            self.timeout,
-            async {
-                let mut insert = self.client.insert::<T>(table).await?;
-                for row in rows {
-                    insert.write(&row).await?;
-                }
-                Ok(insert.end().await?)
-            },
-        )
+        bounded(|| format!("ClickHouse: inserting into {table}"), self.timeout, async {
+            let mut insert = self.client.insert::<T>(table).await?;
+            for row in rows {
+                insert.write(&row).await?;
+            }
+            Ok(insert.end().await?)
+        })
         .await
     }
 }
@@ -293,11 +265,7 @@ impl Sink for ChSink {
         self.ch
             .insert::<SinkRow>(
                 "user_logins",
-                rows.iter().map(|r| SinkRow {
-                    id: r.id,
-                    username: r.username.clone(),
-                    event_time_us: r.event_time_us,
-                }),
+                rows.iter().map(|r| SinkRow { id: r.id, username: r.username.clone(), event_time_us: r.event_time_us }),
             )
             .await
     }

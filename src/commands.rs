@@ -61,15 +61,13 @@ impl Default for RunOptions {
 pub type Shutdown = watch::Receiver<bool>;
 
 pub async fn init(s: &Settings, partitions: i32) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        partitions >= 1,
-        "--partitions must be at least 1, got {partitions}"
-    );
+    anyhow::ensure!(partitions >= 1, "--partitions must be at least 1, got {partitions}");
     let pool = postgres::connect(&s.pg, 1, s.timeouts.call).await?;
     let ch = ClickHouse::connect(&s.ch, s.timeouts.call).await?;
     let kafka = kafka::connect(&s.kafka, s.timeouts.call).await?;
     postgres::init(&pool).await?;
     kafka::ensure_topic(&kafka, &s.kafka.topic, partitions, s.timeouts.call).await?;
+    kafka::ensure_topic(&kafka, &kafka::dead_letter_topic(&s.kafka.topic), 1, s.timeouts.call).await?;
     ch.init().await?;
     tracing::info!(
         "initialised: PostgreSQL user_logins, topic {:?} ({partitions} partitions), ClickHouse {}.user_logins (server {}.{})",
@@ -110,18 +108,9 @@ impl ProducerStores {
         postgres::check_columns(&pool).await?;
         let client = kafka::connect(&s.kafka, s.timeouts.call).await?;
         let log = KafkaLog::open(&client, &s.kafka.topic, s.timeouts.call).await?;
-        let sources = (0..lanes)
-            .map(|_| PgSource::new(pool.clone(), s.timeouts.call))
-            .collect();
-        let config = ProducerConfig {
-            batch_rows: o.batch_rows,
-            ..ProducerConfig::default()
-        };
-        Ok(ProducerStores {
-            log,
-            sources,
-            config,
-        })
+        let sources = (0..lanes).map(|_| PgSource::new(pool.clone(), s.timeouts.call)).collect();
+        let config = ProducerConfig { batch_rows: o.batch_rows, ..ProducerConfig::default() };
+        Ok(ProducerStores { log, sources, config })
     }
 
     /// One producer per lane, sharing the log and the keyset cursor.
@@ -129,26 +118,14 @@ impl ProducerStores {
         let cursor = crate::pipeline::Cursor::default();
         std::mem::take(&mut self.sources)
             .into_iter()
-            .map(|source| {
-                Producer::new(source, &self.log, self.config.clone()).with_cursor(cursor.clone())
-            })
+            .map(|source| Producer::new(source, &self.log, self.config.clone()).with_cursor(cursor.clone()))
             .collect()
     }
 }
 
 /// A single producer on the real stores (the crash-replay tests use this).
-pub async fn producer(
-    s: &Settings,
-    o: &RunOptions,
-) -> anyhow::Result<Producer<PgSource, KafkaLog>> {
-    let mut stores = ProducerStores::connect(
-        s,
-        &RunOptions {
-            producers: 1,
-            ..o.clone()
-        },
-    )
-    .await?;
+pub async fn producer(s: &Settings, o: &RunOptions) -> anyhow::Result<Producer<PgSource, KafkaLog>> {
+    let mut stores = ProducerStores::connect(s, &RunOptions { producers: 1, ..o.clone() }).await?;
     let source = stores.sources.pop().expect("one lane");
     Ok(Producer::new(source, stores.log, stores.config))
 }
@@ -156,10 +133,9 @@ pub async fn producer(
 /// A consumer on the real stores, as `pg2ch consume` builds it.
 pub async fn consumer(s: &Settings, o: &RunOptions) -> anyhow::Result<Consumer<KafkaLog, ChSink>> {
     let client = kafka::connect(&s.kafka, s.timeouts.call).await?;
-    let log = KafkaLog::open(&client, &s.kafka.topic, s.timeouts.call)
-        .await?
-        .with_fetch_max_bytes(o.fetch_max_bytes);
+    let log = KafkaLog::open(&client, &s.kafka.topic, s.timeouts.call).await?.with_fetch_max_bytes(o.fetch_max_bytes);
     let ch = ClickHouse::connect(&s.ch, s.timeouts.call).await?;
+    ch.check_tables().await?;
     let count = crate::stores::EventLog::partitions(&log);
     let mut config = ConsumerConfig::all_partitions(count);
     if let Some(assigned) = &o.partitions {
@@ -172,11 +148,7 @@ pub async fn consumer(s: &Settings, o: &RunOptions) -> anyhow::Result<Consumer<K
         config.partitions = assigned.clone();
     }
     config.insert_rows = o.insert_rows;
-    let sink = ChSink {
-        ch,
-        group: s.kafka.group.clone(),
-        topic: s.kafka.topic.clone(),
-    };
+    let sink = ChSink { ch, group: s.kafka.group.clone(), topic: s.kafka.topic.clone() };
     Ok(Consumer::new(log, sink, config))
 }
 
@@ -193,11 +165,7 @@ impl Backoff {
     const CAP: Duration = Duration::from_secs(5);
 
     fn new(what: &'static str) -> Self {
-        Backoff {
-            what,
-            delay: Self::FIRST,
-            failing: false,
-        }
+        Backoff { what, delay: Self::FIRST, failing: false }
     }
     fn ok(&mut self) {
         if self.failing {
@@ -302,12 +270,9 @@ async fn produce_lanes<L: crate::stores::EventLog>(
     poll: Duration,
     shutdown: &Shutdown,
 ) -> anyhow::Result<usize> {
-    let moved = futures::future::try_join_all(
-        producers
-            .iter_mut()
-            .map(|p| produce_loop(p, once, poll, shutdown.clone())),
-    )
-    .await?;
+    let moved =
+        futures::future::try_join_all(producers.iter_mut().map(|p| produce_loop(p, once, poll, shutdown.clone())))
+            .await?;
     Ok(moved.into_iter().sum())
 }
 
@@ -316,25 +281,16 @@ pub async fn produce(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow
     let mut producers = stores.producers();
     let started = Instant::now();
     let moved = produce_lanes(&mut producers, o.once, o.poll, &shutdown).await?;
-    tracing::info!(
-        "producer: {moved} rows published and flagged in {:.1?}",
-        started.elapsed()
-    );
+    tracing::info!("producer: {moved} rows published and flagged in {:.1?}", started.elapsed());
     Ok(())
 }
 
 pub async fn consume(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow::Result<()> {
     let mut c = consumer(s, o).await?;
     let started = Instant::now();
-    let records = if o.once {
-        c.drain(&NoFaults, o.poll).await?
-    } else {
-        consume_loop(&mut c, None, o.poll, shutdown).await?
-    };
-    tracing::info!(
-        "consumer: {records} records written in {:.1?}",
-        started.elapsed()
-    );
+    let records =
+        if o.once { c.drain(&NoFaults, o.poll).await? } else { consume_loop(&mut c, None, o.poll, shutdown).await? };
+    tracing::info!("consumer: {records} records written in {:.1?}", started.elapsed());
     Ok(())
 }
 
@@ -352,10 +308,7 @@ pub async fn run(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow::Re
             done.set(Some(r.is_ok()));
             r
         };
-        tokio::join!(
-            produce,
-            consume_loop(&mut c, Some(&done), o.poll, shutdown.clone())
-        )
+        tokio::join!(produce, consume_loop(&mut c, Some(&done), o.poll, shutdown.clone()))
     } else {
         tokio::join!(
             produce_lanes(&mut producers, false, o.poll, &shutdown),
@@ -364,8 +317,9 @@ pub async fn run(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow::Re
     };
     let (moved, written) = (moved?, written?);
     tracing::info!(
-        "run: {moved} rows published, {written} records written in {:.1?}",
-        started.elapsed()
+        "run: {moved} rows published, {written} records written in {:.1?} (peak RSS {} MB)",
+        started.elapsed(),
+        peak_rss_mb().map_or("?".into(), |m| m.to_string())
     );
     Ok(moved)
 }
@@ -377,6 +331,8 @@ pub async fn verify(s: &Settings) -> anyhow::Result<Report> {
     let mut report = verify::reconcile(&pg_rows, &ch_rows);
     let (count, first_ids) = ch.unmerged_copies(verify::SAMPLE).await?;
     report.unmerged_copies = verify::Finding { count, first_ids };
+    let (count, first_ids) = postgres::rejected(&pool, verify::SAMPLE).await?;
+    report.rejected = verify::Finding { count, first_ids };
     Ok(report)
 }
 
@@ -394,7 +350,11 @@ pub struct Status {
     pub topic: String,
     pub group: String,
     pub unsent_rows: i64,
+    /// Rows flagged `pg2ch_rejected` (never sent).
+    pub rejected_rows: u64,
     pub partitions: Vec<PartitionStatus>,
+    /// Records in `<topic>.dlq`.
+    pub dead_letters: i64,
     pub clickhouse_rows_final: u64,
     pub clickhouse_rows_stored: u64,
 }
@@ -404,23 +364,21 @@ pub async fn status(s: &Settings) -> anyhow::Result<Status> {
     let mut c = consumer(s, &RunOptions::default()).await?;
     let positions = c.positions().await?.clone();
     let ends = c.high_watermarks().await?;
+    let (rejected_rows, _) = postgres::rejected(&pool, 0).await?;
     let partitions = positions
         .iter()
         .map(|(&p, &position)| {
             let end_offset = ends.get(&p).copied().unwrap_or(0);
-            PartitionStatus {
-                partition: p,
-                end_offset,
-                position,
-                lag: (end_offset - position).max(0),
-            }
+            PartitionStatus { partition: p, end_offset, position, lag: (end_offset - position).max(0) }
         })
         .collect();
     Ok(Status {
         topic: s.kafka.topic.clone(),
         group: s.kafka.group.clone(),
         unsent_rows: postgres::unsent_count(&pool).await?,
+        rejected_rows,
         partitions,
+        dead_letters: c.log.dead_letter_count().await?,
         clickhouse_rows_final: c.sink.ch.final_count().await?,
         clickhouse_rows_stored: c.sink.ch.stored_count().await?,
     })
@@ -428,30 +386,31 @@ pub async fn status(s: &Settings) -> anyhow::Result<Status> {
 
 impl Status {
     pub fn print(&self, out: &mut impl Write) -> std::io::Result<()> {
+        writeln!(out, "topic {:?}, consumer group {:?}", self.topic, self.group)?;
         writeln!(
             out,
-            "topic {:?}, consumer group {:?}",
-            self.topic, self.group
+            "unsent rows in PostgreSQL: {} (plus {} rejected as not representable)",
+            self.unsent_rows, self.rejected_rows
         )?;
-        writeln!(out, "unsent rows in PostgreSQL: {}", self.unsent_rows)?;
-        writeln!(
-            out,
-            "{:>9} {:>12} {:>12} {:>10}",
-            "partition", "end offset", "position", "lag"
-        )?;
+        writeln!(out, "{:>9} {:>12} {:>12} {:>10}", "partition", "end offset", "position", "lag")?;
         for p in &self.partitions {
-            writeln!(
-                out,
-                "{:>9} {:>12} {:>12} {:>10}",
-                p.partition, p.end_offset, p.position, p.lag
-            )?;
+            writeln!(out, "{:>9} {:>12} {:>12} {:>10}", p.partition, p.end_offset, p.position, p.lag)?;
         }
+        writeln!(out, "dead letters in {:?}: {}", kafka::dead_letter_topic(&self.topic), self.dead_letters)?;
         writeln!(
             out,
             "ClickHouse rows: {} (FINAL), {} stored before merging",
             self.clickhouse_rows_final, self.clickhouse_rows_stored
         )
     }
+}
+
+/// This process's peak resident memory, from /proc (Linux only).
+pub fn peak_rss_mb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024)
 }
 
 /// Checks the ClickHouse settings before anything connects.

@@ -23,11 +23,7 @@ impl Secret {
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() {
-            "Secret(empty)"
-        } else {
-            "Secret(***)"
-        })
+        f.write_str(if self.0.is_empty() { "Secret(empty)" } else { "Secret(***)" })
     }
 }
 
@@ -57,9 +53,7 @@ pub struct ConfigError {
 /// Only plain identifiers pass, so quoting can never be escaped.
 pub fn identifier(what: &'static str, value: &str) -> Result<String, ConfigError> {
     let mut chars = value.chars();
-    let ok_first = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    let ok_first = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
     let ok_rest = chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
     if ok_first && ok_rest && value.len() <= 63 {
         Ok(value.to_owned())
@@ -78,9 +72,7 @@ pub fn topic_name(value: &str) -> Result<String, ConfigError> {
         && value.len() <= 249
         && value != "."
         && value != ".."
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if ok {
         Ok(value.to_owned())
     } else {
@@ -103,10 +95,7 @@ pub struct PgConfig {
 
 impl PgConfig {
     pub fn describe(&self) -> String {
-        format!(
-            "PostgreSQL at {}:{} (database {:?}, user {:?})",
-            self.host, self.port, self.database, self.user
-        )
+        format!("PostgreSQL at {}:{} (database {:?}, user {:?})", self.host, self.port, self.database, self.user)
     }
 }
 
@@ -126,12 +115,7 @@ impl ChConfig {
         format!("http://{}:{}", self.host, self.port)
     }
     pub fn describe(&self) -> String {
-        format!(
-            "ClickHouse at {} (database {:?}, user {:?})",
-            self.url(),
-            self.database,
-            self.user
-        )
+        format!("ClickHouse at {} (database {:?}, user {:?})", self.url(), self.database, self.user)
     }
 }
 
@@ -146,11 +130,7 @@ pub struct KafkaConfig {
 
 impl KafkaConfig {
     pub fn describe(&self) -> String {
-        format!(
-            "Kafka broker {} (topic {:?})",
-            self.bootstrap.join(","),
-            self.topic
-        )
+        format!("Kafka broker {} (topic {:?})", self.bootstrap.join(","), self.topic)
     }
 }
 
@@ -162,9 +142,7 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Timeouts {
-            call: Duration::from_secs(30),
-        }
+        Timeouts { call: Duration::from_secs(30) }
     }
 }
 
@@ -190,13 +168,7 @@ mod tests {
     fn secrets_never_print() {
         let s = Secret::new("hunter2");
         assert!(!format!("{s:?} {s}").contains("hunter2"));
-        let cfg = ChConfig {
-            host: "h".into(),
-            port: 1,
-            user: "u".into(),
-            password: s,
-            database: "d".into(),
-        };
+        let cfg = ChConfig { host: "h".into(), port: 1, user: "u".into(), password: s, database: "d".into() };
         assert!(!format!("{cfg:?}").contains("hunter2"));
     }
 

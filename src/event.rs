@@ -51,16 +51,9 @@ impl LoginEvent {
 
     /// The JSON message value documented above.
     pub fn encode(&self) -> Vec<u8> {
-        let event_time = self
-            .event_time()
-            .map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true))
-            .unwrap_or_default();
-        serde_json::to_vec(&Wire {
-            id: self.id,
-            username: std::borrow::Cow::Borrowed(&self.username),
-            event_time,
-        })
-        .expect("a struct of strings and integers always serialises")
+        let event_time = self.event_time().map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true)).unwrap_or_default();
+        serde_json::to_vec(&Wire { id: self.id, username: std::borrow::Cow::Borrowed(&self.username), event_time })
+            .expect("a struct of strings and integers always serialises")
     }
 
     /// Parses a message value written by [`LoginEvent::encode`] (or by anyone
@@ -71,10 +64,9 @@ impl LoginEvent {
             Some(b) if b.is_empty() => return Err(DecodeError::Empty),
             Some(b) => b,
         };
-        let wire: Wire<'_> =
-            serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
-        let time = DateTime::parse_from_rfc3339(&wire.event_time)
-            .map_err(|_| DecodeError::Time(wire.event_time.clone()))?;
+        let wire: Wire<'_> = serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
+        let time =
+            DateTime::parse_from_rfc3339(&wire.event_time).map_err(|_| DecodeError::Time(wire.event_time.clone()))?;
         Ok(LoginEvent {
             id: wire.id,
             username: wire.username.into_owned(),
@@ -95,11 +87,7 @@ mod tests {
             event_time_us: 1_700_000_000_123_456,
         };
         let bytes = e.encode();
-        assert!(
-            std::str::from_utf8(&bytes)
-                .unwrap()
-                .contains("2023-11-14T22:13:20.123456Z")
-        );
+        assert!(std::str::from_utf8(&bytes).unwrap().contains("2023-11-14T22:13:20.123456Z"));
         assert_eq!(LoginEvent::decode(Some(&bytes)).unwrap(), e);
     }
 
@@ -107,14 +95,9 @@ mod tests {
     fn rejects_what_is_not_an_event() {
         assert_eq!(LoginEvent::decode(None), Err(DecodeError::Empty));
         assert_eq!(LoginEvent::decode(Some(b"")), Err(DecodeError::Empty));
+        assert!(matches!(LoginEvent::decode(Some(b"nope")), Err(DecodeError::Json(_))));
         assert!(matches!(
-            LoginEvent::decode(Some(b"nope")),
-            Err(DecodeError::Json(_))
-        ));
-        assert!(matches!(
-            LoginEvent::decode(Some(
-                br#"{"username":"a","event_time":"2024-01-01T00:00:00Z"}"#
-            )),
+            LoginEvent::decode(Some(br#"{"username":"a","event_time":"2024-01-01T00:00:00Z"}"#)),
             Err(DecodeError::Json(_))
         ));
         assert!(matches!(

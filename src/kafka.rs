@@ -16,7 +16,12 @@ use rskafka::client::{Client, ClientBuilder};
 use rskafka::record::Record;
 
 use crate::config::{KafkaConfig, bounded};
-use crate::stores::{EventLog, Fetched, FetchedRecord, LogRecord};
+use crate::stores::{DeadLetter, EventLog, Fetched, FetchedRecord, LogRecord};
+
+/// The dead-letter topic of `topic`.
+pub fn dead_letter_topic(topic: &str) -> String {
+    format!("{topic}.dlq")
+}
 
 /// Most bytes of record data in one produce request. Kafka's default
 /// `max.message.bytes` is 1 MiB; staying well under it needs no broker tuning.
@@ -24,48 +29,23 @@ const MAX_REQUEST_BYTES: usize = 512 * 1024;
 
 /// Connects to the bootstrap brokers.
 pub async fn connect(cfg: &KafkaConfig, timeout: Duration) -> anyhow::Result<Client> {
-    let backoff = BackoffConfig {
-        deadline: Some(timeout),
-        ..BackoffConfig::default()
-    };
-    bounded(
-        || format!("connecting to {}", cfg.describe()),
-        timeout,
-        async {
-            Ok(ClientBuilder::new(cfg.bootstrap.clone())
-                .backoff_config(backoff)
-                .build()
-                .await?)
-        },
-    )
+    let backoff = BackoffConfig { deadline: Some(timeout), ..BackoffConfig::default() };
+    bounded(|| format!("connecting to {}", cfg.describe()), timeout, async {
+        Ok(ClientBuilder::new(cfg.bootstrap.clone()).backoff_config(backoff).build().await?)
+    })
     .await
     .with_context(|| format!("cannot reach {}", cfg.describe()))
 }
 
 /// The topic's partition count, or `None` when the topic does not exist.
-pub async fn partition_count(
-    client: &Client,
-    topic: &str,
-    timeout: Duration,
-) -> anyhow::Result<Option<i32>> {
-    let topics = bounded(|| "listing Kafka topics".into(), timeout, async {
-        Ok(client.list_topics().await?)
-    })
-    .await?;
-    Ok(topics
-        .into_iter()
-        .find(|t| t.name == topic)
-        .map(|t| t.partitions.len() as i32))
+pub async fn partition_count(client: &Client, topic: &str, timeout: Duration) -> anyhow::Result<Option<i32>> {
+    let topics = bounded(|| "listing Kafka topics".into(), timeout, async { Ok(client.list_topics().await?) }).await?;
+    Ok(topics.into_iter().find(|t| t.name == topic).map(|t| t.partitions.len() as i32))
 }
 
 /// Creates the topic with `partitions` partitions if it does not exist, and
 /// waits until the broker lists it. Fails if it exists with another count.
-pub async fn ensure_topic(
-    client: &Client,
-    topic: &str,
-    partitions: i32,
-    timeout: Duration,
-) -> anyhow::Result<()> {
+pub async fn ensure_topic(client: &Client, topic: &str, partitions: i32, timeout: Duration) -> anyhow::Result<()> {
     match partition_count(client, topic, timeout).await? {
         Some(n) if n == partitions => return Ok(()),
         Some(n) => anyhow::bail!(
@@ -74,15 +54,9 @@ pub async fn ensure_topic(
         None => {}
     }
     let controller = client.controller_client()?;
-    let created = bounded(
-        || format!("creating Kafka topic {topic:?}"),
-        timeout,
-        async {
-            Ok(controller
-                .create_topic(topic, partitions, 1, timeout.as_millis() as i32)
-                .await?)
-        },
-    )
+    let created = bounded(|| format!("creating Kafka topic {topic:?}"), timeout, async {
+        Ok(controller.create_topic(topic, partitions, 1, timeout.as_millis() as i32).await?)
+    })
     .await;
     if let Err(e) = created {
         // Another `init` may have created it meanwhile; the check below decides.
@@ -101,9 +75,12 @@ pub async fn ensure_topic(
     }
 }
 
-/// The topic, one rskafka partition client per partition.
+/// The topic, one rskafka partition client per partition, and its dead-letter topic.
 pub struct KafkaLog {
+    topic: String,
     partitions: Vec<PartitionClient>,
+    /// Partition 0 of `<topic>.dlq`, if that topic exists.
+    dead_letters: Option<PartitionClient>,
     timeout: Duration,
     fetch_max_bytes: i32,
     compression: Compression,
@@ -117,20 +94,26 @@ impl KafkaLog {
             .with_context(|| format!("Kafka topic {topic:?} does not exist (run `pg2ch init`)"))?;
         let mut partitions = Vec::with_capacity(count as usize);
         for p in 0..count {
-            let pc = bounded(
-                || format!("opening partition {p} of {topic:?}"),
-                timeout,
-                async {
-                    Ok(client
-                        .partition_client(topic, p, UnknownTopicHandling::Error)
-                        .await?)
-                },
-            )
+            let pc = bounded(|| format!("opening partition {p} of {topic:?}"), timeout, async {
+                Ok(client.partition_client(topic, p, UnknownTopicHandling::Error).await?)
+            })
             .await?;
             partitions.push(pc);
         }
+        let dlq = dead_letter_topic(topic);
+        let dead_letters = match partition_count(client, &dlq, timeout).await? {
+            Some(_) => Some(
+                bounded(|| format!("opening {dlq:?}"), timeout, async {
+                    Ok(client.partition_client(dlq.as_str(), 0, UnknownTopicHandling::Error).await?)
+                })
+                .await?,
+            ),
+            None => None,
+        };
         Ok(KafkaLog {
+            topic: topic.to_owned(),
             partitions,
+            dead_letters,
             timeout,
             fetch_max_bytes: 4 * 1024 * 1024,
             compression: Compression::NoCompression,
@@ -144,10 +127,18 @@ impl KafkaLog {
         self
     }
 
+    /// Records in the dead-letter topic (0 if it does not exist).
+    pub async fn dead_letter_count(&self) -> anyhow::Result<i64> {
+        let Some(client) = &self.dead_letters else { return Ok(0) };
+        let (_, high_watermark) = bounded(|| "fetching the dead-letter topic".into(), self.timeout, async {
+            Ok(client.fetch_records(0, 1..1024, 1).await?)
+        })
+        .await?;
+        Ok(high_watermark)
+    }
+
     fn client(&self, partition: i32) -> anyhow::Result<&PartitionClient> {
-        self.partitions
-            .get(partition as usize)
-            .with_context(|| format!("no partition {partition}"))
+        self.partitions.get(partition as usize).with_context(|| format!("no partition {partition}"))
     }
 }
 
@@ -164,56 +155,64 @@ impl EventLog for KafkaLog {
         let mut records = records.into_iter().peekable();
         while let Some(r) = records.next() {
             bytes += r.key.len() + r.value.len() + 16;
-            request.push(Record {
-                key: Some(r.key),
-                value: Some(r.value),
-                headers: BTreeMap::new(),
-                timestamp: now,
-            });
+            request.push(Record { key: Some(r.key), value: Some(r.value), headers: BTreeMap::new(), timestamp: now });
             if bytes >= MAX_REQUEST_BYTES || records.peek().is_none() {
                 let batch = std::mem::take(&mut request);
                 bytes = 0;
-                bounded(
-                    || format!("producing to partition {partition}"),
-                    self.timeout,
-                    async { Ok(client.produce(batch, self.compression).await?) },
-                )
+                bounded(|| format!("producing to partition {partition}"), self.timeout, async {
+                    Ok(client.produce(batch, self.compression).await?)
+                })
                 .await?;
             }
         }
         Ok(())
     }
 
-    async fn fetch(
-        &self,
-        partition: i32,
-        offset: i64,
-        max_wait: Duration,
-    ) -> anyhow::Result<Fetched> {
+    async fn fetch(&self, partition: i32, offset: i64, max_wait: Duration) -> anyhow::Result<Fetched> {
         let client = self.client(partition)?;
         // Never ask for a zero wait: nisshi answers a fetch with max_wait 0 with
         // no topic at all, which rskafka rejects. One millisecond costs nothing.
         let wait_ms = (max_wait.as_millis() as i32).max(1);
-        let (records, high_watermark) = bounded(
-            || format!("fetching partition {partition} at offset {offset}"),
-            self.timeout + max_wait,
-            async {
-                Ok(client
-                    .fetch_records(offset, 1..self.fetch_max_bytes, wait_ms)
-                    .await?)
-            },
-        )
-        .await
-        .with_context(|| format!("fetching partition {partition} at offset {offset}"))?;
+        let (records, high_watermark) =
+            bounded(|| format!("fetching partition {partition} at offset {offset}"), self.timeout + max_wait, async {
+                Ok(client.fetch_records(offset, 1..self.fetch_max_bytes, wait_ms).await?)
+            })
+            .await
+            .with_context(|| format!("fetching partition {partition} at offset {offset}"))?;
         Ok(Fetched {
             records: records
                 .into_iter()
-                .map(|r| FetchedRecord {
-                    offset: r.offset,
-                    value: r.record.value,
-                })
+                .map(|r| FetchedRecord { offset: r.offset, key: r.record.key, value: r.record.value })
                 .collect(),
             high_watermark,
         })
+    }
+
+    async fn dead_letter(&self, letters: Vec<DeadLetter>) -> anyhow::Result<()> {
+        let dlq = dead_letter_topic(&self.topic);
+        let client = self
+            .dead_letters
+            .as_ref()
+            .with_context(|| format!("Kafka topic {dlq:?} does not exist (run `pg2ch init`)"))?;
+        let now = chrono::Utc::now();
+        let records = letters
+            .into_iter()
+            .map(|d| Record {
+                key: d.key,
+                value: d.value,
+                headers: BTreeMap::from([
+                    ("pg2ch-reason".to_owned(), d.reason.into_bytes()),
+                    ("pg2ch-source-topic".to_owned(), self.topic.clone().into_bytes()),
+                    ("pg2ch-source-partition".to_owned(), d.partition.to_string().into_bytes()),
+                    ("pg2ch-source-offset".to_owned(), d.offset.to_string().into_bytes()),
+                ]),
+                timestamp: now,
+            })
+            .collect();
+        bounded(|| format!("producing to {dlq:?}"), self.timeout, async {
+            Ok(client.produce(records, self.compression).await?)
+        })
+        .await?;
+        Ok(())
     }
 }

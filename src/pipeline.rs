@@ -24,7 +24,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 
 use crate::event::LoginEvent;
-use crate::stores::{EventLog, LogRecord, Sink, SourceTable};
+use crate::stores::{Claim, DeadLetter, EventLog, LogRecord, Rejected, Sink, SourceTable};
 
 /// The places where a component may die between two store calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -99,6 +99,32 @@ pub fn is_crash(e: &anyhow::Error) -> bool {
     e.downcast_ref::<Crashed>().is_some()
 }
 
+/// Largest message value pg2ch publishes: under Kafka's default
+/// `max.message.bytes` (1 MiB) with room for the batch framing, so no broker
+/// tuning is needed. A row whose message would be larger is rejected.
+pub const MAX_MESSAGE_BYTES: usize = 900_000;
+
+/// Encodes each claimed row once; rows too large to publish move to the
+/// rejected list.
+fn encode(mut claim: Claim) -> (Claim, Vec<(i64, LogRecord)>) {
+    let mut records = Vec::with_capacity(claim.rows.len());
+    let mut kept = Vec::with_capacity(claim.rows.len());
+    for row in std::mem::take(&mut claim.rows) {
+        let value = row.encode();
+        if value.len() > MAX_MESSAGE_BYTES {
+            claim.rejected.push(Rejected {
+                id: row.id,
+                reason: format!("its message would be {} bytes, over the {MAX_MESSAGE_BYTES}-byte limit", value.len()),
+            });
+        } else {
+            records.push((row.id, LogRecord { key: row.key(), value }));
+            kept.push(row);
+        }
+    }
+    claim.rows = kept;
+    (claim, records)
+}
+
 /// Which partition a row goes to. A plain modulo of the id: stable,
 /// documented, and easy for another producer to reproduce.
 pub fn partition_for(id: i64, partitions: i32) -> i32 {
@@ -163,12 +189,7 @@ pub struct Producer<S, L> {
 
 impl<S: SourceTable, L: EventLog> Producer<S, L> {
     pub fn new(source: S, log: L, config: ProducerConfig) -> Self {
-        Producer {
-            source,
-            log,
-            config,
-            cursor: Cursor::default(),
-        }
+        Producer { source, log, config, cursor: Cursor::default() }
     }
 
     /// Shares `cursor` with other producers in this process.
@@ -181,8 +202,8 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
     pub async fn step(&mut self, faults: &dyn Faults) -> anyhow::Result<ProduceStep> {
         loop {
             let from = self.cursor.get();
-            let rows = self.source.claim(from, self.config.batch_rows).await?;
-            if rows.is_empty() {
+            let claim = self.source.claim(from, self.config.batch_rows).await?;
+            if claim.is_empty() {
                 self.cursor.set(0);
                 self.source.rollback().await?;
                 if from == 0 {
@@ -192,22 +213,19 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
             }
             // Move the cursor now, not after the commit, so that a producer
             // sharing it claims the next rows while this one publishes.
-            let short = rows.len() < self.config.batch_rows;
-            self.cursor.set(if short {
-                0
-            } else {
-                rows.last().map(|r| r.id).unwrap_or(0)
-            });
+            let short = claim.len() < self.config.batch_rows;
+            self.cursor.set(if short { 0 } else { claim.last_id() });
             faults.at(CrashPoint::AfterClaim)?;
+            let (claim, records) = encode(claim);
 
             #[cfg(any(test, feature = "broken-orderings"))]
             if self.config.ordering == Ordering::MarkBeforePublish {
-                self.mark_and_commit(&rows, faults).await?;
-                self.publish(&rows, faults).await?;
-                return Ok(ProduceStep::Moved(rows.len()));
+                self.mark_and_commit(&claim, faults).await?;
+                self.publish(records, faults).await?;
+                return Ok(ProduceStep::Moved(claim.rows.len()));
             }
 
-            if let Err(e) = self.publish(&rows, faults).await {
+            if let Err(e) = self.publish(records, faults).await {
                 if !is_crash(&e) {
                     // Not acknowledged (or unknown): release the locks, keep
                     // the rows unsent. They go again on the next step.
@@ -216,46 +234,46 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
                 return Err(e);
             }
             faults.at(CrashPoint::AfterAck)?;
-            self.mark_and_commit(&rows, faults).await?;
-            return Ok(ProduceStep::Moved(rows.len()));
+            self.mark_and_commit(&claim, faults).await?;
+            return Ok(ProduceStep::Moved(claim.rows.len()));
         }
     }
 
-    async fn mark_and_commit(
-        &mut self,
-        rows: &[LoginEvent],
-        faults: &dyn Faults,
-    ) -> anyhow::Result<()> {
-        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-        self.source.mark_sent(&ids).await?;
+    /// Flags the published rows sent and the unrepresentable ones rejected,
+    /// in the claim's transaction, and commits.
+    async fn mark_and_commit(&mut self, claim: &Claim, faults: &dyn Faults) -> anyhow::Result<()> {
+        if !claim.rejected.is_empty() {
+            self.source.reject(&claim.rejected).await?;
+        }
+        let ids: Vec<i64> = claim.rows.iter().map(|r| r.id).collect();
+        if !ids.is_empty() {
+            self.source.mark_sent(&ids).await?;
+        }
         faults.at(CrashPoint::AfterMark)?;
         self.source.commit().await?;
+        for r in &claim.rejected {
+            tracing::warn!(id = r.id, "row {} cannot be sent and is flagged rejected: {}", r.id, r.reason);
+        }
         faults.at(CrashPoint::AfterCommit)?;
         Ok(())
     }
 
     /// Publishes rows to their partitions, all partitions at once; returns
     /// only when every partition acknowledged.
-    async fn publish(&self, rows: &[LoginEvent], faults: &dyn Faults) -> anyhow::Result<()> {
+    async fn publish(&self, records: Vec<(i64, LogRecord)>, faults: &dyn Faults) -> anyhow::Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
         let partitions = self.log.partitions();
         let mut by_partition: BTreeMap<i32, Vec<LogRecord>> = BTreeMap::new();
-        for row in rows {
-            by_partition
-                .entry(partition_for(row.id, partitions))
-                .or_default()
-                .push(LogRecord {
-                    key: row.key(),
-                    value: row.encode(),
-                });
+        for (id, record) in records {
+            by_partition.entry(partition_for(id, partitions)).or_default().push(record);
         }
         let total = by_partition.len();
         let mut pending: FuturesUnordered<_> = by_partition
             .into_iter()
             .map(|(p, records)| async move {
-                self.log
-                    .append(p, records)
-                    .await
-                    .map_err(|e| e.context(format!("publishing to partition {p}")))
+                self.log.append(p, records).await.map_err(|e| e.context(format!("publishing to partition {p}")))
             })
             .collect();
         let mut acknowledged = 0;
@@ -304,19 +322,12 @@ impl ConsumerConfig {
 /// What one consumer step did.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ConsumeStep {
-    /// Records consumed (rows written plus any skipped).
+    /// Records consumed (rows written plus dead letters).
     pub records: usize,
+    /// Of which sent to the dead-letter topic.
+    pub dead_letters: usize,
     /// The high watermark each partition reported.
     pub high_watermarks: BTreeMap<i32, i64>,
-}
-
-/// A record the consumer could not decode.
-#[derive(Debug, thiserror::Error)]
-#[error("partition {partition} offset {offset}: {reason}")]
-pub struct PoisonRecord {
-    pub partition: i32,
-    pub offset: i64,
-    pub reason: crate::event::DecodeError,
 }
 
 /// Reads the log from its remembered positions and writes to the sink.
@@ -330,35 +341,21 @@ pub struct Consumer<L, K> {
 
 impl<L: EventLog, K: Sink> Consumer<L, K> {
     pub fn new(log: L, sink: K, config: ConsumerConfig) -> Self {
-        Consumer {
-            log,
-            sink,
-            config,
-            positions: None,
-        }
+        Consumer { log, sink, config, positions: None }
     }
 
     /// The positions in memory (loaded from the sink on first use).
     pub async fn positions(&mut self) -> anyhow::Result<&BTreeMap<i32, i64>> {
         if self.positions.is_none() {
             let stored = self.sink.positions().await?;
-            let mine = self
-                .config
-                .partitions
-                .iter()
-                .map(|p| (*p, stored.get(p).copied().unwrap_or(0)))
-                .collect();
+            let mine = self.config.partitions.iter().map(|p| (*p, stored.get(p).copied().unwrap_or(0))).collect();
             self.positions = Some(mine);
         }
         Ok(self.positions.as_ref().expect("just loaded"))
     }
 
     /// One fetch, write, remember cycle over all assigned partitions.
-    pub async fn step(
-        &mut self,
-        faults: &dyn Faults,
-        max_wait: Duration,
-    ) -> anyhow::Result<ConsumeStep> {
+    pub async fn step(&mut self, faults: &dyn Faults, max_wait: Duration) -> anyhow::Result<ConsumeStep> {
         let from = self.positions().await?.clone();
         let log = &self.log;
         let fetched = futures::future::try_join_all(from.iter().map(|(&p, &offset)| async move {
@@ -372,6 +369,7 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
 
         let mut step = ConsumeStep::default();
         let mut rows = Vec::new();
+        let mut dead = Vec::new();
         let mut next = BTreeMap::new();
         for (p, batch) in fetched {
             step.high_watermarks.insert(p, batch.high_watermark);
@@ -385,13 +383,18 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
             }
             // Brokers return whole batches: drop what lies before our position.
             for record in batch.records.into_iter().filter(|r| r.offset >= start) {
-                let row =
-                    LoginEvent::decode(record.value.as_deref()).map_err(|reason| PoisonRecord {
+                match LoginEvent::decode(record.value.as_deref()) {
+                    Ok(row) => rows.push(row),
+                    // Poison: forwarded unchanged to the dead-letter topic, so
+                    // one bad record never stops the partition.
+                    Err(reason) => dead.push(DeadLetter {
                         partition: p,
                         offset: record.offset,
-                        reason,
-                    })?;
-                rows.push(row);
+                        key: record.key,
+                        value: record.value,
+                        reason: reason.to_string(),
+                    }),
+                }
                 step.records += 1;
                 next.insert(p, record.offset + 1);
             }
@@ -410,6 +413,20 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
         }
 
         self.write(&rows, faults).await?;
+        // Dead letters go before the position moves past them: a crash in
+        // between sends them again (the dead-letter topic is at-least-once).
+        step.dead_letters = dead.len();
+        if !dead.is_empty() {
+            for d in &dead {
+                tracing::warn!(
+                    "partition {} offset {}: undecodable record sent to the dead-letter topic: {}",
+                    d.partition,
+                    d.offset,
+                    d.reason
+                );
+            }
+            self.log.dead_letter(dead).await?;
+        }
         faults.at(CrashPoint::AfterWrite)?;
         self.sink.store_positions(&next).await?;
         faults.at(CrashPoint::AfterStorePosition)?;
@@ -418,6 +435,9 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
     }
 
     async fn write(&mut self, rows: &[LoginEvent], faults: &dyn Faults) -> anyhow::Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
         for (i, chunk) in rows.chunks(self.config.insert_rows.max(1)).enumerate() {
             if i > 0 {
                 faults.at(CrashPoint::MidWrite)?;
@@ -434,9 +454,7 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
         let from = self.positions().await?.clone();
         let log = &self.log;
         let marks = futures::future::try_join_all(from.iter().map(|(&p, &offset)| async move {
-            log.fetch(p, offset, Duration::ZERO)
-                .await
-                .map(|f| (p, f.high_watermark))
+            log.fetch(p, offset, Duration::ZERO).await.map(|f| (p, f.high_watermark))
         }))
         .await?;
         Ok(marks.into_iter().collect())
@@ -447,17 +465,11 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
         let Some(positions) = &self.positions else {
             return targets.values().all(|t| *t <= 0);
         };
-        targets
-            .iter()
-            .all(|(p, t)| positions.get(p).copied().unwrap_or(0) >= *t)
+        targets.iter().all(|(p, t)| positions.get(p).copied().unwrap_or(0) >= *t)
     }
 
     /// Consumes until every assigned partition reached its end as it stands now.
-    pub async fn drain(
-        &mut self,
-        faults: &dyn Faults,
-        max_wait: Duration,
-    ) -> anyhow::Result<usize> {
+    pub async fn drain(&mut self, faults: &dyn Faults, max_wait: Duration) -> anyhow::Result<usize> {
         let targets = self.high_watermarks().await?;
         let mut records = 0;
         while !self.reached(&targets) {

@@ -35,6 +35,14 @@ pub struct Stack {
     pub kafka_port: u16,
 }
 
+/// One service of the stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Postgres,
+    ClickHouse,
+    Broker,
+}
+
 /// How to reach a running stack.
 #[derive(Debug, Clone)]
 pub struct StackEnv {
@@ -67,10 +75,7 @@ impl StackEnv {
 }
 
 fn env_port(name: &str, default: u16) -> u16 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 fn find_binary(names: &[&str], extra_dirs: &[PathBuf]) -> Option<PathBuf> {
@@ -89,11 +94,7 @@ fn find_binary(names: &[&str], extra_dirs: &[PathBuf]) -> Option<PathBuf> {
 
 fn postgres_bin_dirs() -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.path().join("bin"))
-                .collect()
-        })
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
         .unwrap_or_default();
     dirs.sort();
     dirs.reverse(); // newest version first
@@ -101,15 +102,11 @@ fn postgres_bin_dirs() -> Vec<PathBuf> {
 }
 
 fn cargo_bin_dir() -> Vec<PathBuf> {
-    std::env::var_os("HOME")
-        .map(|h| vec![PathBuf::from(h).join(".cargo/bin")])
-        .unwrap_or_default()
+    std::env::var_os("HOME").map(|h| vec![PathBuf::from(h).join(".cargo/bin")]).unwrap_or_default()
 }
 
 fn is_root() -> bool {
-    std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-        .unwrap_or(false)
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
 }
 
 /// The unprivileged account PostgreSQL runs as when we are root.
@@ -123,11 +120,7 @@ fn service_user() -> &'static str {
             .status()
             .is_ok_and(|s| s.success())
     };
-    if has("postgres") {
-        "postgres"
-    } else {
-        "nobody"
-    }
+    if has("postgres") { "postgres" } else { "nobody" }
 }
 
 /// Runs `program args` (as the service user when root), failing with its output.
@@ -145,22 +138,14 @@ fn run_as_service_user(program: &Path, args: &[&str], what: &str) -> anyhow::Res
         .output()
         .with_context(|| format!("{what}: cannot run {}", program.display()))?;
     if !out.status.success() {
-        bail!(
-            "{what} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("{what} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     }
     Ok(())
 }
 
 fn chown_to_service_user(path: &Path) -> anyhow::Result<()> {
     if is_root() {
-        let status = Command::new("chown")
-            .arg("-R")
-            .arg(service_user())
-            .arg(path)
-            .status()?;
+        let status = Command::new("chown").arg("-R").arg(service_user()).arg(path).status()?;
         anyhow::ensure!(status.success(), "chown {} failed", path.display());
     }
     Ok(())
@@ -172,11 +157,7 @@ fn secret_file(file: &Path) -> anyhow::Result<Secret> {
         return Ok(Secret::new(s.trim()));
     }
     use rand::Rng;
-    let value: String = rand::rng()
-        .sample_iter(rand::distr::Alphanumeric)
-        .take(24)
-        .map(char::from)
-        .collect();
+    let value: String = rand::rng().sample_iter(rand::distr::Alphanumeric).take(24).map(char::from).collect();
     std::fs::create_dir_all(file.parent().expect("secret files live in a directory"))?;
     std::fs::write(file, &value)?;
     std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))?;
@@ -221,18 +202,12 @@ fn stop_pidfile(pidfile: &Path) {
         return;
     };
     let pid = pid.trim().to_owned();
-    let _ = Command::new("kill")
-        .arg(&pid)
-        .stderr(Stdio::null())
-        .status();
+    let _ = Command::new("kill").arg(&pid).stderr(Stdio::null()).status();
     let deadline = Instant::now() + Duration::from_secs(15);
     while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = Command::new("kill")
-        .args(["-9", &pid])
-        .stderr(Stdio::null())
-        .status();
+    let _ = Command::new("kill").args(["-9", &pid]).stderr(Stdio::null()).status();
     let _ = std::fs::remove_file(pidfile);
 }
 
@@ -251,8 +226,7 @@ impl Stack {
 
     /// The environment of this stack (whether or not it is running).
     pub fn env(&self) -> StackEnv {
-        let read =
-            |name: &str| secret_file(&self.dir.join("secrets").join(name)).unwrap_or_default();
+        let read = |name: &str| secret_file(&self.dir.join("secrets").join(name)).unwrap_or_default();
         StackEnv {
             pg: PgConfig {
                 host: "127.0.0.1".into(),
@@ -275,15 +249,10 @@ impl Stack {
 
     /// Starts whatever is not already answering and waits until all three do.
     pub async fn up(&self) -> anyhow::Result<StackEnv> {
-        std::fs::create_dir_all(&self.dir)
-            .with_context(|| format!("creating {}", self.dir.display()))?;
+        std::fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
         std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o755))?;
         let env = self.env();
-        tokio::try_join!(
-            self.postgres_up(&env),
-            self.clickhouse_up(&env),
-            self.broker_up(&env)
-        )?;
+        tokio::try_join!(self.postgres_up(&env), self.clickhouse_up(&env), self.broker_up(&env))?;
         Ok(env)
     }
 
@@ -293,11 +262,7 @@ impl Stack {
         if data.join("postmaster.pid").exists() {
             if let Some(pg_ctl) = find_binary(&["pg_ctl"], &postgres_bin_dirs()) {
                 let data = data.to_string_lossy().into_owned();
-                run_as_service_user(
-                    &pg_ctl,
-                    &["-D", &data, "-m", "fast", "-w", "stop"],
-                    "pg_ctl stop",
-                )?;
+                run_as_service_user(&pg_ctl, &["-D", &data, "-m", "fast", "-w", "stop"], "pg_ctl stop")?;
             }
         }
         stop_pidfile(&self.dir.join("ch/server.pid"));
@@ -306,16 +271,38 @@ impl Stack {
         Ok(())
     }
 
+    /// Stops one service of this stack (`up` starts it again). For outage tests.
+    pub fn stop(&self, service: Service) -> anyhow::Result<()> {
+        match service {
+            Service::Postgres => {
+                let pg_ctl = find_binary(&["pg_ctl"], &postgres_bin_dirs()).context("pg_ctl not found")?;
+                let data = self.dir.join("pg/data").to_string_lossy().into_owned();
+                run_as_service_user(&pg_ctl, &["-D", &data, "-m", "fast", "-w", "stop"], "pg_ctl stop")
+            }
+            Service::ClickHouse => {
+                stop_pidfile(&self.dir.join("ch/server.pid"));
+                Ok(())
+            }
+            Service::Broker => {
+                stop_pidfile(&self.dir.join("broker/broker.pid"));
+                Ok(())
+            }
+        }
+    }
+
+    /// Freezes (`true`) or thaws the broker process: connections stay open
+    /// and nothing answers, the way a hung server behaves. For tests.
+    pub fn freeze_broker(&self, frozen: bool) -> anyhow::Result<()> {
+        let pid = std::fs::read_to_string(self.dir.join("broker/broker.pid")).context("no broker pid file")?;
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill").args([signal, pid.trim()]).status()?;
+        anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
+        Ok(())
+    }
+
     async fn postgres_up(&self, env: &StackEnv) -> anyhow::Result<()> {
-        let admin = PgConfig {
-            database: "postgres".into(),
-            ..env.pg.clone()
-        };
-        let probe = || async {
-            crate::postgres::connect(&admin, 1, Duration::from_secs(2))
-                .await
-                .map(|_| ())
-        };
+        let admin = PgConfig { database: "postgres".into(), ..env.pg.clone() };
+        let probe = || async { crate::postgres::connect(&admin, 1, Duration::from_secs(2)).await.map(|_| ()) };
         if probe().await.is_err() {
             let dirs = postgres_bin_dirs();
             let missing = "PostgreSQL server binaries (initdb, pg_ctl) not found: install postgresql (apt-get install postgresql)";
@@ -328,25 +315,10 @@ impl Stack {
                 let pwfile = root.join("initdb.pw");
                 std::fs::write(&pwfile, env.pg.password.expose())?;
                 chown_to_service_user(&root)?;
-                let (d, pw) = (
-                    data.to_string_lossy().into_owned(),
-                    pwfile.to_string_lossy().into_owned(),
-                );
+                let (d, pw) = (data.to_string_lossy().into_owned(), pwfile.to_string_lossy().into_owned());
                 let result = run_as_service_user(
                     &initdb,
-                    &[
-                        "-D",
-                        &d,
-                        "-U",
-                        USER,
-                        "--pwfile",
-                        &pw,
-                        "-A",
-                        "scram-sha-256",
-                        "-E",
-                        "UTF8",
-                        "--no-locale",
-                    ],
+                    &["-D", &d, "-U", USER, "--pwfile", &pw, "-A", "scram-sha-256", "-E", "UTF8", "--no-locale"],
                     "initdb",
                 );
                 let _ = std::fs::remove_file(&pwfile);
@@ -364,20 +336,17 @@ impl Stack {
             );
             run_as_service_user(
                 &pg_ctl,
-                &[
-                    "-D", &d, "-l", &log, "-o", &options, "-w", "-t", "60", "start",
-                ],
+                &["-D", &d, "-l", &log, "-o", &options, "-w", "-t", "60", "start"],
                 "pg_ctl start",
             )
             .with_context(|| format!("see {log}"))?;
             wait_until("PostgreSQL", Duration::from_secs(30), probe).await?;
         }
         let pool = crate::postgres::connect(&admin, 1, Duration::from_secs(10)).await?;
-        let exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-                .bind(USER)
-                .fetch_one(&pool)
-                .await?;
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(USER)
+            .fetch_one(&pool)
+            .await?;
         if !exists {
             sqlx::query("CREATE DATABASE pg2ch").execute(&pool).await?;
         }
@@ -386,15 +355,11 @@ impl Stack {
     }
 
     async fn clickhouse_up(&self, env: &StackEnv) -> anyhow::Result<()> {
-        let probe = || async {
-            crate::clickhouse::ClickHouse::connect(&env.ch, Duration::from_secs(2))
-                .await
-                .map(|_| ())
-        };
+        let probe =
+            || async { crate::clickhouse::ClickHouse::connect(&env.ch, Duration::from_secs(2)).await.map(|_| ()) };
         if probe().await.is_err() {
-            let bin = find_binary(&["clickhouse-server"], &[]).context(
-                "clickhouse-server not found: run `just setup` (or apt-get install clickhouse-server)",
-            )?;
+            let bin = find_binary(&["clickhouse-server"], &[])
+                .context("clickhouse-server not found: run `just setup` (or apt-get install clickhouse-server)")?;
             let root = self.dir.join("ch");
             for sub in ["data", "tmp", "user_files", "format_schemas"] {
                 std::fs::create_dir_all(root.join(sub))?;
@@ -443,8 +408,7 @@ impl Stack {
             std::fs::write(&users_path, users)?;
             std::fs::set_permissions(&users_path, std::fs::Permissions::from_mode(0o600))?;
             let mut cmd = Command::new(bin);
-            cmd.arg(format!("--config-file={r}/config.xml"))
-                .current_dir(&root);
+            cmd.arg(format!("--config-file={r}/config.xml")).current_dir(&root);
             spawn_detached(cmd, &root.join("stdout.log"), &root.join("server.pid"))?;
             wait_until("ClickHouse", Duration::from_secs(60), probe)
                 .await
@@ -455,11 +419,8 @@ impl Stack {
     }
 
     async fn broker_up(&self, env: &StackEnv) -> anyhow::Result<()> {
-        let kafka = KafkaConfig {
-            bootstrap: vec![env.kafka_bootstrap.clone()],
-            topic: String::new(),
-            group: String::new(),
-        };
+        let kafka =
+            KafkaConfig { bootstrap: vec![env.kafka_bootstrap.clone()], topic: String::new(), group: String::new() };
         let probe = || async {
             let client = crate::kafka::connect(&kafka, Duration::from_secs(2)).await?;
             crate::config::bounded(|| "listing topics".into(), Duration::from_secs(2), async {

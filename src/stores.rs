@@ -20,15 +20,47 @@ use crate::event::LoginEvent;
 /// crashed process would.
 #[allow(async_fn_in_trait)]
 pub trait SourceTable {
-    /// Opens a transaction and locks up to `limit` unsent rows with `id > after_id`,
-    /// in id order, skipping rows that another session holds.
-    async fn claim(&mut self, after_id: i64, limit: usize) -> anyhow::Result<Vec<LoginEvent>>;
+    /// Opens a transaction and locks up to `limit` unsent, unrejected rows
+    /// with `id > after_id`, in id order, skipping rows that another session
+    /// holds. Rows that cannot be represented downstream come back in
+    /// [`Claim::rejected`] instead of [`Claim::rows`].
+    async fn claim(&mut self, after_id: i64, limit: usize) -> anyhow::Result<Claim>;
     /// Flags these rows sent inside the open claim (not yet visible to others).
     async fn mark_sent(&mut self, ids: &[i64]) -> anyhow::Result<()>;
+    /// Flags these rows rejected, with the reason, inside the open claim.
+    /// Rejected rows are never claimed again and never flagged sent.
+    async fn reject(&mut self, rows: &[Rejected]) -> anyhow::Result<()>;
     /// Commits the open claim. An error may mean the commit happened anyway.
     async fn commit(&mut self) -> anyhow::Result<()>;
     /// Abandons the open claim, if any: locks go, nothing is flagged.
     async fn rollback(&mut self) -> anyhow::Result<()>;
+}
+
+/// What one claim locked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claim {
+    pub rows: Vec<LoginEvent>,
+    pub rejected: Vec<Rejected>,
+}
+
+impl Claim {
+    pub fn len(&self) -> usize {
+        self.rows.len() + self.rejected.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn last_id(&self) -> i64 {
+        self.rows.iter().map(|r| r.id).chain(self.rejected.iter().map(|r| r.id)).max().unwrap_or(0)
+    }
+}
+
+/// A source row that cannot be sent as it is (a NULL where the message has
+/// no null, text over the size limit), with the reason.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Rejected {
+    pub id: i64,
+    pub reason: String,
 }
 
 /// One record to append: key and value bytes.
@@ -42,7 +74,19 @@ pub struct LogRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FetchedRecord {
     pub offset: i64,
+    pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
+}
+
+/// A record the consumer could not decode, forwarded unchanged to the
+/// dead-letter topic with why and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub reason: String,
 }
 
 /// What one fetch returned. Brokers return whole batches, so `records` may
@@ -63,12 +107,10 @@ pub trait EventLog {
     /// acknowledged them (acks=all). An error may mean they were appended anyway.
     async fn append(&self, partition: i32, records: Vec<LogRecord>) -> anyhow::Result<()>;
     /// Reads from `offset`, waiting at most `max_wait` for data to arrive.
-    async fn fetch(
-        &self,
-        partition: i32,
-        offset: i64,
-        max_wait: Duration,
-    ) -> anyhow::Result<Fetched>;
+    async fn fetch(&self, partition: i32, offset: i64, max_wait: Duration) -> anyhow::Result<Fetched>;
+    /// Appends undecodable records to the topic's dead-letter topic
+    /// (`<topic>.dlq`). An error may mean they were appended anyway.
+    async fn dead_letter(&self, letters: Vec<DeadLetter>) -> anyhow::Result<()>;
 }
 
 /// Several producers in one process share one log.
@@ -79,13 +121,11 @@ impl<T: EventLog> EventLog for &T {
     async fn append(&self, partition: i32, records: Vec<LogRecord>) -> anyhow::Result<()> {
         (**self).append(partition, records).await
     }
-    async fn fetch(
-        &self,
-        partition: i32,
-        offset: i64,
-        max_wait: Duration,
-    ) -> anyhow::Result<Fetched> {
+    async fn fetch(&self, partition: i32, offset: i64, max_wait: Duration) -> anyhow::Result<Fetched> {
         (**self).fetch(partition, offset, max_wait).await
+    }
+    async fn dead_letter(&self, letters: Vec<DeadLetter>) -> anyhow::Result<()> {
+        (**self).dead_letter(letters).await
     }
 }
 

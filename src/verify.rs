@@ -49,6 +49,9 @@ pub struct Report {
     /// In ClickHouse while the PostgreSQL row is not flagged sent yet (fine:
     /// a publish whose flag update is still to come).
     pub ahead_of_flag: Finding,
+    /// Rows PostgreSQL holds that cannot be sent (flagged `pg2ch_rejected`);
+    /// reported, not failed.
+    pub rejected: Finding,
 }
 
 impl Report {
@@ -114,22 +117,13 @@ impl fmt::Display for Report {
             ("ids in ClickHouse that PostgreSQL lacks", &self.extra),
             ("rows whose content differs", &self.differing),
             ("ids shown twice by FINAL", &self.repeated_after_final),
-            (
-                "ids stored more than once before merging (not an error)",
-                &self.unmerged_copies,
-            ),
-            (
-                "rows in ClickHouse not yet flagged sent (not an error)",
-                &self.ahead_of_flag,
-            ),
+            ("ids stored more than once before merging (not an error)", &self.unmerged_copies),
+            ("rows in ClickHouse not yet flagged sent (not an error)", &self.ahead_of_flag),
+            ("rows rejected as not representable (see pg2ch_rejected; not sent)", &self.rejected),
         ];
         for (what, finding) in lines {
             if finding.count > 0 {
-                writeln!(
-                    f,
-                    "{what}: {} (first: {:?})",
-                    finding.count, finding.first_ids
-                )?;
+                writeln!(f, "{what}: {} (first: {:?})", finding.count, finding.first_ids)?;
             }
         }
         write!(f, "verify: {}", if self.ok() { "OK" } else { "FAILED" })
@@ -141,21 +135,12 @@ mod tests {
     use super::*;
 
     fn ev(id: i64, name: &str) -> LoginEvent {
-        LoginEvent {
-            id,
-            username: name.into(),
-            event_time_us: id * 1000,
-        }
+        LoginEvent { id, username: name.into(), event_time_us: id * 1000 }
     }
 
     #[test]
     fn finds_missing_extra_and_altered_rows() {
-        let pg = vec![
-            (ev(1, "a"), true),
-            (ev(2, "b"), true),
-            (ev(3, "c"), false),
-            (ev(4, "d"), true),
-        ];
+        let pg = vec![(ev(1, "a"), true), (ev(2, "b"), true), (ev(3, "c"), false), (ev(4, "d"), true)];
         let ch = vec![ev(1, "a"), ev(2, "B"), ev(3, "c"), ev(9, "z")];
         let r = reconcile(&pg, &ch);
         assert_eq!(r.missing.first_ids, vec![4]);

@@ -23,15 +23,10 @@ fn tricky_names() -> Vec<String> {
 }
 
 fn tricky_times() -> Vec<DateTime<Utc>> {
-    [
-        1_700_000_000_123_456i64,
-        946_684_800_000_001,
-        4_102_444_799_999_999,
-        1_234_567_890_000_000,
-    ]
-    .iter()
-    .map(|us| DateTime::from_timestamp_micros(*us).unwrap())
-    .collect()
+    [1_700_000_000_123_456i64, 946_684_800_000_001, 4_102_444_799_999_999, 1_234_567_890_000_000]
+        .iter()
+        .map(|us| DateTime::from_timestamp_micros(*us).unwrap())
+        .collect()
 }
 
 async fn pg_rows(env: &TestEnv) -> Vec<(LoginEvent, bool)> {
@@ -43,14 +38,8 @@ async fn tricky_content_arrives_byte_for_byte() {
     let env = TestEnv::new("tricky").await;
     env.ok(&["init", "--partitions", "3"]);
     let names = tricky_names();
-    let times: Vec<_> = tricky_times()
-        .into_iter()
-        .cycle()
-        .take(names.len())
-        .collect();
-    pg2ch::postgres::insert_events(&env.pg().await, &names, &times)
-        .await
-        .unwrap();
+    let times: Vec<_> = tricky_times().into_iter().cycle().take(names.len()).collect();
+    pg2ch::postgres::insert_events(&env.pg().await, &names, &times).await.unwrap();
 
     env.ok(&["run", "--once"]);
     let report = env.ok(&["verify"]);
@@ -60,18 +49,9 @@ async fn tricky_content_arrives_byte_for_byte() {
     assert!(pg.iter().all(|(_, sent)| *sent), "every row flagged sent");
     let ch = env.ch().await.rows_final().await.unwrap();
     let pg_events: Vec<LoginEvent> = pg.into_iter().map(|(e, _)| e).collect();
-    assert_eq!(
-        ch, pg_events,
-        "ClickHouse FINAL equals PostgreSQL row for row"
-    );
-    assert_eq!(
-        ch.iter().map(|e| e.username.clone()).collect::<Vec<_>>(),
-        names
-    );
-    assert_eq!(
-        ch[0].event_time_us, 1_700_000_000_123_456,
-        "microseconds kept"
-    );
+    assert_eq!(ch, pg_events, "ClickHouse FINAL equals PostgreSQL row for row");
+    assert_eq!(ch.iter().map(|e| e.username.clone()).collect::<Vec<_>>(), names);
+    assert_eq!(ch[0].event_time_us, 1_700_000_000_123_456, "microseconds kept");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -93,19 +73,9 @@ async fn restart_resumes_from_the_stored_position() {
     let status = env.ok(&["status", "--json"]);
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["unsent_rows"], 0);
-    let lag: i64 = status["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["lag"].as_i64().unwrap())
-        .sum();
+    let lag: i64 = status["partitions"].as_array().unwrap().iter().map(|p| p["lag"].as_i64().unwrap()).sum();
     assert_eq!(lag, 0);
-    let ends: i64 = status["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["end_offset"].as_i64().unwrap())
-        .sum();
+    let ends: i64 = status["partitions"].as_array().unwrap().iter().map(|p| p["end_offset"].as_i64().unwrap()).sum();
     assert_eq!(ends, 5000, "end offsets come from the fetch high watermark");
     assert!(env.ok(&["verify"]).contains("verify: OK"));
 }
@@ -123,12 +93,7 @@ async fn two_groups_fan_out_independently() {
     b.ok(&["consume", "--once"]);
     for group in [&a, &b] {
         let ch = group.ch().await;
-        assert_eq!(
-            ch.final_count().await.unwrap(),
-            1500,
-            "{}",
-            group.settings.ch.database
-        );
+        assert_eq!(ch.final_count().await.unwrap(), 1500, "{}", group.settings.ch.database);
         assert!(group.ok(&["verify"]).contains("verify: OK"));
     }
 }
@@ -146,27 +111,17 @@ async fn init_adds_the_flag_to_an_existing_table_without_rewriting_it() {
         .execute(&pool)
         .await
         .unwrap();
-    let file_before: i64 = sqlx::query_scalar("SELECT pg_relation_filenode('user_logins')::bigint")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let file_before: i64 =
+        sqlx::query_scalar("SELECT pg_relation_filenode('user_logins')::bigint").fetch_one(&pool).await.unwrap();
 
     env.ok(&["init"]);
     env.ok(&["init"]); // idempotent
 
-    let file_after: i64 = sqlx::query_scalar("SELECT pg_relation_filenode('user_logins')::bigint")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(
-        file_before, file_after,
-        "adding the flag must not rewrite the table"
-    );
+    let file_after: i64 =
+        sqlx::query_scalar("SELECT pg_relation_filenode('user_logins')::bigint").fetch_one(&pool).await.unwrap();
+    assert_eq!(file_before, file_after, "adding the flag must not rewrite the table");
     let unsent: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE NOT sent_to_kafka")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE NOT sent_to_kafka").fetch_one(&pool).await.unwrap();
     assert_eq!(unsent, 500);
     let index: Option<String> = sqlx::query_scalar("SELECT indexdef FROM pg_indexes WHERE tablename = 'user_logins' AND indexdef LIKE '%WHERE (NOT sent_to_kafka)%'")
         .fetch_optional(&pool)
@@ -178,10 +133,7 @@ async fn init_adds_the_flag_to_an_existing_table_without_rewriting_it() {
     assert!(env.ok(&["verify"]).contains("verify: OK"));
     let ch = env.ch().await.rows_final().await.unwrap();
     assert_eq!(ch.len(), 500);
-    assert_eq!(
-        ch[0].event_time_us, 1_704_067_201_000_001,
-        "TIMESTAMP read as UTC, microseconds kept"
-    );
+    assert_eq!(ch[0].event_time_us, 1_704_067_201_000_001, "TIMESTAMP read as UTC, microseconds kept");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -194,9 +146,7 @@ async fn verify_fails_on_planted_extra_missing_and_altered_rows() {
     let pool = env.pg().await;
     let ch = env.ch().await;
     let insert_ch = |id: i64, name: &str| {
-        let sql = format!(
-            "INSERT INTO user_logins (id, username, event_time_us) VALUES ({id}, '{name}', 0)"
-        );
+        let sql = format!("INSERT INTO user_logins (id, username, event_time_us) VALUES ({id}, '{name}', 0)");
         let client = ch.client.clone();
         async move { client.query(&sql).execute().await.unwrap() }
     };
@@ -206,37 +156,25 @@ async fn verify_fails_on_planted_extra_missing_and_altered_rows() {
     let out = env.run(&["verify"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(
-        text.contains("ids in ClickHouse that PostgreSQL lacks: 1 (first: [999999999])"),
-        "{text}"
-    );
+    assert!(text.contains("ids in ClickHouse that PostgreSQL lacks: 1 (first: [999999999])"), "{text}");
 
     // Missing: a row flagged sent that never went anywhere.
-    let id: i64 = sqlx::query_scalar("INSERT INTO user_logins (username, event_time, sent_to_kafka) VALUES ('lost', now(), TRUE) RETURNING id")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO user_logins (username, event_time, sent_to_kafka) VALUES ('lost', now(), TRUE) RETURNING id",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     let text = String::from_utf8_lossy(&env.run(&["verify"]).stdout).into_owned();
-    assert!(
-        text.contains(&format!(
-            "sent rows missing from ClickHouse: 1 (first: [{id}])"
-        )),
-        "{text}"
-    );
+    assert!(text.contains(&format!("sent rows missing from ClickHouse: 1 (first: [{id}])")), "{text}");
 
     // Altered: the newest copy of id 1 has other content, and FINAL keeps it.
     insert_ch(1, "tampered").await;
     let out = env.run(&["verify"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text.contains("rows whose content differs: 1 (first: [1])"),
-        "{text}"
-    );
-    assert!(
-        text.contains("ids stored more than once before merging"),
-        "{text}"
-    );
+    assert!(text.contains("rows whose content differs: 1 (first: [1])"), "{text}");
+    assert!(text.contains("ids stored more than once before merging"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -244,35 +182,19 @@ async fn bad_configuration_gives_one_line_and_exit_2_without_leaking_passwords()
     let env = TestEnv::new("badcfg").await;
     env.ok(&["init"]); // so that each case below has exactly one thing wrong
     let secret = "s3cr3t-Pa55";
-    let out = env
-        .command(&["init"])
-        .env("PG_PASS", secret)
-        .output()
-        .unwrap();
+    let out = env.command(&["init"]).env("PG_PASS", secret).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("PostgreSQL"), "{err}");
     assert!(!err.contains(secret), "password leaked: {err}");
-    assert_eq!(
-        err.lines().filter(|l| l.starts_with("error:")).count(),
-        1,
-        "{err}"
-    );
+    assert_eq!(err.lines().filter(|l| l.starts_with("error:")).count(), 1, "{err}");
 
-    let out = env
-        .command(&["status"])
-        .env("CH_PASS", secret)
-        .output()
-        .unwrap();
+    let out = env.command(&["status"]).env("CH_PASS", secret).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("ClickHouse") && !err.contains(secret), "{err}");
 
-    let out = env
-        .command(&["init"])
-        .env("CH_DB", "x; DROP DATABASE default")
-        .output()
-        .unwrap();
+    let out = env.command(&["init"]).env("CH_DB", "x; DROP DATABASE default").output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2));
     assert!(err.contains("CH_DB"), "{err}");

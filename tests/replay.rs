@@ -70,28 +70,12 @@ async fn run_until_crash(env: &TestEnv, faults: &CrashAt) {
 
 async fn drain_and_check(env: &TestEnv, schedule: &str) {
     let o = options();
-    commands::producer(&env.settings, &o)
-        .await
-        .unwrap()
-        .drain(&NoFaults)
-        .await
-        .unwrap();
-    commands::consumer(&env.settings, &o)
-        .await
-        .unwrap()
-        .drain(&NoFaults, o.poll)
-        .await
-        .unwrap();
+    commands::producer(&env.settings, &o).await.unwrap().drain(&NoFaults).await.unwrap();
+    commands::consumer(&env.settings, &o).await.unwrap().drain(&NoFaults, o.poll).await.unwrap();
     let report = commands::verify(&env.settings).await.unwrap();
     assert!(report.ok(), "{schedule}: {report}");
-    assert_eq!(
-        report.postgres_sent, report.postgres_rows,
-        "{schedule}: every row flagged sent"
-    );
-    assert_eq!(
-        report.clickhouse_final_rows, report.postgres_rows,
-        "{schedule}: one row per id"
-    );
+    assert_eq!(report.postgres_sent, report.postgres_rows, "{schedule}: every row flagged sent");
+    assert_eq!(report.clickhouse_final_rows, report.postgres_rows, "{schedule}: one row per id");
 }
 
 async fn replay(point: CrashPoint) {
@@ -99,14 +83,8 @@ async fn replay(point: CrashPoint) {
     env.ok(&["init", "--partitions", "3"]);
     let pool = env.pg().await;
     for skip in 0..3 {
-        pg2ch::postgres::seed(&pool, 300, 300, |_| {})
-            .await
-            .unwrap();
-        let faults = CrashAt {
-            point,
-            skip: Cell::new(skip),
-            fired: Cell::new(false),
-        };
+        pg2ch::postgres::seed(&pool, 300, 300, |_| {}).await.unwrap();
+        let faults = CrashAt { point, skip: Cell::new(skip), fired: Cell::new(false) };
         run_until_crash(&env, &faults).await;
         let schedule = format!("crash at {point:?} (occurrence {})", skip + 1);
         assert!(faults.fired.get(), "{schedule} was never reached");

@@ -29,9 +29,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
             while !stop.load(Ordering::SeqCst) {
                 let names: Vec<String> = (0..50).map(|i| format!("live_{batches}_{i}")).collect();
                 let times = vec![Utc::now(); names.len()];
-                pg2ch::postgres::insert_events(&pool, &names, &times)
-                    .await
-                    .unwrap();
+                pg2ch::postgres::insert_events(&pool, &names, &times).await.unwrap();
                 batches += 1;
                 tokio::task::yield_now().await;
             }
@@ -39,33 +37,19 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         })
     };
 
-    let seed: u64 = std::env::var("PG2CH_KILL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
+    let seed: u64 = std::env::var("PG2CH_KILL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
     println!("PG2CH_KILL_SEED={seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     for round in 0..20 {
         let mut child = env
-            .command(&[
-                "run",
-                "--batch-rows",
-                "500",
-                "--insert-rows",
-                "700",
-                "--poll-ms",
-                "20",
-            ])
+            .command(&["run", "--batch-rows", "500", "--insert-rows", "700", "--poll-ms", "20"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("starting pg2ch run");
         // Not synchronisation: the point is to kill at an arbitrary moment.
         tokio::time::sleep(Duration::from_millis(rng.random_range(50..700))).await;
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "round {round}: pg2ch run exited on its own (seed {seed})"
-        );
+        assert!(child.try_wait().unwrap().is_none(), "round {round}: pg2ch run exited on its own (seed {seed})");
         child.kill().expect("SIGKILL");
         child.wait().unwrap();
     }
@@ -77,15 +61,8 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let report = env.ok(&["verify"]);
     assert!(report.contains("verify: OK"), "seed {seed}: {report}");
     let pg = pg2ch::postgres::all_rows(&env.pg().await).await.unwrap();
-    assert!(
-        pg.iter().all(|(_, sent)| *sent),
-        "seed {seed}: every row flagged sent"
-    );
+    assert!(pg.iter().all(|(_, sent)| *sent), "seed {seed}: every row flagged sent");
     let ch = env.ch().await;
-    assert_eq!(
-        ch.final_count().await.unwrap() as usize,
-        pg.len(),
-        "seed {seed}: one row per id"
-    );
+    assert_eq!(ch.final_count().await.unwrap() as usize, pg.len(), "seed {seed}: one row per id");
     assert_eq!(pg.len(), 20_000 + 50 * batches as usize);
 }

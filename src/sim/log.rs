@@ -8,7 +8,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use super::{Chaos, yield_now};
-use crate::stores::{EventLog, Fetched, FetchedRecord, LogRecord};
+use crate::stores::{DeadLetter, EventLog, Fetched, FetchedRecord, LogRecord};
 
 #[derive(Debug)]
 struct Batch {
@@ -19,28 +19,30 @@ struct Batch {
 #[derive(Debug, Default)]
 pub struct Log {
     partitions: Vec<Vec<Batch>>,
+    /// The dead-letter topic: (source partition, source offset, value).
+    pub dead_letters: Vec<(i32, i64, Option<Vec<u8>>)>,
 }
 
 impl Log {
     pub fn new(partitions: i32) -> Self {
-        Log {
-            partitions: (0..partitions).map(|_| Vec::new()).collect(),
-        }
+        Log { partitions: (0..partitions).map(|_| Vec::new()).collect(), dead_letters: Vec::new() }
+    }
+
+    /// Appends a record that is not a login event, as a foreign producer
+    /// might; returns its offset.
+    pub fn append_poison(&mut self, partition: usize, value: Vec<u8>) -> (i32, i64) {
+        let base = self.end(partition);
+        self.partitions[partition].push(Batch { base, values: vec![value] });
+        (partition as i32, base)
     }
 
     fn end(&self, partition: usize) -> i64 {
-        self.partitions[partition]
-            .last()
-            .map(|b| b.base + b.values.len() as i64)
-            .unwrap_or(0)
+        self.partitions[partition].last().map(|b| b.base + b.values.len() as i64).unwrap_or(0)
     }
 
     /// Every value ever appended, in any partition.
     pub fn values(&self) -> impl Iterator<Item = &[u8]> {
-        self.partitions
-            .iter()
-            .flatten()
-            .flat_map(|b| b.values.iter().map(|v| v.as_slice()))
+        self.partitions.iter().flatten().flat_map(|b| b.values.iter().map(|v| v.as_slice()))
     }
 }
 
@@ -63,10 +65,7 @@ impl EventLog for SimLog {
         let mut log = self.log.borrow_mut();
         let base = log.end(partition as usize);
         let count = records.len();
-        log.partitions[partition as usize].push(Batch {
-            base,
-            values: records.into_iter().map(|r| r.value).collect(),
-        });
+        log.partitions[partition as usize].push(Batch { base, values: records.into_iter().map(|r| r.value).collect() });
         self.chaos.note(&("append", partition, base, count));
         if self.chaos.outcome_lost("kafka.append") {
             anyhow::bail!("simulated: produce timed out (it was appended)");
@@ -74,12 +73,7 @@ impl EventLog for SimLog {
         Ok(())
     }
 
-    async fn fetch(
-        &self,
-        partition: i32,
-        offset: i64,
-        _max_wait: Duration,
-    ) -> anyhow::Result<Fetched> {
+    async fn fetch(&self, partition: i32, offset: i64, _max_wait: Duration) -> anyhow::Result<Fetched> {
         yield_now().await;
         if self.chaos.fails("kafka.fetch") {
             anyhow::bail!("simulated: fetch failed");
@@ -87,14 +81,8 @@ impl EventLog for SimLog {
         let log = self.log.borrow();
         let batches = &log.partitions[partition as usize];
         let high_watermark = log.end(partition as usize);
-        let Some(mut first) = batches
-            .iter()
-            .position(|b| offset < b.base + b.values.len() as i64)
-        else {
-            return Ok(Fetched {
-                records: Vec::new(),
-                high_watermark,
-            });
+        let Some(mut first) = batches.iter().position(|b| offset < b.base + b.values.len() as i64) else {
+            return Ok(Fetched { records: Vec::new(), high_watermark });
         };
         if first > 0 && self.chaos.chance(0.3) {
             first -= 1; // a batch wholly before the requested offset
@@ -106,13 +94,27 @@ impl EventLog for SimLog {
             .flat_map(|b| {
                 b.values.iter().enumerate().map(|(i, v)| FetchedRecord {
                     offset: b.base + i as i64,
+                    key: None,
                     value: Some(v.clone()),
                 })
             })
             .collect();
-        Ok(Fetched {
-            records,
-            high_watermark,
-        })
+        Ok(Fetched { records, high_watermark })
+    }
+
+    async fn dead_letter(&self, letters: Vec<DeadLetter>) -> anyhow::Result<()> {
+        yield_now().await;
+        if self.chaos.fails("kafka.dead_letter") {
+            anyhow::bail!("simulated: produce to the dead-letter topic failed");
+        }
+        let mut log = self.log.borrow_mut();
+        for d in letters {
+            log.dead_letters.push((d.partition, d.offset, d.value));
+        }
+        drop(log);
+        if self.chaos.outcome_lost("kafka.dead_letter") {
+            anyhow::bail!("simulated: dead-letter produce timed out (it was appended)");
+        }
+        Ok(())
     }
 }

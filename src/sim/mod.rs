@@ -35,8 +35,8 @@ use rand::{Rng, SeedableRng};
 
 use crate::event::LoginEvent;
 use crate::pipeline::{
-    Consumer, ConsumerConfig, CrashPoint, Crashed, Cursor, Faults, NoFaults, Ordering, Producer,
-    ProducerConfig, is_crash,
+    Consumer, ConsumerConfig, CrashPoint, Crashed, Cursor, Faults, NoFaults, Ordering, Producer, ProducerConfig,
+    is_crash,
 };
 
 /// How often things go wrong, each a probability per opportunity.
@@ -51,11 +51,7 @@ pub struct FaultRates {
 }
 
 impl FaultRates {
-    pub const NONE: FaultRates = FaultRates {
-        fail: 0.0,
-        lost: 0.0,
-        crash: 0.0,
-    };
+    pub const NONE: FaultRates = FaultRates { fail: 0.0, lost: 0.0, crash: 0.0 };
 }
 
 /// The one source of randomness and faults, shared by all simulated stores.
@@ -151,6 +147,8 @@ pub struct World {
     pub log: Rc<RefCell<log::Log>>,
     pub sink: Rc<RefCell<sink::SinkTable>>,
     partitions: i32,
+    /// Poison records appended to the log: (partition, offset).
+    poison: RefCell<Vec<(i32, i64)>>,
 }
 
 const GROUP: &str = "sim";
@@ -163,32 +161,20 @@ impl World {
             log: Rc::new(RefCell::new(log::Log::new(partitions))),
             sink: Rc::default(),
             partitions,
+            poison: RefCell::default(),
         }
     }
 
     pub fn source(&self, session: u32) -> source::SimSource {
-        source::SimSource {
-            chaos: self.chaos.clone(),
-            table: self.table.clone(),
-            session,
-            marked: None,
-        }
+        source::SimSource { chaos: self.chaos.clone(), table: self.table.clone(), session, marked: None }
     }
 
     pub fn event_log(&self) -> log::SimLog {
-        log::SimLog {
-            chaos: self.chaos.clone(),
-            log: self.log.clone(),
-            partitions: self.partitions,
-        }
+        log::SimLog { chaos: self.chaos.clone(), log: self.log.clone(), partitions: self.partitions }
     }
 
     pub fn sink_store(&self) -> sink::SimSink {
-        sink::SimSink {
-            chaos: self.chaos.clone(),
-            table: self.sink.clone(),
-            group: GROUP.into(),
-        }
+        sink::SimSink { chaos: self.chaos.clone(), table: self.sink.clone(), group: GROUP.into() }
     }
 
     pub fn faults(&self) -> SimFaults {
@@ -197,17 +183,21 @@ impl World {
 
     /// Inserts a row with awkward content chosen by the RNG (not yet committed).
     fn insert_row(&self) {
-        const NAMES: [&str; 6] = [
-            "alice",
-            "",
-            "quote\" back\\slash",
-            "new\nline\ttab",
-            "🦀 emoji",
-            "'; DROP TABLE x; --",
-        ];
+        const NAMES: [&str; 6] =
+            ["alice", "", "quote\" back\\slash", "new\nline\ttab", "🦀 emoji", "'; DROP TABLE x; --"];
         let name = NAMES[self.chaos.below(NAMES.len())].to_owned();
         let time = 1_700_000_000_000_000 + self.chaos.below(1_000_000_000) as i64;
-        self.table.borrow_mut().insert(name, time);
+        let representable = !self.chaos.chance(0.05);
+        self.table.borrow_mut().insert(name, time, representable);
+    }
+
+    /// Appends a record that is not a login event to a partition.
+    fn append_poison(&self, partition: u8) {
+        const JUNK: [&[u8]; 4] =
+            [b"not json", b"", br#"{"id":"seven"}"#, br#"{"username":"no id","event_time":"2024-01-01T00:00:00Z"}"#];
+        let value = JUNK[self.chaos.below(JUNK.len())].to_vec();
+        let at = self.log.borrow_mut().append_poison(partition as usize % self.partitions as usize, value);
+        self.poison.borrow_mut().push(at);
     }
 
     /// The properties that must hold at every moment.
@@ -217,26 +207,19 @@ impl World {
             match table.committed.get(&row.id) {
                 Some((pg, _)) if pg == row => {}
                 Some((pg, _)) => {
-                    return Err(format!(
-                        "sink has id {} with content {row:?}, table has {pg:?}",
-                        row.id
-                    ));
+                    return Err(format!("sink has id {} with content {row:?}, table has {pg:?}", row.id));
                 }
                 None => return Err(format!("sink has id {} that the table lacks", row.id)),
             }
         }
-        let logged: BTreeSet<LoginEvent> = self
-            .log
-            .borrow()
-            .values()
-            .filter_map(|v| LoginEvent::decode(Some(v)).ok())
-            .collect();
+        let logged: BTreeSet<LoginEvent> =
+            self.log.borrow().values().filter_map(|v| LoginEvent::decode(Some(v)).ok()).collect();
         for (row, sent) in table.committed.values() {
             if *sent && !logged.contains(row) {
-                return Err(format!(
-                    "row {} is flagged sent but is not in the log",
-                    row.id
-                ));
+                return Err(format!("row {} is flagged sent but is not in the log", row.id));
+            }
+            if *sent && table.rejected.contains_key(&row.id) {
+                return Err(format!("row {} is flagged both sent and rejected", row.id));
             }
         }
         Ok(())
@@ -245,15 +228,28 @@ impl World {
     /// The properties that must hold once everything drained.
     pub fn check_quiescent(&self) -> Result<(), String> {
         let table = self.table.borrow();
-        if let Some((row, _)) = table.committed.values().find(|(_, sent)| !sent) {
-            return Err(format!("row {} is still unsent after draining", row.id));
+        for (row, sent) in table.committed.values() {
+            let unrepresentable = table.unrepresentable.contains(&row.id);
+            if unrepresentable && !table.rejected.contains_key(&row.id) {
+                return Err(format!("unrepresentable row {} was not flagged rejected", row.id));
+            }
+            if !unrepresentable && !sent {
+                return Err(format!("row {} is still unsent after draining", row.id));
+            }
         }
-        let expected: Vec<LoginEvent> = table.committed.values().map(|(r, _)| r.clone()).collect();
-        let report = crate::verify::reconcile(&table.rows(), &self.sink.borrow().final_rows());
-        if !report.ok() || report.clickhouse_final_rows != expected.len() as u64 {
+        let dead: BTreeSet<(i32, i64)> = self.log.borrow().dead_letters.iter().map(|(p, o, _)| (*p, *o)).collect();
+        if let Some(missing) = self.poison.borrow().iter().find(|at| !dead.contains(at)) {
             return Err(format!(
-                "sink FINAL differs from the table after draining:\n{report}"
+                "poison record at partition {} offset {} never reached the dead-letter topic",
+                missing.0, missing.1
             ));
+        }
+        let sendable: Vec<(LoginEvent, bool)> =
+            table.rows().into_iter().filter(|(r, _)| !table.rejected.contains_key(&r.id)).collect();
+        let expected: Vec<LoginEvent> = sendable.iter().map(|(r, _)| r.clone()).collect();
+        let report = crate::verify::reconcile(&sendable, &self.sink.borrow().final_rows());
+        if !report.ok() || report.clickhouse_final_rows != expected.len() as u64 {
+            return Err(format!("sink FINAL differs from the table after draining:\n{report}"));
         }
         Ok(())
     }
@@ -272,6 +268,8 @@ pub enum Action {
     CommitInsert(u8),
     /// A background merge in the sink.
     Merge,
+    /// A foreign producer writes a record that is not a login event to this partition.
+    Poison(u8),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -315,12 +313,7 @@ pub struct Outcome {
 
 type Task = LocalBoxFuture<'static, anyhow::Error>;
 
-fn producer_task(
-    world: &World,
-    session: u32,
-    config: ProducerConfig,
-    cursor: Option<Cursor>,
-) -> Task {
+fn producer_task(world: &World, session: u32, config: ProducerConfig, cursor: Option<Cursor>) -> Task {
     let mut producer = Producer::new(world.source(session), world.event_log(), config);
     if let Some(cursor) = cursor {
         producer = producer.with_cursor(cursor);
@@ -358,10 +351,7 @@ fn consumer_task(world: &World, config: ConsumerConfig) -> Task {
 /// Runs a scenario; `Err` says which property broke and when.
 pub fn run(s: &Scenario, orderings: Orderings) -> Result<Outcome, String> {
     let world = World::new(s.seed, s.rates, s.partitions);
-    let producer_config = ProducerConfig {
-        batch_rows: s.batch_rows,
-        ordering: orderings.producer,
-    };
+    let producer_config = ProducerConfig { batch_rows: s.batch_rows, ordering: orderings.producer };
     let mut consumer_config = ConsumerConfig::all_partitions(s.partitions);
     consumer_config.insert_rows = s.insert_rows;
     consumer_config.ordering = orderings.consumer;
@@ -376,12 +366,8 @@ pub fn run(s: &Scenario, orderings: Orderings) -> Result<Outcome, String> {
             Action::Step(c) => {
                 let slot = &mut tasks[c as usize];
                 let task = slot.get_or_insert_with(|| match c {
-                    Component::Producer1 => {
-                        producer_task(&world, 1, producer_config.clone(), shared.clone())
-                    }
-                    Component::Producer2 => {
-                        producer_task(&world, 2, producer_config.clone(), shared.clone())
-                    }
+                    Component::Producer1 => producer_task(&world, 1, producer_config.clone(), shared.clone()),
+                    Component::Producer2 => producer_task(&world, 2, producer_config.clone(), shared.clone()),
                     Component::Consumer => consumer_task(&world, consumer_config.clone()),
                 });
                 if let Poll::Ready(_crash) = task.as_mut().poll(&mut cx) {
@@ -392,10 +378,9 @@ pub fn run(s: &Scenario, orderings: Orderings) -> Result<Outcome, String> {
             Action::Insert(n) => (0..n).for_each(|_| world.insert_row()),
             Action::CommitInsert(k) => world.table.borrow_mut().commit_insert(k as usize),
             Action::Merge => world.sink.borrow_mut().merge(),
+            Action::Poison(p) => world.append_poison(p),
         }
-        world
-            .check_always()
-            .map_err(|e| format!("after action {i} ({action:?}): {e}"))?;
+        world.check_always().map_err(|e| format!("after action {i} ({action:?}): {e}"))?;
     }
 
     // Quiescence: no more faults, every insert committed, every component
@@ -406,19 +391,14 @@ pub fn run(s: &Scenario, orderings: Orderings) -> Result<Outcome, String> {
         world.table.borrow_mut().commit_insert(0);
     }
     let mut producer = Producer::new(world.source(3), world.event_log(), producer_config);
-    futures::executor::block_on(producer.drain(&NoFaults))
-        .map_err(|e| format!("final produce: {e:#}"))?;
+    futures::executor::block_on(producer.drain(&NoFaults)).map_err(|e| format!("final produce: {e:#}"))?;
     let mut consumer = Consumer::new(world.event_log(), world.sink_store(), consumer_config);
     futures::executor::block_on(consumer.drain(&NoFaults, Duration::ZERO))
         .map_err(|e| format!("final consume: {e:#}"))?;
-    world
-        .check_always()
-        .map_err(|e| format!("after draining: {e}"))?;
+    world.check_always().map_err(|e| format!("after draining: {e}"))?;
     world.check_quiescent()?;
     world.sink.borrow_mut().merge();
-    world
-        .check_quiescent()
-        .map_err(|e| format!("after the final merge: {e}"))?;
+    world.check_quiescent().map_err(|e| format!("after the final merge: {e}"))?;
     Ok(Outcome {
         rows: world.table.borrow().committed.len(),
         trace: world.chaos.trace.get(),

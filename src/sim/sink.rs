@@ -77,11 +77,7 @@ impl Sink for SimSink {
         }
         let mut table = self.table.borrow_mut();
         for (p, offset) in positions {
-            table
-                .positions
-                .entry((self.group.clone(), *p))
-                .or_default()
-                .push(*offset);
+            table.positions.entry((self.group.clone(), *p)).or_default().push(*offset);
         }
         drop(table);
         self.chaos.note(&("positions", positions.len()));

@@ -3,12 +3,12 @@
 //! (out of order), and commits that fail or whose outcome is lost.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 
 use super::{Chaos, yield_now};
 use crate::event::LoginEvent;
-use crate::stores::SourceTable;
+use crate::stores::{Claim, Rejected, SourceTable};
 
 #[derive(Debug, Default)]
 pub struct Table {
@@ -19,17 +19,20 @@ pub struct Table {
     /// Inserted, id allocated, not committed yet.
     pub pending: Vec<LoginEvent>,
     next_id: i64,
+    /// Rows that cannot be represented downstream (a NULL, in real life).
+    pub unrepresentable: BTreeSet<i64>,
+    /// Rows flagged rejected, with the reason.
+    pub rejected: BTreeMap<i64, String>,
 }
 
 impl Table {
     /// Allocates an id for a new row; it becomes visible when committed.
-    pub fn insert(&mut self, username: String, event_time_us: i64) {
+    pub fn insert(&mut self, username: String, event_time_us: i64, representable: bool) {
         self.next_id += 1;
-        self.pending.push(LoginEvent {
-            id: self.next_id,
-            username,
-            event_time_us,
-        });
+        if !representable {
+            self.unrepresentable.insert(self.next_id);
+        }
+        self.pending.push(LoginEvent { id: self.next_id, username, event_time_us });
     }
 
     /// Commits the pending insert at `index` (modulo the number pending).
@@ -55,7 +58,7 @@ pub struct SimSource {
     pub(super) chaos: Rc<Chaos>,
     pub(super) table: Rc<RefCell<Table>>,
     pub(super) session: u32,
-    pub(super) marked: Option<Vec<i64>>,
+    pub(super) marked: Option<(Vec<i64>, Vec<Rejected>)>,
 }
 
 impl SimSource {
@@ -72,7 +75,7 @@ impl Drop for SimSource {
 }
 
 impl SourceTable for SimSource {
-    async fn claim(&mut self, after_id: i64, limit: usize) -> anyhow::Result<Vec<LoginEvent>> {
+    async fn claim(&mut self, after_id: i64, limit: usize) -> anyhow::Result<Claim> {
         yield_now().await;
         self.abort();
         if self.chaos.fails("pg.claim") {
@@ -82,16 +85,22 @@ impl SourceTable for SimSource {
         let rows: Vec<LoginEvent> = table
             .committed
             .range(after_id.saturating_add(1)..)
-            .filter(|(id, (_, sent))| !sent && !table.locks.contains_key(id))
+            .filter(|(id, (_, sent))| !sent && !table.locks.contains_key(id) && !table.rejected.contains_key(id))
             .take(limit)
             .map(|(_, (row, _))| row.clone())
             .collect();
-        for row in &rows {
+        let mut claim = Claim::default();
+        for row in rows {
             table.locks.insert(row.id, self.session);
+            if table.unrepresentable.contains(&row.id) {
+                claim.rejected.push(Rejected { id: row.id, reason: "username is NULL".into() });
+            } else {
+                claim.rows.push(row);
+            }
         }
-        self.marked = Some(Vec::new());
-        self.chaos.note(&("claim", self.session, rows.len()));
-        Ok(rows)
+        self.marked = Some((Vec::new(), Vec::new()));
+        self.chaos.note(&("claim", self.session, claim.len()));
+        Ok(claim)
     }
 
     async fn mark_sent(&mut self, ids: &[i64]) -> anyhow::Result<()> {
@@ -105,20 +114,30 @@ impl SourceTable for SimSource {
         }
         let table = self.table.borrow();
         assert!(
-            ids.iter()
-                .all(|id| table.locks.get(id) == Some(&self.session)),
+            ids.iter().all(|id| table.locks.get(id) == Some(&self.session)),
             "the pipeline flagged a row it had not locked"
         );
         drop(table);
-        self.marked = Some(ids.to_vec());
+        self.marked.as_mut().expect("checked above").0 = ids.to_vec();
+        Ok(())
+    }
+
+    async fn reject(&mut self, rows: &[Rejected]) -> anyhow::Result<()> {
+        yield_now().await;
+        if self.marked.is_none() {
+            anyhow::bail!("simulated: reject without a claim");
+        }
+        if self.chaos.fails("pg.reject") {
+            self.abort();
+            anyhow::bail!("simulated: update failed");
+        }
+        self.marked.as_mut().expect("checked above").1 = rows.to_vec();
         Ok(())
     }
 
     async fn commit(&mut self) -> anyhow::Result<()> {
         yield_now().await;
-        let Some(marked) = self.marked.take() else {
-            anyhow::bail!("simulated: commit without a claim")
-        };
+        let Some((marked, rejected)) = self.marked.take() else { anyhow::bail!("simulated: commit without a claim") };
         if self.chaos.fails("pg.commit") {
             self.abort();
             anyhow::bail!("simulated: commit failed");
@@ -129,6 +148,9 @@ impl SourceTable for SimSource {
                 if let Some(row) = table.committed.get_mut(id) {
                     row.1 = true;
                 }
+            }
+            for r in &rejected {
+                table.rejected.insert(r.id, r.reason.clone());
             }
             table.release(self.session);
         }

@@ -24,19 +24,13 @@ fn cases() -> u32 {
 fn config(cases: u32) -> Config {
     Config {
         cases,
-        failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel(
-            "proptest-regressions",
-        ))),
+        failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))),
         ..Config::default()
     }
 }
 
 fn component() -> impl Strategy<Value = Component> {
-    prop_oneof![
-        Just(Component::Producer1),
-        Just(Component::Producer2),
-        Just(Component::Consumer)
-    ]
+    prop_oneof![Just(Component::Producer1), Just(Component::Producer2), Just(Component::Consumer)]
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -48,6 +42,7 @@ fn action() -> impl Strategy<Value = Action> {
         4 => (1u8..6).prop_map(Action::Insert),
         5 => any::<u8>().prop_map(Action::CommitInsert),
         1 => Just(Action::Merge),
+        1 => any::<u8>().prop_map(Action::Poison),
     ]
 }
 
@@ -61,16 +56,8 @@ pub fn scenario() -> impl Strategy<Value = Scenario> {
         any::<bool>(),
         proptest::collection::vec(action(), 1..160),
     )
-        .prop_map(
-            |(
-                seed,
-                (fail, lost, crash),
-                partitions,
-                batch_rows,
-                insert_rows,
-                shared_cursor,
-                actions,
-            )| Scenario {
+        .prop_map(|(seed, (fail, lost, crash), partitions, batch_rows, insert_rows, shared_cursor, actions)| {
+            Scenario {
                 seed,
                 rates: FaultRates { fail, lost, crash },
                 partitions,
@@ -78,8 +65,8 @@ pub fn scenario() -> impl Strategy<Value = Scenario> {
                 insert_rows,
                 shared_cursor,
                 actions,
-            },
-        )
+            }
+        })
 }
 
 proptest! {
@@ -96,13 +83,8 @@ proptest! {
 
 /// Searches for a counterexample with a wrong ordering; returns it.
 fn counterexample(orderings: Orderings) -> Option<Scenario> {
-    let mut runner = TestRunner::new(Config {
-        failure_persistence: None,
-        ..config(cases().max(2000))
-    });
-    match runner.run(&scenario(), |s| {
-        run(&s, orderings).map(|_| ()).map_err(TestCaseError::fail)
-    }) {
+    let mut runner = TestRunner::new(Config { failure_persistence: None, ..config(cases().max(2000)) });
+    match runner.run(&scenario(), |s| run(&s, orderings).map(|_| ()).map_err(TestCaseError::fail)) {
         Err(TestError::Fail(why, s)) => {
             println!("counterexample found as expected: {why}\n{s:?}");
             Some(s)
@@ -113,89 +95,43 @@ fn counterexample(orderings: Orderings) -> Option<Scenario> {
 
 #[test]
 fn teeth_flagging_sent_before_the_broker_acknowledged_is_caught() {
-    let found = counterexample(Orderings {
-        producer: Ordering::MarkBeforePublish,
-        ..Orderings::default()
-    });
-    let s =
-        found.expect("the property search must catch rows flagged sent before they were published");
-    assert!(
-        run(&s, Orderings::default()).is_ok(),
-        "the same schedule passes with the correct ordering"
-    );
+    let found = counterexample(Orderings { producer: Ordering::MarkBeforePublish, ..Orderings::default() });
+    let s = found.expect("the property search must catch rows flagged sent before they were published");
+    assert!(run(&s, Orderings::default()).is_ok(), "the same schedule passes with the correct ordering");
 }
 
 #[test]
 fn teeth_storing_the_position_before_the_write_is_caught() {
-    let found = counterexample(Orderings {
-        consumer: Ordering::PositionBeforeWrite,
-        ..Orderings::default()
-    });
-    let s = found
-        .expect("the property search must catch a position stored before the rows were written");
-    assert!(
-        run(&s, Orderings::default()).is_ok(),
-        "the same schedule passes with the correct ordering"
-    );
+    let found = counterexample(Orderings { consumer: Ordering::PositionBeforeWrite, ..Orderings::default() });
+    let s = found.expect("the property search must catch a position stored before the rows were written");
+    assert!(run(&s, Orderings::default()).is_ok(), "the same schedule passes with the correct ordering");
 }
 
 /// A few scenarios drawn from a fixed seed.
 fn sample(n: usize, seed: u64) -> Vec<Scenario> {
-    let mut runner = TestRunner::new(Config {
-        rng_seed: RngSeed::Fixed(seed),
-        ..Config::default()
-    });
-    (0..n)
-        .map(|_| {
-            scenario()
-                .new_tree(&mut runner)
-                .expect("strategy")
-                .current()
-        })
-        .collect()
+    let mut runner = TestRunner::new(Config { rng_seed: RngSeed::Fixed(seed), ..Config::default() });
+    (0..n).map(|_| scenario().new_tree(&mut runner).expect("strategy").current()).collect()
 }
 
 #[test]
 fn a_seed_replays_identically() {
     let scenarios = sample(50, 7);
-    let first: Vec<_> = scenarios
-        .iter()
-        .map(|s| run(s, Orderings::default()).expect("passes"))
-        .collect();
-    let again: Vec<_> = scenarios
-        .iter()
-        .map(|s| run(s, Orderings::default()).expect("passes"))
-        .collect();
+    let first: Vec<_> = scenarios.iter().map(|s| run(s, Orderings::default()).expect("passes")).collect();
+    let again: Vec<_> = scenarios.iter().map(|s| run(s, Orderings::default()).expect("passes")).collect();
     assert_eq!(first, again, "same scenario, same trace");
     let distinct: BTreeSet<u64> = first.iter().map(|o| o.trace).collect();
-    assert!(
-        distinct.len() > 40,
-        "different scenarios take different paths"
-    );
+    assert!(distinct.len() > 40, "different scenarios take different paths");
 }
 
 #[test]
 fn every_named_crash_point_is_reached() {
     let mut reached = BTreeSet::new();
     for s in sample(400, 11) {
-        let s = Scenario {
-            rates: FaultRates {
-                crash: 0.2,
-                ..s.rates
-            },
-            batch_rows: s.batch_rows.max(2),
-            ..s
-        };
+        let s = Scenario { rates: FaultRates { crash: 0.2, ..s.rates }, batch_rows: s.batch_rows.max(2), ..s };
         reached.extend(run(&s, Orderings::default()).expect("passes").crashed_at);
     }
-    let missing: Vec<_> = CrashPoint::ALL
-        .iter()
-        .filter(|p| !reached.contains(p))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "crash points never reached: {missing:?}"
-    );
+    let missing: Vec<_> = CrashPoint::ALL.iter().filter(|p| !reached.contains(p)).collect();
+    assert!(missing.is_empty(), "crash points never reached: {missing:?}");
 }
 
 #[test]
@@ -207,23 +143,11 @@ fn keyset_cursor_finds_ids_that_commit_out_of_order() {
         world.insert_row();
     }
     world.table.borrow_mut().commit_insert(2);
-    let mut producer = Producer::new(
-        world.source(1),
-        world.event_log(),
-        ProducerConfig {
-            batch_rows: 1,
-            ..Default::default()
-        },
-    );
-    assert_eq!(
-        futures::executor::block_on(producer.drain(&NoFaults)).unwrap(),
-        1
-    );
+    let mut producer =
+        Producer::new(world.source(1), world.event_log(), ProducerConfig { batch_rows: 1, ..Default::default() });
+    assert_eq!(futures::executor::block_on(producer.drain(&NoFaults)).unwrap(), 1);
     world.table.borrow_mut().commit_insert(0);
     world.table.borrow_mut().commit_insert(0);
-    assert_eq!(
-        futures::executor::block_on(producer.drain(&NoFaults)).unwrap(),
-        2
-    );
+    assert_eq!(futures::executor::block_on(producer.drain(&NoFaults)).unwrap(), 2);
     assert!(world.table.borrow().rows().iter().all(|(_, sent)| *sent));
 }

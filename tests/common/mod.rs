@@ -51,15 +51,52 @@ async fn base() -> Settings {
             .up()
             .await
             .unwrap_or_else(|e| panic!("no services for the tests and the local stack did not start: {e:#}\n(run `just setup`, or export PG_HOST/CH_HOST/KAFKA_BOOTSTRAP)"));
-        Settings {
-            pg: env.pg,
-            ch: env.ch,
-            kafka: KafkaConfig { bootstrap: vec![env.kafka_bootstrap], topic: String::new(), group: "pg2ch".into() },
-            timeouts: Timeouts { call: Duration::from_secs(30) },
-        }
+        settings_of(env)
     })
     .await
     .clone()
+}
+
+/// Settings for a running local stack.
+pub fn settings_of(env: pg2ch::stack::StackEnv) -> Settings {
+    Settings {
+        pg: env.pg,
+        ch: env.ch,
+        kafka: KafkaConfig { bootstrap: vec![env.kafka_bootstrap], topic: String::new(), group: "pg2ch".into() },
+        timeouts: Timeouts { call: Duration::from_secs(30) },
+    }
+}
+
+/// A free TCP port on loopback (released before use; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A whole stack of its own, for tests that stop services. Stopped on drop.
+pub struct PrivateStack {
+    pub stack: pg2ch::stack::Stack,
+    pub settings: Settings,
+}
+
+impl PrivateStack {
+    pub async fn start(label: &str) -> PrivateStack {
+        let stack = pg2ch::stack::Stack {
+            dir: std::env::temp_dir().join(format!("pg2ch-{label}-{}", std::process::id())),
+            pg_port: free_port(),
+            ch_port: free_port(),
+            ch_tcp_port: free_port(),
+            kafka_port: free_port(),
+        };
+        let env = stack.up().await.unwrap_or_else(|e| panic!("private stack for {label}: {e:#}"));
+        PrivateStack { stack, settings: settings_of(env) }
+    }
+}
+
+impl Drop for PrivateStack {
+    fn drop(&mut self) {
+        let _ = self.stack.down();
+        let _ = std::fs::remove_dir_all(&self.stack.dir);
+    }
 }
 
 /// One test's own PostgreSQL database, ClickHouse database and topic.
@@ -70,21 +107,21 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub async fn new(label: &str) -> TestEnv {
-        let base = base().await;
+        Self::on(base().await, label).await
+    }
+
+    /// A namespace on the services `base` points at.
+    pub async fn on(base: Settings, label: &str) -> TestEnv {
         let name = format!(
             "t_{label}_{}_{}_{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::SeqCst),
             rand::random::<u32>()
         );
-        let admin = pg2ch::postgres::connect(&base.pg, 1, Duration::from_secs(10))
-            .await
-            .expect("PostgreSQL admin connection");
+        let admin =
+            pg2ch::postgres::connect(&base.pg, 1, Duration::from_secs(10)).await.expect("PostgreSQL admin connection");
         // The name is generated above from [a-z0-9_]; CREATE DATABASE takes no bind parameters.
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&admin)
-            .await
-            .expect("creating the test database");
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.expect("creating the test database");
         let mut settings = base.clone();
         settings.pg.database = name.clone();
         settings.ch.database = name.clone();
@@ -97,16 +134,11 @@ impl TestEnv {
         let mut settings = self.settings.clone();
         settings.kafka.group = group.into();
         settings.ch.database = format!("{}_{group}", self.name);
-        TestEnv {
-            name: self.name.clone(),
-            settings,
-        }
+        TestEnv { name: self.name.clone(), settings }
     }
 
     pub async fn pg(&self) -> PgPool {
-        pg2ch::postgres::connect(&self.settings.pg, 2, Duration::from_secs(10))
-            .await
-            .expect("PostgreSQL connection")
+        pg2ch::postgres::connect(&self.settings.pg, 2, Duration::from_secs(10)).await.expect("PostgreSQL connection")
     }
 
     pub async fn ch(&self) -> pg2ch::clickhouse::ClickHouse {
@@ -156,9 +188,7 @@ impl TestEnv {
         ] {
             cmd.env_remove(key);
         }
-        cmd.envs(self.vars())
-            .args(args)
-            .current_dir(std::env::temp_dir());
+        cmd.envs(self.vars()).args(args).current_dir(std::env::temp_dir());
         cmd
     }
 

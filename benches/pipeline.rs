@@ -1,0 +1,335 @@
+//! Stage ceilings and end-to-end figures on the real services.
+//!
+//! Every figure is measured in this run, on this machine, against the same
+//! table, so the ratios mean something: the end-to-end drain is reported as a
+//! fraction of PostgreSQL's own bulk `UPDATE ... SET sent_to_kafka = TRUE`
+//! of the same rows. Rows per benchmark: `PG2CH_BENCH_ROWS` (default 1,000,000).
+//! Each timed iteration starts from the same state (flags reset and the table
+//! vacuumed, untimed); every end-to-end run must end with `verify` OK.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::TestEnv;
+use criterion::{Criterion, SamplingMode, Throughput};
+use pg2ch::event::LoginEvent;
+use pg2ch::pipeline::{NoFaults, Producer, ProducerConfig};
+use pg2ch::stores::{EventLog, Fetched, LogRecord, Sink};
+use tokio::runtime::Runtime;
+
+/// Per stage: rows moved and seconds taken, summed over the timed iterations.
+static TOTALS: Mutex<BTreeMap<&'static str, (f64, f64)>> = Mutex::new(BTreeMap::new());
+static RSS_MB: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+
+fn rows() -> u64 {
+    std::env::var("PG2CH_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000)
+}
+
+fn record(name: &'static str, rows: u64, took: Duration) {
+    let mut totals = TOTALS.lock().unwrap();
+    let e = totals.entry(name).or_default();
+    e.0 += rows as f64;
+    e.1 += took.as_secs_f64();
+}
+
+/// A log that accepts and forgets, to time PostgreSQL alone.
+struct NullLog;
+impl EventLog for NullLog {
+    fn partitions(&self) -> i32 {
+        4
+    }
+    async fn append(&self, _: i32, _: Vec<LogRecord>) -> anyhow::Result<()> {
+        Ok(())
+    }
+    async fn fetch(&self, _: i32, _: i64, _: Duration) -> anyhow::Result<Fetched> {
+        Ok(Fetched::default())
+    }
+    async fn dead_letter(&self, _: Vec<pg2ch::stores::DeadLetter>) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+async fn reset_flags(env: &TestEnv) {
+    let pool = env.pg().await;
+    sqlx::query("UPDATE user_logins SET sent_to_kafka = FALSE").execute(&pool).await.unwrap();
+    sqlx::query("VACUUM ANALYZE user_logins").execute(&pool).await.unwrap();
+}
+
+fn group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+    n: u64,
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_millis(1))
+        .measurement_time(Duration::from_secs(1));
+    g.throughput(Throughput::Elements(n));
+    g
+}
+
+fn postgres_stages(c: &mut Criterion, rt: &Runtime, env: &TestEnv, n: u64) {
+    let mut g = group(c, "postgres", n);
+    g.bench_function("bulk_update (reference ceiling)", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    reset_flags(env).await;
+                    let pool = env.pg().await;
+                    let t = Instant::now();
+                    sqlx::query("UPDATE user_logins SET sent_to_kafka = TRUE").execute(&pool).await.unwrap();
+                    let took = t.elapsed();
+                    record("PostgreSQL bulk UPDATE (reference)", n, took);
+                    total += took;
+                }
+                total
+            })
+        })
+    });
+    g.bench_function("claim_and_mark (10k batches, 1 lane, no broker)", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    reset_flags(env).await;
+                    let source = pg2ch::postgres::PgSource::new(env.pg().await, Duration::from_secs(60));
+                    let mut p = Producer::new(source, NullLog, ProducerConfig::default());
+                    let t = Instant::now();
+                    assert_eq!(p.drain(&NoFaults).await.unwrap() as u64, n);
+                    let took = t.elapsed();
+                    record("PostgreSQL claim + mark, 10k batches", n, took);
+                    total += took;
+                }
+                total
+            })
+        })
+    });
+    g.finish();
+}
+
+fn sample_rows(n: u64) -> Vec<LoginEvent> {
+    (1..=n as i64)
+        .map(|i| LoginEvent {
+            id: i,
+            username: format!("user_{}", i % 100_000),
+            event_time_us: 1_700_000_000_000_000 + i,
+        })
+        .collect()
+}
+
+fn broker_and_clickhouse_stages(c: &mut Criterion, rt: &Runtime, env: &TestEnv, n: u64) {
+    let rows = sample_rows(n);
+    let records: Vec<LogRecord> = rows.iter().map(|r| LogRecord { key: r.key(), value: r.encode() }).collect();
+    let mut g = group(c, "broker", n);
+    let topic = std::sync::Mutex::new(String::new());
+    g.bench_function("produce (4 partitions, 10k-record requests)", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut total = Duration::ZERO;
+                for i in 0..iters {
+                    let name = format!("{}_produce_{}_{i}", env.name, rand::random::<u32>());
+                    let client = pg2ch::kafka::connect(&env.settings.kafka, Duration::from_secs(10)).await.unwrap();
+                    pg2ch::kafka::ensure_topic(&client, &name, 4, Duration::from_secs(10)).await.unwrap();
+                    let log = pg2ch::kafka::KafkaLog::open(&client, &name, Duration::from_secs(60)).await.unwrap();
+                    let t = Instant::now();
+                    let per_partition = records.chunks(records.len().div_ceil(4));
+                    futures::future::try_join_all(per_partition.enumerate().map(|(p, part)| {
+                        let log = &log;
+                        async move {
+                            for chunk in part.chunks(10_000) {
+                                log.append(p as i32, chunk.to_vec()).await?;
+                            }
+                            anyhow::Ok(())
+                        }
+                    }))
+                    .await
+                    .unwrap();
+                    let took = t.elapsed();
+                    record("broker produce", n, took);
+                    total += took;
+                    *topic.lock().unwrap() = name;
+                }
+                total
+            })
+        })
+    });
+    g.bench_function("fetch (4 partitions from offset 0)", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let name = topic.lock().unwrap().clone();
+                let client = pg2ch::kafka::connect(&env.settings.kafka, Duration::from_secs(10)).await.unwrap();
+                let log = pg2ch::kafka::KafkaLog::open(&client, &name, Duration::from_secs(60)).await.unwrap();
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let t = Instant::now();
+                    let mut got = 0u64;
+                    for p in 0..4 {
+                        let mut offset = 0;
+                        loop {
+                            let f = log.fetch(p, offset, Duration::from_millis(1)).await.unwrap();
+                            got += f.records.iter().filter(|r| r.offset >= offset).count() as u64;
+                            offset = f.records.last().map_or(offset, |r| r.offset + 1);
+                            if offset >= f.high_watermark {
+                                break;
+                            }
+                        }
+                    }
+                    let took = t.elapsed();
+                    assert_eq!(got, n);
+                    record("broker fetch", n, took);
+                    total += took;
+                }
+                total
+            })
+        })
+    });
+    g.finish();
+
+    let mut g = group(c, "clickhouse", n);
+    g.bench_function("insert (100k-row RowBinary inserts)", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut sink =
+                    pg2ch::clickhouse::ChSink { ch: env.ch().await, group: "bench".into(), topic: "bench".into() };
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let t = Instant::now();
+                    for chunk in rows.chunks(100_000) {
+                        sink.write(chunk).await.unwrap();
+                    }
+                    let took = t.elapsed();
+                    record("ClickHouse insert", n, took);
+                    total += took;
+                }
+                total
+            })
+        })
+    });
+    g.finish();
+}
+
+fn end_to_end(c: &mut Criterion, rt: &Runtime, env: &TestEnv, n: u64) {
+    let mut g = group(c, "end_to_end", n);
+    g.bench_function("drain backlog (pg2ch run --once)", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for i in 0..iters {
+                rt.block_on(reset_flags(env));
+                // A fresh topic, so the consumer starts from offset 0.
+                let topic = format!("{}_drain_{}_{i}", env.name, rand::random::<u32>());
+                let out = env.command(&["init"]).env("KAFKA_TOPIC", &topic).output().unwrap();
+                assert!(out.status.success());
+                let t = Instant::now();
+                let out = env.command(&["run", "--once"]).env("KAFKA_TOPIC", &topic).output().unwrap();
+                let took = t.elapsed();
+                let log = String::from_utf8_lossy(&out.stderr);
+                assert!(out.status.success(), "{log}");
+                if let Some(mb) =
+                    log.split("peak RSS ").nth(1).and_then(|s| s.split(' ').next()).and_then(|s| s.parse().ok())
+                {
+                    RSS_MB.lock().unwrap().push(mb);
+                }
+                let verify = env.command(&["verify"]).env("KAFKA_TOPIC", &topic).output().unwrap();
+                assert!(verify.status.success(), "verify after the drain: {}", String::from_utf8_lossy(&verify.stdout));
+                record("end to end: drain backlog (run --once, verify OK)", n, took);
+                total += took;
+            }
+            total
+        })
+    });
+    g.finish();
+}
+
+/// Rows inserted at a constant 2,000/s while `pg2ch run` runs; the latency
+/// of a batch is from its INSERT's commit to its ids being visible in ClickHouse.
+fn steady_state_latency(rt: &Runtime, env: &TestEnv) -> (Duration, Duration, usize) {
+    rt.block_on(async {
+        let topic = format!("{}_steady", env.name);
+        assert!(env.command(&["init"]).env("KAFKA_TOPIC", &topic).output().unwrap().status.success());
+        let mut child = env
+            .command(&["run", "--poll-ms", "50"])
+            .env("KAFKA_TOPIC", &topic)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let pool = env.pg().await;
+        let ch = env.ch().await;
+        let mut sent: Vec<(i64, Instant)> = Vec::new();
+        let mut latencies = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let started = Instant::now();
+        let mut seen_max = 0i64;
+        while started.elapsed() < Duration::from_secs(10) || (!sent.is_empty() && started.elapsed() < Duration::from_secs(30)) {
+            if started.elapsed() < Duration::from_secs(10) {
+                tick.tick().await;
+                let max: i64 = sqlx::query_scalar(
+                    "WITH ins AS (INSERT INTO user_logins (username, event_time) SELECT 'steady', now() FROM generate_series(1, 100) RETURNING id) SELECT max(id) FROM ins",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                sent.push((max, Instant::now()));
+            } else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            seen_max = seen_max.max(ch.client.query("SELECT max(id) FROM user_logins").fetch_one::<i64>().await.unwrap());
+            sent.retain(|(id, at)| {
+                if *id <= seen_max {
+                    latencies.push(at.elapsed());
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        let _ = std::process::Command::new("kill").arg(child.id().to_string()).status();
+        let _ = child.wait();
+        assert!(sent.is_empty(), "{} batches never reached ClickHouse", sent.len());
+        latencies.sort();
+        let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+        (pct(0.5), pct(0.99), latencies.len())
+    })
+}
+
+fn main() {
+    let rt = Runtime::new().unwrap();
+    let n = rows();
+    let env = rt.block_on(async {
+        let env = TestEnv::new("bench").await;
+        assert!(env.run(&["init", "--partitions", "4"]).status.success());
+        let pool = env.pg().await;
+        pg2ch::postgres::seed(&pool, n, 10_000, |_| {}).await.unwrap();
+        env
+    });
+    let mut c = Criterion::default().configure_from_args();
+    postgres_stages(&mut c, &rt, &env, n);
+    broker_and_clickhouse_stages(&mut c, &rt, &env, n);
+    end_to_end(&mut c, &rt, &env, n);
+    let (p50, p99, batches) = steady_state_latency(&rt, &env);
+    c.final_summary();
+
+    let figures: BTreeMap<&str, f64> =
+        TOTALS.lock().unwrap().iter().map(|(k, (rows, secs))| (*k, rows / secs)).collect();
+    let reference = figures.get("PostgreSQL bulk UPDATE (reference)").copied().unwrap_or(f64::NAN);
+    println!("\n| stage ({n} rows) | rows/s | vs PostgreSQL bulk UPDATE |\n|---|---:|---:|");
+    for (name, rate) in figures.iter() {
+        println!("| {name} | {:.0} | {:.2} |", rate, rate / reference);
+    }
+    let rss = RSS_MB.lock().unwrap().iter().copied().max().unwrap_or(0);
+    println!("| peak RSS of `pg2ch run --once` | {rss} MB | |");
+    println!("| steady state, 2,000 rows/s: latency p50 / p99 ({batches} batches of 100) | {p50:.0?} / {p99:.0?} | |");
+    let drain = figures.get("end to end: drain backlog (run --once, verify OK)").copied().unwrap_or(0.0);
+    println!(
+        "\ngoals: drain/bulk = {:.2} (>= 0.6: {}), peak RSS {rss} MB (< 150: {}), p99 {p99:.0?} (< 1 s: {})",
+        drain / reference,
+        drain / reference >= 0.6,
+        rss < 150,
+        p99 < Duration::from_secs(1)
+    );
+}

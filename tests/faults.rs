@@ -1,0 +1,279 @@
+//! Faults, bad input and stopping, against real services: each outage is a
+//! real service process stopped (or frozen) and restarted under a running
+//! `pg2ch run`, on a private stack so other tests keep theirs.
+
+mod common;
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use common::{PrivateStack, TestEnv};
+use pg2ch::stack::Service;
+
+/// Polls `probe` until it returns true, failing after `limit`. Waiting for an
+/// observable condition, not for time to pass.
+async fn eventually<F, Fut>(what: &str, limit: Duration, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !probe().await {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn sent_count(env: &TestEnv) -> i64 {
+    match pg2ch::postgres::connect(&env.settings.pg, 1, Duration::from_secs(2)).await {
+        Ok(pool) => sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE sent_to_kafka")
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(-1),
+        Err(_) => -1,
+    }
+}
+
+async fn insert_rows(env: &TestEnv, n: usize) {
+    let names: Vec<String> = (0..n).map(|i| format!("late_{i}")).collect();
+    pg2ch::postgres::insert_events(&env.pg().await, &names, &vec![Utc::now(); n]).await.unwrap();
+}
+
+/// Everything drained: nothing unsent, ClickHouse FINAL equals PostgreSQL.
+async fn drained(env: &TestEnv) -> bool {
+    let Ok(pool) = pg2ch::postgres::connect(&env.settings.pg, 1, Duration::from_secs(2)).await else { return false };
+    let unsent: i64 = sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE NOT sent_to_kafka")
+        .fetch_one(&pool)
+        .await
+        .unwrap_or(1);
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM user_logins").fetch_one(&pool).await.unwrap_or(-1);
+    let Ok(ch) = pg2ch::clickhouse::ClickHouse::connect(&env.settings.ch, Duration::from_secs(2)).await else {
+        return false;
+    };
+    unsent == 0 && ch.final_count().await.map(|n| n as i64 == total).unwrap_or(false)
+}
+
+/// SIGTERM, then the process must exit 0 within `limit`; returns its stderr.
+fn stop(mut child: Child, limit: Duration) -> String {
+    let asked = Instant::now();
+    assert!(std::process::Command::new("kill").arg(child.id().to_string()).status().unwrap().success());
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            assert!(status.success(), "pg2ch run exited with {status} after SIGTERM:\n{err}");
+            return err;
+        }
+        assert!(asked.elapsed() < limit, "pg2ch run did not stop within {limit:?} of SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn spawn_run(env: &TestEnv) -> Child {
+    env.command(&["run", "--poll-ms", "50", "--batch-rows", "2000", "--timeout-secs", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Runs `pg2ch run` through an outage of `service` (stopped for a few seconds, then started again).
+async fn survives_outage(label: &str, service: Service) {
+    let private = PrivateStack::start(label).await;
+    let env = TestEnv::on(private.settings.clone(), label).await;
+    env.ok(&["init", "--partitions", "2"]);
+    env.ok(&["seed", "--rows", "30000"]);
+    let child = spawn_run(&env);
+    eventually("first rows sent", Duration::from_secs(30), || async { sent_count(&env).await > 0 }).await;
+
+    private.stack.stop(service).unwrap();
+    if service != Service::Postgres {
+        insert_rows(&env, 500).await; // rows keep arriving while it is down
+    }
+    // The outage lasts a few seconds: that is what is being tested, not a wait for something.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    private.stack.up().await.unwrap();
+    insert_rows(&env, 500).await;
+
+    eventually("drained after the outage", Duration::from_secs(60), || drained(&env)).await;
+    let log = stop(child, Duration::from_secs(10));
+    let report = env.ok(&["verify"]);
+    assert!(report.contains("verify: OK"), "{report}");
+    // One line when trouble starts and one when it ends, not one per retry.
+    let warnings = log.lines().filter(|l| l.contains("retrying with backoff")).count();
+    assert!((1..=4).contains(&warnings), "{warnings} warnings:\n{log}");
+    assert!(log.contains("recovered"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_outage_is_survived() {
+    survives_outage("pgdown", Service::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clickhouse_outage_is_survived() {
+    survives_outage("chdown", Service::ClickHouse).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_broker_is_cut_by_timeouts_and_survived() {
+    let private = PrivateStack::start("brokerhang").await;
+    let env = TestEnv::on(private.settings.clone(), "brokerhang").await;
+    env.ok(&["init", "--partitions", "2"]);
+    env.ok(&["seed", "--rows", "30000"]);
+    let child = spawn_run(&env);
+    eventually("first rows sent", Duration::from_secs(30), || async { sent_count(&env).await > 0 }).await;
+    private.stack.freeze_broker(true).unwrap();
+    insert_rows(&env, 500).await;
+    tokio::time::sleep(Duration::from_secs(5)).await; // longer than --timeout-secs 2: calls must be cut
+    private.stack.freeze_broker(false).unwrap();
+    eventually("drained after the hang", Duration::from_secs(60), || drained(&env)).await;
+    let log = stop(child, Duration::from_secs(10));
+    assert!(log.contains("timed out"), "a hung call must be cut by a timeout:\n{log}");
+    assert!(env.ok(&["verify"]).contains("verify: OK"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_a_large_batch_stops_quickly_and_resumes() {
+    let env = TestEnv::new("sigterm").await;
+    env.ok(&["init", "--partitions", "2"]);
+    env.ok(&["seed", "--rows", "300000"]);
+    let child =
+        env.command(&["run", "--batch-rows", "50000"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    eventually("first batch sent", Duration::from_secs(30), || async { sent_count(&env).await > 0 }).await;
+    stop(child, Duration::from_secs(5));
+    assert!(sent_count(&env).await < 300_000, "stopped before the end, so the restart has work to do");
+    env.ok(&["run", "--once"]);
+    assert!(env.ok(&["verify"]).contains("verify: OK"));
+    assert_eq!(sent_count(&env).await, 300_000);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_records_go_to_the_dead_letter_topic_and_good_ones_land() {
+    use rskafka::client::partition::{Compression, UnknownTopicHandling};
+    use rskafka::record::Record;
+    let env = TestEnv::new("poison").await;
+    env.ok(&["init", "--partitions", "1"]);
+    env.ok(&["seed", "--rows", "100"]);
+    env.ok(&["produce", "--once"]);
+    let client = pg2ch::kafka::connect(&env.settings.kafka, Duration::from_secs(10)).await.unwrap();
+    let partition = client.partition_client(env.name.clone(), 0, UnknownTopicHandling::Error).await.unwrap();
+    let junk: Vec<Option<&[u8]>> = vec![
+        Some(b"not json at all"),
+        Some(br#"{"id":"seven","username":"x","event_time":"2024-01-01T00:00:00Z"}"#),
+        Some(br#"{"username":"no id","event_time":"2024-01-01T00:00:00Z"}"#),
+        Some(b""),
+        None,
+    ];
+    let records: Vec<Record> = junk
+        .iter()
+        .map(|v| Record {
+            key: Some(b"junk".to_vec()),
+            value: v.map(|v| v.to_vec()),
+            headers: Default::default(),
+            timestamp: Utc::now(),
+        })
+        .collect();
+    partition.produce(records, Compression::NoCompression).await.unwrap();
+    env.ok(&["seed", "--rows", "100"]); // good records after the poison
+    env.ok(&["run", "--once"]);
+
+    assert!(env.ok(&["verify"]).contains("verify: OK"), "the good records around the poison landed");
+    let status: serde_json::Value = serde_json::from_str(&env.ok(&["status", "--json"])).unwrap();
+    assert_eq!(status["dead_letters"], 5, "{status}");
+    assert_eq!(status["partitions"][0]["lag"], 0, "the position moved past the poison: {status}");
+
+    let dlq = client
+        .partition_client(pg2ch::kafka::dead_letter_topic(&env.name), 0, UnknownTopicHandling::Error)
+        .await
+        .unwrap();
+    let (letters, _) = dlq.fetch_records(0, 1..1_000_000, 1000).await.unwrap();
+    assert_eq!(letters.len(), 5);
+    for (letter, original) in letters.iter().zip(&junk) {
+        assert_eq!(letter.record.value.as_deref(), *original, "forwarded unchanged");
+        assert_eq!(letter.record.key.as_deref(), Some(&b"junk"[..]));
+        let header = |k: &str| String::from_utf8(letter.record.headers[k].clone()).unwrap();
+        assert_eq!(header("pg2ch-source-partition"), "0");
+        assert_eq!(header("pg2ch-source-topic"), env.name);
+        let offset: i64 = header("pg2ch-source-offset").parse().unwrap();
+        assert!((100..105).contains(&offset), "{offset}");
+        assert!(!header("pg2ch-reason").is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unrepresentable_rows_are_flagged_rejected_not_altered() {
+    let env = TestEnv::new("rejected").await;
+    let pool = env.pg().await;
+    // A legacy table where username may be NULL.
+    sqlx::query("CREATE TABLE user_logins (id BIGSERIAL PRIMARY KEY, username TEXT, event_time TIMESTAMPTZ NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    env.ok(&["init", "--partitions", "1"]);
+    sqlx::query("INSERT INTO user_logins (username, event_time) VALUES ('ok1', now()), (NULL, now()), (repeat('x', 2000000), now()), ('ok2', now())")
+        .execute(&pool)
+        .await
+        .unwrap();
+    env.ok(&["run", "--once"]);
+    let rejected: Vec<(i64, String)> =
+        sqlx::query_as("SELECT id, pg2ch_rejected FROM user_logins WHERE pg2ch_rejected IS NOT NULL ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(rejected.len(), 2, "{rejected:?}");
+    assert_eq!(rejected[0], (2, "username is NULL".to_owned()));
+    assert!(rejected[1].1.contains("over the 900000-byte limit"), "{rejected:?}");
+    let report = env.ok(&["verify"]);
+    assert!(
+        report.contains("verify: OK")
+            && report.contains("rows rejected as not representable (see pg2ch_rejected; not sent): 2 (first: [2, 3])"),
+        "{report}"
+    );
+    let ch = env.ch().await.rows_final().await.unwrap();
+    assert_eq!(ch.iter().map(|r| r.username.as_str()).collect::<Vec<_>>(), ["ok1", "ok2"]);
+    let status: serde_json::Value = serde_json::from_str(&env.ok(&["status", "--json"])).unwrap();
+    assert_eq!((status["unsent_rows"].as_i64(), status["rejected_rows"].as_i64()), (Some(0), Some(2)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_configuration_is_one_line_exit_2_and_writes_nothing() {
+    let env = TestEnv::new("badcfg2").await;
+    let err_of = |out: std::process::Output| {
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(err.lines().filter(|l| l.starts_with("error:")).count(), 1, "{err}");
+        err
+    };
+    // Unknown host: nothing created anywhere.
+    let err = err_of(env.command(&["init"]).env("PG_HOST", "no-such-host.invalid").output().unwrap());
+    assert!(err.contains("PostgreSQL at no-such-host.invalid"), "{err}");
+    let ch = env.ch().await;
+    let dbs: u64 = ch
+        .client
+        .clone()
+        .with_database("default")
+        .query("SELECT count() FROM system.databases WHERE name = ?")
+        .bind(env.name.as_str())
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(dbs, 0, "a failed init created the ClickHouse database");
+    // Missing table.
+    let err = err_of(env.run(&["produce", "--once"]));
+    assert!(err.contains("user_logins does not exist"), "{err}");
+    // Invalid identifier.
+    let err = err_of(env.command(&["status"]).env("CH_DB", "bad-name").output().unwrap());
+    assert!(err.contains("CH_DB") && err.contains("bad-name"), "{err}");
+    // Partition count that does not match the topic.
+    env.ok(&["init", "--partitions", "2"]);
+    let err = err_of(env.run(&["init", "--partitions", "3"]));
+    assert!(err.contains("exists with 2 partitions"), "{err}");
+    let err = err_of(env.run(&["consume", "--once", "--partitions", "0,5"]));
+    assert!(err.contains("partition 5"), "{err}");
+    // Missing ClickHouse tables (a database init never ran against).
+    let elsewhere = format!("{}_never_initialised", env.name);
+    let err = err_of(env.command(&["consume", "--once"]).env("CH_DB", &elsewhere).output().unwrap());
+    assert!(err.contains(&format!("{elsewhere}.user_logins does not exist")), "{err}");
+}
