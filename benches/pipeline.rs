@@ -36,6 +36,30 @@ fn record(name: &'static str, rows: u64, took: Duration) {
     e.1 += took.as_secs_f64();
 }
 
+/// Runs `iters` iterations of `work`, each after an untimed `prepare` whose
+/// output it receives; records the timings as `name` and returns their sum.
+fn timed<T>(
+    rt: &Runtime,
+    iters: u64,
+    name: &'static str,
+    rows: u64,
+    mut prepare: impl AsyncFnMut() -> T,
+    mut work: impl AsyncFnMut(T),
+) -> Duration {
+    rt.block_on(async {
+        let mut total = Duration::ZERO;
+        for _ in 0..iters {
+            let input = prepare().await;
+            let t = Instant::now();
+            work(input).await;
+            let took = t.elapsed();
+            record(name, rows, took);
+            total += took;
+        }
+        total
+    })
+}
+
 /// A log that accepts and forgets, to time PostgreSQL alone.
 struct NullLog;
 impl EventLog for NullLog {
@@ -77,37 +101,35 @@ fn postgres_stages(c: &mut Criterion, rt: &Runtime, env: &TestEnv, n: u64) {
     let mut g = group(c, "postgres", n);
     g.bench_function("bulk_update (reference ceiling)", |b| {
         b.iter_custom(|iters| {
-            rt.block_on(async {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
+            timed(
+                rt,
+                iters,
+                "PostgreSQL bulk UPDATE (reference)",
+                n,
+                async || {
                     reset_flags(env).await;
-                    let pool = env.pg().await;
-                    let t = Instant::now();
+                    env.pg().await
+                },
+                async |pool| {
                     sqlx::query("UPDATE user_logins SET sent_to_kafka = TRUE").execute(&pool).await.unwrap();
-                    let took = t.elapsed();
-                    record("PostgreSQL bulk UPDATE (reference)", n, took);
-                    total += took;
-                }
-                total
-            })
+                },
+            )
         })
     });
     g.bench_function("claim_and_mark (10k batches, 1 lane, no broker)", |b| {
         b.iter_custom(|iters| {
-            rt.block_on(async {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
+            timed(
+                rt,
+                iters,
+                "PostgreSQL claim + mark, 10k batches",
+                n,
+                async || {
                     reset_flags(env).await;
                     let source = pg2ch::postgres::PgSource::new(env.pg().await, Duration::from_secs(60));
-                    let mut p = Producer::new(source, NullLog, ProducerConfig::default());
-                    let t = Instant::now();
-                    assert_eq!(p.drain(&NoFaults).await.unwrap() as u64, n);
-                    let took = t.elapsed();
-                    record("PostgreSQL claim + mark, 10k batches", n, took);
-                    total += took;
-                }
-                total
-            })
+                    Producer::new(source, NullLog, ProducerConfig::default())
+                },
+                async |mut producer| assert_eq!(producer.drain(&NoFaults).await.unwrap() as u64, n),
+            )
         })
     });
     g.finish();
@@ -130,14 +152,20 @@ fn broker_and_clickhouse_stages(c: &mut Criterion, rt: &Runtime, env: &TestEnv, 
     let topic = std::sync::Mutex::new(String::new());
     g.bench_function("produce (4 partitions, 10k-record requests)", |b| {
         b.iter_custom(|iters| {
-            rt.block_on(async {
-                let mut total = Duration::ZERO;
-                for i in 0..iters {
-                    let name = format!("{}_produce_{}_{i}", env.name, rand::random::<u32>());
+            timed(
+                rt,
+                iters,
+                "broker produce",
+                n,
+                async || {
+                    let name = format!("{}_produce_{}", env.name, rand::random::<u32>());
                     let client = pg2ch::kafka::connect(&env.settings.kafka, Duration::from_secs(10)).await.unwrap();
                     pg2ch::kafka::ensure_topic(&client, &name, 4, Duration::from_secs(10)).await.unwrap();
                     let log = pg2ch::kafka::KafkaLog::open(&client, &name, Duration::from_secs(60)).await.unwrap();
-                    let t = Instant::now();
+                    *topic.lock().unwrap() = name; // the fetch benchmark reads it back
+                    log
+                },
+                async |log| {
                     let per_partition = records.chunks(records.len().div_ceil(4));
                     futures::future::try_join_all(per_partition.enumerate().map(|(p, part)| {
                         let log = &log;
@@ -150,24 +178,23 @@ fn broker_and_clickhouse_stages(c: &mut Criterion, rt: &Runtime, env: &TestEnv, 
                     }))
                     .await
                     .unwrap();
-                    let took = t.elapsed();
-                    record("broker produce", n, took);
-                    total += took;
-                    *topic.lock().unwrap() = name;
-                }
-                total
-            })
+                },
+            )
         })
     });
     g.bench_function("fetch (4 partitions from offset 0)", |b| {
         b.iter_custom(|iters| {
-            rt.block_on(async {
-                let name = topic.lock().unwrap().clone();
-                let client = pg2ch::kafka::connect(&env.settings.kafka, Duration::from_secs(10)).await.unwrap();
-                let log = pg2ch::kafka::KafkaLog::open(&client, &name, Duration::from_secs(60)).await.unwrap();
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let t = Instant::now();
+            timed(
+                rt,
+                iters,
+                "broker fetch",
+                n,
+                async || {
+                    let name = topic.lock().unwrap().clone();
+                    let client = pg2ch::kafka::connect(&env.settings.kafka, Duration::from_secs(10)).await.unwrap();
+                    pg2ch::kafka::KafkaLog::open(&client, &name, Duration::from_secs(60)).await.unwrap()
+                },
+                async |log| {
                     let mut got = 0u64;
                     for p in 0..4 {
                         let mut offset = 0;
@@ -180,13 +207,9 @@ fn broker_and_clickhouse_stages(c: &mut Criterion, rt: &Runtime, env: &TestEnv, 
                             }
                         }
                     }
-                    let took = t.elapsed();
                     assert_eq!(got, n);
-                    record("broker fetch", n, took);
-                    total += took;
-                }
-                total
-            })
+                },
+            )
         })
     });
     g.finish();
@@ -194,21 +217,18 @@ fn broker_and_clickhouse_stages(c: &mut Criterion, rt: &Runtime, env: &TestEnv, 
     let mut g = group(c, "clickhouse", n);
     g.bench_function("insert (100k-row RowBinary inserts)", |b| {
         b.iter_custom(|iters| {
-            rt.block_on(async {
-                let mut sink =
-                    pg2ch::clickhouse::ChSink { ch: env.ch().await, group: "bench".into(), topic: "bench".into() };
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let t = Instant::now();
+            timed(
+                rt,
+                iters,
+                "ClickHouse insert",
+                n,
+                async || pg2ch::clickhouse::ChSink { ch: env.ch().await, group: "bench".into(), topic: "bench".into() },
+                async |mut sink| {
                     for chunk in rows.chunks(100_000) {
                         sink.write(chunk).await.unwrap();
                     }
-                    let took = t.elapsed();
-                    record("ClickHouse insert", n, took);
-                    total += took;
-                }
-                total
-            })
+                },
+            )
         })
     });
     g.finish();

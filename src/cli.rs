@@ -90,6 +90,23 @@ struct RunArgs {
     /// Milliseconds to wait for new rows or records when idle.
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9187), at /metrics.
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
+}
+
+impl RunArgs {
+    /// Starts the metrics endpoint if one was asked for.
+    fn serve_metrics(&self) -> anyhow::Result<()> {
+        if let Some(addr) = self.metrics_addr {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .with_http_listener(addr)
+                .install()
+                .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+            tracing::info!("metrics on http://{addr}/metrics");
+        }
+        Ok(())
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -243,9 +260,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Init { partitions } => commands::init(&s, partitions).await?,
         Command::Seed { rows } => commands::seed(&s, rows).await?,
-        Command::Produce(a) => commands::produce(&s, &a.options(), shutdown_signal()).await?,
-        Command::Consume(a) => commands::consume(&s, &a.options(), shutdown_signal()).await?,
+        Command::Produce(a) => {
+            a.serve_metrics()?;
+            commands::produce(&s, &a.options(), shutdown_signal()).await?
+        }
+        Command::Consume(a) => {
+            a.serve_metrics()?;
+            commands::consume(&s, &a.options(), shutdown_signal()).await?
+        }
         Command::Run(a) => {
+            a.serve_metrics()?;
             commands::run(&s, &a.options(), shutdown_signal()).await?;
         }
         Command::Verify { json } => {

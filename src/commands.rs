@@ -65,6 +65,14 @@ pub async fn init(s: &Settings, partitions: i32) -> anyhow::Result<()> {
     let pool = postgres::connect(&s.pg, 1, s.timeouts.call).await?;
     let ch = ClickHouse::connect(&s.ch, s.timeouts.call).await?;
     let kafka = kafka::connect(&s.kafka, s.timeouts.call).await?;
+    // Every check that can fail comes before the first write.
+    if let Some(n) = kafka::partition_count(&kafka, &s.kafka.topic, s.timeouts.call).await? {
+        anyhow::ensure!(
+            n == partitions,
+            "Kafka topic {:?} exists with {n} partitions, not the {partitions} asked for (pass --partitions {n})",
+            s.kafka.topic
+        );
+    }
     postgres::init(&pool).await?;
     kafka::ensure_topic(&kafka, &s.kafka.topic, partitions, s.timeouts.call).await?;
     kafka::ensure_topic(&kafka, &kafka::dead_letter_topic(&s.kafka.topic), 1, s.timeouts.call).await?;
@@ -175,6 +183,7 @@ impl Backoff {
         self.delay = Self::FIRST;
     }
     fn failed(&mut self, e: &anyhow::Error) -> Duration {
+        metrics::counter!("pg2ch_retries_total", "component" => self.what).increment(1);
         if !self.failing {
             tracing::warn!("{}: {e:#}; retrying with backoff", self.what);
         }
@@ -183,6 +192,21 @@ impl Backoff {
         self.delay = (self.delay * 2).min(Self::CAP);
         now
     }
+}
+
+/// How long a step may go on after shutdown was asked.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Resolves [`STOP_GRACE`] after shutdown was asked. A step still running
+/// then is abandoned: that is exactly what a crash does, which the pipeline
+/// is built (and tested) to survive, so stopping never waits on a hung call.
+async fn grace(mut shutdown: Shutdown) {
+    while !*shutdown.borrow() {
+        if shutdown.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+    tokio::time::sleep(STOP_GRACE).await;
 }
 
 /// Sleeps for `d` or until shutdown is asked, whichever comes first.
@@ -201,7 +225,11 @@ async fn produce_loop<L: crate::stores::EventLog>(
     let mut moved = 0;
     let mut backoff = Backoff::new("producer");
     while !*shutdown.borrow() {
-        match p.step(&NoFaults).await {
+        let step = tokio::select! {
+            step = p.step(&NoFaults) => step,
+            () = grace(shutdown.clone()) => break,
+        };
+        match step {
             Ok(ProduceStep::Moved(n)) => {
                 backoff.ok();
                 moved += n;
@@ -248,7 +276,11 @@ async fn consume_loop(
                 break;
             }
         }
-        match c.step(&NoFaults, poll).await {
+        let step = tokio::select! {
+            step = c.step(&NoFaults, poll) => step,
+            () = grace(shutdown.clone()) => break,
+        };
+        match step {
             Ok(step) => {
                 backoff.ok();
                 records += step.records;

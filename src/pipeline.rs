@@ -200,9 +200,12 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
 
     /// One claim, publish, mark cycle.
     pub async fn step(&mut self, faults: &dyn Faults) -> anyhow::Result<ProduceStep> {
+        // Wall time here only feeds metrics; no decision depends on it.
+        let started = std::time::Instant::now();
         loop {
             let from = self.cursor.get();
             let claim = self.source.claim(from, self.config.batch_rows).await?;
+            metrics::counter!("pg2ch_rows_claimed_total").increment(claim.len() as u64);
             if claim.is_empty() {
                 self.cursor.set(0);
                 self.source.rollback().await?;
@@ -233,8 +236,10 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
                 }
                 return Err(e);
             }
+            metrics::counter!("pg2ch_rows_published_total").increment(claim.rows.len() as u64);
             faults.at(CrashPoint::AfterAck)?;
             self.mark_and_commit(&claim, faults).await?;
+            metrics::histogram!("pg2ch_produce_batch_seconds").record(started.elapsed().as_secs_f64());
             return Ok(ProduceStep::Moved(claim.rows.len()));
         }
     }
@@ -251,6 +256,8 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
         }
         faults.at(CrashPoint::AfterMark)?;
         self.source.commit().await?;
+        metrics::counter!("pg2ch_rows_marked_total").increment(claim.rows.len() as u64);
+        metrics::counter!("pg2ch_rows_rejected_total").increment(claim.rejected.len() as u64);
         for r in &claim.rejected {
             tracing::warn!(id = r.id, "row {} cannot be sent and is flagged rejected: {}", r.id, r.reason);
         }
@@ -366,6 +373,9 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
         }))
         .await?;
         faults.at(CrashPoint::AfterFetch)?;
+        // From here on: decode, write, remember (the fetch may have waited
+        // for data on purpose). Metrics only; no decision depends on it.
+        let started = std::time::Instant::now();
 
         let mut step = ConsumeStep::default();
         let mut rows = Vec::new();
@@ -430,6 +440,13 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
         faults.at(CrashPoint::AfterWrite)?;
         self.sink.store_positions(&next).await?;
         faults.at(CrashPoint::AfterStorePosition)?;
+        metrics::counter!("pg2ch_rows_written_total").increment(rows.len() as u64);
+        metrics::counter!("pg2ch_dead_letters_total").increment(step.dead_letters as u64);
+        metrics::histogram!("pg2ch_consume_batch_seconds").record(started.elapsed().as_secs_f64());
+        for (p, offset) in &next {
+            let end = step.high_watermarks.get(p).copied().unwrap_or(*offset);
+            metrics::gauge!("pg2ch_lag", "partition" => p.to_string()).set((end - offset).max(0) as f64);
+        }
         self.positions.as_mut().expect("loaded above").extend(next);
         Ok(step)
     }

@@ -186,6 +186,25 @@ impl PgSource {
         PgSource { pool, timeout, claim: None, ctids: Default::default() }
     }
 
+    /// Runs one statement inside the open claim. A failure ends the claim:
+    /// PostgreSQL refuses anything but a rollback in that transaction anyway.
+    async fn in_claim(
+        &mut self,
+        what: &'static str,
+        statement: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+    ) -> anyhow::Result<()> {
+        let tx = self.claim.as_mut().with_context(|| format!("{what} without an open claim"))?;
+        let result = bounded(|| format!("{what} in PostgreSQL"), self.timeout, async {
+            statement.execute(&mut **tx).await?;
+            Ok(())
+        })
+        .await;
+        if result.is_err() {
+            self.claim = None;
+        }
+        result
+    }
+
     fn ctids_of(&self, ids: &[i64]) -> anyhow::Result<Vec<String>> {
         ids.iter()
             .map(|id| self.ctids.get(id).cloned().with_context(|| format!("row {id} is not in the open claim")))
@@ -228,41 +247,21 @@ impl SourceTable for PgSource {
 
     async fn mark_sent(&mut self, ids: &[i64]) -> anyhow::Result<()> {
         let ctids = self.ctids_of(ids)?;
-        let tx = self.claim.as_mut().context("mark_sent without an open claim")?;
-        let result = bounded(|| "flagging rows sent in PostgreSQL".into(), self.timeout, async {
-            sqlx::query("UPDATE user_logins SET sent_to_kafka = TRUE WHERE ctid = ANY($1::text[]::tid[])")
-                .bind(&ctids)
-                .execute(&mut **tx)
-                .await?;
-            Ok(())
-        })
-        .await;
-        if result.is_err() {
-            self.claim = None;
-        }
-        result
+        let statement =
+            sqlx::query("UPDATE user_logins SET sent_to_kafka = TRUE WHERE ctid = ANY($1::text[]::tid[])").bind(ctids);
+        self.in_claim("flagging rows sent", statement).await
     }
 
     async fn reject(&mut self, rows: &[Rejected]) -> anyhow::Result<()> {
-        let tx = self.claim.as_mut().context("reject without an open claim")?;
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-        let reasons: Vec<&str> = rows.iter().map(|r| r.reason.as_str()).collect();
-        let result = bounded(|| "flagging rows rejected in PostgreSQL".into(), self.timeout, async {
-            sqlx::query(
-                "UPDATE user_logins u SET pg2ch_rejected = r.reason
-                 FROM UNNEST($1::bigint[], $2::text[]) AS r(id, reason) WHERE u.id = r.id",
-            )
-            .bind(&ids)
-            .bind(&reasons)
-            .execute(&mut **tx)
-            .await?;
-            Ok(())
-        })
-        .await;
-        if result.is_err() {
-            self.claim = None;
-        }
-        result
+        let reasons: Vec<String> = rows.iter().map(|r| r.reason.clone()).collect();
+        let statement = sqlx::query(
+            "UPDATE user_logins u SET pg2ch_rejected = r.reason
+             FROM UNNEST($1::bigint[], $2::text[]) AS r(id, reason) WHERE u.id = r.id",
+        )
+        .bind(ids)
+        .bind(reasons);
+        self.in_claim("flagging rows rejected", statement).await
     }
 
     async fn commit(&mut self) -> anyhow::Result<()> {

@@ -277,3 +277,41 @@ async fn bad_configuration_is_one_line_exit_2_and_writes_nothing() {
     let err = err_of(env.command(&["consume", "--once"]).env("CH_DB", &elsewhere).output().unwrap());
     assert!(err.contains(&format!("{elsewhere}.user_logins does not exist")), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_are_served_in_prometheus_text() {
+    let env = TestEnv::new("metrics").await;
+    env.ok(&["init", "--partitions", "2"]);
+    env.ok(&["seed", "--rows", "1234"]);
+    let addr = format!("127.0.0.1:{}", common::free_port());
+    let child = env
+        .command(&["run", "--poll-ms", "50", "--metrics-addr", &addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("drained", Duration::from_secs(30), || drained(&env)).await;
+    let scrape = || {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(&addr).ok()?;
+        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+        let mut body = String::new();
+        conn.read_to_string(&mut body).ok()?;
+        Some(body)
+    };
+    let value = |body: &str, name: &str| -> Option<f64> {
+        body.lines().find(|l| l.starts_with(name) && !l.starts_with('#'))?.rsplit(' ').next()?.parse().ok()
+    };
+    let mut body = String::new();
+    eventually("metrics reflect the drained rows", Duration::from_secs(10), || {
+        body = scrape().unwrap_or_default();
+        let written = value(&body, "pg2ch_rows_written_total");
+        async move { written == Some(1234.0) }
+    })
+    .await;
+    assert_eq!(value(&body, "pg2ch_rows_published_total"), Some(1234.0), "{body}");
+    assert_eq!(value(&body, "pg2ch_rows_marked_total"), Some(1234.0), "{body}");
+    assert!(body.contains("pg2ch_produce_batch_seconds"), "{body}");
+    assert!(body.contains("pg2ch_lag{partition=\"0\"} 0"), "{body}");
+    stop(child, Duration::from_secs(10));
+}
