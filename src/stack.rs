@@ -1,6 +1,9 @@
 //! A local PostgreSQL, ClickHouse and Kafka-API broker on loopback, for
 //! machines without Docker: `pg2ch stack up | down | env`.
 //!
+//! The broker is nisshi when installed (`just setup` builds it), else a
+//! `redpanda` binary on PATH.
+//!
 //! `up` is idempotent: a service that already answers with the stack's
 //! credentials is reused. PostgreSQL refuses to run as root, so when invoked
 //! as root its server runs as the `postgres` user (or `nobody`). Passwords are
@@ -443,6 +446,25 @@ impl Stack {
                     &url,
                     "--storage-engine",
                     "memory://nisshi/",
+                ]);
+                c
+            } else if let Some(redpanda) = find_binary(&["redpanda"], &[]) {
+                // Not exercised where the project's CI runs (no redpanda binary there).
+                let r = root.display();
+                let config = format!(
+                    "redpanda:\n  data_directory: \"{r}/data\"\n  developer_mode: true\n  seed_servers: []\n  \
+                     rpc_server: {{address: \"127.0.0.1\", port: 33145}}\n  \
+                     kafka_api: [{{address: \"127.0.0.1\", port: {}}}]\n  \
+                     admin: [{{address: \"127.0.0.1\", port: 9644}}]\n",
+                    self.kafka_port
+                );
+                std::fs::write(root.join("redpanda.yaml"), config)?;
+                let mut c = Command::new(redpanda);
+                c.arg(format!("--redpanda-cfg={r}/redpanda.yaml")).args([
+                    "--smp=1",
+                    "--memory=1G",
+                    "--overprovisioned",
+                    "--unsafe-bypass-fsync=true",
                 ]);
                 c
             } else {

@@ -1,12 +1,13 @@
 //! Test support: real services and an isolated namespace per test.
 //!
 //! Services come from, in order: endpoints in the environment (`PG_HOST`,
-//! `CH_HOST`, `KAFKA_BOOTSTRAP`, ... as exported by `just test`), else the
-//! local process stack, started here if needed. (With a Docker engine,
-//! `just test` brings up docker-compose.yml and exports its endpoints, so the
-//! first path covers it.) A test never skips: if no service can be had, it
-//! fails with what to install.
+//! `CH_HOST`, `KAFKA_BOOTSTRAP`, ... as exported by `just test`); containers
+//! started with testcontainers when a Docker engine answers; else the local
+//! process stack, started here if needed. A test never skips: if no service
+//! can be had, it fails with what to install.
 #![allow(dead_code)]
+
+mod containers;
 
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -18,6 +19,7 @@ use sqlx::PgPool;
 use tokio::sync::OnceCell;
 
 static BASE: OnceCell<Settings> = OnceCell::const_new();
+static CONTAINERS: std::sync::OnceLock<containers::Containers> = std::sync::OnceLock::new();
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 fn var(name: &str) -> Option<String> {
@@ -46,6 +48,12 @@ async fn base() -> Settings {
                 kafka: KafkaConfig { bootstrap: vec![bootstrap], topic: String::new(), group: "pg2ch".into() },
                 timeouts: Timeouts { call: Duration::from_secs(30) },
             };
+        }
+        if containers::docker_answers() {
+            let (running, settings) =
+                containers::start().await.unwrap_or_else(|e| panic!("a Docker engine answers, but the containers did not start: {e:#}"));
+            let _ = CONTAINERS.set(running);
+            return settings;
         }
         let env = pg2ch::stack::Stack::from_env()
             .up()
