@@ -12,6 +12,8 @@
 //! - [`stack`]: starts and stops a local PostgreSQL, ClickHouse and broker without Docker.
 //! - [`config`]: connection settings, secrets, identifier checks, timeouts.
 //! - [`cli`]: argument parsing for the `pg2ch` binary.
+//! - `sim` (test builds only): simulated stores and the crash-replay harness
+//!   that runs [`pipeline`] unchanged against them, with the property tests.
 
 pub mod cli;
 pub mod clickhouse;

@@ -167,8 +167,9 @@ fn secret_file(file: &Path) -> anyhow::Result<Secret> {
     Ok(Secret::new(value))
 }
 
-/// Polls `probe` until it succeeds or `limit` passes.
-async fn wait_until<F, Fut>(what: &str, limit: Duration, mut probe: F) -> anyhow::Result<()>
+/// Polls `probe` until it succeeds or `limit` passes: how anything that
+/// starts a service waits for it to answer.
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut probe: F) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,

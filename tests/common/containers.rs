@@ -4,10 +4,11 @@
 //! Not exercised on machines without a Docker engine (like the project's own
 //! CI), where the local process stack is used instead.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pg2ch::commands::Settings;
 use pg2ch::config::{ChConfig, KafkaConfig, PgConfig, Secret, Timeouts};
+use pg2ch::stack::wait_until;
 use testcontainers::core::{IntoContainerPort, WaitFor};
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt};
@@ -28,23 +29,6 @@ pub struct Containers {
     _postgres: ContainerAsync<GenericImage>,
     _clickhouse: ContainerAsync<GenericImage>,
     _redpanda: ContainerAsync<GenericImage>,
-}
-
-async fn until_ok<F, Fut>(what: &str, mut probe: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<()>>,
-{
-    let start = Instant::now();
-    loop {
-        match probe().await {
-            Ok(()) => return Ok(()),
-            Err(e) if start.elapsed() > Duration::from_secs(120) => {
-                return Err(e.context(format!("{what} container never answered")));
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
-    }
 }
 
 pub async fn start() -> anyhow::Result<(Containers, Settings)> {
@@ -107,10 +91,16 @@ pub async fn start() -> anyhow::Result<(Containers, Settings)> {
         timeouts: Timeouts { call: Duration::from_secs(30) },
     };
     let short = Duration::from_secs(2);
-    until_ok("PostgreSQL", || async { pg2ch::postgres::connect(&settings.pg, 1, short).await.map(|_| ()) }).await?;
-    until_ok("ClickHouse", || async { pg2ch::clickhouse::ClickHouse::connect(&settings.ch, short).await.map(|_| ()) })
-        .await?;
-    until_ok("Redpanda", || async {
+    let patience = Duration::from_secs(120);
+    wait_until("the PostgreSQL container", patience, || async {
+        pg2ch::postgres::connect(&settings.pg, 1, short).await.map(|_| ())
+    })
+    .await?;
+    wait_until("the ClickHouse container", patience, || async {
+        pg2ch::clickhouse::ClickHouse::connect(&settings.ch, short).await.map(|_| ())
+    })
+    .await?;
+    wait_until("the Redpanda container", patience, || async {
         let client = pg2ch::kafka::connect(&settings.kafka, short).await?;
         pg2ch::kafka::partition_count(&client, "none", short).await.map(|_| ())
     })
