@@ -15,7 +15,7 @@ use crate::config::{ChConfig, KafkaConfig, PgConfig, Secret, Timeouts};
 #[derive(Parser, Debug)]
 #[command(name = "pg2ch", version, about = "Move rows from PostgreSQL to ClickHouse through Kafka, exactly once")]
 pub struct Cli {
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Connection (flags override environment, which overrides .env)")]
     conn: Connection,
     /// Log format on stderr (level from RUST_LOG, default info).
     #[arg(long, global = true, value_enum, default_value = "text")]
