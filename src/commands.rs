@@ -66,13 +66,7 @@ pub async fn init(s: &Settings, partitions: i32) -> anyhow::Result<()> {
     let ch = ClickHouse::connect(&s.ch, s.timeouts.call).await?;
     let kafka = kafka::connect(&s.kafka, s.timeouts.call).await?;
     // Every check that can fail comes before the first write.
-    if let Some(n) = kafka::partition_count(&kafka, &s.kafka.topic, s.timeouts.call).await? {
-        anyhow::ensure!(
-            n == partitions,
-            "Kafka topic {:?} exists with {n} partitions, not the {partitions} asked for (pass --partitions {n})",
-            s.kafka.topic
-        );
-    }
+    kafka::topic_matches(&kafka, &s.kafka.topic, partitions, s.timeouts.call).await?;
     postgres::init(&pool).await?;
     kafka::ensure_topic(&kafka, &s.kafka.topic, partitions, s.timeouts.call).await?;
     kafka::ensure_topic(&kafka, &kafka::dead_letter_topic(&s.kafka.topic), 1, s.timeouts.call).await?;

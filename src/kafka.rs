@@ -43,15 +43,23 @@ pub async fn partition_count(client: &Client, topic: &str, timeout: Duration) ->
     Ok(topics.into_iter().find(|t| t.name == topic).map(|t| t.partitions.len() as i32))
 }
 
-/// Creates the topic with `partitions` partitions if it does not exist, and
-/// waits until the broker lists it. Fails if it exists with another count.
-pub async fn ensure_topic(client: &Client, topic: &str, partitions: i32, timeout: Duration) -> anyhow::Result<()> {
+/// Whether the topic exists with `partitions` partitions (`false`: it does
+/// not exist). Fails if it exists with another count.
+pub async fn topic_matches(client: &Client, topic: &str, partitions: i32, timeout: Duration) -> anyhow::Result<bool> {
     match partition_count(client, topic, timeout).await? {
-        Some(n) if n == partitions => return Ok(()),
+        Some(n) if n == partitions => Ok(true),
         Some(n) => anyhow::bail!(
             "Kafka topic {topic:?} exists with {n} partitions, not the {partitions} asked for (pass --partitions {n})"
         ),
-        None => {}
+        None => Ok(false),
+    }
+}
+
+/// Creates the topic with `partitions` partitions if it does not exist, and
+/// waits until the broker lists it. Fails if it exists with another count.
+pub async fn ensure_topic(client: &Client, topic: &str, partitions: i32, timeout: Duration) -> anyhow::Result<()> {
+    if topic_matches(client, topic, partitions, timeout).await? {
+        return Ok(());
     }
     let controller = client.controller_client()?;
     let created = bounded(|| format!("creating Kafka topic {topic:?}"), timeout, async {

@@ -268,9 +268,6 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
     /// Publishes rows to their partitions, all partitions at once; returns
     /// only when every partition acknowledged.
     async fn publish(&self, records: Vec<(i64, LogRecord)>, faults: &dyn Faults) -> anyhow::Result<()> {
-        if records.is_empty() {
-            return Ok(());
-        }
         let partitions = self.log.partitions();
         let mut by_partition: BTreeMap<i32, Vec<LogRecord>> = BTreeMap::new();
         for (id, record) in records {
@@ -452,9 +449,6 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
     }
 
     async fn write(&mut self, rows: &[LoginEvent], faults: &dyn Faults) -> anyhow::Result<()> {
-        if rows.is_empty() {
-            return Ok(());
-        }
         for (i, chunk) in rows.chunks(self.config.insert_rows.max(1)).enumerate() {
             if i > 0 {
                 faults.at(CrashPoint::MidWrite)?;
