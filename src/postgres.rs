@@ -124,7 +124,8 @@ pub async fn unsent_count(pool: &PgPool) -> anyhow::Result<i64> {
         .context("counting unsent rows")?)
 }
 
-/// Every row that was not rejected, with its sent flag, in id order.
+/// Every row that can be sent (not rejected, not holding a NULL the claim
+/// would reject), with its sent flag, in id order.
 pub async fn all_rows(pool: &PgPool) -> anyhow::Result<Vec<(LoginEvent, bool)>> {
     sqlx::query(
         "SELECT id::bigint, username::text, event_time::timestamptz, sent_to_kafka
@@ -132,7 +133,11 @@ pub async fn all_rows(pool: &PgPool) -> anyhow::Result<Vec<(LoginEvent, bool)>> 
     )
     .fetch(pool)
     .map_err(anyhow::Error::from)
-    .and_then(|row| async move { Ok((event_from_row(&row)?, row.try_get::<bool, _>(3)?)) })
+    .try_filter_map(|row| async move {
+        // A row the claim would reject cannot have been sent: nothing to compare.
+        let Ok(event) = claimed_row(&row)? else { return Ok(None) };
+        Ok(Some((event, row.try_get::<bool, _>(3)?)))
+    })
     .try_collect()
     .await
     .context("reading user_logins")
@@ -162,11 +167,6 @@ fn claimed_row(row: &sqlx::postgres::PgRow) -> anyhow::Result<Result<LoginEvent,
         (None, _) => Err(Rejected { id, reason: "username is NULL".into() }),
         (_, None) => Err(Rejected { id, reason: "event_time is NULL".into() }),
     })
-}
-
-fn event_from_row(row: &sqlx::postgres::PgRow) -> anyhow::Result<LoginEvent> {
-    let time: DateTime<Utc> = row.try_get(2)?;
-    Ok(LoginEvent { id: row.try_get(0)?, username: row.try_get(1)?, event_time_us: time.timestamp_micros() })
 }
 
 /// A producer's session on the source table.
