@@ -228,6 +228,11 @@ async fn produce_loop<L: crate::stores::EventLog>(
                 backoff.ok();
                 moved += n;
                 tracing::debug!("published and flagged {n} rows");
+                // One pass finds every row committed before it began; a
+                // second would only rescan what the first left behind.
+                if once && p.passes() > 0 {
+                    break;
+                }
             }
             Ok(ProduceStep::Idle) => {
                 backoff.ok();
