@@ -25,6 +25,9 @@ use tokio::runtime::Runtime;
 static TOTALS: Mutex<BTreeMap<&'static str, (f64, f64)>> = Mutex::new(BTreeMap::new());
 static RSS_MB: Mutex<Vec<u64>> = Mutex::new(Vec::new());
 
+const DRAIN: &str = "end to end: drain backlog (run --once, verify OK)";
+const PAIRED_BULK: &str = "PostgreSQL bulk UPDATE, just before each drain";
+
 fn rows() -> u64 {
     std::env::var("PG2CH_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000)
 }
@@ -240,6 +243,20 @@ fn end_to_end(c: &mut Criterion, rt: &Runtime, env: &TestEnv, n: u64) {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for i in 0..iters {
+                // The reference for the drain goal is measured right before
+                // each drain, on the table as it is now: every reset leaves
+                // the heap a little more bloated, which slows a sequential
+                // UPDATE more than index-driven claims, so a reference taken
+                // minutes earlier on a fresher table would not compare like
+                // with like.
+                let bulk = rt.block_on(async {
+                    reset_flags(env).await;
+                    let pool = env.pg().await;
+                    let t = Instant::now();
+                    sqlx::query("UPDATE user_logins SET sent_to_kafka = TRUE").execute(&pool).await.unwrap();
+                    t.elapsed()
+                });
+                record(PAIRED_BULK, n, bulk);
                 rt.block_on(reset_flags(env));
                 // A fresh topic, so the consumer starts from offset 0.
                 let topic = format!("{}_drain_{}_{i}", env.name, rand::random::<u32>());
@@ -257,7 +274,7 @@ fn end_to_end(c: &mut Criterion, rt: &Runtime, env: &TestEnv, n: u64) {
                 }
                 let verify = env.command(&["verify"]).env("KAFKA_TOPIC", &topic).output().unwrap();
                 assert!(verify.status.success(), "verify after the drain: {}", String::from_utf8_lossy(&verify.stdout));
-                record("end to end: drain backlog (run --once, verify OK)", n, took);
+                record(DRAIN, n, took);
                 total += took;
             }
             total
@@ -344,11 +361,14 @@ fn main() {
     let rss = RSS_MB.lock().unwrap().iter().copied().max().unwrap_or(0);
     println!("| peak RSS of `pg2ch run --once` | {rss} MB | |");
     println!("| steady state, 2,000 rows/s: latency p50 / p99 ({batches} batches of 100) | {p50:.0?} / {p99:.0?} | |");
-    let drain = figures.get("end to end: drain backlog (run --once, verify OK)").copied().unwrap_or(0.0);
+    let drain = figures.get(DRAIN).copied().unwrap_or(0.0);
+    let paired = figures.get(PAIRED_BULK).copied().unwrap_or(f64::NAN);
     println!(
-        "\ngoals: drain/bulk = {:.2} (>= 0.6: {}), peak RSS {rss} MB (< 150: {}), p99 {p99:.0?} (< 1 s: {})",
+        "\ngoals: drain/bulk = {:.2} against the bulk UPDATE just before each drain ({:.2} against the first one), \
+         >= 0.6: {}; peak RSS {rss} MB (< 150: {}); p99 {p99:.0?} (< 1 s: {})",
+        drain / paired,
         drain / reference,
-        drain / reference >= 0.6,
+        drain / paired >= 0.6,
         rss < 150,
         p99 < Duration::from_secs(1)
     );
