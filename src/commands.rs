@@ -13,7 +13,8 @@ use crate::clickhouse::{ChSink, ClickHouse};
 use crate::config::{ChConfig, KafkaConfig, PgConfig, Timeouts};
 use crate::kafka::{self, KafkaLog};
 use crate::pipeline::{Consumer, ConsumerConfig, NoFaults, ProduceStep, Producer, ProducerConfig};
-use crate::postgres::{self, PgSource};
+use crate::postgres::{self, PgSource, ProducerLease};
+use crate::stores::ClaimMode;
 use crate::verify::{self, Report};
 
 /// Everything needed to reach the three systems.
@@ -34,6 +35,8 @@ pub struct RunOptions {
     /// Producer lanes in this process: one claims and publishes while another
     /// flags its batch, which is where PostgreSQL spends its time.
     pub producers: usize,
+    /// Row locks and side-by-side producers, or one producer without locks.
+    pub claim_mode: ClaimMode,
     pub insert_rows: usize,
     /// Most bytes fetched per partition per step.
     pub fetch_max_bytes: i32,
@@ -49,6 +52,7 @@ impl Default for RunOptions {
             once: false,
             batch_rows: 10_000,
             producers: 2,
+            claim_mode: ClaimMode::Shared,
             insert_rows: 100_000,
             fetch_max_bytes: 4 * 1024 * 1024,
             partitions: None,
@@ -100,6 +104,7 @@ pub async fn seed(s: &Settings, rows: u64) -> anyhow::Result<()> {
 pub struct ProducerStores {
     pub log: KafkaLog,
     pub sources: Vec<PgSource>,
+    pool: sqlx::PgPool,
     config: ProducerConfig,
 }
 
@@ -110,9 +115,41 @@ impl ProducerStores {
         postgres::check_columns(&pool).await?;
         let client = kafka::connect(&s.kafka, s.timeouts.call).await?;
         let log = KafkaLog::open(&client, &s.kafka.topic, s.timeouts.call).await?;
-        let sources = (0..lanes).map(|_| PgSource::new(pool.clone(), s.timeouts.call)).collect();
+        let sources = (0..lanes).map(|_| PgSource::new(pool.clone(), s.timeouts.call, o.claim_mode)).collect();
         let config = ProducerConfig { batch_rows: o.batch_rows, ..ProducerConfig::default() };
-        Ok(ProducerStores { log, sources, config })
+        Ok(ProducerStores { log, sources, pool, config })
+    }
+
+    /// Waits until producers of the other claim mode are gone, then holds
+    /// the lease for as long as the value lives. `None` if shutdown came first.
+    pub async fn lease(
+        &self,
+        o: &RunOptions,
+        timeout: Duration,
+        mut shutdown: Shutdown,
+    ) -> anyhow::Result<Option<ProducerLease>> {
+        let mut lease = ProducerLease::open(&self.pool, o.claim_mode, timeout).await?;
+        let mut waiting = false;
+        while !lease.try_take().await? {
+            if !waiting {
+                waiting = true;
+                tracing::info!(
+                    "waiting: {} producer is at work; this one starts when it stops",
+                    match o.claim_mode {
+                        ClaimMode::Shared => "an exclusive",
+                        ClaimMode::Exclusive => "another",
+                    }
+                );
+            }
+            pause(o.poll, &mut shutdown).await;
+            if *shutdown.borrow() {
+                return Ok(None);
+            }
+        }
+        if waiting {
+            tracing::info!("the other producer stopped; starting");
+        }
+        Ok(Some(lease))
     }
 
     /// One producer per lane, sharing the log and the keyset cursor.
@@ -309,6 +346,7 @@ async fn produce_lanes<L: crate::stores::EventLog>(
 
 pub async fn produce(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow::Result<()> {
     let mut stores = ProducerStores::connect(s, o).await?;
+    let Some(_lease) = stores.lease(o, s.timeouts.call, shutdown.clone()).await? else { return Ok(()) };
     let mut producers = stores.producers();
     let started = Instant::now();
     let moved = produce_lanes(&mut producers, o.once, o.poll, &shutdown).await?;
@@ -329,6 +367,7 @@ pub async fn consume(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow
 /// that was unsent at the start is in ClickHouse and its position stored.
 pub async fn run(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow::Result<usize> {
     let mut stores = ProducerStores::connect(s, o).await?;
+    let Some(_lease) = stores.lease(o, s.timeouts.call, shutdown.clone()).await? else { return Ok(0) };
     let mut producers = stores.producers();
     let mut c = consumer(s, o).await?;
     let started = Instant::now();

@@ -9,13 +9,16 @@
 //!
 //! Why the order is safe:
 //! - The producer marks rows sent only after the broker acknowledged every
-//!   partition, and marking happens in the transaction that holds the row
-//!   locks. A failure or crash anywhere before the commit leaves the rows
-//!   unsent, so they are published again (a duplicate in the log, never a gap).
+//!   partition, and marking happens in the claim's transaction. A failure or
+//!   crash anywhere before the commit leaves the rows unsent, so they are
+//!   published again (a duplicate in the log, never a gap). Lanes sharing a
+//!   cursor never publish each other's rows; producers that do not share one
+//!   are kept apart by row locks, and where claims take none (exclusive), a
+//!   row changed by another since the claim fails the mark.
 //! - The consumer stores its position only after the rows are in ClickHouse.
 //!   A crash in between replays those records; the sink collapses them by id.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
@@ -166,7 +169,8 @@ impl Default for ProducerConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProduceStep {
     /// Published and marked this many rows; 0 when a pass ended with nothing
-    /// left above the cursor (the next step starts a new pass).
+    /// left above the cursor (the next step starts a new pass), or when every
+    /// row claimed was in a sibling lane's open batch.
     Moved(usize),
     /// Nothing unsent and unlocked is visible: the table is drained (for now).
     Idle,
@@ -175,15 +179,26 @@ pub enum ProduceStep {
 /// Keyset cursor: claim ids above `next`. It wraps to 0 whenever a claim
 /// comes back short, so rows whose ids committed out of order are found on
 /// the next pass instead of being skipped for ever. Producers in one process
-/// may share one, so that each claims after the rows the others hold instead
-/// of scanning over their locks. The position is only a hint: SKIP LOCKED and
-/// the wrap-around keep claims correct whatever it says.
-#[derive(Debug, Default)]
+/// (lanes) may share one: they claim one at a time, each after the rows the
+/// others hold, and a claim drops the rows of any id range a sibling still
+/// holds. That last rule is what keeps lanes apart when claims take no row
+/// locks (an exclusive producer) and a new pass starts at 0 while a sibling's
+/// batch is still in flight. The position is only a hint: the wrap-around
+/// keeps claims complete whatever it says.
+#[derive(Default)]
 pub struct KeysetCursor {
     next: Cell<i64>,
     /// Completed passes: each wrap means every row that was visible, unsent
-    /// and unlocked when the pass began has been claimed by a sharer.
+    /// and not held elsewhere when the pass began has been claimed by a sharer.
     passes: Cell<u64>,
+    /// Held from the start of a claim until the cursor has moved past it,
+    /// so that a sharer's claim starts after this one's rows instead of
+    /// reading them again (without row locks it would; `held` makes that
+    /// harmless, this makes it rare).
+    turn: futures::lock::Mutex<()>,
+    /// Lowest and highest id of each sharer's open claim, by lane.
+    held: RefCell<BTreeMap<u64, (i64, i64)>>,
+    lanes: Cell<u64>,
 }
 
 impl KeysetCursor {
@@ -191,9 +206,40 @@ impl KeysetCursor {
         self.next.set(0);
         self.passes.set(self.passes.get() + 1);
     }
+
+    fn new_lane(&self) -> u64 {
+        self.lanes.set(self.lanes.get() + 1);
+        self.lanes.get()
+    }
+
+    fn held_by_another(&self, lane: u64, id: i64) -> bool {
+        self.held.borrow().iter().any(|(l, (low, high))| *l != lane && (*low..=*high).contains(&id))
+    }
 }
 
 pub type Cursor = Rc<KeysetCursor>;
+
+/// A lane's open claim as its siblings see it; gone when the step ends,
+/// however it ends (a crash drops it with the step).
+struct Hold {
+    cursor: Cursor,
+    lane: u64,
+}
+
+impl Hold {
+    fn new(cursor: &Cursor, lane: u64, claim: &Claim) -> Self {
+        let ids = claim.rows.iter().map(|r| r.id).chain(claim.rejected.iter().map(|r| r.id));
+        let (low, high) = ids.fold((i64::MAX, i64::MIN), |(low, high), id| (low.min(id), high.max(id)));
+        cursor.held.borrow_mut().insert(lane, (low, high));
+        Hold { cursor: cursor.clone(), lane }
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.cursor.held.borrow_mut().remove(&self.lane);
+    }
+}
 
 /// Claims unsent rows, publishes them, marks them sent.
 pub struct Producer<S, L> {
@@ -201,11 +247,14 @@ pub struct Producer<S, L> {
     pub log: L,
     config: ProducerConfig,
     cursor: Cursor,
+    lane: u64,
 }
 
 impl<S: SourceTable, L: EventLog> Producer<S, L> {
     pub fn new(source: S, log: L, config: ProducerConfig) -> Self {
-        Producer { source, log, config, cursor: Cursor::default() }
+        let cursor = Cursor::default();
+        let lane = cursor.new_lane();
+        Producer { source, log, config, cursor, lane }
     }
 
     /// Passes over the table completed by this producer and those sharing
@@ -217,6 +266,7 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
 
     /// Shares `cursor` with other producers in this process.
     pub fn with_cursor(mut self, cursor: Cursor) -> Self {
+        self.lane = cursor.new_lane();
         self.cursor = cursor;
         self
     }
@@ -225,11 +275,13 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
     pub async fn step(&mut self, faults: &dyn Faults) -> anyhow::Result<ProduceStep> {
         // Wall time here only feeds metrics; no decision depends on it.
         let started = std::time::Instant::now();
+        let turn = self.cursor.turn.lock().await;
         let from = self.cursor.next.get();
-        let claim = self.source.claim(from, self.config.batch_rows).await?;
+        let mut claim = self.source.claim(from, self.config.batch_rows).await?;
         metrics::counter!("pg2ch_rows_claimed_total").increment(claim.len() as u64);
         if claim.is_empty() {
             self.cursor.wrap();
+            drop(turn);
             self.source.rollback().await?;
             // A pass that ends empty-handed returns, rather than starting
             // the next pass at once: rescanning from the lowest id walks
@@ -245,6 +297,17 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
         } else {
             self.cursor.next.set(claim.last_id());
         }
+        let (cursor, lane) = (&self.cursor, self.lane);
+        claim.rows.retain(|r| !cursor.held_by_another(lane, r.id));
+        claim.rejected.retain(|r| !cursor.held_by_another(lane, r.id));
+        if claim.is_empty() {
+            // Every row is in a sibling's batch: theirs to publish.
+            drop(turn);
+            self.source.rollback().await?;
+            return Ok(ProduceStep::Moved(0));
+        }
+        let _hold = Hold::new(&self.cursor, self.lane, &claim);
+        drop(turn);
         faults.at(CrashPoint::AfterClaim)?;
         let (claim, records) = encode(claim);
 

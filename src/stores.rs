@@ -12,20 +12,40 @@ use std::time::Duration;
 
 use crate::event::LoginEvent;
 
+/// How a producer's claims keep clear of other producers' claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClaimMode {
+    /// Claims lock their rows (`FOR UPDATE SKIP LOCKED`), so several
+    /// producers can work side by side, each skipping what others hold.
+    #[default]
+    Shared,
+    /// Claims read without locking: this process is the only producer at
+    /// work (the real adapter holds an advisory lock to make sure), and its
+    /// lanes keep apart through their shared cursor. PostgreSQL is spared
+    /// writing a lock into every row it hands out. Correctness does not rest
+    /// on the exclusivity: a row changed by someone else between claim and
+    /// mark makes the mark fail (a serialization failure), and a row
+    /// published twice is collapsed by id in the sink.
+    Exclusive,
+}
+
 /// The source table: rows with a `sent_to_kafka` flag.
 ///
 /// One value is one producer's session: at most one claim is open at a time,
-/// and a claim holds row locks until [`commit`](Self::commit) or
+/// from [`claim`](Self::claim) until [`commit`](Self::commit) or
 /// [`rollback`](Self::rollback). Dropping the value abandons the claim, as a
 /// crashed process would.
 #[allow(async_fn_in_trait)]
 pub trait SourceTable {
-    /// Opens a transaction and locks up to `limit` unsent, unrejected rows
-    /// with `id > after_id`, in id order, skipping rows that another session
-    /// holds. Rows that cannot be represented downstream come back in
-    /// [`Claim::rejected`] instead of [`Claim::rows`].
+    /// Opens a transaction and claims up to `limit` unsent, unrejected rows
+    /// with `id > after_id`, in id order; in [`ClaimMode::Shared`] it locks
+    /// them and skips rows another session holds. Rows that cannot be
+    /// represented downstream come back in [`Claim::rejected`] instead of
+    /// [`Claim::rows`].
     async fn claim(&mut self, after_id: i64, limit: usize) -> anyhow::Result<Claim>;
-    /// Flags these rows sent inside the open claim (not yet visible to others).
+    /// Flags these rows sent inside the open claim (not yet visible to
+    /// others). Fails, changing nothing, if another session changed one of
+    /// them since the claim.
     async fn mark_sent(&mut self, ids: &[i64]) -> anyhow::Result<()>;
     /// Flags these rows rejected, with the reason, inside the open claim.
     /// Rejected rows are never claimed again and never flagged sent.
@@ -36,7 +56,7 @@ pub trait SourceTable {
     async fn rollback(&mut self) -> anyhow::Result<()>;
 }
 
-/// What one claim locked.
+/// What one claim handed out.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Claim {
     pub rows: Vec<LoginEvent>,

@@ -149,6 +149,46 @@ async fn sigterm_during_a_large_batch_stops_quickly_and_resumes() {
     assert_eq!(sent_count(&env).await, 300_000);
 }
 
+/// An exclusive producer claims without row locks, so it must not work
+/// while a shared one does: it waits, moving nothing, and starts when the
+/// shared one is gone. The shared producer here is the test itself holding
+/// the lease, so that rows can arrive meanwhile that nobody takes.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exclusive_producer_waits_for_shared_ones_then_drains() {
+    use std::io::BufRead;
+    let env = TestEnv::new("exclusive").await;
+    env.ok(&["init", "--partitions", "3"]);
+    env.ok(&["seed", "--rows", "5000"]);
+    let mut shared = env.pg().await.acquire().await.unwrap().detach();
+    let took: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock_shared($1)")
+        .bind(pg2ch::postgres::PRODUCER_LOCK)
+        .fetch_one(&mut shared)
+        .await
+        .unwrap();
+    assert!(took);
+
+    let mut exclusive =
+        env.command(&["run", "--once", "--exclusive"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut log = std::io::BufReader::new(exclusive.stderr.take().unwrap());
+    let mut said = String::new();
+    while !said.contains("waiting") {
+        let mut line = String::new();
+        assert!(log.read_line(&mut line).unwrap() > 0, "exited without waiting for the shared producer:\n{said}");
+        said += &line;
+    }
+    insert_rows(&env, 3000).await;
+    assert_eq!(sent_count(&env).await, 0, "nothing moves while a shared producer holds the lease");
+    assert!(exclusive.try_wait().unwrap().is_none(), "still waiting");
+
+    drop(shared); // the shared producer's session ends
+    let status = exclusive.wait().unwrap();
+    std::io::Read::read_to_string(&mut log, &mut said).unwrap();
+    assert!(status.success(), "{said}");
+    assert!(said.contains("starting"), "{said}");
+    assert_eq!(sent_count(&env).await, 8000);
+    assert!(env.ok(&["verify"]).contains("verify: OK"));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn poison_records_go_to_the_dead_letter_topic_and_good_ones_land() {
     use rskafka::client::partition::{Compression, UnknownTopicHandling};

@@ -38,6 +38,7 @@ use crate::pipeline::{
     Consumer, ConsumerConfig, CrashPoint, Crashed, Cursor, Faults, NoFaults, Ordering, Producer, ProducerConfig,
     is_crash,
 };
+use crate::stores::ClaimMode;
 
 /// How often things go wrong, each a probability per opportunity.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -165,8 +166,15 @@ impl World {
         }
     }
 
-    pub fn source(&self, session: u32) -> source::SimSource {
-        source::SimSource { chaos: self.chaos.clone(), table: self.table.clone(), session, marked: None }
+    pub fn source(&self, session: u32, mode: ClaimMode) -> source::SimSource {
+        source::SimSource {
+            chaos: self.chaos.clone(),
+            table: self.table.clone(),
+            session,
+            mode,
+            marked: None,
+            seen: Default::default(),
+        }
     }
 
     pub fn event_log(&self) -> log::SimLog {
@@ -291,6 +299,9 @@ pub struct Scenario {
     /// process). A restarted producer keeps the shared, possibly stale, value:
     /// the cursor is a hint, and any value must be safe.
     pub shared_cursor: bool,
+    /// How each producer claims. Two exclusive producers at once is what the
+    /// advisory lock prevents in real life; here it must still be safe.
+    pub modes: [ClaimMode; 2],
     pub actions: Vec<Action>,
 }
 
@@ -313,8 +324,8 @@ pub struct Outcome {
 
 type Task = LocalBoxFuture<'static, anyhow::Error>;
 
-fn producer_task(world: &World, session: u32, config: ProducerConfig, cursor: Option<Cursor>) -> Task {
-    let mut producer = Producer::new(world.source(session), world.event_log(), config);
+fn producer_task(world: &World, session: u32, mode: ClaimMode, config: ProducerConfig, cursor: Option<Cursor>) -> Task {
+    let mut producer = Producer::new(world.source(session, mode), world.event_log(), config);
     if let Some(cursor) = cursor {
         producer = producer.with_cursor(cursor);
     }
@@ -366,8 +377,12 @@ pub fn run(s: &Scenario, orderings: Orderings) -> Result<Outcome, String> {
             Action::Step(c) => {
                 let slot = &mut tasks[c as usize];
                 let task = slot.get_or_insert_with(|| match c {
-                    Component::Producer1 => producer_task(&world, 1, producer_config.clone(), shared.clone()),
-                    Component::Producer2 => producer_task(&world, 2, producer_config.clone(), shared.clone()),
+                    Component::Producer1 => {
+                        producer_task(&world, 1, s.modes[0], producer_config.clone(), shared.clone())
+                    }
+                    Component::Producer2 => {
+                        producer_task(&world, 2, s.modes[1], producer_config.clone(), shared.clone())
+                    }
                     Component::Consumer => consumer_task(&world, consumer_config.clone()),
                 });
                 if let Poll::Ready(_crash) = task.as_mut().poll(&mut cx) {
@@ -390,7 +405,7 @@ pub fn run(s: &Scenario, orderings: Orderings) -> Result<Outcome, String> {
     while !world.table.borrow().pending.is_empty() {
         world.table.borrow_mut().commit_insert(0);
     }
-    let mut producer = Producer::new(world.source(3), world.event_log(), producer_config);
+    let mut producer = Producer::new(world.source(3, s.modes[0]), world.event_log(), producer_config);
     futures::executor::block_on(producer.drain(&NoFaults)).map_err(|e| format!("final produce: {e:#}"))?;
     let mut consumer = Consumer::new(world.event_log(), world.sink_store(), consumer_config);
     futures::executor::block_on(consumer.drain(&NoFaults, Duration::ZERO))

@@ -1,6 +1,8 @@
 //! Simulated PostgreSQL table: committed rows with the sent flag, row locks
-//! with SKIP LOCKED, inserts whose ids are allocated now and committed later
-//! (out of order), and commits that fail or whose outcome is lost.
+//! with SKIP LOCKED, claims without locks that fail to flag a row someone
+//! else changed since (REPEATABLE READ), inserts whose ids are allocated now
+//! and committed later (out of order), and commits that fail or whose
+//! outcome is lost.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -8,7 +10,7 @@ use std::rc::Rc;
 
 use super::{Chaos, yield_now};
 use crate::event::LoginEvent;
-use crate::stores::{Claim, Rejected, SourceTable};
+use crate::stores::{Claim, ClaimMode, Rejected, SourceTable};
 
 #[derive(Debug, Default)]
 pub struct Table {
@@ -16,6 +18,8 @@ pub struct Table {
     pub committed: BTreeMap<i64, (LoginEvent, bool)>,
     /// Row locks: id → session holding it.
     locks: BTreeMap<i64, u32>,
+    /// How many times each row's flags were changed by a commit.
+    versions: BTreeMap<i64, u64>,
     /// Inserted, id allocated, not committed yet.
     pub pending: Vec<LoginEvent>,
     next_id: i64,
@@ -58,13 +62,46 @@ pub struct SimSource {
     pub(super) chaos: Rc<Chaos>,
     pub(super) table: Rc<RefCell<Table>>,
     pub(super) session: u32,
+    pub(super) mode: ClaimMode,
     pub(super) marked: Option<(Vec<i64>, Vec<Rejected>)>,
+    /// Rows the open claim handed out, with their versions then.
+    pub(super) seen: BTreeMap<i64, u64>,
 }
 
 impl SimSource {
     fn abort(&mut self) {
         self.marked = None;
+        self.seen.clear();
         self.table.borrow_mut().release(self.session);
+    }
+
+    /// Row-locks `ids` for a flag update, as PostgreSQL's UPDATE does. A
+    /// shared claim locked them already. After an exclusive claim, a row
+    /// changed since it was read fails the update (a serialization failure);
+    /// a row locked by another session would make PostgreSQL wait for it,
+    /// and here that wait times out.
+    fn lock_for_update(&mut self, ids: impl Iterator<Item = i64>) -> anyhow::Result<()> {
+        let mut table = self.table.borrow_mut();
+        for id in ids {
+            let seen = self.seen.get(&id).expect("the pipeline flagged a row it had not claimed");
+            match table.locks.get(&id) {
+                Some(holder) if *holder == self.session => continue,
+                Some(_) => {
+                    drop(table);
+                    self.abort();
+                    anyhow::bail!("simulated: row {id} is locked by another session; lock wait timed out");
+                }
+                None => {}
+            }
+            assert_eq!(self.mode, ClaimMode::Exclusive, "the pipeline flagged a row it had not locked");
+            if table.versions.get(&id).copied().unwrap_or(0) != *seen {
+                drop(table);
+                self.abort();
+                anyhow::bail!("simulated: could not serialize access to row {id} due to concurrent update");
+            }
+            table.locks.insert(id, self.session);
+        }
+        Ok(())
     }
 }
 
@@ -85,13 +122,19 @@ impl SourceTable for SimSource {
         let rows: Vec<LoginEvent> = table
             .committed
             .range(after_id.saturating_add(1)..)
-            .filter(|(id, (_, sent))| !sent && !table.locks.contains_key(id) && !table.rejected.contains_key(id))
+            .filter(|(id, (_, sent))| {
+                let skip_locked = self.mode == ClaimMode::Shared && table.locks.contains_key(id);
+                !sent && !skip_locked && !table.rejected.contains_key(id)
+            })
             .take(limit)
             .map(|(_, (row, _))| row.clone())
             .collect();
         let mut claim = Claim::default();
         for row in rows {
-            table.locks.insert(row.id, self.session);
+            self.seen.insert(row.id, table.versions.get(&row.id).copied().unwrap_or(0));
+            if self.mode == ClaimMode::Shared {
+                table.locks.insert(row.id, self.session);
+            }
             if table.unrepresentable.contains(&row.id) {
                 claim.rejected.push(Rejected { id: row.id, reason: "username is NULL".into() });
             } else {
@@ -112,12 +155,7 @@ impl SourceTable for SimSource {
             self.abort();
             anyhow::bail!("simulated: update failed");
         }
-        let table = self.table.borrow();
-        assert!(
-            ids.iter().all(|id| table.locks.get(id) == Some(&self.session)),
-            "the pipeline flagged a row it had not locked"
-        );
-        drop(table);
+        self.lock_for_update(ids.iter().copied())?;
         self.marked.as_mut().expect("checked above").0 = ids.to_vec();
         Ok(())
     }
@@ -131,6 +169,7 @@ impl SourceTable for SimSource {
             self.abort();
             anyhow::bail!("simulated: update failed");
         }
+        self.lock_for_update(rows.iter().map(|r| r.id))?;
         self.marked.as_mut().expect("checked above").1 = rows.to_vec();
         Ok(())
     }
@@ -152,8 +191,12 @@ impl SourceTable for SimSource {
             for r in &rejected {
                 table.rejected.insert(r.id, r.reason.clone());
             }
+            for id in marked.iter().copied().chain(rejected.iter().map(|r| r.id)) {
+                *table.versions.entry(id).or_default() += 1;
+            }
             table.release(self.session);
         }
+        self.seen.clear();
         self.chaos.note(&("commit", self.session, marked.len()));
         if self.chaos.outcome_lost("pg.commit") {
             anyhow::bail!("simulated: commit outcome unknown");

@@ -47,6 +47,10 @@ fn action() -> impl Strategy<Value = Action> {
     ]
 }
 
+fn claim_mode() -> impl Strategy<Value = ClaimMode> {
+    prop_oneof![Just(ClaimMode::Shared), Just(ClaimMode::Exclusive)]
+}
+
 pub fn scenario() -> impl Strategy<Value = Scenario> {
     (
         any::<u64>(),
@@ -54,20 +58,23 @@ pub fn scenario() -> impl Strategy<Value = Scenario> {
         1..4i32,
         1..8usize,
         1..6usize,
-        any::<bool>(),
+        (any::<bool>(), [claim_mode(), claim_mode()]),
         proptest::collection::vec(action(), 1..160),
     )
-        .prop_map(|(seed, (fail, lost, crash), partitions, batch_rows, insert_rows, shared_cursor, actions)| {
-            Scenario {
-                seed,
-                rates: FaultRates { fail, lost, crash },
-                partitions,
-                batch_rows,
-                insert_rows,
-                shared_cursor,
-                actions,
-            }
-        })
+        .prop_map(
+            |(seed, (fail, lost, crash), partitions, batch_rows, insert_rows, (shared_cursor, modes), actions)| {
+                Scenario {
+                    seed,
+                    rates: FaultRates { fail, lost, crash },
+                    partitions,
+                    batch_rows,
+                    insert_rows,
+                    shared_cursor,
+                    modes,
+                    actions,
+                }
+            },
+        )
 }
 
 proptest! {
@@ -144,8 +151,11 @@ fn keyset_cursor_finds_ids_that_commit_out_of_order() {
         world.insert_row();
     }
     world.table.borrow_mut().commit_insert(2);
-    let mut producer =
-        Producer::new(world.source(1), world.event_log(), ProducerConfig { batch_rows: 1, ..Default::default() });
+    let mut producer = Producer::new(
+        world.source(1, ClaimMode::Shared),
+        world.event_log(),
+        ProducerConfig { batch_rows: 1, ..Default::default() },
+    );
     assert_eq!(futures::executor::block_on(producer.drain(&NoFaults)).unwrap(), 1);
     world.table.borrow_mut().commit_insert(0);
     world.table.borrow_mut().commit_insert(0);
@@ -157,8 +167,10 @@ fn keyset_cursor_finds_ids_that_commit_out_of_order() {
 fn one_pass_of_lanes_sharing_a_cursor_claims_every_committed_row() {
     // What `--once` relies on: lanes stop as soon as the shared cursor has
     // wrapped once, and by then every row committed before they started has
-    // been published and flagged (or rejected), whatever the interleaving.
-    for seed in 0..200u64 {
+    // been published and flagged (or rejected), whatever the interleaving,
+    // with or without row locks, and no lane fails on a sibling's rows.
+    for seed in 0..400u64 {
+        let mode = if seed % 2 == 0 { ClaimMode::Shared } else { ClaimMode::Exclusive };
         let world = World::new(seed, FaultRates::NONE, 3);
         let rows = 1 + (seed % 40) as usize;
         for _ in 0..rows {
@@ -170,11 +182,11 @@ fn one_pass_of_lanes_sharing_a_cursor_claims_every_committed_row() {
         let config = ProducerConfig { batch_rows: 1 + (seed % 7) as usize, ..Default::default() };
         let cursor = Cursor::default();
         let lane = |session| {
-            let mut p =
-                Producer::new(world.source(session), world.event_log(), config.clone()).with_cursor(cursor.clone());
+            let mut p = Producer::new(world.source(session, mode), world.event_log(), config.clone())
+                .with_cursor(cursor.clone());
             async move {
                 loop {
-                    match p.step(&NoFaults).await.expect("no faults injected") {
+                    match p.step(&NoFaults).await.unwrap_or_else(|e| panic!("seed {seed} ({mode:?}): {e:#}")) {
                         ProduceStep::Moved(_) if p.passes() == 0 => {}
                         _ => break,
                     }
@@ -189,6 +201,6 @@ fn one_pass_of_lanes_sharing_a_cursor_claims_every_committed_row() {
             .filter(|(id, (_, sent))| !sent && !table.rejected.contains_key(id))
             .map(|(id, _)| *id)
             .collect();
-        assert!(left.is_empty(), "seed {seed}: rows {left:?} were left after one pass");
+        assert!(left.is_empty(), "seed {seed} ({mode:?}): rows {left:?} were left after one pass");
     }
 }
