@@ -180,8 +180,10 @@ pub enum ProduceStep {
 /// comes back short, so rows whose ids committed out of order are found on
 /// the next pass instead of being skipped for ever. Producers in one process
 /// (lanes) may share one: they claim one at a time, each after the rows the
-/// others hold, and a claim drops the rows of any id range a sibling still
-/// holds. That last rule is what keeps lanes apart when claims take no row
+/// others hold, and a claim drops the rows of any id range a sibling held
+/// when the claim began (not when it returned: a sibling that commits in
+/// between has flagged rows the claim's snapshot still shows unsent). That
+/// last rule is what keeps lanes apart when claims take no row
 /// locks (an exclusive producer) and a new pass starts at 0 while a sibling's
 /// batch is still in flight. The position is only a hint: the wrap-around
 /// keeps claims complete whatever it says.
@@ -212,8 +214,9 @@ impl KeysetCursor {
         self.lanes.get()
     }
 
-    fn held_by_another(&self, lane: u64, id: i64) -> bool {
-        self.held.borrow().iter().any(|(l, (low, high))| *l != lane && (*low..=*high).contains(&id))
+    /// The id ranges of the siblings' open claims.
+    fn held_by_others(&self, lane: u64) -> Vec<(i64, i64)> {
+        self.held.borrow().iter().filter(|(l, _)| **l != lane).map(|(_, range)| *range).collect()
     }
 }
 
@@ -277,6 +280,10 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
         let started = std::time::Instant::now();
         let turn = self.cursor.turn.lock().await;
         let from = self.cursor.next.get();
+        // Taken before the claim's snapshot: a sibling may commit its batch
+        // and let go of it while our claim runs, and a snapshot without
+        // row locks still shows those rows unsent.
+        let siblings = self.cursor.held_by_others(self.lane);
         let mut claim = self.source.claim(from, self.config.batch_rows).await?;
         metrics::counter!("pg2ch_rows_claimed_total").increment(claim.len() as u64);
         if claim.is_empty() {
@@ -297,9 +304,9 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
         } else {
             self.cursor.next.set(claim.last_id());
         }
-        let (cursor, lane) = (&self.cursor, self.lane);
-        claim.rows.retain(|r| !cursor.held_by_another(lane, r.id));
-        claim.rejected.retain(|r| !cursor.held_by_another(lane, r.id));
+        let theirs = |id: i64| siblings.iter().any(|(low, high)| (*low..=*high).contains(&id));
+        claim.rows.retain(|r| !theirs(r.id));
+        claim.rejected.retain(|r| !theirs(r.id));
         if claim.is_empty() {
             // Every row is in a sibling's batch: theirs to publish.
             drop(turn);

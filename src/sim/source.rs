@@ -143,6 +143,13 @@ impl SourceTable for SimSource {
         }
         self.marked = Some((Vec::new(), Vec::new()));
         self.chaos.note(&("claim", self.session, claim.len()));
+        drop(table);
+        // The rows are as of the query's snapshot; others go on (and
+        // commit) while the answer travels back, as they do while a real
+        // query runs.
+        for _ in 0..self.chaos.below(8) {
+            yield_now().await;
+        }
         Ok(claim)
     }
 
