@@ -235,11 +235,11 @@ fn shutdown_signal() -> commands::Shutdown {
 
 /// Parses the arguments, runs the command, returns the process exit code.
 pub fn main() -> i32 {
-    if let Err(e) = dotenvy::dotenv() {
-        if !e.not_found() {
-            eprintln!("error: reading .env: {e}");
-            return 2;
-        }
+    if let Err(e) = dotenvy::dotenv()
+        && !e.not_found()
+    {
+        eprintln!("error: reading .env: {e}");
+        return 2;
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -230,13 +230,9 @@ impl ClickHouse {
         Ok(rows.into_iter().map(|(p, o)| (p, o as i64)).collect())
     }
 
-    async fn insert<T: Row + Serialize + clickhouse::RowWrite>(
-        &self,
-        table: &str,
-        rows: impl IntoIterator<Item = T::Value<'_>>,
-    ) -> anyhow::Result<()>
+    async fn insert<T>(&self, table: &str, rows: impl IntoIterator<Item = T::Value<'_>>) -> anyhow::Result<()>
     where
-        for<'a> T: Row<Value<'a> = T>,
+        T: Serialize + clickhouse::RowWrite + for<'a> Row<Value<'a> = T>,
     {
         bounded(|| format!("ClickHouse: inserting into {table}"), self.timeout, async {
             let mut insert = self.client.insert::<T>(table).await?;

@@ -307,10 +307,10 @@ async fn consume_loop(
                 _ => {}
             }
         }
-        if let Some(t) = &targets {
-            if c.reached(t) {
-                break;
-            }
+        if let Some(t) = &targets
+            && c.reached(t)
+        {
+            break;
         }
         let step = tokio::select! {
             step = c.step(&NoFaults, poll) => step,

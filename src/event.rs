@@ -70,8 +70,7 @@ impl LoginEvent {
     /// following the documented format).
     pub fn decode(value: Option<&[u8]>) -> Result<Self, DecodeError> {
         let bytes = match value {
-            None => return Err(DecodeError::Empty),
-            Some(b) if b.is_empty() => return Err(DecodeError::Empty),
+            None | Some([]) => return Err(DecodeError::Empty),
             Some(b) => b,
         };
         let wire: Wire<'_> = serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;

@@ -126,10 +126,10 @@ pub async fn insert_events(pool: &PgPool, names: &[String], times: &[DateTime<Ut
 
 /// Rows waiting to be sent (not flagged sent, not rejected).
 pub async fn unsent_count(pool: &PgPool) -> anyhow::Result<i64> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE NOT sent_to_kafka AND pg2ch_rejected IS NULL")
+    sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE NOT sent_to_kafka AND pg2ch_rejected IS NULL")
         .fetch_one(pool)
         .await
-        .context("counting unsent rows")?)
+        .context("counting unsent rows")
 }
 
 /// Every row that can be sent (not rejected, not holding a NULL the claim

@@ -263,11 +263,11 @@ impl Stack {
     /// Stops what `up` started in this directory.
     pub fn down(&self) -> anyhow::Result<()> {
         let data = self.dir.join("pg/data");
-        if data.join("postmaster.pid").exists() {
-            if let Some(pg_ctl) = find_binary(&["pg_ctl"], &postgres_bin_dirs()) {
-                let data = data.to_string_lossy().into_owned();
-                run_as_service_user(&pg_ctl, &["-D", &data, "-m", "fast", "-w", "stop"], "pg_ctl stop")?;
-            }
+        if data.join("postmaster.pid").exists()
+            && let Some(pg_ctl) = find_binary(&["pg_ctl"], &postgres_bin_dirs())
+        {
+            let data = data.to_string_lossy().into_owned();
+            run_as_service_user(&pg_ctl, &["-D", &data, "-m", "fast", "-w", "stop"], "pg_ctl stop")?;
         }
         stop_pidfile(&self.dir.join("ch/server.pid"));
         stop_pidfile(&self.dir.join("broker/broker.pid"));

@@ -334,10 +334,10 @@ fn producer_task(world: &World, session: u32, mode: ClaimMode, config: ProducerC
         loop {
             // As in `pg2ch produce`: a store error is retried by the same
             // component; only a crash ends it.
-            if let Err(e) = producer.step(&faults).await {
-                if is_crash(&e) {
-                    return e;
-                }
+            if let Err(e) = producer.step(&faults).await
+                && is_crash(&e)
+            {
+                return e;
             }
         }
     }
@@ -349,10 +349,10 @@ fn consumer_task(world: &World, config: ConsumerConfig) -> Task {
     let faults = world.faults();
     async move {
         loop {
-            if let Err(e) = consumer.step(&faults, Duration::ZERO).await {
-                if is_crash(&e) {
-                    return e;
-                }
+            if let Err(e) = consumer.step(&faults, Duration::ZERO).await
+                && is_crash(&e)
+            {
+                return e;
             }
         }
     }
