@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::commands::{self, RunOptions, Settings};
 use crate::config::{ChConfig, KafkaConfig, PgConfig, Secret, Timeouts};
+use crate::kafka::Compression;
 use crate::stores::ClaimMode;
 
 #[derive(Parser, Debug)]
@@ -89,6 +90,11 @@ struct RunArgs {
     /// Most bytes fetched per partition per consumer step (bounds memory).
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     fetch_max_bytes: i32,
+    /// Compression of produce requests. It saves network and broker disk at
+    /// the cost of CPU here; with every service on one machine, none is
+    /// fastest (see README, Performance). The consumer reads every codec.
+    #[arg(long, value_enum, default_value_t = Codec::None)]
+    compression: Codec,
     /// Partitions this consumer reads (comma-separated; default all). There is
     /// no consumer-group protocol: split partitions between consumers here.
     #[arg(long, value_delimiter = ',')]
@@ -161,6 +167,28 @@ enum StackAction {
     Env,
 }
 
+/// Kafka's record batch codecs, as `--compression` spells them.
+#[derive(ValueEnum, Debug, Clone, Copy)]
+enum Codec {
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+impl From<Codec> for Compression {
+    fn from(codec: Codec) -> Self {
+        match codec {
+            Codec::None => Compression::NoCompression,
+            Codec::Gzip => Compression::Gzip,
+            Codec::Snappy => Compression::Snappy,
+            Codec::Lz4 => Compression::Lz4,
+            Codec::Zstd => Compression::Zstd,
+        }
+    }
+}
+
 impl RunArgs {
     fn options(&self) -> RunOptions {
         RunOptions {
@@ -170,6 +198,7 @@ impl RunArgs {
             claim_mode: if self.exclusive { ClaimMode::Exclusive } else { ClaimMode::Shared },
             insert_rows: self.insert_rows.max(1),
             fetch_max_bytes: self.fetch_max_bytes.max(1),
+            compression: self.compression.into(),
             partitions: self.partitions.clone(),
             poll: Duration::from_millis(self.poll_ms),
         }

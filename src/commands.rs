@@ -40,6 +40,8 @@ pub struct RunOptions {
     pub insert_rows: usize,
     /// Most bytes fetched per partition per step.
     pub fetch_max_bytes: i32,
+    /// Codec of the producer's requests to the broker.
+    pub compression: kafka::Compression,
     /// Partitions this consumer reads; `None` means all.
     pub partitions: Option<Vec<i32>>,
     /// How long to wait when there is nothing to do.
@@ -55,6 +57,7 @@ impl Default for RunOptions {
             claim_mode: ClaimMode::Shared,
             insert_rows: 100_000,
             fetch_max_bytes: 4 * 1024 * 1024,
+            compression: kafka::Compression::NoCompression,
             partitions: None,
             poll: Duration::from_millis(200),
         }
@@ -114,8 +117,10 @@ impl ProducerStores {
         let pool = postgres::connect(&s.pg, lanes as u32 + 1, s.timeouts.call).await?;
         postgres::check_columns(&pool).await?;
         let client = kafka::connect(&s.kafka, s.timeouts.call).await?;
-        let log = KafkaLog::open(&client, &s.kafka.topic, s.timeouts.call).await?;
+        let log = KafkaLog::open(&client, &s.kafka.topic, s.timeouts.call).await?.with_compression(o.compression);
         let sources = (0..lanes).map(|_| PgSource::new(pool.clone(), s.timeouts.call, o.claim_mode)).collect();
+        // Test builds have more fields (the deliberately broken orderings).
+        #[allow(clippy::needless_update)]
         let config = ProducerConfig { batch_rows: o.batch_rows, ..ProducerConfig::default() };
         Ok(ProducerStores { log, sources, pool, config })
     }

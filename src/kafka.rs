@@ -11,12 +11,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rskafka::BackoffConfig;
-use rskafka::client::partition::{Compression, PartitionClient, UnknownTopicHandling};
+use rskafka::client::partition::{PartitionClient, UnknownTopicHandling};
 use rskafka::client::{Client, ClientBuilder};
 use rskafka::record::Record;
 
 use crate::config::{KafkaConfig, bounded};
 use crate::stores::{DeadLetter, EventLog, Fetched, FetchedRecord, LogRecord};
+
+/// How produce requests are compressed. Fetches decode every codec whatever
+/// this says, so producers may change it at any time.
+pub use rskafka::client::partition::Compression;
 
 /// The dead-letter topic of `topic`.
 pub fn dead_letter_topic(topic: &str) -> String {
@@ -132,6 +136,12 @@ impl KafkaLog {
     /// at least one whole batch). Bounds the consumer's memory.
     pub fn with_fetch_max_bytes(mut self, bytes: i32) -> Self {
         self.fetch_max_bytes = bytes.max(1);
+        self
+    }
+
+    /// Compresses produce requests with this codec (none by default).
+    pub fn with_compression(mut self, compression: Compression) -> Self {
+        self.compression = compression;
         self
     }
 

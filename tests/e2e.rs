@@ -81,6 +81,26 @@ async fn restart_resumes_from_the_stored_position() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn batches_in_every_compression_codec_reach_clickhouse() {
+    let env = TestEnv::new("codecs").await;
+    env.ok(&["init", "--partitions", "2"]);
+    // One topic holding batches of every codec, as happens when producers
+    // change `--compression`: the consumer must read them all.
+    let codecs = ["gzip", "snappy", "lz4", "zstd", "none"];
+    for codec in codecs {
+        env.ok(&["seed", "--rows", "700"]);
+        env.ok(&["produce", "--once", "--compression", codec]);
+    }
+    env.ok(&["consume", "--once"]);
+    let ch = env.ch().await;
+    assert_eq!(ch.final_count().await.unwrap(), 700 * codecs.len() as u64);
+    assert!(env.ok(&["verify"]).contains("verify: OK"));
+    let bad = env.run(&["produce", "--once", "--compression", "brotli"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--compression"), "the error names the flag");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn two_groups_fan_out_independently() {
     let env = TestEnv::new("fanout").await;
     let a = env.with_group("alpha");
