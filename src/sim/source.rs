@@ -103,21 +103,10 @@ impl SimSource {
         }
         Ok(())
     }
-}
 
-impl Drop for SimSource {
-    fn drop(&mut self) {
-        self.table.borrow_mut().release(self.session);
-    }
-}
-
-impl SourceTable for SimSource {
-    async fn claim(&mut self, after_id: i64, limit: usize) -> anyhow::Result<Claim> {
-        yield_now().await;
-        self.abort();
-        if self.chaos.fails("pg.claim") {
-            anyhow::bail!("simulated: claim failed");
-        }
+    /// The claim's query: unsent rows above `after_id` as of now, locked
+    /// in shared mode, their versions remembered in exclusive mode.
+    fn read_claim(&mut self, after_id: i64, limit: usize) -> Claim {
         let mut table = self.table.borrow_mut();
         let rows: Vec<LoginEvent> = table
             .committed
@@ -143,7 +132,24 @@ impl SourceTable for SimSource {
         }
         self.marked = Some((Vec::new(), Vec::new()));
         self.chaos.note(&("claim", self.session, claim.len()));
-        drop(table);
+        claim
+    }
+}
+
+impl Drop for SimSource {
+    fn drop(&mut self) {
+        self.table.borrow_mut().release(self.session);
+    }
+}
+
+impl SourceTable for SimSource {
+    async fn claim(&mut self, after_id: i64, limit: usize) -> anyhow::Result<Claim> {
+        yield_now().await;
+        self.abort();
+        if self.chaos.fails("pg.claim") {
+            anyhow::bail!("simulated: claim failed");
+        }
+        let claim = self.read_claim(after_id, limit);
         // The rows are as of the query's snapshot; others go on (and
         // commit) while the answer travels back, as they do while a real
         // query runs.
