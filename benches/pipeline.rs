@@ -169,6 +169,13 @@ fn sample_rows(n: u64) -> Vec<LoginEvent> {
         .collect()
 }
 
+/// The 4-partition topic `name` on the bench's broker (created if missing).
+async fn open_topic(env: &TestEnv, name: &str) -> pg2ch::kafka::KafkaLog {
+    let client = pg2ch::kafka::connect(&env.settings.kafka, Duration::from_secs(10)).await.unwrap();
+    pg2ch::kafka::ensure_topic(&client, name, 4, Duration::from_secs(10)).await.unwrap();
+    pg2ch::kafka::KafkaLog::open(&client, name, Duration::from_secs(60)).await.unwrap()
+}
+
 fn broker_and_clickhouse_stages(c: &mut Criterion, rt: &Runtime, env: &TestEnv, n: u64) {
     let rows = sample_rows(n);
     let records: Vec<LogRecord> = rows.iter().map(|r| LogRecord { key: r.key(), value: r.encode() }).collect();
@@ -191,12 +198,7 @@ fn broker_and_clickhouse_stages(c: &mut Criterion, rt: &Runtime, env: &TestEnv, 
                     n,
                     async || {
                         let name = format!("{}_produce_{}", env.name, rand::random::<u32>());
-                        let client = pg2ch::kafka::connect(&env.settings.kafka, Duration::from_secs(10)).await.unwrap();
-                        pg2ch::kafka::ensure_topic(&client, &name, 4, Duration::from_secs(10)).await.unwrap();
-                        let log = pg2ch::kafka::KafkaLog::open(&client, &name, Duration::from_secs(60))
-                            .await
-                            .unwrap()
-                            .with_compression(compression);
+                        let log = open_topic(env, &name).await.with_compression(compression);
                         *topic.lock().unwrap() = name; // the fetch benchmark reads it back
                         log
                     },
@@ -226,8 +228,7 @@ fn broker_and_clickhouse_stages(c: &mut Criterion, rt: &Runtime, env: &TestEnv, 
                     n,
                     async || {
                         let name = topic.lock().unwrap().clone();
-                        let client = pg2ch::kafka::connect(&env.settings.kafka, Duration::from_secs(10)).await.unwrap();
-                        pg2ch::kafka::KafkaLog::open(&client, &name, Duration::from_secs(60)).await.unwrap()
+                        open_topic(env, &name).await
                     },
                     async |log| {
                         let mut got = 0u64;

@@ -30,6 +30,11 @@ pub struct Table {
 }
 
 impl Table {
+    /// How many commits have changed this row's flags.
+    fn version(&self, id: i64) -> u64 {
+        self.versions.get(&id).copied().unwrap_or(0)
+    }
+
     /// Allocates an id for a new row; it becomes visible when committed.
     pub fn insert(&mut self, username: String, event_time_us: i64, representable: bool) {
         self.next_id += 1;
@@ -81,27 +86,31 @@ impl SimSource {
     /// a row locked by another session would make PostgreSQL wait for it,
     /// and here that wait times out.
     fn lock_for_update(&mut self, ids: impl Iterator<Item = i64>) -> anyhow::Result<()> {
-        let mut table = self.table.borrow_mut();
-        for id in ids {
-            let seen = self.seen.get(&id).expect("the pipeline flagged a row it had not claimed");
-            match table.locks.get(&id) {
-                Some(holder) if *holder == self.session => continue,
-                Some(_) => {
-                    drop(table);
-                    self.abort();
-                    anyhow::bail!("simulated: row {id} is locked by another session; lock wait timed out");
+        let refused = {
+            let mut table = self.table.borrow_mut();
+            ids.into_iter().find_map(|id| {
+                let seen = self.seen.get(&id).expect("the pipeline flagged a row it had not claimed");
+                match table.locks.get(&id) {
+                    Some(holder) if *holder == self.session => return None,
+                    Some(_) => return Some(format!("row {id} is locked by another session; lock wait timed out")),
+                    None => {}
                 }
-                None => {}
-            }
-            assert_eq!(self.mode, ClaimMode::Exclusive, "the pipeline flagged a row it had not locked");
-            if table.versions.get(&id).copied().unwrap_or(0) != *seen {
-                drop(table);
+                assert_eq!(self.mode, ClaimMode::Exclusive, "the pipeline flagged a row it had not locked");
+                if table.version(id) != *seen {
+                    return Some(format!("could not serialize access to row {id} due to concurrent update"));
+                }
+                table.locks.insert(id, self.session);
+                None
+            })
+        };
+        match refused {
+            // As in PostgreSQL, the failed statement ends the transaction.
+            Some(why) => {
                 self.abort();
-                anyhow::bail!("simulated: could not serialize access to row {id} due to concurrent update");
+                anyhow::bail!("simulated: {why}")
             }
-            table.locks.insert(id, self.session);
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// The claim's query: unsent rows above `after_id` as of now, locked
@@ -120,7 +129,7 @@ impl SimSource {
             .collect();
         let mut claim = Claim::default();
         for row in rows {
-            self.seen.insert(row.id, table.versions.get(&row.id).copied().unwrap_or(0));
+            self.seen.insert(row.id, table.version(row.id));
             if self.mode == ClaimMode::Shared {
                 table.locks.insert(row.id, self.session);
             }
