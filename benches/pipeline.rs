@@ -82,6 +82,9 @@ impl EventLog for NullLog {
     async fn fetch(&self, _: i32, _: i64, _: Duration) -> anyhow::Result<Fetched> {
         Ok(Fetched::default())
     }
+    async fn record_at(&self, _: i32, _: i64) -> anyhow::Result<Option<pg2ch::stores::FetchedRecord>> {
+        Ok(None)
+    }
     async fn dead_letter(&self, _: Vec<pg2ch::stores::DeadLetter>) -> anyhow::Result<()> {
         Ok(())
     }

@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::commands::{self, RunOptions, Settings};
 use crate::config::{ChConfig, KafkaConfig, PgConfig, Secret, Timeouts};
+
 use crate::kafka::Compression;
 use crate::stores::ClaimMode;
 
@@ -40,8 +41,9 @@ struct Connection {
     pg_port: u16,
     #[arg(long, global = true, env = "PG_USER", default_value = "pg2ch")]
     pg_user: String,
-    #[arg(long, global = true, env = "PG_PASS", default_value = "", hide_env_values = true, hide_default_value = true)]
-    pg_pass: Secret,
+    /// File holding the PostgreSQL password (else env PG_PASS; passwords are never taken from flags).
+    #[arg(long, global = true, env = "PG_PASS_FILE")]
+    pg_pass_file: Option<std::path::PathBuf>,
     #[arg(long, global = true, env = "PG_DB", default_value = "pg2ch")]
     pg_db: String,
     #[arg(long, global = true, env = "CH_HOST", default_value = "localhost")]
@@ -51,8 +53,9 @@ struct Connection {
     ch_port: u16,
     #[arg(long, global = true, env = "CH_USER", default_value = "default")]
     ch_user: String,
-    #[arg(long, global = true, env = "CH_PASS", default_value = "", hide_env_values = true, hide_default_value = true)]
-    ch_pass: Secret,
+    /// File holding the ClickHouse password (else env CH_PASS).
+    #[arg(long, global = true, env = "CH_PASS_FILE")]
+    ch_pass_file: Option<std::path::PathBuf>,
     #[arg(long, global = true, env = "CH_DB", default_value = "default")]
     ch_db: String,
     /// Comma-separated host:port list.
@@ -205,21 +208,34 @@ impl RunArgs {
     }
 }
 
+/// A password from its file (`*_PASS_FILE`, a trailing newline dropped) or
+/// from the environment (`*_PASS`); never from a flag, so it is never in argv.
+fn password(file: Option<&std::path::Path>, var: &str) -> anyhow::Result<Secret> {
+    match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read the password file {}: {e}", path.display()))?;
+            Ok(Secret::new(text.strip_suffix('\n').unwrap_or(&text).trim_end_matches('\r')))
+        }
+        None => Ok(Secret::new(std::env::var(var).unwrap_or_default())),
+    }
+}
+
 impl Connection {
-    fn settings(&self) -> Settings {
-        Settings {
+    fn settings(&self) -> anyhow::Result<Settings> {
+        Ok(Settings {
             pg: PgConfig {
                 host: self.pg_host.clone(),
                 port: self.pg_port,
                 user: self.pg_user.clone(),
-                password: self.pg_pass.clone(),
+                password: password(self.pg_pass_file.as_deref(), "PG_PASS")?,
                 database: self.pg_db.clone(),
             },
             ch: ChConfig {
                 host: self.ch_host.clone(),
                 port: self.ch_port,
                 user: self.ch_user.clone(),
-                password: self.ch_pass.clone(),
+                password: password(self.ch_pass_file.as_deref(), "CH_PASS")?,
                 database: self.ch_db.clone(),
             },
             kafka: KafkaConfig {
@@ -228,7 +244,7 @@ impl Connection {
                 group: self.kafka_group.clone(),
             },
             timeouts: Timeouts { call: Duration::from_secs(self.timeout_secs.max(1)) },
-        }
+        })
     }
 }
 
@@ -264,7 +280,9 @@ fn shutdown_signal() -> commands::Shutdown {
 
 /// Parses the arguments, runs the command, returns the process exit code.
 pub fn main() -> i32 {
-    if let Err(e) = dotenvy::dotenv()
+    // `.env` in the working directory only: never one found in a parent
+    // directory, which may belong to something else.
+    if let Err(e) = dotenvy::from_path(".env")
         && !e.not_found()
     {
         eprintln!("error: reading .env: {e}");
@@ -289,7 +307,7 @@ pub fn main() -> i32 {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
-    let s = cli.conn.settings();
+    let s = cli.conn.settings()?;
     if !matches!(cli.command, Command::Stack { .. }) {
         commands::check_names(&s.ch, &s.kafka)?;
     }

@@ -10,6 +10,13 @@
 //!
 //! Positions live in `pg2ch_positions`, one row per (group, topic, partition)
 //! and store; the largest `next_offset` wins, so merges never lose progress.
+//! Each keeps the fingerprint of the last record read (`last_record`, 0 when
+//! unknown), so a replaced log is recognised.
+//!
+//! At `init` and at every start the tables are checked to be what exactly-once
+//! needs: engines that collapse copies by key, the expected column types, and
+//! inserts pinned synchronous (`async_insert=0` where the server has it), so
+//! an insert that returned is in the table before its position is stored.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -20,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ChConfig, bounded};
 use crate::event::LoginEvent;
-use crate::stores::Sink;
+use crate::stores::{Permanent, Position, Sink};
 
 /// What the server can do, detected at start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +37,8 @@ pub struct Capabilities {
     pub datetime64: bool,
     /// `RowBinaryWithNamesAndTypes`, which the crate's schema validation needs.
     pub validation: bool,
+    /// The `async_insert` setting (21.11 and later), pinned off.
+    pub async_insert: bool,
 }
 
 impl Capabilities {
@@ -38,7 +47,12 @@ impl Capabilities {
         let (Some(Ok(major)), Some(Ok(minor))) = (parts.next(), parts.next()) else {
             anyhow::bail!("cannot read ClickHouse version {text:?}");
         };
-        Ok(Capabilities { version: (major, minor), datetime64: (major, minor) >= (20, 5), validation: major >= 24 })
+        Ok(Capabilities {
+            version: (major, minor),
+            datetime64: (major, minor) >= (20, 5),
+            validation: major >= 24,
+            async_insert: (major, minor) >= (21, 11),
+        })
     }
 }
 
@@ -55,6 +69,36 @@ struct PositionRow {
     topic: String,
     partition: i32,
     next_offset: u64,
+    last_record: u64,
+}
+
+/// The columns each pg2ch table must have, with their types.
+const USER_LOGINS_COLUMNS: [(&str, &str); 3] = [("id", "Int64"), ("username", "String"), ("event_time_us", "Int64")];
+const POSITIONS_COLUMNS: [(&str, &str); 5] = [
+    ("consumer_group", "String"),
+    ("topic", "String"),
+    ("partition", "Int32"),
+    ("next_offset", "UInt64"),
+    ("last_record", "UInt64"),
+];
+
+/// Tags server answers that retrying cannot change (a missing table or
+/// column, a type mismatch, a wrong password) as permanent.
+fn classify(e: clickhouse::error::Error) -> anyhow::Error {
+    if let clickhouse::error::Error::BadResponse(text) = &e {
+        // UNKNOWN_IDENTIFIER, NO_SUCH_COLUMN_IN_TABLE, TYPE_MISMATCH,
+        // UNKNOWN_TABLE, UNKNOWN_DATABASE, UNKNOWN_USER, AUTHENTICATION_FAILED,
+        // CANNOT_PARSE_INPUT_ASSERTION_FAILED (a row shape the table rejects).
+        // Old servers write `Code: 47, e.displayText()`, new ones `Code: 47. DB::Exception`.
+        const PERMANENT: [u32; 9] = [47, 16, 53, 60, 81, 192, 516, 27, 62];
+        let code = text
+            .split_once("Code: ")
+            .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse::<u32>().ok()));
+        if code.is_some_and(|c| PERMANENT.contains(&c)) {
+            return Permanent::error(format!("ClickHouse refused: {}", text.lines().next().unwrap_or(text)));
+        }
+    }
+    anyhow::Error::new(e)
 }
 
 /// A client for the configured database, with the server's capabilities.
@@ -85,10 +129,15 @@ impl ClickHouse {
         .await
         .with_context(|| format!("cannot connect to {}", cfg.describe()))?;
         let caps = Capabilities::from_version(&version)?;
-        let client = base_client(cfg)
+        let mut client = base_client(cfg)
             .with_database(&cfg.database)
             .with_validation(caps.validation)
             .with_compression(if caps.datetime64 { Compression::Lz4 } else { Compression::None });
+        if caps.async_insert {
+            // A position is stored once the insert returned: the rows must
+            // be in the table by then, not in a buffer.
+            client = client.with_setting("async_insert", "0");
+        }
         Ok(ClickHouse { client, caps, database: cfg.database.clone(), timeout })
     }
 
@@ -133,31 +182,92 @@ impl ClickHouse {
                     consumer_group String,
                     topic String,
                     partition Int32,
-                    next_offset UInt64
+                    next_offset UInt64,
+                    last_record UInt64
                 ) ENGINE = ReplacingMergeTree(next_offset) ORDER BY (consumer_group, topic, partition)"
             ),
         )
+        .await?;
+        // Tables made by an earlier pg2ch lack the fingerprint.
+        let columns = self.columns("pg2ch_positions").await?;
+        if !columns.iter().any(|(name, _)| name == "last_record") {
+            self.run(
+                "add last_record to pg2ch_positions",
+                &format!("ALTER TABLE {db}.pg2ch_positions ADD COLUMN last_record UInt64"),
+            )
+            .await?;
+        }
+        self.check_tables().await
+    }
+
+    /// The columns of one of our tables, with their types.
+    async fn columns(&self, table: &str) -> anyhow::Result<Vec<(String, String)>> {
+        bounded(|| format!("ClickHouse: reading the columns of {table}"), self.timeout, async {
+            // Asked from `default`: the configured database may not exist.
+            self.client
+                .clone()
+                .with_database("default")
+                .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
+                .bind(self.database.as_str())
+                .bind(table)
+                .fetch_all::<(String, String)>()
+                .await
+                .map_err(classify)
+        })
         .await
     }
 
-    /// Fails, naming the table, unless both pg2ch tables exist.
+    /// Fails, naming the table and what is wrong, unless both pg2ch tables
+    /// exist as exactly-once needs them: an engine that collapses copies by
+    /// key (a `ReplacingMergeTree`, replicated or not; not a plain
+    /// `MergeTree`, not a `Distributed` table, whose inserts may be
+    /// asynchronous) and the expected columns and types.
     pub async fn check_tables(&self) -> anyhow::Result<()> {
-        for table in ["user_logins", "pg2ch_positions"] {
-            let exists = bounded(|| "ClickHouse: checking tables".into(), self.timeout, async {
-                // Asked from `default`: the configured database may not exist either.
-                Ok(self
-                    .client
+        for (table, expected) in
+            [("user_logins", &USER_LOGINS_COLUMNS[..]), ("pg2ch_positions", &POSITIONS_COLUMNS[..])]
+        {
+            let engine = bounded(|| "ClickHouse: checking tables".into(), self.timeout, async {
+                self.client
                     .clone()
                     .with_database("default")
-                    .query("SELECT count() FROM system.tables WHERE database = ? AND name = ?")
+                    .query("SELECT engine FROM system.tables WHERE database = ? AND name = ?")
                     .bind(self.database.as_str())
                     .bind(table)
-                    .fetch_one::<u64>()
-                    .await?)
+                    .fetch_optional::<String>()
+                    .await
+                    .map_err(classify)
             })
             .await?;
-            if exists == 0 {
-                anyhow::bail!("ClickHouse table {}.{table} does not exist (run `pg2ch init`)", self.database);
+            let db = &self.database;
+            let Some(engine) = engine else {
+                return Err(Permanent::error(format!(
+                    "ClickHouse table {db}.{table} does not exist (run `pg2ch init`)"
+                )));
+            };
+            if !matches!(engine.as_str(), "ReplacingMergeTree" | "ReplicatedReplacingMergeTree") {
+                return Err(Permanent::error(format!(
+                    "ClickHouse table {db}.{table} has engine {engine}, which does not collapse copies by key; \
+                     pg2ch needs a ReplacingMergeTree (drop it and run `pg2ch init`)"
+                )));
+            }
+            let columns = self.columns(table).await?;
+            for (name, ty) in expected {
+                match columns.iter().find(|(n, _)| n == name) {
+                    Some((_, actual)) if actual == ty => {}
+                    Some((_, actual)) => {
+                        return Err(Permanent::error(format!(
+                            "ClickHouse column {db}.{table}.{name} has type {actual}, pg2ch writes {ty}"
+                        )));
+                    }
+                    None if *name == "last_record" => {
+                        return Err(Permanent::error(format!(
+                            "ClickHouse table {db}.{table} lacks column {name} (run `pg2ch init`)"
+                        )));
+                    }
+                    None => {
+                        return Err(Permanent::error(format!("ClickHouse table {db}.{table} lacks column {name}")));
+                    }
+                }
             }
         }
         Ok(())
@@ -213,21 +323,24 @@ impl ClickHouse {
     }
 
     /// Stored positions of one consumer group on one topic.
-    pub async fn positions(&self, group: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
-        let rows: Vec<(i32, u64)> = bounded(|| "ClickHouse: reading positions".into(), self.timeout, async {
-            Ok(self
-                .client
+    pub async fn positions(&self, group: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, Position>> {
+        let rows: Vec<(i32, u64, u64)> = bounded(|| "ClickHouse: reading positions".into(), self.timeout, async {
+            self.client
                 .query(
-                    "SELECT partition, max(next_offset) FROM pg2ch_positions
+                    "SELECT partition, max(next_offset), argMax(last_record, next_offset) FROM pg2ch_positions
                      WHERE consumer_group = ? AND topic = ? GROUP BY partition",
                 )
                 .bind(group)
                 .bind(topic)
                 .fetch_all()
-                .await?)
+                .await
+                .map_err(classify)
         })
         .await?;
-        Ok(rows.into_iter().map(|(p, o)| (p, o as i64)).collect())
+        Ok(rows
+            .into_iter()
+            .map(|(p, next, last)| (p, Position { next: next as i64, last: (next > 0 && last != 0).then_some(last) }))
+            .collect())
     }
 
     async fn insert<T>(&self, table: &str, rows: impl IntoIterator<Item = T::Value<'_>>) -> anyhow::Result<()>
@@ -235,11 +348,11 @@ impl ClickHouse {
         T: Serialize + clickhouse::RowWrite + for<'a> Row<Value<'a> = T>,
     {
         bounded(|| format!("ClickHouse: inserting into {table}"), self.timeout, async {
-            let mut insert = self.client.insert::<T>(table).await?;
+            let mut insert = self.client.insert::<T>(table).await.map_err(classify)?;
             for row in rows {
-                insert.write(&row).await?;
+                insert.write(&row).await.map_err(classify)?;
             }
-            Ok(insert.end().await?)
+            insert.end().await.map_err(classify)
         })
         .await
     }
@@ -253,7 +366,7 @@ pub struct ChSink {
 }
 
 impl Sink for ChSink {
-    async fn positions(&mut self) -> anyhow::Result<BTreeMap<i32, i64>> {
+    async fn positions(&mut self) -> anyhow::Result<BTreeMap<i32, Position>> {
         self.ch.positions(&self.group, &self.topic).await
     }
 
@@ -266,15 +379,16 @@ impl Sink for ChSink {
             .await
     }
 
-    async fn store_positions(&mut self, positions: &BTreeMap<i32, i64>) -> anyhow::Result<()> {
+    async fn store_positions(&mut self, positions: &BTreeMap<i32, Position>) -> anyhow::Result<()> {
         self.ch
             .insert::<PositionRow>(
                 "pg2ch_positions",
-                positions.iter().map(|(p, o)| PositionRow {
+                positions.iter().map(|(p, position)| PositionRow {
                     consumer_group: self.group.clone(),
                     topic: self.topic.clone(),
                     partition: *p,
-                    next_offset: *o as u64,
+                    next_offset: position.next as u64,
+                    last_record: position.last.unwrap_or(0),
                 }),
             )
             .await

@@ -14,7 +14,7 @@ use crate::config::{ChConfig, KafkaConfig, PgConfig, Timeouts};
 use crate::kafka::{self, KafkaLog};
 use crate::pipeline::{Consumer, ConsumerConfig, NoFaults, ProduceStep, Producer, ProducerConfig};
 use crate::postgres::{self, PgSource, ProducerLease};
-use crate::stores::ClaimMode;
+use crate::stores::{ClaimMode, ErrorKind, kind};
 use crate::verify::{self, Report};
 
 /// Everything needed to reach the three systems.
@@ -283,7 +283,7 @@ async fn produce_loop<L: crate::stores::EventLog>(
                 }
                 pause(poll, &mut shutdown).await;
             }
-            Err(e) if once => return Err(e),
+            Err(e) if once || kind(&e) == ErrorKind::Permanent => return Err(e),
             Err(e) => {
                 let d = backoff.failed(&e);
                 pause(d, &mut shutdown).await;
@@ -326,7 +326,7 @@ async fn consume_loop(
                 backoff.ok();
                 records += step.records;
             }
-            Err(e) if done.is_some() => return Err(e),
+            Err(e) if done.is_some() || kind(&e) == ErrorKind::Permanent => return Err(e),
             Err(e) => {
                 let d = backoff.failed(&e);
                 pause(d, &mut shutdown).await;
@@ -362,8 +362,10 @@ pub async fn produce(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow
 pub async fn consume(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow::Result<()> {
     let mut c = consumer(s, o).await?;
     let started = Instant::now();
-    let records =
-        if o.once { c.drain(&NoFaults, o.poll).await? } else { consume_loop(&mut c, None, o.poll, shutdown).await? };
+    // With --once the producer is someone else, done before we start: drain
+    // to the ends as they are now, still stopping on SIGINT/SIGTERM.
+    let done = o.once.then(|| Cell::new(Some(true)));
+    let records = consume_loop(&mut c, done.as_ref(), o.poll, shutdown).await?;
     tracing::info!("consumer: {records} records written in {:.1?}", started.elapsed());
     Ok(())
 }
@@ -377,20 +379,21 @@ pub async fn run(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow::Re
     let mut c = consumer(s, o).await?;
     let started = Instant::now();
     let done: Cell<Option<bool>> = Cell::new(None);
+    // Either half failing for good ends both: the other is abandoned where
+    // it stands, as a crash would leave it, which the pipeline is built for.
     let (moved, written) = if o.once {
         let produce = async {
             let r = produce_lanes(&mut producers, true, o.poll, &shutdown).await;
             done.set(Some(r.is_ok()));
             r
         };
-        tokio::join!(produce, consume_loop(&mut c, Some(&done), o.poll, shutdown.clone()))
+        tokio::try_join!(produce, consume_loop(&mut c, Some(&done), o.poll, shutdown.clone()))?
     } else {
-        tokio::join!(
+        tokio::try_join!(
             produce_lanes(&mut producers, false, o.poll, &shutdown),
             consume_loop(&mut c, None, o.poll, shutdown.clone())
-        )
+        )?
     };
-    let (moved, written) = (moved?, written?);
     tracing::info!(
         "run: {moved} rows published, {written} records written in {:.1?} (peak RSS {} MB)",
         started.elapsed(),
@@ -442,8 +445,9 @@ pub async fn status(s: &Settings) -> anyhow::Result<Status> {
     let (rejected_rows, _) = postgres::rejected(&pool, 0).await?;
     let partitions = positions
         .iter()
-        .map(|(&p, &position)| {
+        .map(|(&p, position)| {
             let end_offset = ends.get(&p).copied().unwrap_or(0);
+            let position = position.next;
             PartitionStatus { partition: p, end_offset, position, lag: (end_offset - position).max(0) }
         })
         .collect();

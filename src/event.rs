@@ -1,13 +1,22 @@
-//! The one record pg2ch moves: a login event, and its JSON form on the topic.
+//! The one record pg2ch moves: a login event, how a source row becomes one
+//! (or is rejected), and its JSON form on the topic.
 //!
 //! The message value is a JSON object with every column of the row, so other
 //! consumers can read the topic without pg2ch:
 //! `{"id":42,"username":"alice","event_time":"2024-05-01T12:00:00.123456Z"}`.
 //! `event_time` is RFC 3339 in UTC with exactly six fractional digits, which is
-//! PostgreSQL's own precision, so nothing is rounded on the way. The key is the
-//! id as decimal ASCII.
+//! PostgreSQL's own precision, so nothing is rounded on the way. Years outside
+//! 0000-9999 (PostgreSQL admits 4713 BC to 294276 AD) are written in ISO 8601's
+//! expanded form, a sign and at least four digits (`+12000-01-01T…`,
+//! `-0001-01-01T…` for 2 BC), as chrono writes them. The key is the id as
+//! decimal ASCII.
+//!
+//! [`SourceRow::into_event`] is the single place that decides whether a row
+//! can travel: the real source adapter and the simulated one both go through
+//! it, and the encoder and decoder below are one codec whose round trip is a
+//! property over every `i64` time.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
 /// A row of `user_logins` as it travels. Time is kept as microseconds since the
@@ -17,6 +26,68 @@ pub struct LoginEvent {
     pub id: i64,
     pub username: String,
     pub event_time_us: i64,
+}
+
+/// A `timestamptz` (or `timestamp`) exactly as PostgreSQL stores it:
+/// microseconds since 2000-01-01 00:00:00 UTC, with `infinity` and
+/// `-infinity` as `i64::MAX` and `i64::MIN`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PgTimestamp(pub i64);
+
+impl PgTimestamp {
+    pub const INFINITY: PgTimestamp = PgTimestamp(i64::MAX);
+    pub const NEG_INFINITY: PgTimestamp = PgTimestamp(i64::MIN);
+    /// The earliest value PostgreSQL admits: 4714-11-24 00:00:00 BC.
+    pub const MIN: PgTimestamp = PgTimestamp(-211_813_488_000_000_000);
+    /// The latest value PostgreSQL admits: 294276-12-31 23:59:59.999999.
+    pub const MAX: PgTimestamp = PgTimestamp(9_223_371_331_199_999_999);
+    /// PostgreSQL's epoch (2000-01-01) in Unix microseconds.
+    pub const EPOCH_UNIX_US: i64 = 946_684_800_000_000;
+
+    /// Microseconds since the Unix epoch, or why the value has none that
+    /// fits `event_time_us Int64` in ClickHouse.
+    pub fn unix_micros(self) -> Result<i64, String> {
+        match self {
+            PgTimestamp::INFINITY => Err("event_time is infinity, which ClickHouse cannot hold".into()),
+            PgTimestamp::NEG_INFINITY => Err("event_time is -infinity, which ClickHouse cannot hold".into()),
+            PgTimestamp(us) => us.checked_add(Self::EPOCH_UNIX_US).ok_or_else(|| {
+                let mut text = Vec::new();
+                write_time(&mut text, i64::MAX);
+                format!(
+                    "event_time is later than {}, the last instant event_time_us Int64 can hold",
+                    String::from_utf8_lossy(&text)
+                )
+            }),
+        }
+    }
+}
+
+/// A source row as PostgreSQL hands it over, before anything is decided:
+/// the text's raw bytes (a `SQL_ASCII` database admits any byte but NUL)
+/// and the raw time, each possibly NULL.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SourceRow {
+    pub id: i64,
+    pub username: Option<Vec<u8>>,
+    pub event_time: Option<PgTimestamp>,
+}
+
+impl SourceRow {
+    /// The event this row travels as, or why it cannot travel (the row is
+    /// then flagged rejected with this reason, never sent).
+    pub fn into_event(self) -> Result<LoginEvent, String> {
+        let username = match self.username {
+            None => return Err("username is NULL".into()),
+            Some(bytes) => String::from_utf8(bytes).map_err(|e| {
+                format!("username is not valid UTF-8 (byte {} of {})", e.utf8_error().valid_up_to(), e.as_bytes().len())
+            })?,
+        };
+        let event_time_us = match self.event_time {
+            None => return Err("event_time is NULL".into()),
+            Some(t) => t.unix_micros()?,
+        };
+        Ok(LoginEvent { id: self.id, username, event_time_us })
+    }
 }
 
 #[derive(Deserialize)]
@@ -40,7 +111,8 @@ pub enum DecodeError {
 }
 
 impl LoginEvent {
-    /// The time as chrono sees it; `None` only outside chrono's range.
+    /// The time as chrono sees it; `None` outside chrono's range (years
+    /// beyond ±262143), which [`encode`](Self::encode) does not need.
     pub fn event_time(&self) -> Option<DateTime<Utc>> {
         DateTime::from_timestamp_micros(self.event_time_us)
     }
@@ -87,21 +159,21 @@ impl LoginEvent {
 
 const MICROS_PER_DAY: i64 = 86_400 * 1_000_000;
 
-/// Writes `us` (microseconds since the epoch) as `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
-/// Years outside 0000-9999 go through chrono, which knows how to sign and
-/// widen them; a time outside chrono's range is written empty, as before.
+/// Writes `us` (microseconds since the epoch) as `YYYY-MM-DDTHH:MM:SS.ffffffZ`,
+/// with years outside 0000-9999 in the expanded form (`+12000`, `-0001`).
+/// Every `i64` has a form, and [`parse_time_fast`] reads each one back.
 fn write_time(out: &mut Vec<u8>, us: i64) {
     let (days, in_day) = (us.div_euclid(MICROS_PER_DAY), us.rem_euclid(MICROS_PER_DAY));
     let (year, month, day) = civil_from_days(days);
     if !(0..=9999).contains(&year) {
-        if let Some(t) = DateTime::from_timestamp_micros(us) {
-            out.extend_from_slice(t.to_rfc3339_opts(SecondsFormat::Micros, true).as_bytes());
-        }
-        return;
+        out.push(if year < 0 { b'-' } else { b'+' });
+        let digits = year.unsigned_abs().to_string();
+        out.extend(std::iter::repeat_n(b'0', 4usize.saturating_sub(digits.len())));
+        out.extend_from_slice(digits.as_bytes());
     }
     let secs = in_day / 1_000_000;
     let fields: [(i64, usize); 7] = [
-        (year, 4),
+        (year.rem_euclid(10_000), 4),
         (month, 2),
         (day, 2),
         (secs / 3600, 2),
@@ -119,33 +191,49 @@ fn write_time(out: &mut Vec<u8>, us: i64) {
         }
         at += width + 1;
     }
-    out.extend_from_slice(&text);
+    // An expanded year has written all its digits already.
+    let skip = if (0..=9999).contains(&year) { 0 } else { 4 };
+    out.extend_from_slice(&text[skip..]);
     out.push(b'Z');
 }
 
 /// The exact form [`write_time`] produces, parsed without chrono; `None` for
-/// anything else (other offsets, fewer digits, leap seconds...), which the
-/// caller then hands to chrono's full RFC 3339 parser.
+/// anything else (other offsets, fewer digits, leap seconds, a time outside
+/// `i64`...), which the caller then hands to chrono's full RFC 3339 parser.
 fn parse_time_fast(s: &[u8]) -> Option<i64> {
-    if s.len() != 27 || s[4] != b'-' || s[7] != b'-' || s[10] != b'T' || s[13] != b':' || s[16] != b':' {
-        return None;
-    }
-    if s[19] != b'.' || s[26] != b'Z' {
-        return None;
-    }
-    let num = |from: usize, to: usize| -> Option<i64> {
-        s[from..to].iter().try_fold(0i64, |n, c| c.is_ascii_digit().then(|| n * 10 + i64::from(c - b'0')))
+    let (negative, digits) = match s.first()? {
+        b'+' => (false, &s[1..]),
+        b'-' => (true, &s[1..]),
+        _ => (false, s),
     };
-    let (year, month, day) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
-    let (hour, minute, second, micros) = (num(11, 13)?, num(14, 16)?, num(17, 19)?, num(20, 26)?);
+    let year_len = digits.iter().position(|c| *c == b'-')?;
+    let signed = digits.len() != s.len();
+    if year_len < 4 || (!signed && year_len != 4) || year_len > 7 {
+        return None;
+    }
+    let rest = &digits[year_len..];
+    if rest.len() != 23 || rest[0] != b'-' || rest[3] != b'-' || rest[6] != b'T' || rest[9] != b':' {
+        return None;
+    }
+    if rest[12] != b':' || rest[15] != b'.' || rest[22] != b'Z' {
+        return None;
+    }
+    let num = |s: &[u8]| -> Option<i64> {
+        s.iter().try_fold(0i64, |n, c| c.is_ascii_digit().then(|| n * 10 + i64::from(c - b'0')))
+    };
+    let year = num(&digits[..year_len])? * if negative { -1 } else { 1 };
+    let (month, day) = (num(&rest[1..3])?, num(&rest[4..6])?);
+    let (hour, minute, second, micros) =
+        (num(&rest[7..9])?, num(&rest[10..12])?, num(&rest[13..15])?, num(&rest[16..22])?);
     if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) {
         return None;
     }
     if hour > 23 || minute > 59 || second > 59 {
         return None;
     }
-    let days = days_from_civil(year, month, day);
-    Some(days * MICROS_PER_DAY + ((hour * 60 + minute) * 60 + second) * 1_000_000 + micros)
+    let days = i128::from(days_from_civil(year, month, day));
+    let us = days * i128::from(MICROS_PER_DAY) + i128::from(((hour * 60 + minute) * 60 + second) * 1_000_000 + micros);
+    i64::try_from(us).ok()
 }
 
 fn days_in_month(year: i64, month: i64) -> i64 {
@@ -184,11 +272,13 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::SecondsFormat;
     use proptest::prelude::*;
     use proptest::test_runner::{Config, FileFailurePersistence};
 
     /// What `encode` produced before it was written by hand: a serde derive
-    /// with chrono formatting the time. The format must not change.
+    /// with chrono formatting the time. The format must not change where
+    /// chrono has a form; beyond chrono's range `encode` goes on alone.
     #[derive(serde::Serialize)]
     struct Reference<'a> {
         id: i64,
@@ -196,22 +286,80 @@ mod tests {
         event_time: String,
     }
 
-    fn reference(e: &LoginEvent) -> String {
-        let event_time = e.event_time().map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true)).unwrap_or_default();
-        serde_json::to_string(&Reference { id: e.id, username: &e.username, event_time }).unwrap()
+    fn reference(e: &LoginEvent) -> Option<String> {
+        let event_time = e.event_time()?.to_rfc3339_opts(SecondsFormat::Micros, true);
+        Some(serde_json::to_string(&Reference { id: e.id, username: &e.username, event_time }).unwrap())
     }
 
-    /// Years 0000 to 9999, the range the hand-written path covers itself.
+    /// Years 0000 to 9999, the common case.
     const FOUR_DIGIT_YEARS: std::ops::Range<i64> = -62_167_219_200_000_000..253_402_300_800_000_000;
 
+    /// Every `i64`, with weight on the edges: PostgreSQL's whole range in
+    /// Unix microseconds, the four-digit years and their borders, today.
     fn time_us() -> impl Strategy<Value = i64> {
-        prop_oneof![any::<i64>(), FOUR_DIGIT_YEARS, 1_600_000_000_000_000i64..1_900_000_000_000_000]
+        let pg_min = PgTimestamp::MIN.0 + PgTimestamp::EPOCH_UNIX_US;
+        prop_oneof![
+            any::<i64>(),
+            pg_min..=i64::MAX,
+            FOUR_DIGIT_YEARS,
+            1_600_000_000_000_000i64..1_900_000_000_000_000,
+            prop::sample::select(vec![
+                i64::MIN,
+                i64::MIN + 1,
+                i64::MAX,
+                i64::MAX - 1,
+                pg_min,
+                0,
+                -1,
+                FOUR_DIGIT_YEARS.start - 1,
+                FOUR_DIGIT_YEARS.start,
+                FOUR_DIGIT_YEARS.end - 1,
+                FOUR_DIGIT_YEARS.end,
+            ]),
+        ]
     }
 
-    /// The fixed-width form, fields mostly in range and sometimes one past it.
+    /// Any text, with weight on what breaks naive encoders: every control
+    /// character, quotes, backslashes, non-ASCII.
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![any::<String>(), "[\\x00-\\x1f\\x7f\"\\\\]{0,40}", ".*"]
+    }
+
+    /// A PostgreSQL time: every value it admits, ±infinity, and NULL.
+    pub fn pg_timestamp() -> impl Strategy<Value = Option<PgTimestamp>> {
+        prop_oneof![
+            4 => (PgTimestamp::MIN.0..=PgTimestamp::MAX.0).prop_map(|t| Some(PgTimestamp(t))),
+            1 => prop::sample::select(vec![
+                Some(PgTimestamp::INFINITY),
+                Some(PgTimestamp::NEG_INFINITY),
+                Some(PgTimestamp::MIN),
+                Some(PgTimestamp::MAX),
+                Some(PgTimestamp(i64::MAX - PgTimestamp::EPOCH_UNIX_US)),
+                Some(PgTimestamp(i64::MAX - PgTimestamp::EPOCH_UNIX_US + 1)),
+                None,
+            ]),
+        ]
+    }
+
+    /// Raw text bytes: valid UTF-8 mostly, and any bytes (what a SQL_ASCII
+    /// database lets in), or NULL.
+    pub fn pg_text() -> impl Strategy<Value = Option<Vec<u8>>> {
+        prop_oneof![
+            4 => text().prop_map(|s| Some(s.into_bytes())),
+            2 => proptest::collection::vec(1u8.., 0..40).prop_map(Some),
+            1 => Just(None),
+        ]
+    }
+
     fn timestamp_text() -> impl Strategy<Value = String> {
-        (0..=9999i64, 0..=13i64, 0..=32i64, (0..=24i64, 0..=60i64, 0..=60i64), 0..1_000_000i64)
-            .prop_map(|(y, mo, d, (h, mi, s), us)| format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{us:06}Z"))
+        let year = prop_oneof![
+            (0..=9999i64).prop_map(|y| format!("{y:04}")),
+            (-300_000..=300_000i64)
+                .prop_filter("expanded form is for years outside 0000-9999", |y| !(0..=9999).contains(y))
+                .prop_map(|y| format!("{}{:04}", if y < 0 { '-' } else { '+' }, y.abs())),
+        ];
+        (year, 0..=13i64, 0..=32i64, (0..=24i64, 0..=60i64, 0..=60i64), 0..1_000_000i64)
+            .prop_map(|(y, mo, d, (h, mi, s), us)| format!("{y}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{us:06}Z"))
     }
 
     proptest! {
@@ -222,24 +370,56 @@ mod tests {
         })]
 
         #[test]
-        fn encode_writes_exactly_what_the_serde_derive_wrote(id in any::<i64>(), username in ".*", us in time_us()) {
+        fn encode_writes_exactly_what_the_serde_derive_wrote(id in any::<i64>(), username in text(), us in time_us()) {
             let e = LoginEvent { id, username, event_time_us: us };
-            prop_assert_eq!(String::from_utf8(e.encode()).unwrap(), reference(&e));
+            if let Some(expected) = reference(&e) {
+                prop_assert_eq!(String::from_utf8(e.encode()).unwrap(), expected);
+            }
         }
 
         #[test]
-        fn decode_reads_back_what_encode_wrote(id in any::<i64>(), username in ".*", us in FOUR_DIGIT_YEARS) {
+        fn decode_reads_back_what_encode_wrote(id in any::<i64>(), username in text(), us in time_us()) {
             let e = LoginEvent { id, username, event_time_us: us };
             prop_assert_eq!(LoginEvent::decode(Some(&e.encode())).unwrap(), e);
+        }
+
+        /// The producer never hands on a row the consumer would refuse:
+        /// every source row is either an event that survives the round trip
+        /// with its exact content, or rejected for the reason that applies.
+        #[test]
+        fn every_source_row_travels_exactly_or_is_rejected(id in any::<i64>(), username in pg_text(), time in pg_timestamp()) {
+            let row = SourceRow { id, username: username.clone(), event_time: time };
+            match row.into_event() {
+                Ok(e) => {
+                    prop_assert_eq!(LoginEvent::decode(Some(&e.encode())).unwrap(), e.clone());
+                    prop_assert_eq!(Some(e.username.as_bytes()), username.as_deref());
+                    prop_assert_eq!(i128::from(e.event_time_us), i128::from(time.unwrap().0) + i128::from(PgTimestamp::EPOCH_UNIX_US));
+                }
+                Err(reason) => {
+                    let bad_text = username.as_ref().is_none_or(|b| std::str::from_utf8(b).is_err());
+                    let bad_time = time.is_none_or(|t| t.unix_micros().is_err());
+                    prop_assert!(bad_text || bad_time, "rejected a carriable row: {}", reason);
+                    let named = if bad_text { "username" } else { "event_time" };
+                    prop_assert!(reason.starts_with(named), "{}", reason);
+                }
+            }
         }
 
         #[test]
         fn fast_time_parser_agrees_with_chrono(s in timestamp_text()) {
             let by_chrono = DateTime::parse_from_rfc3339(&s).ok().map(|t| t.timestamp_micros());
             match parse_time_fast(s.as_bytes()) {
-                Some(fast) => prop_assert_eq!(Some(fast), by_chrono),
+                Some(fast) => {
+                    // chrono reads four-digit years only; the expanded ones
+                    // must agree with what chrono formats.
+                    if s.len() == 27 {
+                        prop_assert_eq!(Some(fast), by_chrono);
+                    } else if let Some(t) = DateTime::from_timestamp_micros(fast) {
+                        prop_assert_eq!(t.to_rfc3339_opts(SecondsFormat::Micros, true), s);
+                    }
+                }
                 // Left to chrono: only what chrono refuses too, or a leap second.
-                None => prop_assert!(by_chrono.is_none() || &s[17..19] == "60", "{} parses in chrono only", s),
+                None => prop_assert!(by_chrono.is_none() || s.contains(":60."), "{} parses in chrono only", s),
             }
         }
     }
@@ -257,6 +437,27 @@ mod tests {
     }
 
     #[test]
+    fn years_outside_four_digits_and_the_ends_of_postgres_have_exact_forms() {
+        let text = |us: i64| {
+            let mut out = Vec::new();
+            write_time(&mut out, us);
+            String::from_utf8(out).unwrap()
+        };
+        let unix = |t: PgTimestamp| t.unix_micros().unwrap();
+        assert_eq!(text(unix(PgTimestamp::MIN)), "-4713-11-24T00:00:00.000000Z", "4714 BC is year -4713");
+        assert_eq!(text(253_402_300_800_000_000), "+10000-01-01T00:00:00.000000Z");
+        assert_eq!(text(i64::MAX), "+294247-01-10T04:00:54.775807Z");
+        assert_eq!(text(i64::MIN), "-290308-12-21T19:59:05.224192Z");
+        for us in [i64::MIN, i64::MAX, unix(PgTimestamp::MIN), -62_167_219_200_000_001] {
+            assert_eq!(parse_time_fast(text(us).as_bytes()), Some(us), "{}", text(us));
+        }
+        assert!(PgTimestamp::INFINITY.unix_micros().unwrap_err().contains("infinity"));
+        assert!(PgTimestamp::NEG_INFINITY.unix_micros().unwrap_err().contains("-infinity"));
+        let late = PgTimestamp::MAX.unix_micros().unwrap_err();
+        assert!(late.contains("+294247-01-10T04:00:54.775807Z"), "{late}");
+    }
+
+    #[test]
     fn rejects_what_is_not_an_event() {
         assert_eq!(LoginEvent::decode(None), Err(DecodeError::Empty));
         assert_eq!(LoginEvent::decode(Some(b"")), Err(DecodeError::Empty));
@@ -267,6 +468,10 @@ mod tests {
         ));
         assert!(matches!(
             LoginEvent::decode(Some(br#"{"id":1,"username":"a","event_time":"yesterday"}"#)),
+            Err(DecodeError::Time(_))
+        ));
+        assert!(matches!(
+            LoginEvent::decode(Some(br#"{"id":1,"username":"a","event_time":"+99999999-01-01T00:00:00.000000Z"}"#)),
             Err(DecodeError::Time(_))
         ));
     }

@@ -16,7 +16,7 @@ use rskafka::client::{Client, ClientBuilder};
 use rskafka::record::Record;
 
 use crate::config::{KafkaConfig, bounded};
-use crate::stores::{DeadLetter, EventLog, Fetched, FetchedRecord, LogRecord};
+use crate::stores::{DeadLetter, EventLog, Fetched, FetchedRecord, LogRecord, Permanent};
 
 /// How produce requests are compressed. Fetches decode every codec whatever
 /// this says, so producers may change it at any time.
@@ -29,7 +29,58 @@ pub fn dead_letter_topic(topic: &str) -> String {
 
 /// Most bytes of record data in one produce request. Kafka's default
 /// `max.message.bytes` is 1 MiB; staying well under it needs no broker tuning.
-const MAX_REQUEST_BYTES: usize = 512 * 1024;
+/// A request is closed *before* a record would take it over this, so a
+/// request only exceeds it when it holds a single record, and those are
+/// bounded by [`crate::pipeline::MAX_MESSAGE_BYTES`] (rows) or by the broker's
+/// own limit (dead letters, which were records of this size already).
+pub const MAX_REQUEST_BYTES: usize = 512 * 1024;
+
+/// Splits records into produce requests of at most [`MAX_REQUEST_BYTES`]
+/// (`size` says what one record costs), keeping their order.
+pub fn requests<T>(records: impl IntoIterator<Item = T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    let mut out: Vec<Vec<T>> = Vec::new();
+    let mut bytes = 0;
+    for r in records {
+        let n = size(&r);
+        match out.last_mut() {
+            Some(open) if bytes + n <= MAX_REQUEST_BYTES => open.push(r),
+            _ => {
+                out.push(vec![r]);
+                bytes = 0;
+            }
+        }
+        bytes += n;
+    }
+    out
+}
+
+/// Longest a read of one known record waits for the broker's answer.
+const RECORD_AT_WAIT: Duration = Duration::from_millis(500);
+
+/// Overhead of one record in a batch besides key and value (varints,
+/// attributes, header count), rounded up.
+const RECORD_OVERHEAD: usize = 24;
+
+/// Tags what retrying cannot fix as permanent, with its cause in plain words.
+fn classify(e: rskafka::client::error::Error, topic: &str, partition: i32, offset: Option<i64>) -> anyhow::Error {
+    use rskafka::client::error::{Error, ProtocolError};
+    match &e {
+        Error::ServerError { protocol_error: ProtocolError::OffsetOutOfRange, .. } => Permanent::error(format!(
+            "offset {} is outside partition {partition} of Kafka topic {topic:?} (OffsetOutOfRange): the \
+             topic was deleted and created again, the broker lost its data, or retention removed records \
+             not yet read (use another KAFKA_GROUP or topic, see README: Failure modes)",
+            offset.unwrap_or(-1)
+        )),
+        Error::ServerError { protocol_error: ProtocolError::UnknownTopicOrPartition, .. } => {
+            Permanent::error(format!("Kafka topic {topic:?} (partition {partition}) does not exist (run `pg2ch init`)"))
+        }
+        Error::ServerError {
+            protocol_error: ProtocolError::MessageTooLarge | ProtocolError::RecordListTooLarge,
+            ..
+        } => Permanent::error(format!("the broker refused a request to {topic:?} as too large: {e}")),
+        _ => anyhow::Error::new(e),
+    }
+}
 
 /// Connects to the bootstrap brokers.
 pub async fn connect(cfg: &KafkaConfig, timeout: Duration) -> anyhow::Result<Client> {
@@ -168,42 +219,32 @@ impl EventLog for KafkaLog {
     async fn append(&self, partition: i32, records: Vec<LogRecord>) -> anyhow::Result<()> {
         let client = self.client(partition)?;
         let now = chrono::Utc::now();
-        let mut request = Vec::new();
-        let mut bytes = 0;
-        let mut records = records.into_iter().peekable();
-        while let Some(r) = records.next() {
-            bytes += r.key.len() + r.value.len() + 16;
-            request.push(Record { key: Some(r.key), value: Some(r.value), headers: BTreeMap::new(), timestamp: now });
-            if bytes >= MAX_REQUEST_BYTES || records.peek().is_none() {
-                let batch = std::mem::take(&mut request);
-                bytes = 0;
-                bounded(|| format!("producing to partition {partition}"), self.timeout, async {
-                    Ok(client.produce(batch, self.compression).await?)
-                })
-                .await?;
-            }
+        let records = records.into_iter().map(|r| Record {
+            key: Some(r.key),
+            value: Some(r.value),
+            headers: BTreeMap::new(),
+            timestamp: now,
+        });
+        for batch in requests(records, record_size) {
+            bounded(|| format!("producing to partition {partition}"), self.timeout, async {
+                client.produce(batch, self.compression).await.map_err(|e| classify(e, &self.topic, partition, None))
+            })
+            .await?;
         }
         Ok(())
     }
 
     async fn fetch(&self, partition: i32, offset: i64, max_wait: Duration) -> anyhow::Result<Fetched> {
-        let client = self.client(partition)?;
-        // Never ask for a zero wait: nisshi answers a fetch with max_wait 0 with
-        // no topic at all, which rskafka rejects. One millisecond costs nothing.
-        let wait_ms = (max_wait.as_millis() as i32).max(1);
-        let (records, high_watermark) =
-            bounded(|| format!("fetching partition {partition} at offset {offset}"), self.timeout + max_wait, async {
-                Ok(client.fetch_records(offset, 1..self.fetch_max_bytes, wait_ms).await?)
-            })
-            .await
-            .with_context(|| format!("fetching partition {partition} at offset {offset}"))?;
-        Ok(Fetched {
-            records: records
-                .into_iter()
-                .map(|r| FetchedRecord { offset: r.offset, key: r.record.key, value: r.record.value })
-                .collect(),
-            high_watermark,
-        })
+        let (records, high_watermark) = self.fetch_raw(partition, offset, 1..self.fetch_max_bytes, max_wait).await?;
+        Ok(Fetched { records, high_watermark })
+    }
+
+    async fn record_at(&self, partition: i32, offset: i64) -> anyhow::Result<Option<FetchedRecord>> {
+        // The broker still sends the whole batch holding `offset`. The wait
+        // costs nothing when the record is there (the answer comes at once);
+        // with a near-zero one, nisshi sometimes answers empty under load.
+        let (records, _) = self.fetch_raw(partition, offset, 1..2, RECORD_AT_WAIT).await?;
+        Ok(records.into_iter().find(|r| r.offset == offset))
     }
 
     async fn dead_letter(&self, letters: Vec<DeadLetter>) -> anyhow::Result<()> {
@@ -213,24 +254,82 @@ impl EventLog for KafkaLog {
             .as_ref()
             .with_context(|| format!("Kafka topic {dlq:?} does not exist (run `pg2ch init`)"))?;
         let now = chrono::Utc::now();
-        let records = letters
+        let records = letters.into_iter().map(|d| Record {
+            key: d.key,
+            value: d.value,
+            headers: BTreeMap::from([
+                ("pg2ch-reason".to_owned(), d.reason.into_bytes()),
+                ("pg2ch-source-topic".to_owned(), self.topic.clone().into_bytes()),
+                ("pg2ch-source-partition".to_owned(), d.partition.to_string().into_bytes()),
+                ("pg2ch-source-offset".to_owned(), d.offset.to_string().into_bytes()),
+            ]),
+            timestamp: now,
+        });
+        // In bounded requests: a fetch of poison can hold megabytes.
+        for batch in requests(records, record_size) {
+            bounded(|| format!("producing to {dlq:?}"), self.timeout, async {
+                client.produce(batch, self.compression).await.map_err(|e| classify(e, &dlq, 0, None))
+            })
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// What a record costs in a produce request, near enough to bound it.
+fn record_size(r: &Record) -> usize {
+    let headers: usize = r.headers.iter().map(|(k, v)| k.len() + v.len() + 8).sum();
+    r.key.as_ref().map_or(0, Vec::len) + r.value.as_ref().map_or(0, Vec::len) + headers + RECORD_OVERHEAD
+}
+
+impl KafkaLog {
+    /// One fetch, bounded in time, its errors classified.
+    async fn fetch_raw(
+        &self,
+        partition: i32,
+        offset: i64,
+        bytes: std::ops::Range<i32>,
+        max_wait: Duration,
+    ) -> anyhow::Result<(Vec<FetchedRecord>, i64)> {
+        let client = self.client(partition)?;
+        // Never ask for a zero wait: nisshi answers a fetch with max_wait 0 with
+        // no topic at all, which rskafka rejects. One millisecond costs nothing.
+        let wait_ms = (max_wait.as_millis() as i32).max(1);
+        let (records, high_watermark) =
+            bounded(|| format!("fetching partition {partition} at offset {offset}"), self.timeout + max_wait, async {
+                client
+                    .fetch_records(offset, bytes, wait_ms)
+                    .await
+                    .map_err(|e| classify(e, &self.topic, partition, Some(offset)))
+            })
+            .await?;
+        let records = records
             .into_iter()
-            .map(|d| Record {
-                key: d.key,
-                value: d.value,
-                headers: BTreeMap::from([
-                    ("pg2ch-reason".to_owned(), d.reason.into_bytes()),
-                    ("pg2ch-source-topic".to_owned(), self.topic.clone().into_bytes()),
-                    ("pg2ch-source-partition".to_owned(), d.partition.to_string().into_bytes()),
-                    ("pg2ch-source-offset".to_owned(), d.offset.to_string().into_bytes()),
-                ]),
-                timestamp: now,
+            .map(|r| FetchedRecord {
+                offset: r.offset,
+                key: r.record.key,
+                value: r.record.value,
+                timestamp_ms: r.record.timestamp.timestamp_millis(),
             })
             .collect();
-        bounded(|| format!("producing to {dlq:?}"), self.timeout, async {
-            Ok(client.produce(records, self.compression).await?)
-        })
-        .await?;
-        Ok(())
+        Ok((records, high_watermark))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_close_before_a_record_would_overflow_them() {
+        let sizes = [100, MAX_REQUEST_BYTES - 100, 1, 900_000, 10, MAX_REQUEST_BYTES, 0];
+        let split = requests(sizes, |n| *n);
+        assert_eq!(split.concat(), sizes, "order and content kept");
+        for r in &split {
+            let total: usize = r.iter().sum();
+            assert!(total <= MAX_REQUEST_BYTES || r.len() == 1, "{r:?} is over the limit with several records");
+        }
+        assert_eq!(split.len(), 5, "{split:?}");
+        assert!(requests(Vec::<usize>::new(), |n| *n).is_empty());
     }
 }

@@ -27,7 +27,9 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 
 use crate::event::LoginEvent;
-use crate::stores::{Claim, DeadLetter, EventLog, LogRecord, Rejected, Sink, SourceTable};
+use crate::stores::{
+    Claim, DeadLetter, ErrorKind, EventLog, Fetched, LogRecord, Permanent, Position, Rejected, Sink, SourceTable, kind,
+};
 
 /// The places where a component may die between two store calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -145,6 +147,9 @@ pub enum Ordering {
     MarkBeforePublish,
     /// Store the consumer position before writing the rows.
     PositionBeforeWrite,
+    /// Drop the record at the stored position (`offset > start`), which
+    /// leaves a partition's last record unread for ever: a liveness bug.
+    SkipRecordAtPosition,
 }
 
 #[derive(Debug, Clone)]
@@ -176,7 +181,8 @@ pub enum ProduceStep {
     Idle,
 }
 
-/// Keyset cursor: claim ids above `next`. It wraps to 0 whenever a claim
+/// Keyset cursor: claim ids from `next` on (every `i64` is a valid id, so a
+/// pass starts at `i64::MIN`). It wraps to the start whenever a claim
 /// comes back short, so rows whose ids committed out of order are found on
 /// the next pass instead of being skipped for ever. Producers in one process
 /// (lanes) may share one: they claim one at a time, each after the rows the
@@ -187,7 +193,6 @@ pub enum ProduceStep {
 /// locks (an exclusive producer) and a new pass starts at 0 while a sibling's
 /// batch is still in flight. The position is only a hint: the wrap-around
 /// keeps claims complete whatever it says.
-#[derive(Default)]
 pub struct KeysetCursor {
     next: Cell<i64>,
     /// Completed passes: each wrap means every row that was visible, unsent
@@ -203,9 +208,21 @@ pub struct KeysetCursor {
     lanes: Cell<u64>,
 }
 
+impl Default for KeysetCursor {
+    fn default() -> Self {
+        KeysetCursor {
+            next: Cell::new(i64::MIN),
+            passes: Cell::default(),
+            turn: futures::lock::Mutex::default(),
+            held: RefCell::default(),
+            lanes: Cell::default(),
+        }
+    }
+}
+
 impl KeysetCursor {
     fn wrap(&self) {
-        self.next.set(0);
+        self.next.set(i64::MIN);
         self.passes.set(self.passes.get() + 1);
     }
 
@@ -295,14 +312,14 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
             // every index entry the pass left dead (about 0.3 s per
             // million rows), which a caller that wanted one pass
             // (`--once`) would pay for nothing.
-            return Ok(if from == 0 { ProduceStep::Idle } else { ProduceStep::Moved(0) });
+            return Ok(if from == i64::MIN { ProduceStep::Idle } else { ProduceStep::Moved(0) });
         }
         // Move the cursor now, not after the commit, so that a producer
         // sharing it claims the next rows while this one publishes.
-        if claim.len() < self.config.batch_rows {
-            self.cursor.wrap();
-        } else {
-            self.cursor.next.set(claim.last_id());
+        match claim.last_id().and_then(|id| id.checked_add(1)) {
+            Some(next) if claim.len() >= self.config.batch_rows => self.cursor.next.set(next),
+            // A short claim, or one that reached i64::MAX: the pass is over.
+            _ => self.cursor.wrap(),
         }
         let theirs = |id: i64| siblings.iter().any(|(low, high)| (*low..=*high).contains(&id));
         claim.rows.retain(|r| !theirs(r.id));
@@ -435,8 +452,23 @@ pub struct Consumer<L, K> {
     pub log: L,
     pub sink: K,
     config: ConsumerConfig,
-    /// Next offset per partition; `None` until loaded from the sink.
-    positions: Option<BTreeMap<i32, i64>>,
+    /// Where this consumer stands per partition; `None` until loaded from the sink.
+    positions: Option<BTreeMap<i32, Position>>,
+}
+
+/// Fails, permanently, if `position` lies beyond the end of its partition:
+/// the log it belongs to is gone (topic deleted and created again, broker
+/// storage lost, retention), and reading on would skip records.
+fn within_log(partition: i32, position: &Position, high_watermark: i64) -> anyhow::Result<()> {
+    if position.next > high_watermark {
+        return Err(Permanent::error(format!(
+            "stored position {} of partition {partition} is past the end of the log ({high_watermark}): \
+             the topic was deleted and created again, or the broker lost its data; \
+             nothing was read (use another KAFKA_GROUP or topic, see README: Failure modes)",
+            position.next
+        )));
+    }
+    Ok(())
 }
 
 impl<L: EventLog, K: Sink> Consumer<L, K> {
@@ -445,26 +477,89 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
     }
 
     /// The positions in memory (loaded from the sink on first use).
-    pub async fn positions(&mut self) -> anyhow::Result<&BTreeMap<i32, i64>> {
+    pub async fn positions(&mut self) -> anyhow::Result<&BTreeMap<i32, Position>> {
         if self.positions.is_none() {
             let stored = self.sink.positions().await?;
-            let mine = self.config.partitions.iter().map(|p| (*p, stored.get(p).copied().unwrap_or(0))).collect();
+            let mine =
+                self.config.partitions.iter().map(|p| (*p, stored.get(p).copied().unwrap_or_default())).collect();
             self.positions = Some(mine);
         }
         Ok(self.positions.as_ref().expect("just loaded"))
     }
 
-    /// One fetch, write, remember cycle over all assigned partitions.
+    /// Fetches one partition from `position` and makes sure the records
+    /// continue the log this consumer read so far: the record before
+    /// `position` must still be the one whose fingerprint was stored with it.
+    async fn fetch_checked(&self, p: i32, position: Position, max_wait: Duration) -> anyhow::Result<Fetched> {
+        let start = position.next;
+        let mut batch = self
+            .log
+            .fetch(p, start, max_wait)
+            .await
+            .map_err(|e| e.context(format!("fetching partition {p} at offset {start}")))?;
+        within_log(p, &position, batch.high_watermark)?;
+        // Brokers return whole batches: drop what lies before our position.
+        #[cfg(any(test, feature = "broken-orderings"))]
+        let start = start + i64::from(self.config.ordering == Ordering::SkipRecordAtPosition);
+        batch.records.retain(|r| r.offset >= start);
+        #[cfg(any(test, feature = "broken-orderings"))]
+        let start = position.next;
+        if let (false, Some(expected)) = (batch.records.is_empty(), position.last) {
+            // A record that differs is proof the log was replaced; none at
+            // all is not (see below).
+            // The broker holds records past it, so the record is there: an
+            // empty answer is the broker's (a fetch that timed out), not
+            // evidence. Asked again a few times, then retried like any
+            // failed fetch.
+            let mut before = None;
+            for _ in 0..3 {
+                before = self
+                    .log
+                    .record_at(p, start - 1)
+                    .await
+                    .map_err(|e| e.context(format!("reading partition {p} at offset {}", start - 1)))?;
+                if before.is_some() {
+                    break;
+                }
+            }
+            let Some(before) = before else {
+                anyhow::bail!("partition {p}: the broker returned no record at offset {}; retrying", start - 1);
+            };
+            if before.fingerprint() != expected {
+                return Err(Permanent::error(format!(
+                    "partition {p} no longer holds, at offset {}, the record this consumer group read there: \
+                     the topic was deleted and created again, or the broker lost its data; records of the \
+                     new log from offset {start} on were not read (use another KAFKA_GROUP or topic, see \
+                     README: Failure modes)",
+                    start - 1
+                )));
+            }
+        }
+        Ok(batch)
+    }
+
+    /// One fetch, write, remember cycle over all assigned partitions. A
+    /// partition whose fetch fails does not hold up the others: their rows
+    /// are written and their positions stored, then the failure is returned.
     pub async fn step(&mut self, faults: &dyn Faults, max_wait: Duration) -> anyhow::Result<ConsumeStep> {
         let from = self.positions().await?.clone();
-        let log = &self.log;
-        let fetched = futures::future::try_join_all(from.iter().map(|(&p, &offset)| async move {
-            log.fetch(p, offset, max_wait)
-                .await
-                .map(|f| (p, f))
-                .map_err(|e| e.context(format!("fetching partition {p} at offset {offset}")))
-        }))
-        .await?;
+        let this = &*self;
+        let results = futures::future::join_all(
+            from.iter().map(|(&p, &position)| async move { (p, this.fetch_checked(p, position, max_wait).await) }),
+        )
+        .await;
+        let mut fetched = Vec::with_capacity(results.len());
+        let mut failed: Option<anyhow::Error> = None;
+        for (p, result) in results {
+            match result {
+                Ok(batch) => fetched.push((p, batch)),
+                Err(e) if kind(&e) == ErrorKind::Permanent => return Err(e),
+                Err(e) => {
+                    tracing::debug!("partition {p}: {e:#}");
+                    failed.get_or_insert(e);
+                }
+            }
+        }
         faults.at(CrashPoint::AfterFetch)?;
         // From here on: decode, write, remember (the fetch may have waited
         // for data on purpose). Metrics only; no decision depends on it.
@@ -476,16 +571,8 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
         let mut next = BTreeMap::new();
         for (p, batch) in fetched {
             step.high_watermarks.insert(p, batch.high_watermark);
-            let start = from[&p];
-            if start > batch.high_watermark {
-                anyhow::bail!(
-                    "stored position {start} of partition {p} is past the end of the log ({}): \
-                     was the topic deleted and created again? (use another KAFKA_GROUP or topic)",
-                    batch.high_watermark
-                );
-            }
-            // Brokers return whole batches: drop what lies before our position.
-            for record in batch.records.into_iter().filter(|r| r.offset >= start) {
+            for record in batch.records {
+                let position = Position { next: record.offset + 1, last: Some(record.fingerprint()) };
                 match LoginEvent::decode(record.value.as_deref()) {
                     Ok(row) => rows.push(row),
                     // Poison: forwarded unchanged to the dead-letter topic, so
@@ -499,11 +586,11 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
                     }),
                 }
                 step.records += 1;
-                next.insert(p, record.offset + 1);
+                next.insert(p, position);
             }
         }
         if next.is_empty() {
-            return Ok(step);
+            return failed.map_or(Ok(step), Err);
         }
 
         #[cfg(any(test, feature = "broken-orderings"))]
@@ -536,12 +623,12 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
         metrics::counter!("pg2ch_rows_written_total").increment(rows.len() as u64);
         metrics::counter!("pg2ch_dead_letters_total").increment(step.dead_letters as u64);
         metrics::histogram!("pg2ch_consume_batch_seconds").record(started.elapsed().as_secs_f64());
-        for (p, offset) in &next {
-            let end = step.high_watermarks.get(p).copied().unwrap_or(*offset);
-            metrics::gauge!("pg2ch_lag", "partition" => p.to_string()).set((end - offset).max(0) as f64);
+        for (p, position) in &next {
+            let end = step.high_watermarks.get(p).copied().unwrap_or(position.next);
+            metrics::gauge!("pg2ch_lag", "partition" => p.to_string()).set((end - position.next).max(0) as f64);
         }
         self.positions.as_mut().expect("loaded above").extend(next);
-        Ok(step)
+        failed.map_or(Ok(step), Err)
     }
 
     async fn write(&mut self, rows: &[LoginEvent], faults: &dyn Faults) -> anyhow::Result<()> {
@@ -556,12 +643,15 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
 
     /// The current end of every assigned partition, as a fetch reports it.
     /// (Some brokers answer ListOffsets(latest) wrongly; the fetch's high
-    /// watermark is right everywhere.)
+    /// watermark is right everywhere.) A position past an end fails, so
+    /// that a drain never takes a replaced log for a finished one.
     pub async fn high_watermarks(&mut self) -> anyhow::Result<BTreeMap<i32, i64>> {
         let from = self.positions().await?.clone();
         let log = &self.log;
-        let marks = futures::future::try_join_all(from.iter().map(|(&p, &offset)| async move {
-            log.fetch(p, offset, Duration::ZERO).await.map(|f| (p, f.high_watermark))
+        let marks = futures::future::try_join_all(from.iter().map(|(&p, position)| async move {
+            let mark = log.fetch(p, position.next, Duration::ZERO).await?.high_watermark;
+            within_log(p, position, mark)?;
+            Ok::<_, anyhow::Error>((p, mark))
         }))
         .await?;
         Ok(marks.into_iter().collect())
@@ -572,7 +662,7 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
         let Some(positions) = &self.positions else {
             return targets.values().all(|t| *t <= 0);
         };
-        targets.iter().all(|(p, t)| positions.get(p).copied().unwrap_or(0) >= *t)
+        targets.iter().all(|(p, t)| positions.get(p).map_or(0, |pos| pos.next) >= *t)
     }
 
     /// Consumes until every assigned partition reached its end as it stands now.

@@ -3,19 +3,29 @@
 //!
 //! Every statement binds its values; the only SQL text built at run time is
 //! fixed. Columns are cast on the way out (`id::bigint`, `event_time::timestamptz`)
-//! so an existing table with `SERIAL` ids or `TIMESTAMP` times still works.
+//! so an existing table with `SERIAL` ids or `TIMESTAMP` times still works,
+//! and read raw: the time as PostgreSQL's own microseconds (so `infinity` and
+//! every year it admits arrive as they are), the text as its bytes (so a
+//! `SQL_ASCII` database's invalid UTF-8 is rejected per row instead of
+//! failing the claim). [`SourceRow::into_event`] decides what can travel.
+//!
+//! Rows are flagged by physical address, which in a partitioned table (or
+//! one with inheritance children) is `(tableoid, ctid)`: a `ctid` alone is
+//! unique only inside one partition.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
+use sqlx::postgres::types::Oid;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
 
 use crate::config::{PgConfig, bounded};
-use crate::event::LoginEvent;
-use crate::stores::{Claim, ClaimMode, Rejected, SourceTable};
+use crate::event::{LoginEvent, PgTimestamp, SourceRow};
+use crate::stores::{Claim, ClaimMode, Permanent, Rejected, SourceTable};
 
 /// Opens a pool and proves the server answers and the password is right.
 pub async fn connect(cfg: &PgConfig, max_connections: u32, timeout: Duration) -> anyhow::Result<PgPool> {
@@ -46,6 +56,10 @@ pub async fn connect(cfg: &PgConfig, max_connections: u32, timeout: Duration) ->
 /// (a catalogue-only change since PostgreSQL 11: no table rewrite) and the
 /// partial index that makes finding unsent rows cheap.
 pub async fn init(pool: &PgPool) -> anyhow::Result<()> {
+    // An existing table is checked before anything is changed in it.
+    if table_exists(pool).await? {
+        check_shape(pool).await?;
+    }
     let statements = [
         "CREATE TABLE IF NOT EXISTS user_logins (
              id BIGSERIAL PRIMARY KEY,
@@ -62,6 +76,75 @@ pub async fn init(pool: &PgPool) -> anyhow::Result<()> {
         sqlx::query(sql).execute(pool).await.with_context(|| format!("PostgreSQL init: {}", first_line(sql)))?;
     }
     check_columns(pool).await
+}
+
+async fn table_exists(pool: &PgPool) -> anyhow::Result<bool> {
+    let oid: Option<sqlx::postgres::types::Oid> = sqlx::query_scalar("SELECT to_regclass('user_logins')::oid")
+        .fetch_one(pool)
+        .await
+        .context("looking up user_logins")?;
+    Ok(oid.is_some())
+}
+
+/// Refuses, in one line naming what is wrong, a `user_logins` that pg2ch
+/// cannot carry safely: not a table (a view, a foreign table), an `id` that
+/// is not unique on its own in every table holding rows (the sink keeps one
+/// row per id, so two rows with one id would collapse into one), or a
+/// column whose type has no exact form in the message. Declaratively
+/// partitioned tables and inheritance children are fine.
+pub async fn check_shape(pool: &PgPool) -> anyhow::Result<()> {
+    let kind: String = sqlx::query_scalar("SELECT relkind::text FROM pg_class WHERE oid = 'user_logins'::regclass")
+        .fetch_one(pool)
+        .await
+        .context("reading the kind of user_logins")?;
+    if kind != "r" && kind != "p" {
+        anyhow::bail!("PostgreSQL relation user_logins is not a table (relkind {kind:?}); pg2ch needs a table");
+    }
+    // Every relation that can hold rows: the table itself, its partitions
+    // and inheritance children, at any depth.
+    let holders: Vec<(String, String, bool)> = sqlx::query_as(
+        "WITH RECURSIVE tree(oid) AS (
+             SELECT 'user_logins'::regclass::oid
+             UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree t ON i.inhparent = t.oid)
+         SELECT c.oid::regclass::text, c.relkind::text,
+                EXISTS (SELECT 1 FROM pg_index x JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = x.indkey[0]
+                        WHERE x.indrelid = c.oid AND x.indisunique AND x.indnkeyatts = 1 AND x.indpred IS NULL
+                          AND a.attname = 'id')
+         FROM tree t JOIN pg_class c ON c.oid = t.oid WHERE c.relkind <> 'p' ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .context("reading the partitions of user_logins")?;
+    for (name, kind, unique_id) in &holders {
+        if kind != "r" {
+            anyhow::bail!("PostgreSQL table user_logins has {name} (relkind {kind:?}), which is not a plain table");
+        }
+        if !unique_id {
+            anyhow::bail!(
+                "PostgreSQL table {name} has no primary key or unique index on id alone; pg2ch keeps one row per id, \
+                 so ids must be unique (add PRIMARY KEY (id), or partition by id)"
+            );
+        }
+    }
+    let types: Vec<(String, String)> = sqlx::query_as(
+        "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute
+         WHERE attrelid = 'user_logins'::regclass AND attnum > 0 AND NOT attisdropped
+           AND attname IN ('id', 'username', 'event_time')",
+    )
+    .fetch_all(pool)
+    .await
+    .context("reading the column types of user_logins")?;
+    for (column, ty) in &types {
+        let ok = match column.as_str() {
+            "id" => matches!(ty.as_str(), "smallint" | "integer" | "bigint"),
+            "username" => ty == "text" || ty.starts_with("character varying") || ty.starts_with("character("),
+            _ => ty.starts_with("timestamp"),
+        };
+        if !ok {
+            anyhow::bail!("PostgreSQL column user_logins.{column} has type {ty}, which pg2ch cannot carry exactly");
+        }
+    }
+    Ok(())
 }
 
 fn first_line(sql: &str) -> &str {
@@ -87,7 +170,7 @@ pub async fn check_columns(pool: &PgPool) -> anyhow::Result<()> {
     if !missing.is_empty() {
         anyhow::bail!("PostgreSQL table user_logins lacks column(s) {} (run `pg2ch init`)", missing.join(", "));
     }
-    Ok(())
+    check_shape(pool).await
 }
 
 /// Inserts `rows` synthetic login events in batches of `chunk`, calling
@@ -136,7 +219,7 @@ pub async fn unsent_count(pool: &PgPool) -> anyhow::Result<i64> {
 /// would reject), with its sent flag, in id order.
 pub async fn all_rows(pool: &PgPool) -> anyhow::Result<Vec<(LoginEvent, bool)>> {
     sqlx::query(
-        "SELECT id::bigint, username::text, event_time::timestamptz, sent_to_kafka
+        "SELECT id::bigint, convert_to(username::text, 'SQL_ASCII'), event_time::timestamptz, sent_to_kafka
          FROM user_logins WHERE pg2ch_rejected IS NULL ORDER BY id",
     )
     .fetch(pool)
@@ -165,16 +248,12 @@ pub async fn rejected(pool: &PgPool, sample: usize) -> anyhow::Result<(u64, Vec<
     Ok((count as u64, ids))
 }
 
-/// A claimed row, or why it cannot be sent.
+/// A claimed row, or why it cannot be sent. The first three columns are
+/// the id, the text's bytes and the raw time.
 fn claimed_row(row: &sqlx::postgres::PgRow) -> anyhow::Result<Result<LoginEvent, Rejected>> {
     let id: i64 = row.try_get(0)?;
-    let username: Option<String> = row.try_get(1)?;
-    let time: Option<DateTime<Utc>> = row.try_get(2)?;
-    Ok(match (username, time) {
-        (Some(username), Some(time)) => Ok(LoginEvent { id, username, event_time_us: time.timestamp_micros() }),
-        (None, _) => Err(Rejected { id, reason: "username is NULL".into() }),
-        (_, None) => Err(Rejected { id, reason: "event_time is NULL".into() }),
-    })
+    let raw = SourceRow { id, username: row.try_get(1)?, event_time: row.try_get(2)? };
+    Ok(raw.into_event().map_err(|reason| Rejected { id, reason }))
 }
 
 /// The claim's query, one text for both modes so that they cannot drift
@@ -182,8 +261,8 @@ fn claimed_row(row: &sqlx::postgres::PgRow) -> anyhow::Result<Result<LoginEvent,
 macro_rules! claim_query {
     ($tail:literal) => {
         concat!(
-            "SELECT id::bigint, username::text, event_time::timestamptz, ctid FROM user_logins
-     WHERE NOT sent_to_kafka AND pg2ch_rejected IS NULL AND id > $1
+            "SELECT id::bigint, convert_to(username::text, 'SQL_ASCII'), event_time::timestamptz, tableoid, ctid
+     FROM user_logins WHERE NOT sent_to_kafka AND pg2ch_rejected IS NULL AND id >= $1
      ORDER BY id LIMIT $2",
             $tail
         )
@@ -204,15 +283,16 @@ pub struct PgSource {
     timeout: Duration,
     mode: ClaimMode,
     claim: Option<Transaction<'static, Postgres>>,
-    /// Id and physical location (ctid) of each claimed row, in id order.
-    /// Flagging by ctid spares PostgreSQL one primary-key lookup per row
-    /// (about a fifth of its time per batch, measured). The ctid cannot
-    /// point at another row by the time we flag: a shared claim holds the
-    /// row locks, and an exclusive claim's snapshot (REPEATABLE READ) keeps
-    /// VACUUM from freeing the slot of any row version it saw; a row changed
-    /// by someone else since makes the flag update fail with a serialization
-    /// error instead of flagging the wrong row.
-    ctids: Vec<(i64, Tid)>,
+    /// Id and physical address (table, ctid) of each claimed row, in id
+    /// order. Flagging by ctid spares PostgreSQL one primary-key lookup per
+    /// row (about a fifth of its time per batch, measured). The address
+    /// cannot point at another row by the time we flag: a shared claim holds
+    /// the row locks, and an exclusive claim's snapshot (REPEATABLE READ)
+    /// keeps VACUUM from freeing the slot of any row version it saw; a row
+    /// changed by someone else since makes the flag update fail with a
+    /// serialization error instead of flagging the wrong row. The table is
+    /// part of the address: each partition numbers its slots from zero.
+    ctids: Vec<(i64, (u32, Tid))>,
 }
 
 impl PgSource {
@@ -226,11 +306,10 @@ impl PgSource {
         &mut self,
         what: &'static str,
         statement: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<u64> {
         let tx = self.claim.as_mut().with_context(|| format!("{what} without an open claim"))?;
         let result = bounded(|| format!("{what} in PostgreSQL"), self.timeout, async {
-            statement.execute(&mut **tx).await?;
-            Ok(())
+            Ok(statement.execute(&mut **tx).await.map_err(classify)?.rows_affected())
         })
         .await;
         if result.is_err() {
@@ -239,18 +318,24 @@ impl PgSource {
         result
     }
 
-    fn ctids_of(&self, ids: &[i64]) -> anyhow::Result<Vec<Tid>> {
-        ids.iter()
-            .map(|id| match self.ctids.binary_search_by_key(id, |(claimed, _)| *claimed) {
-                Ok(at) => Ok(self.ctids[at].1),
+    /// The claimed rows' slots, grouped by the table (partition) holding them.
+    fn addresses_of(&self, ids: &[i64]) -> anyhow::Result<BTreeMap<u32, Vec<Tid>>> {
+        let mut by_table: BTreeMap<u32, Vec<Tid>> = BTreeMap::new();
+        for id in ids {
+            match self.ctids.binary_search_by_key(id, |(claimed, _)| *claimed) {
+                Ok(at) => {
+                    let (table, tid) = self.ctids[at].1;
+                    by_table.entry(table).or_default().push(tid);
+                }
                 Err(_) => anyhow::bail!("row {id} is not in the open claim"),
-            })
-            .collect()
+            }
+        }
+        Ok(by_table)
     }
 }
 
 impl SourceTable for PgSource {
-    async fn claim(&mut self, after_id: i64, limit: usize) -> anyhow::Result<Claim> {
+    async fn claim(&mut self, from_id: i64, limit: usize) -> anyhow::Result<Claim> {
         self.claim = None; // an abandoned claim rolls back when dropped
         let pool = &self.pool;
         let ctids = &mut self.ctids;
@@ -262,11 +347,11 @@ impl SourceTable for PgSource {
                     (pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ").await?, CLAIM_EXCLUSIVE)
                 }
             };
-            let rows = sqlx::query(statement).bind(after_id).bind(limit as i64).fetch_all(&mut *tx).await?;
+            let rows = sqlx::query(statement).bind(from_id).bind(limit as i64).fetch_all(&mut *tx).await?;
             let mut claim = Claim::default();
             ctids.clear();
             for row in &rows {
-                ctids.push((row.try_get::<i64, _>(0)?, row.try_get::<Tid, _>(3)?));
+                ctids.push((row.try_get::<i64, _>(0)?, (row.try_get::<Oid, _>(3)?.0, row.try_get::<Tid, _>(4)?)));
                 match claimed_row(row)? {
                     Ok(event) => claim.rows.push(event),
                     Err(rejected) => claim.rejected.push(rejected),
@@ -280,9 +365,22 @@ impl SourceTable for PgSource {
     }
 
     async fn mark_sent(&mut self, ids: &[i64]) -> anyhow::Result<()> {
-        let ctids = self.ctids_of(ids)?;
-        let statement = sqlx::query("UPDATE user_logins SET sent_to_kafka = TRUE WHERE ctid = ANY($1)").bind(ctids);
-        self.in_claim("flagging rows sent", statement).await
+        for (table, tids) in self.addresses_of(ids)? {
+            let expected = tids.len() as u64;
+            let statement =
+                sqlx::query("UPDATE user_logins SET sent_to_kafka = TRUE WHERE tableoid = $1 AND ctid = ANY($2)")
+                    .bind(Oid(table))
+                    .bind(tids);
+            let flagged = self.in_claim("flagging rows sent", statement).await?;
+            if flagged != expected {
+                // Nothing is committed: the claim ends and its rows go again.
+                self.claim = None;
+                anyhow::bail!(
+                    "flagging rows sent changed {flagged} rows, not the {expected} claimed; nothing was committed"
+                );
+            }
+        }
+        Ok(())
     }
 
     async fn reject(&mut self, rows: &[Rejected]) -> anyhow::Result<()> {
@@ -294,7 +392,7 @@ impl SourceTable for PgSource {
         )
         .bind(ids)
         .bind(reasons);
-        self.in_claim("flagging rows rejected", statement).await
+        self.in_claim("flagging rows rejected", statement).await.map(|_| ())
     }
 
     async fn commit(&mut self) -> anyhow::Result<()> {
@@ -350,6 +448,35 @@ impl ProducerLease {
     }
 }
 
+/// Tags what retrying cannot fix (the table or a column is gone, no
+/// privilege) as permanent; anything else stays retryable.
+fn classify(e: sqlx::Error) -> anyhow::Error {
+    let code = e.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned());
+    match code.as_deref() {
+        // undefined_table, undefined_column, insufficient_privilege, datatype_mismatch
+        Some(code @ ("42P01" | "42703" | "42501" | "42804")) => {
+            Permanent::error(format!("PostgreSQL refused the statement ({code}): {e}"))
+        }
+        _ => anyhow::Error::new(e),
+    }
+}
+
+/// A `timestamptz` in its binary wire form: PostgreSQL's own microseconds.
+impl sqlx::Type<Postgres> for PgTimestamp {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        sqlx::postgres::PgTypeInfo::with_oid(Oid(1184))
+    }
+}
+
+impl sqlx::Decode<'_, Postgres> for PgTimestamp {
+    fn decode(value: sqlx::postgres::PgValueRef<'_>) -> Result<Self, sqlx::error::BoxDynError> {
+        let bytes: [u8; 8] = <&[u8] as sqlx::Decode<Postgres>>::decode(value)?
+            .try_into()
+            .map_err(|_| "a timestamptz is 8 bytes in binary form")?;
+        Ok(PgTimestamp(i64::from_be_bytes(bytes)))
+    }
+}
+
 /// A row's physical address, PostgreSQL's `tid`, in its binary wire form
 /// (block number, line pointer), so claiming and flagging by ctid costs no
 /// text formatting or parsing on either side.
@@ -361,13 +488,13 @@ struct Tid {
 
 impl sqlx::Type<Postgres> for Tid {
     fn type_info() -> sqlx::postgres::PgTypeInfo {
-        sqlx::postgres::PgTypeInfo::with_oid(sqlx::postgres::types::Oid(27))
+        sqlx::postgres::PgTypeInfo::with_oid(Oid(27))
     }
 }
 
 impl sqlx::postgres::PgHasArrayType for Tid {
     fn array_type_info() -> sqlx::postgres::PgTypeInfo {
-        sqlx::postgres::PgTypeInfo::with_oid(sqlx::postgres::types::Oid(1010))
+        sqlx::postgres::PgTypeInfo::with_oid(Oid(1010))
     }
 }
 

@@ -7,9 +7,15 @@
 //! `up` is idempotent: a service that already answers with the stack's
 //! credentials is reused. PostgreSQL refuses to run as root, so when invoked
 //! as root its server runs as the `postgres` user (or `nobody`). Passwords are
-//! generated once per stack directory and kept in files only the owner can
-//! read; the printed environment reads them with `$(cat ...)`, so no password
-//! is ever printed.
+//! generated once per stack directory and kept in files created readable by
+//! the owner only (mode 0600 from the start, never widened then narrowed);
+//! the printed environment names the files (`PG_PASS_FILE`, `CH_PASS_FILE`),
+//! so no password is ever printed or passed in argv. The stack directory is
+//! created 0700 and refused if another user owns it; PostgreSQL's data, which
+//! its server must reach as the `postgres` user when we are root, lives in a
+//! sibling directory `<dir>-pg`, 0700 and owned by that user. A pid file is
+//! trusted only if it holds a positive number whose process is the program
+//! that file is for.
 //!
 //! Environment knobs: `PG2CH_STACK_DIR` (default `/tmp/pg2ch-stack`),
 //! `PG2CH_STACK_PG_PORT` (5432), `PG2CH_STACK_CH_PORT` (8123, HTTP),
@@ -65,13 +71,13 @@ impl StackEnv {
             "export PG_HOST={} PG_PORT={} PG_USER={} PG_DB={}",
             self.pg.host, self.pg.port, self.pg.user, self.pg.database
         );
-        let _ = writeln!(s, "export PG_PASS=\"$(cat {d}/secrets/pg.pass)\"");
+        let _ = writeln!(s, "export PG_PASS_FILE={d}/secrets/pg.pass");
         let _ = writeln!(
             s,
             "export CH_HOST={} CH_PORT={} CH_USER={} CH_DB={}",
             self.ch.host, self.ch.port, self.ch.user, self.ch.database
         );
-        let _ = writeln!(s, "export CH_PASS=\"$(cat {d}/secrets/ch.pass)\"");
+        let _ = writeln!(s, "export CH_PASS_FILE={d}/secrets/ch.pass");
         let _ = writeln!(s, "export KAFKA_BOOTSTRAP={}", self.kafka_bootstrap);
         s
     }
@@ -154,6 +160,60 @@ fn chown_to_service_user(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes `contents` to a new file readable by its owner only: created
+/// with mode 0600, so there is no moment when others could read it. An old
+/// file of that name is removed first.
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(contents.as_bytes()).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Creates `dir` (and its parents) with mode 0700, or checks an existing one
+/// belongs to `owner` and is closed to others (an older, wider one of ours
+/// is narrowed). Refuses a directory someone else owns: it could be a trap.
+fn private_dir(dir: &Path, owner: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let meta = std::fs::symlink_metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    if !meta.is_dir() {
+        bail!("{} is not a directory (a link?); refusing to use it for the stack", dir.display());
+    }
+    if meta.uid() != owner {
+        bail!("{} belongs to uid {}, not {owner}; refusing to use it for the stack", dir.display(), meta.uid());
+    }
+    if meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+fn my_uid() -> u32 {
+    std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").expect("/proc/self exists"))
+}
+
+/// The uid of the account PostgreSQL runs as (ours unless we are root).
+fn service_uid() -> anyhow::Result<u32> {
+    if !is_root() {
+        return Ok(my_uid());
+    }
+    let out = Command::new("id").args(["-u", service_user()]).output().context("running id -u")?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().context("reading the service user's uid")
+}
+
 /// Reads the password in `file`, creating a random one on first use.
 fn secret_file(file: &Path) -> anyhow::Result<Secret> {
     if let Ok(s) = std::fs::read_to_string(file) {
@@ -161,9 +221,8 @@ fn secret_file(file: &Path) -> anyhow::Result<Secret> {
     }
     use rand::Rng;
     let value: String = rand::rng().sample_iter(rand::distr::Alphanumeric).take(24).map(char::from).collect();
-    std::fs::create_dir_all(file.parent().expect("secret files live in a directory"))?;
-    std::fs::write(file, &value)?;
-    std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))?;
+    private_dir(file.parent().expect("secret files live in a directory"), my_uid())?;
+    write_private(file, &value)?;
     Ok(Secret::new(value))
 }
 
@@ -201,17 +260,36 @@ fn spawn_detached(mut cmd: Command, log: &Path, pidfile: &Path) -> anyhow::Resul
     Ok(())
 }
 
-fn stop_pidfile(pidfile: &Path) {
-    let Ok(pid) = std::fs::read_to_string(pidfile) else {
+/// The pid in `pidfile`, if it is a positive number whose process runs
+/// `program`: a stale or tampered file must not get a signal sent to
+/// whatever now has that pid.
+fn checked_pid(pidfile: &Path, program: &str) -> Option<String> {
+    let text = std::fs::read_to_string(pidfile).ok()?;
+    let pid: u32 = text.trim().parse().ok().filter(|p| *p > 0)?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let argv0 = cmdline.split(|b| *b == 0).next()?;
+    let name = Path::new(std::str::from_utf8(argv0).ok()?).file_name()?.to_str()?;
+    (name == program).then(|| pid.to_string())
+}
+
+fn stop_pidfile(pidfile: &Path, program: &str) {
+    let Some(pid) = checked_pid(pidfile, program) else {
+        let _ = std::fs::remove_file(pidfile);
         return;
     };
-    let pid = pid.trim().to_owned();
     let _ = Command::new("kill").arg(&pid).stderr(Stdio::null()).status();
     let deadline = Instant::now() + Duration::from_secs(15);
-    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+    // Gone, or a zombie: stopped, only not yet reaped by its parent.
+    let running = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+    };
+    while running(&pid) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = Command::new("kill").args(["-9", &pid]).stderr(Stdio::null()).status();
+    if running(&pid) {
+        let _ = Command::new("kill").args(["-9", &pid]).stderr(Stdio::null()).status();
+    }
     let _ = std::fs::remove_file(pidfile);
 }
 
@@ -251,10 +329,22 @@ impl Stack {
         }
     }
 
+    /// The program name the broker runs as (for checking its pid file).
+    fn broker_program(&self) -> &'static str {
+        if find_binary(&["nisshi"], &cargo_bin_dir()).is_some() { "nisshi" } else { "redpanda" }
+    }
+
+    /// PostgreSQL's directory: beside the stack directory, because its server
+    /// runs as another user when we are root and cannot enter ours.
+    pub fn pg_root(&self) -> PathBuf {
+        let mut name = self.dir.as_os_str().to_owned();
+        name.push("-pg");
+        PathBuf::from(name)
+    }
+
     /// Starts whatever is not already answering and waits until all three do.
     pub async fn up(&self) -> anyhow::Result<StackEnv> {
-        std::fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
-        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o755))?;
+        private_dir(&self.dir, my_uid())?;
         let env = self.env();
         tokio::try_join!(self.postgres_up(&env), self.clickhouse_up(&env), self.broker_up(&env))?;
         Ok(env)
@@ -262,15 +352,15 @@ impl Stack {
 
     /// Stops what `up` started in this directory.
     pub fn down(&self) -> anyhow::Result<()> {
-        let data = self.dir.join("pg/data");
+        let data = self.pg_root().join("data");
         if data.join("postmaster.pid").exists()
             && let Some(pg_ctl) = find_binary(&["pg_ctl"], &postgres_bin_dirs())
         {
             let data = data.to_string_lossy().into_owned();
             run_as_service_user(&pg_ctl, &["-D", &data, "-m", "fast", "-w", "stop"], "pg_ctl stop")?;
         }
-        stop_pidfile(&self.dir.join("ch/server.pid"));
-        stop_pidfile(&self.dir.join("broker/broker.pid"));
+        stop_pidfile(&self.dir.join("ch/server.pid"), "clickhouse-server");
+        stop_pidfile(&self.dir.join("broker/broker.pid"), self.broker_program());
         tracing::info!("stack in {} stopped", self.dir.display());
         Ok(())
     }
@@ -280,15 +370,15 @@ impl Stack {
         match service {
             Service::Postgres => {
                 let pg_ctl = find_binary(&["pg_ctl"], &postgres_bin_dirs()).context("pg_ctl not found")?;
-                let data = self.dir.join("pg/data").to_string_lossy().into_owned();
+                let data = self.pg_root().join("data").to_string_lossy().into_owned();
                 run_as_service_user(&pg_ctl, &["-D", &data, "-m", "fast", "-w", "stop"], "pg_ctl stop")
             }
             Service::ClickHouse => {
-                stop_pidfile(&self.dir.join("ch/server.pid"));
+                stop_pidfile(&self.dir.join("ch/server.pid"), "clickhouse-server");
                 Ok(())
             }
             Service::Broker => {
-                stop_pidfile(&self.dir.join("broker/broker.pid"));
+                stop_pidfile(&self.dir.join("broker/broker.pid"), self.broker_program());
                 Ok(())
             }
         }
@@ -297,9 +387,10 @@ impl Stack {
     /// Freezes (`true`) or thaws the broker process: connections stay open
     /// and nothing answers, the way a hung server behaves. For tests.
     pub fn freeze_broker(&self, frozen: bool) -> anyhow::Result<()> {
-        let pid = std::fs::read_to_string(self.dir.join("broker/broker.pid")).context("no broker pid file")?;
+        let pid = checked_pid(&self.dir.join("broker/broker.pid"), self.broker_program())
+            .context("no running broker in the broker pid file")?;
         let signal = if frozen { "-STOP" } else { "-CONT" };
-        let status = Command::new("kill").args([signal, pid.trim()]).status()?;
+        let status = Command::new("kill").args([signal, &pid]).status()?;
         anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
         Ok(())
     }
@@ -312,13 +403,17 @@ impl Stack {
             let missing = "PostgreSQL server binaries (initdb, pg_ctl) not found: install postgresql (apt-get install postgresql)";
             let initdb = find_binary(&["initdb"], &dirs).context(missing)?;
             let pg_ctl = find_binary(&["pg_ctl"], &dirs).context(missing)?;
-            let root = self.dir.join("pg");
+            let root = self.pg_root();
+            if !root.exists() {
+                private_dir(&root, my_uid())?;
+                chown_to_service_user(&root)?;
+            }
+            private_dir(&root, service_uid()?)?;
             let data = root.join("data");
             if !data.join("PG_VERSION").exists() {
-                std::fs::create_dir_all(&root)?;
                 let pwfile = root.join("initdb.pw");
-                std::fs::write(&pwfile, env.pg.password.expose())?;
-                chown_to_service_user(&root)?;
+                write_private(&pwfile, env.pg.password.expose())?;
+                chown_to_service_user(&pwfile)?;
                 let (d, pw) = (data.to_string_lossy().into_owned(), pwfile.to_string_lossy().into_owned());
                 let result = run_as_service_user(
                     &initdb,
@@ -408,9 +503,7 @@ impl Stack {
 "#,
                 env.ch.password.expose()
             );
-            let users_path = root.join("users.xml");
-            std::fs::write(&users_path, users)?;
-            std::fs::set_permissions(&users_path, std::fs::Permissions::from_mode(0o600))?;
+            write_private(&root.join("users.xml"), &users)?;
             let mut cmd = Command::new(bin);
             cmd.arg(format!("--config-file={r}/config.xml")).current_dir(&root);
             spawn_detached(cmd, &root.join("stdout.log"), &root.join("server.pid"))?;
@@ -480,5 +573,58 @@ impl Stack {
         }
         tracing::info!("Kafka broker ready on {}", env.kafka_bootstrap);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pg2ch-stack-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn a_pid_file_is_trusted_only_for_a_live_process_of_its_program() {
+        let dir = scratch("pid");
+        private_dir(&dir, my_uid()).unwrap();
+        let file = dir.join("x.pid");
+        let me = std::process::id().to_string();
+        let my_name = std::env::current_exe().unwrap().file_name().unwrap().to_string_lossy().into_owned();
+        for (content, program, trusted) in [
+            (me.as_str(), my_name.as_str(), true),
+            (me.as_str(), "clickhouse-server", false),
+            ("-1", my_name.as_str(), false),
+            ("0", my_name.as_str(), false),
+            ("abc", my_name.as_str(), false),
+            ("", my_name.as_str(), false),
+            ("4294967296", my_name.as_str(), false),
+        ] {
+            std::fs::write(&file, content).unwrap();
+            assert_eq!(checked_pid(&file, program).is_some(), trusted, "{content:?} for {program}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn stack_directories_and_secret_files_are_private_from_the_start() {
+        let dir = scratch("private");
+        private_dir(&dir.join("a/b"), my_uid()).unwrap();
+        assert_eq!(std::fs::metadata(dir.join("a/b")).unwrap().mode() & 0o777, 0o700);
+        let secret = secret_file(&dir.join("secrets/pg.pass")).unwrap();
+        let meta = std::fs::metadata(dir.join("secrets/pg.pass")).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(dir.join("secrets")).unwrap().mode() & 0o777, 0o700);
+        assert_eq!(secret_file(&dir.join("secrets/pg.pass")).unwrap(), secret, "read back, not replaced");
+        // A wider directory of ours is narrowed; someone else's is refused.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&dir, my_uid()).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+        let err = private_dir(&dir, my_uid() + 1).unwrap_err().to_string();
+        assert!(err.contains("belongs to uid"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -29,6 +29,36 @@ pub enum ClaimMode {
     Exclusive,
 }
 
+/// How a failed store call should be met. Adapters tag what retrying cannot
+/// fix as [`Permanent`]; everything else is retried with backoff, which is
+/// safe whether the call failed before acting (transient) or acted and lost
+/// its answer (outcome unknown): the pipeline's dedup makes both harmless.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Retry with backoff (a timeout, a refused connection, a lost answer).
+    Retry,
+    /// Stop: retrying gives the same answer (a dropped column, a ClickHouse
+    /// type mismatch, a position past the end of the log, a missing topic).
+    Permanent,
+}
+
+/// A failure that retrying cannot fix, with its one-line cause. Carried
+/// inside `anyhow::Error` so that context added on the way up stays.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Permanent(pub String);
+
+impl Permanent {
+    pub fn error(cause: impl Into<String>) -> anyhow::Error {
+        anyhow::Error::new(Permanent(cause.into()))
+    }
+}
+
+/// The kind of a store error: permanent if any cause in its chain says so.
+pub fn kind(e: &anyhow::Error) -> ErrorKind {
+    if e.chain().any(|c| c.downcast_ref::<Permanent>().is_some()) { ErrorKind::Permanent } else { ErrorKind::Retry }
+}
+
 /// The source table: rows with a `sent_to_kafka` flag.
 ///
 /// One value is one producer's session: at most one claim is open at a time,
@@ -38,11 +68,11 @@ pub enum ClaimMode {
 #[allow(async_fn_in_trait)]
 pub trait SourceTable {
     /// Opens a transaction and claims up to `limit` unsent, unrejected rows
-    /// with `id > after_id`, in id order; in [`ClaimMode::Shared`] it locks
+    /// with `id >= from_id`, in id order; in [`ClaimMode::Shared`] it locks
     /// them and skips rows another session holds. Rows that cannot be
     /// represented downstream come back in [`Claim::rejected`] instead of
     /// [`Claim::rows`].
-    async fn claim(&mut self, after_id: i64, limit: usize) -> anyhow::Result<Claim>;
+    async fn claim(&mut self, from_id: i64, limit: usize) -> anyhow::Result<Claim>;
     /// Flags these rows sent inside the open claim (not yet visible to
     /// others). Fails, changing nothing, if another session changed one of
     /// them since the claim.
@@ -70,8 +100,9 @@ impl Claim {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    pub fn last_id(&self) -> i64 {
-        self.rows.iter().map(|r| r.id).chain(self.rejected.iter().map(|r| r.id)).max().unwrap_or(0)
+    /// The highest id handed out; `None` for an empty claim.
+    pub fn last_id(&self) -> Option<i64> {
+        self.rows.iter().map(|r| r.id).chain(self.rejected.iter().map(|r| r.id)).max()
     }
 }
 
@@ -96,6 +127,41 @@ pub struct FetchedRecord {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
+    /// The record's timestamp (milliseconds), as the producer set it.
+    pub timestamp_ms: i64,
+}
+
+impl FetchedRecord {
+    /// A stable 64-bit digest of the record (XXH64 of its offset, timestamp,
+    /// key and value), stored with the consumer's position so that a log
+    /// that was replaced under it (topic deleted and created again, broker
+    /// storage lost) is recognised instead of read from the wrong place.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::Hasher;
+        let mut h = twox_hash::XxHash64::with_seed(0);
+        h.write(&self.offset.to_le_bytes());
+        h.write(&self.timestamp_ms.to_le_bytes());
+        for part in [&self.key, &self.value] {
+            match part {
+                None => h.write(&[0]),
+                Some(bytes) => {
+                    h.write(&[1]);
+                    h.write(&(bytes.len() as u64).to_le_bytes());
+                    h.write(bytes);
+                }
+            }
+        }
+        h.finish()
+    }
+}
+
+/// Where a consumer stands in one partition: the next offset to read, and
+/// the fingerprint of the record just before it (`None` at offset 0, or when
+/// stored by a pg2ch that kept none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    pub next: i64,
+    pub last: Option<u64>,
 }
 
 /// A record the consumer could not decode, forwarded unchanged to the
@@ -127,7 +193,11 @@ pub trait EventLog {
     /// acknowledged them (acks=all). An error may mean they were appended anyway.
     async fn append(&self, partition: i32, records: Vec<LogRecord>) -> anyhow::Result<()>;
     /// Reads from `offset`, waiting at most `max_wait` for data to arrive.
+    /// A position outside the log fails permanently.
     async fn fetch(&self, partition: i32, offset: i64, max_wait: Duration) -> anyhow::Result<Fetched>;
+    /// The record at `offset`, if the log has one there (one small fetch,
+    /// no waiting).
+    async fn record_at(&self, partition: i32, offset: i64) -> anyhow::Result<Option<FetchedRecord>>;
     /// Appends undecodable records to the topic's dead-letter topic
     /// (`<topic>.dlq`). An error may mean they were appended anyway.
     async fn dead_letter(&self, letters: Vec<DeadLetter>) -> anyhow::Result<()>;
@@ -144,6 +214,9 @@ impl<T: EventLog> EventLog for &T {
     async fn fetch(&self, partition: i32, offset: i64, max_wait: Duration) -> anyhow::Result<Fetched> {
         (**self).fetch(partition, offset, max_wait).await
     }
+    async fn record_at(&self, partition: i32, offset: i64) -> anyhow::Result<Option<FetchedRecord>> {
+        (**self).record_at(partition, offset).await
+    }
     async fn dead_letter(&self, letters: Vec<DeadLetter>) -> anyhow::Result<()> {
         (**self).dead_letter(letters).await
     }
@@ -152,11 +225,11 @@ impl<T: EventLog> EventLog for &T {
 /// The sink table and the consumer's remembered positions, both in ClickHouse.
 #[allow(async_fn_in_trait)]
 pub trait Sink {
-    /// The next offset to read, per partition, as last stored for this consumer group.
-    async fn positions(&mut self) -> anyhow::Result<BTreeMap<i32, i64>>;
+    /// Where this consumer group stands, per partition, as last stored.
+    async fn positions(&mut self) -> anyhow::Result<BTreeMap<i32, Position>>;
     /// Inserts rows. Rows carry their source id, and the table collapses
     /// copies by id, so writing a row twice is harmless.
     async fn write(&mut self, rows: &[LoginEvent]) -> anyhow::Result<()>;
-    /// Remembers the next offset to read for these partitions.
-    async fn store_positions(&mut self, positions: &BTreeMap<i32, i64>) -> anyhow::Result<()>;
+    /// Remembers where the consumer stands in these partitions.
+    async fn store_positions(&mut self, positions: &BTreeMap<i32, Position>) -> anyhow::Result<()>;
 }

@@ -12,8 +12,16 @@
 //!
 //! [`run`] checks after every action that nothing is in the sink that the
 //! table lacks and that every row flagged sent is in the log; at the end it
-//! stops all faults, drains with fresh components, and checks that the sink's
-//! `FINAL` view equals the table row for row with every row flagged sent.
+//! stops all faults, drains with fresh components (in a bounded number of
+//! steps: a drain that stops making progress fails with the stuck state),
+//! and checks that the sink's `FINAL` view equals the table row for row,
+//! every row flagged sent or, if it cannot travel, rejected.
+//!
+//! Rows cover the whole domain PostgreSQL admits ([`World::insert_row`]):
+//! any bytes for text (invalid UTF-8, control characters, empty, NULL, over
+//! the message limit), any time from 4714 BC to 294276 AD, `±infinity`, ids
+//! anywhere in `i64`, and tables split into partitions whose slot numbers
+//! repeat.
 
 pub mod log;
 pub mod sink;
@@ -33,12 +41,12 @@ use futures::future::LocalBoxFuture;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::event::LoginEvent;
+use crate::event::{LoginEvent, PgTimestamp};
 use crate::pipeline::{
-    Consumer, ConsumerConfig, CrashPoint, Crashed, Cursor, Faults, NoFaults, Ordering, Producer, ProducerConfig,
-    is_crash,
+    Consumer, ConsumerConfig, CrashPoint, Crashed, Cursor, Faults, NoFaults, Ordering, ProduceStep, Producer,
+    ProducerConfig, is_crash,
 };
-use crate::stores::ClaimMode;
+use crate::stores::{ClaimMode, ErrorKind, kind};
 
 /// How often things go wrong, each a probability per opportunity.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -80,6 +88,11 @@ impl Chaos {
 
     pub fn below(&self, n: usize) -> usize {
         self.rng.borrow_mut().random_range(0..n.max(1))
+    }
+
+    /// A value in `range`, uniformly.
+    pub fn within(&self, range: std::ops::RangeInclusive<i64>) -> i64 {
+        self.rng.borrow_mut().random_range(range)
     }
 
     fn fails(&self, what: &str) -> bool {
@@ -154,11 +167,30 @@ pub struct World {
 
 const GROUP: &str = "sim";
 
+/// The source table's shape: where ids start, how they step, how many
+/// partitions hold the rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableShape {
+    pub first_id: i64,
+    pub id_step: i64,
+    pub partitions: i64,
+}
+
+impl Default for TableShape {
+    fn default() -> Self {
+        TableShape { first_id: 1, id_step: 1, partitions: 1 }
+    }
+}
+
 impl World {
     pub fn new(seed: u64, rates: FaultRates, partitions: i32) -> Self {
+        Self::with_table(seed, rates, partitions, TableShape::default())
+    }
+
+    pub fn with_table(seed: u64, rates: FaultRates, partitions: i32, shape: TableShape) -> Self {
         World {
             chaos: Rc::new(Chaos::new(seed, rates)),
-            table: Rc::default(),
+            table: Rc::new(RefCell::new(source::Table::new(shape.first_id, shape.id_step, shape.partitions))),
             log: Rc::new(RefCell::new(log::Log::new(partitions))),
             sink: Rc::default(),
             partitions,
@@ -189,14 +221,69 @@ impl World {
         SimFaults(self.chaos.clone())
     }
 
-    /// Inserts a row with awkward content chosen by the RNG (not yet committed).
-    fn insert_row(&self) {
+    /// Inserts a row (not yet committed) with content drawn by the RNG from
+    /// the whole domain PostgreSQL admits for each column.
+    pub fn insert_row(&self) {
+        let (username, event_time) = (self.username(), self.event_time());
+        self.table.borrow_mut().insert(username, event_time);
+    }
+
+    /// Text as PostgreSQL may hold it: tame and awkward names, control
+    /// characters, any non-NUL bytes (a SQL_ASCII database), NULL, and now
+    /// and then one around the message size limit.
+    fn username(&self) -> Option<Vec<u8>> {
         const NAMES: [&str; 6] =
             ["alice", "", "quote\" back\\slash", "new\nline\ttab", "🦀 emoji", "'; DROP TABLE x; --"];
-        let name = NAMES[self.chaos.below(NAMES.len())].to_owned();
-        let time = 1_700_000_000_000_000 + self.chaos.below(1_000_000_000) as i64;
-        let representable = !self.chaos.chance(0.05);
-        self.table.borrow_mut().insert(name, time, representable);
+        let c = &self.chaos;
+        let len = c.below(24);
+        Some(match c.below(1000) {
+            0..=399 => NAMES[c.below(NAMES.len())].as_bytes().to_vec(),
+            400..=599 => (0..len).map(|_| 1 + c.below(255) as u8).collect(),
+            600..=799 => {
+                const ODD: [char; 8] = ['\u{1}', '\u{1f}', '\u{7f}', '"', '\\', 'é', '\u{10ffff}', '\u{2028}'];
+                (0..len).map(|_| ODD[c.below(ODD.len())]).collect::<String>().into_bytes()
+            }
+            800..=949 => (0..len).map(|_| b'a' + c.below(26) as u8).collect(),
+            950..=996 => return None,
+            // Straddles the limit: the JSON around the name is under 100 bytes.
+            _ => vec![b'x'; crate::pipeline::MAX_MESSAGE_BYTES - 100 + c.below(120)],
+        })
+    }
+
+    /// A time as PostgreSQL may hold it: near today, anywhere in its range,
+    /// its ends, the end of what `Int64` microseconds hold, the borders of
+    /// four-digit years, `±infinity`, NULL.
+    fn event_time(&self) -> Option<PgTimestamp> {
+        let c = &self.chaos;
+        let today = 1_700_000_000_000_000 - PgTimestamp::EPOCH_UNIX_US;
+        Some(PgTimestamp(match c.below(100) {
+            0..=39 => today + c.below(1_000_000_000) as i64,
+            40..=69 => c.within(PgTimestamp::MIN.0..=PgTimestamp::MAX.0),
+            70..=94 => {
+                let edges = [
+                    PgTimestamp::MIN.0,
+                    PgTimestamp::MAX.0,
+                    PgTimestamp::INFINITY.0,
+                    PgTimestamp::NEG_INFINITY.0,
+                    i64::MAX - PgTimestamp::EPOCH_UNIX_US,
+                    i64::MAX - PgTimestamp::EPOCH_UNIX_US + 1,
+                    -62_167_219_200_000_000 - PgTimestamp::EPOCH_UNIX_US - 1,
+                    253_402_300_800_000_000 - PgTimestamp::EPOCH_UNIX_US,
+                    -PgTimestamp::EPOCH_UNIX_US,
+                    0,
+                ];
+                edges[c.below(edges.len())]
+            }
+            _ => return None,
+        }))
+    }
+
+    /// What a committed row must become: the event it travels as, or the
+    /// reason it cannot travel (the real decision, then the message limit).
+    fn expected(row: &source::SimRow) -> Result<LoginEvent, String> {
+        let event = row.event()?;
+        let size = event.encode().len();
+        if size > crate::pipeline::MAX_MESSAGE_BYTES { Err(format!("message of {size} bytes")) } else { Ok(event) }
     }
 
     /// Appends a record that is not a login event to a partition.
@@ -212,22 +299,28 @@ impl World {
     pub fn check_always(&self) -> Result<(), String> {
         let table = self.table.borrow();
         for row in self.sink.borrow().parts.iter().flatten() {
-            match table.committed.get(&row.id) {
-                Some((pg, _)) if pg == row => {}
-                Some((pg, _)) => {
+            match table.committed.get(&row.id).map(World::expected) {
+                Some(Ok(pg)) if pg == *row => {}
+                Some(Ok(pg)) => {
                     return Err(format!("sink has id {} with content {row:?}, table has {pg:?}", row.id));
                 }
+                Some(Err(why)) => return Err(format!("sink has id {}, which cannot travel: {why}", row.id)),
                 None => return Err(format!("sink has id {} that the table lacks", row.id)),
             }
         }
         let logged: BTreeSet<LoginEvent> =
             self.log.borrow().values().filter_map(|v| LoginEvent::decode(Some(v)).ok()).collect();
-        for (row, sent) in table.committed.values() {
-            if *sent && !logged.contains(row) {
-                return Err(format!("row {} is flagged sent but is not in the log", row.id));
+        for (id, row) in &table.committed {
+            if !row.sent {
+                continue;
             }
-            if *sent && table.rejected.contains_key(&row.id) {
-                return Err(format!("row {} is flagged both sent and rejected", row.id));
+            match World::expected(row) {
+                Ok(event) if logged.contains(&event) => {}
+                Ok(_) => return Err(format!("row {id} is flagged sent but is not in the log")),
+                Err(why) => return Err(format!("row {id} is flagged sent but cannot travel: {why}")),
+            }
+            if table.rejected.contains_key(id) {
+                return Err(format!("row {id} is flagged both sent and rejected"));
             }
         }
         Ok(())
@@ -236,13 +329,14 @@ impl World {
     /// The properties that must hold once everything drained.
     pub fn check_quiescent(&self) -> Result<(), String> {
         let table = self.table.borrow();
-        for (row, sent) in table.committed.values() {
-            let unrepresentable = table.unrepresentable.contains(&row.id);
-            if unrepresentable && !table.rejected.contains_key(&row.id) {
-                return Err(format!("unrepresentable row {} was not flagged rejected", row.id));
-            }
-            if !unrepresentable && !sent {
-                return Err(format!("row {} is still unsent after draining", row.id));
+        let mut sendable = Vec::new();
+        for (id, row) in &table.committed {
+            match (World::expected(row), table.rejected.get(id)) {
+                (Ok(event), None) if row.sent => sendable.push((event, true)),
+                (Ok(_), None) => return Err(format!("row {id} is still unsent after draining")),
+                (Ok(_), Some(why)) => return Err(format!("row {id} could travel but was rejected: {why}")),
+                (Err(why), None) => return Err(format!("row {id} cannot travel ({why}) but was not flagged rejected")),
+                (Err(_), Some(_)) => {}
             }
         }
         let dead: BTreeSet<(i32, i64)> = self.log.borrow().dead_letters.iter().map(|(p, o, _)| (*p, *o)).collect();
@@ -252,12 +346,43 @@ impl World {
                 missing.0, missing.1
             ));
         }
-        let sendable: Vec<(LoginEvent, bool)> =
-            table.rows().into_iter().filter(|(r, _)| !table.rejected.contains_key(&r.id)).collect();
-        let expected: Vec<LoginEvent> = sendable.iter().map(|(r, _)| r.clone()).collect();
         let report = crate::verify::reconcile(&sendable, &self.sink.borrow().final_rows());
-        if !report.ok() || report.clickhouse_final_rows != expected.len() as u64 {
+        if !report.ok() || report.clickhouse_final_rows != sendable.len() as u64 {
             return Err(format!("sink FINAL differs from the table after draining:\n{report}"));
+        }
+        Ok(())
+    }
+
+    /// Drains with fresh components and no faults, in a bounded number of
+    /// steps; a drain that stops making progress fails with where it stuck.
+    pub fn drain(&self, modes: ClaimMode, producer: ProducerConfig, consumer: ConsumerConfig) -> Result<(), String> {
+        let budget = 1_000 + 20 * (self.table.borrow().committed.len() + self.log.borrow().values().count());
+        let mut p = Producer::new(self.source(3, modes), self.event_log(), producer);
+        let mut steps = 0;
+        loop {
+            match futures::executor::block_on(p.step(&NoFaults)) {
+                Ok(ProduceStep::Idle) => break,
+                Ok(ProduceStep::Moved(_)) => {}
+                Err(e) => return Err(format!("final produce: {e:#}")),
+            }
+            steps += 1;
+            if steps > budget {
+                let left: Vec<i64> =
+                    self.table.borrow().committed.iter().filter(|(_, r)| !r.sent).map(|(id, _)| *id).take(10).collect();
+                return Err(format!("final produce made no progress in {budget} steps; unsent ids include {left:?}"));
+            }
+        }
+        let mut c = Consumer::new(self.event_log(), self.sink_store(), consumer);
+        let targets = futures::executor::block_on(c.high_watermarks()).map_err(|e| format!("final consume: {e:#}"))?;
+        let mut steps = 0;
+        while !c.reached(&targets) {
+            futures::executor::block_on(c.step(&NoFaults, Duration::ZERO))
+                .map_err(|e| format!("final consume: {e:#}"))?;
+            steps += 1;
+            if steps > budget {
+                let at = futures::executor::block_on(c.positions()).map(|p| format!("{p:?}")).unwrap_or_default();
+                return Err(format!("final consume made no progress in {budget} steps: at {at}, targets {targets:?}"));
+            }
         }
         Ok(())
     }
@@ -285,6 +410,9 @@ pub enum Component {
     Producer1,
     Producer2,
     Consumer,
+    /// A second consumer of the same group, reading the same partitions at
+    /// the same time (what a misconfigured second process does).
+    Consumer2,
 }
 
 /// A whole simulated run: seed, fault rates, shape, and schedule.
@@ -302,14 +430,17 @@ pub struct Scenario {
     /// How each producer claims. Two exclusive producers at once is what the
     /// advisory lock prevents in real life; here it must still be safe.
     pub modes: [ClaimMode; 2],
+    pub table: TableShape,
     pub actions: Vec<Action>,
 }
 
-/// Which ordering the producer and consumer use (the wrong ones exist only in tests).
+/// Which ordering the producer and consumer use, and whether flags ignore
+/// the partition (the wrong ones exist only in tests).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Orderings {
     pub producer: Ordering,
     pub consumer: Ordering,
+    pub blind_flags: bool,
 }
 
 /// What a finished run looked like.
@@ -333,9 +464,9 @@ fn producer_task(world: &World, session: u32, mode: ClaimMode, config: ProducerC
     async move {
         loop {
             // As in `pg2ch produce`: a store error is retried by the same
-            // component; only a crash ends it.
+            // component; a crash or a permanent error ends it.
             if let Err(e) = producer.step(&faults).await
-                && is_crash(&e)
+                && (is_crash(&e) || kind(&e) == ErrorKind::Permanent)
             {
                 return e;
             }
@@ -350,7 +481,7 @@ fn consumer_task(world: &World, config: ConsumerConfig) -> Task {
     async move {
         loop {
             if let Err(e) = consumer.step(&faults, Duration::ZERO).await
-                && is_crash(&e)
+                && (is_crash(&e) || kind(&e) == ErrorKind::Permanent)
             {
                 return e;
             }
@@ -361,14 +492,15 @@ fn consumer_task(world: &World, config: ConsumerConfig) -> Task {
 
 /// Runs a scenario; `Err` says which property broke and when.
 pub fn run(s: &Scenario, orderings: Orderings) -> Result<Outcome, String> {
-    let world = World::new(s.seed, s.rates, s.partitions);
+    let world = World::with_table(s.seed, s.rates, s.partitions, s.table);
+    world.table.borrow_mut().blind_flags = orderings.blind_flags;
     let producer_config = ProducerConfig { batch_rows: s.batch_rows, ordering: orderings.producer };
     let mut consumer_config = ConsumerConfig::all_partitions(s.partitions);
     consumer_config.insert_rows = s.insert_rows;
     consumer_config.ordering = orderings.consumer;
 
     let shared = s.shared_cursor.then(Cursor::default);
-    let mut tasks: [Option<Task>; 3] = [None, None, None];
+    let mut tasks: [Option<Task>; 4] = [None, None, None, None];
     let waker = futures::task::noop_waker();
     let mut cx = Context::from_waker(&waker);
     for (i, action) in s.actions.iter().enumerate() {
@@ -383,9 +515,12 @@ pub fn run(s: &Scenario, orderings: Orderings) -> Result<Outcome, String> {
                     Component::Producer2 => {
                         producer_task(&world, 2, s.modes[1], producer_config.clone(), shared.clone())
                     }
-                    Component::Consumer => consumer_task(&world, consumer_config.clone()),
+                    Component::Consumer | Component::Consumer2 => consumer_task(&world, consumer_config.clone()),
                 });
-                if let Poll::Ready(_crash) = task.as_mut().poll(&mut cx) {
+                if let Poll::Ready(e) = task.as_mut().poll(&mut cx) {
+                    if !is_crash(&e) {
+                        return Err(format!("after action {i} ({action:?}): {c:?} stopped: {e:#}"));
+                    }
                     *slot = None; // died at a crash point; restarts on its next step
                 }
             }
@@ -405,11 +540,7 @@ pub fn run(s: &Scenario, orderings: Orderings) -> Result<Outcome, String> {
     while !world.table.borrow().pending.is_empty() {
         world.table.borrow_mut().commit_insert(0);
     }
-    let mut producer = Producer::new(world.source(3, s.modes[0]), world.event_log(), producer_config);
-    futures::executor::block_on(producer.drain(&NoFaults)).map_err(|e| format!("final produce: {e:#}"))?;
-    let mut consumer = Consumer::new(world.event_log(), world.sink_store(), consumer_config);
-    futures::executor::block_on(consumer.drain(&NoFaults, Duration::ZERO))
-        .map_err(|e| format!("final consume: {e:#}"))?;
+    world.drain(s.modes[0], producer_config, consumer_config)?;
     world.check_always().map_err(|e| format!("after draining: {e}"))?;
     world.check_quiescent()?;
     world.sink.borrow_mut().merge();

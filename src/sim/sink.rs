@@ -9,14 +9,14 @@ use std::rc::Rc;
 
 use super::{Chaos, yield_now};
 use crate::event::LoginEvent;
-use crate::stores::Sink;
+use crate::stores::{Position, Sink};
 
 #[derive(Debug, Default)]
 pub struct SinkTable {
     /// Insert blocks in arrival order, not yet merged.
     pub parts: Vec<Vec<LoginEvent>>,
-    /// (group, partition) → every next offset ever stored.
-    positions: BTreeMap<(String, i32), Vec<i64>>,
+    /// (group, partition) → every position ever stored.
+    positions: BTreeMap<(String, i32), Vec<Position>>,
 }
 
 impl SinkTable {
@@ -43,7 +43,7 @@ pub struct SimSink {
 }
 
 impl Sink for SimSink {
-    async fn positions(&mut self) -> anyhow::Result<BTreeMap<i32, i64>> {
+    async fn positions(&mut self) -> anyhow::Result<BTreeMap<i32, Position>> {
         yield_now().await;
         if self.chaos.fails("ch.positions") {
             anyhow::bail!("simulated: reading positions failed");
@@ -53,7 +53,8 @@ impl Sink for SimSink {
             .positions
             .iter()
             .filter(|((g, _), _)| *g == self.group)
-            .map(|((_, p), offsets)| (*p, offsets.iter().copied().max().unwrap_or(0)))
+            // Largest offset wins, as `max`/`argMax` read the real table.
+            .map(|((_, p), stored)| (*p, stored.iter().copied().max().unwrap_or_default()))
             .collect())
     }
 
@@ -70,7 +71,7 @@ impl Sink for SimSink {
         Ok(())
     }
 
-    async fn store_positions(&mut self, positions: &BTreeMap<i32, i64>) -> anyhow::Result<()> {
+    async fn store_positions(&mut self, positions: &BTreeMap<i32, Position>) -> anyhow::Result<()> {
         yield_now().await;
         if self.chaos.fails("ch.store_positions") {
             anyhow::bail!("simulated: storing positions failed");

@@ -3,61 +3,108 @@
 //! else changed since (REPEATABLE READ), inserts whose ids are allocated now
 //! and committed later (out of order), and commits that fail or whose
 //! outcome is lost.
+//!
+//! Rows are raw, as PostgreSQL hands them over ([`SourceRow`]: any bytes,
+//! any time, NULLs), and go through the same [`SourceRow::into_event`] as in
+//! the real adapter. The table may be partitioned: each row lives in
+//! partition `id mod n` at a slot numbered within its partition, so slots
+//! repeat across partitions as `ctid`s do. Flags are set by address
+//! (partition, slot), like the real adapter's `(tableoid, ctid)`; the
+//! test-only [`Table::blind_flags`] sets them by slot alone, as the code
+//! before the fix did, to show the property search catches that.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use super::{Chaos, yield_now};
-use crate::event::LoginEvent;
+use crate::event::{LoginEvent, SourceRow};
 use crate::stores::{Claim, ClaimMode, Rejected, SourceTable};
+
+/// A committed row: its raw content, sent flag and physical address.
+#[derive(Debug, Clone)]
+pub struct SimRow {
+    pub raw: SourceRow,
+    pub sent: bool,
+    /// (partition, slot within the partition).
+    pub addr: (i64, u64),
+}
+
+impl SimRow {
+    /// What the row travels as, or why it cannot travel: the real decision.
+    pub fn event(&self) -> Result<LoginEvent, String> {
+        self.raw.clone().into_event()
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Table {
-    /// Committed rows and their sent flag.
-    pub committed: BTreeMap<i64, (LoginEvent, bool)>,
+    /// Committed rows by id.
+    pub committed: BTreeMap<i64, SimRow>,
     /// Row locks: id → session holding it.
     locks: BTreeMap<i64, u32>,
     /// How many times each row's flags were changed by a commit.
     versions: BTreeMap<i64, u64>,
     /// Inserted, id allocated, not committed yet.
-    pub pending: Vec<LoginEvent>,
-    next_id: i64,
-    /// Rows that cannot be represented downstream (a NULL, in real life).
-    pub unrepresentable: BTreeSet<i64>,
+    pub pending: Vec<SourceRow>,
+    /// Ids are handed out from here, then in steps of `id_step`, so that a
+    /// run covers negative ids, zero and the ends of `i64`.
+    pub next_id: i64,
+    pub id_step: i64,
+    /// Partitions of the table (1: a plain table).
+    pub partitions: i64,
+    /// Next free slot per partition.
+    slots: BTreeMap<i64, u64>,
     /// Rows flagged rejected, with the reason.
     pub rejected: BTreeMap<i64, String>,
+    /// Test only: flag rows by slot alone, ignoring the partition.
+    pub blind_flags: bool,
 }
 
 impl Table {
+    pub fn new(first_id: i64, id_step: i64, partitions: i64) -> Self {
+        Table { next_id: first_id, id_step: id_step.max(1), partitions: partitions.max(1), ..Table::default() }
+    }
+
     /// How many commits have changed this row's flags.
     fn version(&self, id: i64) -> u64 {
         self.versions.get(&id).copied().unwrap_or(0)
     }
 
     /// Allocates an id for a new row; it becomes visible when committed.
-    pub fn insert(&mut self, username: String, event_time_us: i64, representable: bool) {
-        self.next_id += 1;
-        if !representable {
-            self.unrepresentable.insert(self.next_id);
-        }
-        self.pending.push(LoginEvent { id: self.next_id, username, event_time_us });
+    /// `None` once the ids ran out (the end of `i64`).
+    pub fn insert(&mut self, username: Option<Vec<u8>>, event_time: Option<crate::event::PgTimestamp>) -> Option<i64> {
+        let id = self.next_id;
+        self.next_id = id.checked_add(self.id_step)?;
+        self.pending.push(SourceRow { id, username, event_time });
+        Some(id)
     }
 
     /// Commits the pending insert at `index` (modulo the number pending).
     pub fn commit_insert(&mut self, index: usize) {
         if !self.pending.is_empty() {
-            let row = self.pending.remove(index % self.pending.len());
-            self.committed.insert(row.id, (row, false));
+            let raw = self.pending.remove(index % self.pending.len());
+            let partition = raw.id.rem_euclid(self.partitions);
+            let slot = self.slots.entry(partition).or_insert(0);
+            *slot += 1;
+            let addr = (partition, *slot);
+            self.committed.insert(raw.id, SimRow { raw, sent: false, addr });
         }
-    }
-
-    pub fn rows(&self) -> Vec<(LoginEvent, bool)> {
-        self.committed.values().cloned().collect()
     }
 
     fn release(&mut self, session: u32) {
         self.locks.retain(|_, holder| *holder != session);
+    }
+
+    /// Flags the rows at these addresses sent, as the flag update does.
+    fn flag(&mut self, addrs: &[(i64, u64)]) {
+        let blind = self.blind_flags;
+        for row in self.committed.values_mut() {
+            let hit = addrs.iter().any(|a| if blind { a.1 == row.addr.1 } else { *a == row.addr });
+            if hit {
+                row.sent = true;
+            }
+        }
     }
 }
 
@@ -69,8 +116,8 @@ pub struct SimSource {
     pub(super) session: u32,
     pub(super) mode: ClaimMode,
     pub(super) marked: Option<(Vec<i64>, Vec<Rejected>)>,
-    /// Rows the open claim handed out, with their versions then.
-    pub(super) seen: BTreeMap<i64, u64>,
+    /// Rows the open claim handed out, with their versions and addresses then.
+    pub(super) seen: BTreeMap<i64, (u64, (i64, u64))>,
 }
 
 impl SimSource {
@@ -89,7 +136,7 @@ impl SimSource {
         let refused = {
             let mut table = self.table.borrow_mut();
             ids.into_iter().find_map(|id| {
-                let seen = self.seen.get(&id).expect("the pipeline flagged a row it had not claimed");
+                let (seen, _) = self.seen.get(&id).expect("the pipeline flagged a row it had not claimed");
                 match table.locks.get(&id) {
                     Some(holder) if *holder == self.session => return None,
                     Some(_) => return Some(format!("row {id} is locked by another session; lock wait timed out")),
@@ -113,30 +160,30 @@ impl SimSource {
         }
     }
 
-    /// The claim's query: unsent rows above `after_id` as of now, locked
+    /// The claim's query: unsent rows from `from_id` on as of now, locked
     /// in shared mode, their versions remembered in exclusive mode.
-    fn read_claim(&mut self, after_id: i64, limit: usize) -> Claim {
+    fn read_claim(&mut self, from_id: i64, limit: usize) -> Claim {
         let mut table = self.table.borrow_mut();
-        let rows: Vec<LoginEvent> = table
+        let rows: Vec<SimRow> = table
             .committed
-            .range(after_id.saturating_add(1)..)
-            .filter(|(id, (_, sent))| {
+            .range(from_id..)
+            .filter(|(id, row)| {
                 let skip_locked = self.mode == ClaimMode::Shared && table.locks.contains_key(id);
-                !sent && !skip_locked && !table.rejected.contains_key(id)
+                !row.sent && !skip_locked && !table.rejected.contains_key(id)
             })
             .take(limit)
-            .map(|(_, (row, _))| row.clone())
+            .map(|(_, row)| row.clone())
             .collect();
         let mut claim = Claim::default();
         for row in rows {
-            self.seen.insert(row.id, table.version(row.id));
+            let id = row.raw.id;
+            self.seen.insert(id, (table.version(id), row.addr));
             if self.mode == ClaimMode::Shared {
-                table.locks.insert(row.id, self.session);
+                table.locks.insert(id, self.session);
             }
-            if table.unrepresentable.contains(&row.id) {
-                claim.rejected.push(Rejected { id: row.id, reason: "username is NULL".into() });
-            } else {
-                claim.rows.push(row);
+            match row.event() {
+                Ok(event) => claim.rows.push(event),
+                Err(reason) => claim.rejected.push(Rejected { id, reason }),
             }
         }
         self.marked = Some((Vec::new(), Vec::new()));
@@ -152,13 +199,13 @@ impl Drop for SimSource {
 }
 
 impl SourceTable for SimSource {
-    async fn claim(&mut self, after_id: i64, limit: usize) -> anyhow::Result<Claim> {
+    async fn claim(&mut self, from_id: i64, limit: usize) -> anyhow::Result<Claim> {
         yield_now().await;
         self.abort();
         if self.chaos.fails("pg.claim") {
             anyhow::bail!("simulated: claim failed");
         }
-        let claim = self.read_claim(after_id, limit);
+        let claim = self.read_claim(from_id, limit);
         // The rows are as of the query's snapshot; others go on (and
         // commit) while the answer travels back, as they do while a real
         // query runs.
@@ -205,11 +252,8 @@ impl SourceTable for SimSource {
         }
         {
             let mut table = self.table.borrow_mut();
-            for id in &marked {
-                if let Some(row) = table.committed.get_mut(id) {
-                    row.1 = true;
-                }
-            }
+            let addrs: Vec<(i64, u64)> = marked.iter().map(|id| self.seen[id].1).collect();
+            table.flag(&addrs);
             for r in &rejected {
                 table.rejected.insert(r.id, r.reason.clone());
             }

@@ -31,7 +31,12 @@ fn config(cases: u32) -> Config {
 }
 
 fn component() -> impl Strategy<Value = Component> {
-    prop_oneof![Just(Component::Producer1), Just(Component::Producer2), Just(Component::Consumer)]
+    prop_oneof![
+        Just(Component::Producer1),
+        Just(Component::Producer2),
+        Just(Component::Consumer),
+        Just(Component::Consumer2)
+    ]
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -39,6 +44,7 @@ fn action() -> impl Strategy<Value = Action> {
         12 => Just(Action::Step(Component::Producer1)),
         6 => Just(Action::Step(Component::Producer2)),
         14 => Just(Action::Step(Component::Consumer)),
+        3 => Just(Action::Step(Component::Consumer2)),
         2 => component().prop_map(Action::Kill),
         4 => (1u8..6).prop_map(Action::Insert),
         5 => any::<u8>().prop_map(Action::CommitInsert),
@@ -51,6 +57,26 @@ fn claim_mode() -> impl Strategy<Value = ClaimMode> {
     prop_oneof![Just(ClaimMode::Shared), Just(ClaimMode::Exclusive)]
 }
 
+/// Every shape of source table `init` accepts: ids starting anywhere in
+/// `i64` (negative, zero, its very ends) and stepping by any amount, in a
+/// plain table or one split into partitions.
+fn table_shape() -> impl Strategy<Value = TableShape> {
+    let first_id = prop_oneof![
+        Just(1i64),
+        Just(0),
+        -1000..1000i64,
+        any::<i64>(),
+        Just(i64::MIN),
+        (0..200i64).prop_map(|k| i64::MAX - k),
+    ];
+    let id_step = prop_oneof![4 => Just(1i64), 1 => 1..10i64, 1 => 1i64..=i64::MAX];
+    (first_id, id_step, prop_oneof![Just(1i64), 2..5i64]).prop_map(|(first_id, id_step, partitions)| TableShape {
+        first_id,
+        id_step,
+        partitions,
+    })
+}
+
 pub fn scenario() -> impl Strategy<Value = Scenario> {
     (
         any::<u64>(),
@@ -59,10 +85,20 @@ pub fn scenario() -> impl Strategy<Value = Scenario> {
         1..8usize,
         1..6usize,
         (any::<bool>(), [claim_mode(), claim_mode()]),
+        table_shape(),
         proptest::collection::vec(action(), 1..160),
     )
         .prop_map(
-            |(seed, (fail, lost, crash), partitions, batch_rows, insert_rows, (shared_cursor, modes), actions)| {
+            |(
+                seed,
+                (fail, lost, crash),
+                partitions,
+                batch_rows,
+                insert_rows,
+                (shared_cursor, modes),
+                table,
+                actions,
+            )| {
                 Scenario {
                     seed,
                     rates: FaultRates { fail, lost, crash },
@@ -71,6 +107,7 @@ pub fn scenario() -> impl Strategy<Value = Scenario> {
                     insert_rows,
                     shared_cursor,
                     modes,
+                    table,
                     actions,
                 }
             },
@@ -106,6 +143,26 @@ fn teeth_flagging_sent_before_the_broker_acknowledged_is_caught() {
     let found = counterexample(Orderings { producer: Ordering::MarkBeforePublish, ..Orderings::default() });
     let s = found.expect("the property search must catch rows flagged sent before they were published");
     assert!(run(&s, Orderings::default()).is_ok(), "the same schedule passes with the correct ordering");
+}
+
+#[test]
+fn teeth_flags_that_ignore_the_partition_are_caught() {
+    // The flag update before the fix: `ctid = ANY(...)` without the table,
+    // which flags rows in other partitions that share a slot number.
+    let found = counterexample(Orderings { blind_flags: true, ..Orderings::default() });
+    let s = found.expect("the property search must catch flags set by slot alone in a partitioned table");
+    assert!(s.table.partitions > 1, "only a partitioned table can show it: {s:?}");
+    assert!(run(&s, Orderings::default()).is_ok(), "the same schedule passes with flags by (partition, slot)");
+}
+
+#[test]
+fn liveness_a_consumer_that_never_reads_its_last_record_fails_instead_of_spinning() {
+    // Dropping the record at the stored position leaves a partition's last
+    // record unread for ever; a bounded drain turns that into a failure
+    // that names where it stuck, not a test that never ends.
+    let found = counterexample(Orderings { consumer: Ordering::SkipRecordAtPosition, ..Orderings::default() });
+    let s = found.expect("the property search must catch a consumer that skips the record at its position");
+    assert!(run(&s, Orderings::default()).is_ok(), "the same schedule passes with the correct consumer");
 }
 
 #[test]
@@ -148,7 +205,7 @@ fn keyset_cursor_finds_ids_that_commit_out_of_order() {
     // cursor past 1 and 2. The same producer must still find them.
     let world = World::new(1, FaultRates::NONE, 1);
     for _ in 0..3 {
-        world.insert_row();
+        world.table.borrow_mut().insert(Some(b"alice".to_vec()), Some(PgTimestamp(0)));
     }
     world.table.borrow_mut().commit_insert(2);
     let mut producer = Producer::new(
@@ -160,7 +217,7 @@ fn keyset_cursor_finds_ids_that_commit_out_of_order() {
     world.table.borrow_mut().commit_insert(0);
     world.table.borrow_mut().commit_insert(0);
     assert_eq!(futures::executor::block_on(producer.drain(&NoFaults)).unwrap(), 2);
-    assert!(world.table.borrow().rows().iter().all(|(_, sent)| *sent));
+    assert!(world.table.borrow().committed.values().all(|row| row.sent));
 }
 
 #[test]
@@ -198,9 +255,62 @@ fn one_pass_of_lanes_sharing_a_cursor_claims_every_committed_row() {
         let left: Vec<i64> = table
             .committed
             .iter()
-            .filter(|(id, (_, sent))| !sent && !table.rejected.contains_key(id))
+            .filter(|(id, row)| !row.sent && !table.rejected.contains_key(id))
             .map(|(id, _)| *id)
             .collect();
         assert!(left.is_empty(), "seed {seed} ({mode:?}): rows {left:?} were left after one pass");
+    }
+}
+
+/// Drains `rows` fresh rows through a producer and a consumer of `world`.
+fn produce_and_consume(world: &World, consumer: &mut Consumer<log::SimLog, sink::SimSink>, rows: usize) {
+    for _ in 0..rows {
+        world.table.borrow_mut().insert(Some(b"bob".to_vec()), Some(PgTimestamp(0)));
+        world.table.borrow_mut().commit_insert(0);
+    }
+    let mut producer = Producer::new(world.source(1, ClaimMode::Shared), world.event_log(), ProducerConfig::default());
+    futures::executor::block_on(producer.drain(&NoFaults)).unwrap();
+    futures::executor::block_on(consumer.drain(&NoFaults, Duration::ZERO)).unwrap();
+}
+
+/// The topic is deleted and created again under a consumer, then grows past
+/// its stored positions: whether the consumer kept running or restarted from
+/// the stored positions, it must stop with a permanent error naming the
+/// cause, and write nothing from the new log.
+#[test]
+fn a_replaced_log_stops_the_consumer_instead_of_skipping_records() {
+    for (seed, restart, grow) in [(1, false, 40), (2, true, 40), (3, false, 0), (4, true, 0), (5, true, 3)] {
+        let world = World::new(seed, FaultRates::NONE, 2);
+        let mut consumer = Consumer::new(world.event_log(), world.sink_store(), ConsumerConfig::all_partitions(2));
+        produce_and_consume(&world, &mut consumer, 10);
+        let written = world.sink.borrow().final_rows();
+        assert_eq!(written.len(), 10);
+
+        world.log.borrow_mut().recreate();
+        // New rows in the new log, more than the old positions (or none).
+        for _ in 0..grow {
+            world.table.borrow_mut().insert(Some(b"carol".to_vec()), Some(PgTimestamp(0)));
+            world.table.borrow_mut().commit_insert(0);
+        }
+        let mut producer =
+            Producer::new(world.source(1, ClaimMode::Shared), world.event_log(), ProducerConfig::default());
+        futures::executor::block_on(producer.drain(&NoFaults)).unwrap();
+        if restart {
+            consumer = Consumer::new(world.event_log(), world.sink_store(), ConsumerConfig::all_partitions(2));
+        }
+        let mut outcome = Ok(());
+        for _ in 0..20 {
+            if let Err(e) = futures::executor::block_on(consumer.step(&NoFaults, Duration::ZERO)) {
+                outcome = Err(e);
+                break;
+            }
+        }
+        let e = outcome.expect_err(&format!("seed {seed}: the consumer went on reading a replaced log"));
+        assert_eq!(kind(&e), ErrorKind::Permanent, "seed {seed}: {e:#}");
+        let text = format!("{e:#}");
+        assert!(text.contains("partition") && text.contains("created again"), "seed {seed}: {text}");
+        assert_eq!(world.sink.borrow().final_rows(), written, "seed {seed}: nothing from the new log was written");
+        let drained = futures::executor::block_on(consumer.drain(&NoFaults, Duration::ZERO));
+        assert!(drained.is_err(), "seed {seed}: `consume --once` must fail too");
     }
 }

@@ -26,6 +26,16 @@ fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
+/// A password from `<NAME>_FILE` (as `pg2ch stack up` exports it) or `<NAME>`.
+fn password(name: &str) -> Secret {
+    match var(&format!("{name}_FILE")) {
+        Some(path) => Secret::new(
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{name}_FILE {path}: {e}")).trim_end().to_owned(),
+        ),
+        None => Secret::new(var(name).unwrap_or_default()),
+    }
+}
+
 async fn base() -> Settings {
     BASE.get_or_init(|| async {
         if let (Some(pg_host), Some(ch_host), Some(bootstrap)) = (var("PG_HOST"), var("CH_HOST"), var("KAFKA_BOOTSTRAP")) {
@@ -35,14 +45,14 @@ async fn base() -> Settings {
                     host: pg_host,
                     port: port("PG_PORT", 5432),
                     user: var("PG_USER").unwrap_or_else(|| "pg2ch".into()),
-                    password: Secret::new(var("PG_PASS").unwrap_or_default()),
+                    password: password("PG_PASS"),
                     database: var("PG_DB").unwrap_or_else(|| "pg2ch".into()),
                 },
                 ch: ChConfig {
                     host: ch_host,
                     port: port("CH_PORT", 8123),
                     user: var("CH_USER").unwrap_or_else(|| "default".into()),
-                    password: Secret::new(var("CH_PASS").unwrap_or_default()),
+                    password: password("CH_PASS"),
                     database: "default".into(),
                 },
                 kafka: KafkaConfig { bootstrap: vec![bootstrap], topic: String::new(), group: "pg2ch".into() },
@@ -104,6 +114,7 @@ impl Drop for PrivateStack {
     fn drop(&mut self) {
         let _ = self.stack.down();
         let _ = std::fs::remove_dir_all(&self.stack.dir);
+        let _ = std::fs::remove_dir_all(self.stack.pg_root());
     }
 }
 
@@ -118,8 +129,23 @@ impl TestEnv {
         Self::on(base().await, label).await
     }
 
+    /// A namespace whose PostgreSQL database has this encoding (e.g.
+    /// `SQL_ASCII`, which admits any byte but NUL in text).
+    pub async fn with_encoding(label: &str, encoding: &str) -> TestEnv {
+        Self::create(
+            base().await,
+            label,
+            &format!("ENCODING '{encoding}' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'"),
+        )
+        .await
+    }
+
     /// A namespace on the services `base` points at.
     pub async fn on(base: Settings, label: &str) -> TestEnv {
+        Self::create(base, label, "").await
+    }
+
+    async fn create(base: Settings, label: &str, options: &str) -> TestEnv {
         let name = format!(
             "t_{label}_{}_{}_{}",
             std::process::id(),
@@ -129,7 +155,10 @@ impl TestEnv {
         let admin =
             pg2ch::postgres::connect(&base.pg, 1, Duration::from_secs(10)).await.expect("PostgreSQL admin connection");
         // The name is generated above from [a-z0-9_]; CREATE DATABASE takes no bind parameters.
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.expect("creating the test database");
+        sqlx::query(&format!("CREATE DATABASE {name} {options}"))
+            .execute(&admin)
+            .await
+            .expect("creating the test database");
         let mut settings = base.clone();
         settings.pg.database = name.clone();
         settings.ch.database = name.clone();
@@ -184,11 +213,13 @@ impl TestEnv {
             "PG_PORT",
             "PG_USER",
             "PG_PASS",
+            "PG_PASS_FILE",
             "PG_DB",
             "CH_HOST",
             "CH_PORT",
             "CH_USER",
             "CH_PASS",
+            "CH_PASS_FILE",
             "CH_DB",
             "KAFKA_BOOTSTRAP",
             "KAFKA_TOPIC",

@@ -1,0 +1,476 @@
+//! Real-world input against real services: every table shape `init`
+//! accepts (partitioned by range, list and hash, inheritance children), every
+//! value PostgreSQL admits for each column (the ends of its time range,
+//! `±infinity`, NULLs, control characters, text over the broker's limit,
+//! invalid UTF-8 in a SQL_ASCII database, ids at the ends of `i64`), a topic
+//! re-created under the consumer, poison too large for one request, and
+//! stopping `consume --once`. Each ends with `verify` and direct queries.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{PrivateStack, TestEnv};
+
+/// Polls `probe` until it returns true, failing after `limit`.
+async fn eventually<F, Fut>(what: &str, limit: Duration, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !probe().await {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn exec(pool: &sqlx::PgPool, sql: &str) {
+    sqlx::raw_sql(sql).execute(pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+async fn scalar(pool: &sqlx::PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// The table the original design had, as a partitioned or inherited table.
+const COLUMNS: &str = "id BIGINT NOT NULL, username TEXT NOT NULL, event_time TIMESTAMPTZ NOT NULL DEFAULT now()";
+
+/// Drains a table of this shape with two producer processes of two lanes
+/// each, then a consumer; everything must be sent once, exactly.
+async fn drains_exactly(label: &str, ddl: &[&str], insert: &str) {
+    let env = TestEnv::new(label).await;
+    let pool = env.pg().await;
+    for sql in ddl {
+        exec(&pool, sql).await;
+    }
+    env.ok(&["init", "--partitions", "3"]);
+    exec(&pool, insert).await;
+    let total = scalar(&pool, "SELECT count(*) FROM user_logins").await;
+    assert!(total >= 6000, "{label}: {total} rows");
+    let spawn = || {
+        env.command(&["produce", "--once", "--producers", "2", "--batch-rows", "500"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    for child in [a, b] {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{label}: produce failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    env.ok(&["run", "--once"]); // whatever the two left (none), and the consumer
+    let report = env.ok(&["verify"]);
+    assert!(report.contains("verify: OK"), "{label}: {report}");
+    assert_eq!(scalar(&pool, "SELECT count(*) FROM user_logins WHERE NOT sent_to_kafka").await, 0, "{label}");
+    let ch = env.ch().await;
+    assert_eq!(ch.final_count().await.unwrap() as i64, total, "{label}: one ClickHouse row per PostgreSQL row");
+    // Each row in ClickHouse has its own content: no row was flagged for another.
+    let ch_rows = ch.rows_final().await.unwrap();
+    let pg_rows = pg2ch::postgres::all_rows(&pool).await.unwrap();
+    let pg_events: Vec<_> = pg_rows.into_iter().map(|(e, _)| e).collect();
+    assert_eq!(ch_rows, pg_events, "{label}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn range_partitions_are_flagged_by_table_and_slot() {
+    drains_exactly(
+        "prange",
+        &[
+            &format!("CREATE TABLE user_logins ({COLUMNS}, PRIMARY KEY (id)) PARTITION BY RANGE (id)"),
+            "CREATE TABLE user_logins_a PARTITION OF user_logins FOR VALUES FROM (MINVALUE) TO (3001)",
+            "CREATE TABLE user_logins_b PARTITION OF user_logins FOR VALUES FROM (3001) TO (MAXVALUE)",
+        ],
+        "INSERT INTO user_logins (id, username) SELECT g, 'r_' || g FROM generate_series(1, 6000) g",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hash_partitions_are_flagged_by_table_and_slot() {
+    drains_exactly(
+        "phash",
+        &[
+            &format!("CREATE TABLE user_logins ({COLUMNS}, PRIMARY KEY (id)) PARTITION BY HASH (id)"),
+            "CREATE TABLE user_logins_0 PARTITION OF user_logins FOR VALUES WITH (MODULUS 3, REMAINDER 0)",
+            "CREATE TABLE user_logins_1 PARTITION OF user_logins FOR VALUES WITH (MODULUS 3, REMAINDER 1)",
+            "CREATE TABLE user_logins_2 PARTITION OF user_logins FOR VALUES WITH (MODULUS 3, REMAINDER 2)",
+        ],
+        "INSERT INTO user_logins (id, username) SELECT g, 'h_' || g FROM generate_series(-3000, 5999) g",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn list_partitions_and_sub_partitions_are_flagged_by_table_and_slot() {
+    drains_exactly(
+        "plist",
+        &[
+            &format!("CREATE TABLE user_logins ({COLUMNS}, PRIMARY KEY (id)) PARTITION BY LIST (id)"),
+            "CREATE TABLE user_logins_small PARTITION OF user_logins FOR VALUES IN (1, 2, 3, 4, 5)",
+            // A default partition that is itself partitioned: two levels.
+            "CREATE TABLE user_logins_rest PARTITION OF user_logins DEFAULT PARTITION BY RANGE (id)",
+            "CREATE TABLE user_logins_rest_lo PARTITION OF user_logins_rest FOR VALUES FROM (MINVALUE) TO (4000)",
+            "CREATE TABLE user_logins_rest_hi PARTITION OF user_logins_rest FOR VALUES FROM (4000) TO (MAXVALUE)",
+        ],
+        "INSERT INTO user_logins (id, username) SELECT g, 'l_' || g FROM generate_series(1, 7000) g",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inheritance_children_are_flagged_by_table_and_slot() {
+    drains_exactly(
+        "pinherit",
+        &[
+            &format!("CREATE TABLE user_logins ({COLUMNS}, PRIMARY KEY (id))"),
+            "CREATE TABLE user_logins_2023 (PRIMARY KEY (id)) INHERITS (user_logins)",
+            "CREATE TABLE user_logins_2024 (PRIMARY KEY (id)) INHERITS (user_logins)",
+        ],
+        "INSERT INTO user_logins_2023 (id, username) SELECT g, 'i_' || g FROM generate_series(1, 3000) g;
+         INSERT INTO user_logins_2024 (id, username) SELECT g, 'i_' || g FROM generate_series(3001, 6000) g;
+         INSERT INTO user_logins (id, username) SELECT g, 'i_' || g FROM generate_series(6001, 6500) g",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shapes_that_cannot_be_carried_safely_are_refused_by_name() {
+    let cases: [(&str, &[&str], &str); 4] = [
+        (
+            "partitioned by time, id not unique on its own",
+            &[
+                "CREATE TABLE user_logins (id BIGINT NOT NULL, username TEXT NOT NULL, event_time TIMESTAMPTZ NOT NULL, PRIMARY KEY (id, event_time)) PARTITION BY RANGE (event_time)",
+                "CREATE TABLE user_logins_all PARTITION OF user_logins FOR VALUES FROM (MINVALUE) TO (MAXVALUE)",
+            ],
+            "no primary key or unique index on id alone",
+        ),
+        (
+            "no primary key",
+            &["CREATE TABLE user_logins (id BIGINT, username TEXT, event_time TIMESTAMPTZ)"],
+            "no primary key or unique index on id alone",
+        ),
+        (
+            "an inheritance child without a key",
+            &[
+                "CREATE TABLE user_logins (id BIGINT PRIMARY KEY, username TEXT, event_time TIMESTAMPTZ)",
+                "CREATE TABLE user_logins_child () INHERITS (user_logins)",
+            ],
+            "user_logins_child has no primary key",
+        ),
+        (
+            "a time column of another type",
+            &["CREATE TABLE user_logins (id BIGINT PRIMARY KEY, username TEXT, event_time TEXT)"],
+            "user_logins.event_time has type text",
+        ),
+    ];
+    for (what, ddl, expected) in cases {
+        let env = TestEnv::new("refused").await;
+        let pool = env.pg().await;
+        for sql in ddl {
+            exec(&pool, sql).await;
+        }
+        let out = env.run(&["init"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{what}: {err}");
+        assert!(err.contains(expected), "{what}: {err}");
+        assert_eq!(err.lines().filter(|l| l.starts_with("error:")).count(), 1, "{what}: {err}");
+        let flag: i64 = scalar(
+            &pool,
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'user_logins' AND column_name = 'sent_to_kafka'",
+        )
+        .await;
+        assert_eq!(flag, 0, "{what}: a refused table is left as it was");
+    }
+}
+
+/// One row per edge of the domain: (id, username SQL, event_time SQL, what
+/// must happen: `None` carried exactly, `Some(reason)` rejected for it).
+fn extremes() -> Vec<(i64, String, &'static str, Option<&'static str>)> {
+    let controls: String = (1u8..=31).chain([127]).map(|b| format!("chr({b})")).collect::<Vec<_>>().join(" || ");
+    vec![
+        (i64::MIN, "'min id'".into(), "'2024-01-01 00:00:00.000001+00'", None),
+        (-1, "''".into(), "'4714-11-24 00:00:00 BC'", None),
+        (0, controls, "'0002-01-01 12:34:56.789012 BC'", None),
+        (1, "'year 12000'".into(), "'12000-01-01'", None),
+        (2, "'last µs Int64 holds'".into(), "'294247-01-10 04:00:54.775807+00'", None),
+        (3, "'one µs later'".into(), "'294247-01-10 04:00:54.775808+00'", Some("event_time is later than")),
+        (4, "'the end of PostgreSQL'".into(), "'294276-12-31 23:59:59.999999+00'", Some("event_time is later than")),
+        (5, "'plus infinity'".into(), "'infinity'", Some("event_time is infinity")),
+        (6, "'minus infinity'".into(), "'-infinity'", Some("event_time is -infinity")),
+        (7, "NULL".into(), "now()", Some("username is NULL")),
+        (8, "'no time'".into(), "NULL", Some("event_time is NULL")),
+        (9, "repeat('x', 899900)".into(), "'1970-01-01 00:00:00+00'", None),
+        (10, "repeat('y', 1100000)".into(), "'1970-01-01 00:00:00+00'", Some("over the 900000-byte limit")),
+        (11, "'quote\" back\\slash 🦀 \u{2028}'".into(), "'9999-12-31 23:59:59.999999+00'", None),
+        (12, "'ten thousand'".into(), "'10000-01-01 00:00:00+00'", None),
+        (i64::MAX, "'max id'".into(), "'0001-01-01 00:00:00+00'", None),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_extreme_value_is_carried_exactly_or_rejected_with_its_reason() {
+    let env = TestEnv::new("extremes").await;
+    let pool = env.pg().await;
+    // The columns admit NULL, as a user's table may.
+    exec(&pool, "CREATE TABLE user_logins (id BIGINT PRIMARY KEY, username TEXT, event_time TIMESTAMPTZ)").await;
+    env.ok(&["init", "--partitions", "3"]);
+    let rows = extremes();
+    for (id, name, time, _) in &rows {
+        // Literals only from the fixed table above; the id is a number.
+        exec(&pool, &format!("INSERT INTO user_logins (id, username, event_time) VALUES ({id}, {name}, {time})")).await;
+    }
+    env.ok(&["run", "--once"]);
+    let again = env.run(&["run", "--once"]); // nothing left, and no row blocks a second start
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    let report = env.ok(&["verify"]);
+    assert!(report.contains("verify: OK"), "{report}");
+
+    let ch = env.ch().await;
+    let in_ch: std::collections::BTreeMap<i64, pg2ch::event::LoginEvent> =
+        ch.rows_final().await.unwrap().into_iter().map(|e| (e.id, e)).collect();
+    for (id, _, time, outcome) in &rows {
+        let (sent, rejected, name, exact_us): (bool, Option<String>, Option<Vec<u8>>, Option<String>) = sqlx::query_as(
+            "SELECT sent_to_kafka, pg2ch_rejected, convert_to(username, 'UTF8'),
+                    CASE WHEN isfinite(event_time) THEN
+                        -- PostgreSQL's stored microseconds, from its binary form: its own
+                        -- extract(epoch) goes through floating point near the end of Int64.
+                        ((('x' || encode(timestamptz_send(event_time), 'hex'))::bit(64)::bigint)::numeric
+                         + 946684800000000)::text END
+             FROM user_logins WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        match outcome {
+            None => {
+                assert!(sent && rejected.is_none(), "row {id} ({time}) must be sent: rejected {rejected:?}");
+                let e = in_ch.get(id).unwrap_or_else(|| panic!("row {id} ({time}) is not in ClickHouse"));
+                assert_eq!(Some(e.username.as_bytes().to_vec()), name, "row {id}: text byte for byte");
+                let exact = exact_us.unwrap();
+                assert_eq!(
+                    e.event_time_us.to_string(),
+                    exact.trim_end_matches(".000000"),
+                    "row {id} ({time}) to the µs"
+                );
+            }
+            Some(reason) => {
+                assert!(!sent, "row {id} ({time}) must not be flagged sent");
+                let why = rejected.unwrap_or_else(|| panic!("row {id} ({time}) must be flagged rejected"));
+                assert!(why.contains(reason), "row {id}: {why:?} should say {reason:?}");
+                assert!(!in_ch.contains_key(id), "row {id} must not be in ClickHouse");
+            }
+        }
+    }
+    let status: serde_json::Value = serde_json::from_str(&env.ok(&["status", "--json"])).unwrap();
+    let expected_rejected = rows.iter().filter(|r| r.3.is_some()).count();
+    assert_eq!(status["rejected_rows"], expected_rejected, "{status}");
+    assert_eq!(status["unsent_rows"], 0, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_utf8_in_a_sql_ascii_database_is_rejected_per_row() {
+    let env = TestEnv::with_encoding("sqlascii", "SQL_ASCII").await;
+    let pool = env.pg().await;
+    env.ok(&["init", "--partitions", "2"]);
+    // Any byte but NUL is admitted as text here.
+    exec(
+        &pool,
+        r"INSERT INTO user_logins (username, event_time) VALUES
+            ('plain', now()), (E'\xff\xfe invalid', now()), (E'caf\xc3\xa9', now()), (E'lone \x80 byte', now())",
+    )
+    .await;
+    env.ok(&["run", "--once"]);
+    assert!(env.ok(&["verify"]).contains("verify: OK"));
+    let rejected: Vec<(i64, String)> =
+        sqlx::query_as("SELECT id, pg2ch_rejected FROM user_logins WHERE pg2ch_rejected IS NOT NULL ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(rejected.len(), 2, "{rejected:?}");
+    assert!(rejected.iter().all(|(_, why)| why.starts_with("username is not valid UTF-8")), "{rejected:?}");
+    let names: Vec<String> = env.ch().await.rows_final().await.unwrap().into_iter().map(|e| e.username).collect();
+    assert_eq!(names, ["plain", "café"]);
+}
+
+/// The broker loses the topic (memory storage, restarted), `init` creates it
+/// again and it grows past the stored positions. Every mode must stop with a
+/// named error instead of reading on from the old positions.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recreated_topic_stops_every_mode_instead_of_skipping_rows() {
+    let private = PrivateStack::start("recreate").await;
+    let env = TestEnv::on(private.settings.clone(), "recreate").await;
+    env.ok(&["init", "--partitions", "2"]);
+    env.ok(&["seed", "--rows", "2000"]);
+    env.ok(&["run", "--once"]);
+    // A running `run`, through the broker's restart.
+    let running = env
+        .command(&["run", "--poll-ms", "50", "--timeout-secs", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // At work once it has moved a new row.
+    env.ok(&["seed", "--rows", "1"]);
+    let ch = env.ch().await;
+    eventually("the running `run` moved a new row", Duration::from_secs(30), || async {
+        ch.final_count().await.unwrap_or(0) == 2001
+    })
+    .await;
+    private.stack.stop(pg2ch::stack::Service::Broker).unwrap();
+    private.stack.up().await.unwrap();
+    // `init` creates the topic again, unless the restarted producer's
+    // request made the broker create one by itself first (nisshi does,
+    // with its default partition count): either way a new, empty log.
+    let _ = env.run(&["init", "--partitions", "2"]);
+    env.ok(&["seed", "--rows", "4000"]);
+    env.ok(&["produce", "--once"]);
+    let started = Instant::now();
+    let out = running.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "the running `run` must stop by itself: {err}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let fatal = err.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        fatal.contains("partition") && fatal.contains("created again") || fatal.contains("does not exist"),
+        "{fatal}"
+    );
+
+    for args in [&["consume", "--once"][..], &["run", "--once"], &["consume"]] {
+        let out = env.run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("created again"), "{args:?}: {err}");
+    }
+    // Nothing of the new log was written under the old positions.
+    assert_eq!(ch.final_count().await.unwrap(), 2001);
+    // A new group reads the new log from its start (the old log's rows
+    // are gone with the broker's storage, which pg2ch cannot know).
+    let fresh = env.with_group("fresh");
+    let client = pg2ch::kafka::connect(&env.settings.kafka, Duration::from_secs(10)).await.unwrap();
+    let count = pg2ch::kafka::partition_count(&client, &env.name, Duration::from_secs(10)).await.unwrap().unwrap();
+    fresh.ok(&["init", "--partitions", &count.to_string()]);
+    fresh.ok(&["consume", "--once"]);
+    assert_eq!(fresh.ch().await.final_count().await.unwrap(), 4000, "the new log holds the 4000 new rows");
+}
+
+/// A foreign producer writes records the consumer cannot decode, together
+/// larger than one produce request may be: they reach the dead-letter topic
+/// in bounded requests and the good rows around them land.
+#[tokio::test(flavor = "multi_thread")]
+async fn large_poison_goes_to_the_dead_letter_topic_in_bounded_requests() {
+    let env = TestEnv::new("bigpoison").await;
+    env.ok(&["init", "--partitions", "1"]);
+    env.ok(&["seed", "--rows", "100"]);
+    env.ok(&["produce", "--once"]);
+    let client = pg2ch::kafka::connect(&env.settings.kafka, Duration::from_secs(10)).await.unwrap();
+    let partition = client
+        .partition_client(env.name.as_str(), 0, rskafka::client::partition::UnknownTopicHandling::Error)
+        .await
+        .unwrap();
+    for i in 0..5u8 {
+        let record = rskafka::record::Record {
+            key: None,
+            value: Some(vec![b'a' + i; 300_000]),
+            headers: Default::default(),
+            timestamp: chrono::Utc::now(),
+        };
+        partition.produce(vec![record], rskafka::client::partition::Compression::NoCompression).await.unwrap();
+    }
+    env.ok(&["seed", "--rows", "100"]);
+    env.ok(&["produce", "--once"]);
+    env.ok(&["consume", "--once", "--fetch-max-bytes", "4000000"]);
+    let status: serde_json::Value = serde_json::from_str(&env.ok(&["status", "--json"])).unwrap();
+    assert_eq!(status["dead_letters"], 5, "{status}");
+    assert!(env.ok(&["verify"]).contains("verify: OK"));
+    assert_eq!(env.ch().await.final_count().await.unwrap(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigint_stops_consume_once_at_a_safe_point() {
+    let env = TestEnv::new("consumeint").await;
+    env.ok(&["init", "--partitions", "2"]);
+    env.ok(&["seed", "--rows", "200000"]);
+    env.ok(&["produce", "--once"]);
+    let child = env
+        .command(&["consume", "--once", "--insert-rows", "5000", "--fetch-max-bytes", "100000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ch = env.ch().await;
+    eventually("first rows written", Duration::from_secs(30), || async { ch.stored_count().await.unwrap_or(0) > 0 })
+        .await;
+    let asked = Instant::now();
+    assert!(std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(asked.elapsed() < Duration::from_secs(5), "stopped in {:?}", asked.elapsed());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stopping at the next safe point"));
+    assert!(ch.final_count().await.unwrap() < 200_000, "stopped before the end");
+    env.ok(&["consume", "--once"]);
+    assert!(env.ok(&["verify"]).contains("verify: OK"));
+    assert_eq!(ch.final_count().await.unwrap(), 200_000);
+}
+
+/// A sink table that would not collapse copies is refused, by name.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sink_table_that_does_not_collapse_copies_is_refused() {
+    let env = TestEnv::new("plainmt").await;
+    env.ok(&["init", "--partitions", "4"]);
+    let ch = env.ch().await;
+    ch.client.query("DROP TABLE user_logins").execute().await.unwrap();
+    ch.client
+        .query(
+            "CREATE TABLE user_logins (id Int64, username String, event_time_us Int64) ENGINE = MergeTree ORDER BY id",
+        )
+        .execute()
+        .await
+        .unwrap();
+    for args in [&["init"][..], &["consume", "--once"], &["run"]] {
+        let out = env.run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("has engine MergeTree, which does not collapse copies"), "{args:?}: {err}");
+    }
+}
+
+/// Passwords come from a file instead of the environment, and a `.env`
+/// is read from the working directory only, never from a parent.
+#[tokio::test(flavor = "multi_thread")]
+async fn password_files_and_dot_env_from_the_working_directory_only() {
+    let env = TestEnv::new("pwfile").await;
+    env.ok(&["init", "--partitions", "1"]);
+    let dir = std::env::temp_dir().join(format!("{}_dir", env.name));
+    let child_dir = dir.join("child");
+    std::fs::create_dir_all(&child_dir).unwrap();
+    let pg_file = dir.join("pg.pass");
+    let ch_file = dir.join("ch.pass");
+    std::fs::write(&pg_file, format!("{}\n", env.settings.pg.password.expose())).unwrap();
+    std::fs::write(&ch_file, env.settings.ch.password.expose()).unwrap();
+    let status = env
+        .command(&["status"])
+        .env_remove("PG_PASS")
+        .env_remove("CH_PASS")
+        .env("PG_PASS_FILE", &pg_file)
+        .env("CH_PASS_FILE", &ch_file)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let missing = env.command(&["status"]).env("PG_PASS_FILE", dir.join("nope")).output().unwrap();
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(err.contains("password file") && err.contains("nope"), "{err}");
+
+    std::fs::write(dir.join(".env"), "KAFKA_TOPIC=not/a/valid/topic\n").unwrap();
+    let from_child = env.command(&["verify"]).env_remove("KAFKA_TOPIC").current_dir(&child_dir).output().unwrap();
+    assert_ne!(from_child.status.code(), Some(2), "{}", String::from_utf8_lossy(&from_child.stderr));
+    let from_dir = env.command(&["verify"]).env_remove("KAFKA_TOPIC").current_dir(&dir).output().unwrap();
+    let err = String::from_utf8_lossy(&from_dir.stderr);
+    assert_eq!(from_dir.status.code(), Some(2), "{err}");
+    assert!(err.contains("KAFKA_TOPIC"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
