@@ -30,4 +30,10 @@ else
   echo "setup: building the nisshi Kafka-API broker (about 20 minutes, once; reused afterwards)"
   cargo install nisshi@0.7.0-pre.2 --locked --features dynostore
 fi
-echo "setup: PostgreSQL, ClickHouse and the broker are installed"
+# A current ClickHouse engine for the second test pass (ClickHouse 26.9 as a
+# Python extension, about 180 MB; served by scripts/chdb_http.py, test support).
+if ! python3 -c "import chdb, lz4" >/dev/null 2>&1; then
+  echo "setup: installing chdb-core (ClickHouse 26.9 engine) and lz4 from PyPI"
+  python3 -m pip install --quiet --disable-pip-version-check "chdb-core==26.9.0" lz4
+fi
+echo "setup: PostgreSQL, ClickHouse (18.16 server, 26.9 engine) and the broker are installed"

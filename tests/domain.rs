@@ -301,7 +301,7 @@ async fn invalid_utf8_in_a_sql_ascii_database_is_rejected_per_row() {
 /// named error instead of reading on from the old positions.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_recreated_topic_stops_every_mode_instead_of_skipping_rows() {
-    let private = PrivateStack::start("recreate").await;
+    let mut private = PrivateStack::start("recreate").await;
     let env = TestEnv::on(private.settings.clone(), "recreate").await;
     env.ok(&["init", "--partitions", "2"]);
     env.ok(&["seed", "--rows", "2000"]);
@@ -320,8 +320,8 @@ async fn a_recreated_topic_stops_every_mode_instead_of_skipping_rows() {
         ch.final_count().await.unwrap_or(0) == 2001
     })
     .await;
-    private.stack.stop(pg2ch::stack::Service::Broker).unwrap();
-    private.stack.up().await.unwrap();
+    private.stop(pg2ch::stack::Service::Broker);
+    private.up().await;
     // `init` creates the topic again, unless the restarted producer's
     // request made the broker create one by itself first (nisshi does,
     // with its default partition count): either way a new, empty log.

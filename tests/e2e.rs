@@ -233,3 +233,48 @@ async fn bad_configuration_gives_one_line_and_exit_2_without_leaking_passwords()
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--rows"));
 }
+
+/// Which ClickHouse this pass runs against, the DDL pg2ch picked for it and
+/// the options its inserts carried: asserted, not assumed. `just test` runs
+/// this against ClickHouse 18.16 (Debian's server) and 26.9 (chdb).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_clickhouse_version_ddl_and_insert_options_are_the_expected_ones() {
+    let env = TestEnv::new("chversion").await;
+    env.ok(&["init", "--partitions", "1"]);
+    env.ok(&["seed", "--rows", "10"]);
+    env.ok(&["run", "--once"]);
+    let ch = env.ch().await;
+    let (major, minor) = ch.caps.version;
+    let event_time: String = ch
+        .client
+        .query("SELECT type FROM system.columns WHERE database = currentDatabase() AND table = 'user_logins' AND name = 'event_time'")
+        .fetch_one()
+        .await
+        .unwrap();
+    match common::clickhouse_flavor().as_str() {
+        "chdb" => {
+            assert!(major >= 26, "the chdb pass runs a current ClickHouse, got {major}.{minor}");
+            assert_eq!(event_time, "DateTime64(6, 'UTC')");
+            assert!(ch.caps.async_insert && ch.caps.validation);
+            // What the front end received, per insert: the pinned setting.
+            let path = std::env::var("PG2CH_CHDB_PATH").expect("PG2CH_CHDB_PATH (exported by scripts/stack.sh)");
+            let log = std::fs::read_to_string(format!("{path}/inserts.log")).unwrap();
+            let ours: Vec<serde_json::Value> = log
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .filter(|v: &serde_json::Value| v["database"] == env.settings.ch.database.as_str())
+                .collect();
+            assert!(ours.len() >= 2, "rows and positions were inserted: {ours:?}");
+            for insert in &ours {
+                assert_eq!(insert["settings"]["async_insert"], "0", "{insert}");
+            }
+        }
+        _ => {
+            // Debian's clickhouse-server on these machines.
+            assert_eq!((major, minor), (18, 16), "the server pass runs Debian's ClickHouse 18.16");
+            assert_eq!(event_time, "DateTime");
+            assert!(!ch.caps.async_insert && !ch.caps.datetime64, "no setting the old server would refuse");
+        }
+    }
+    assert!(env.ok(&["verify"]).contains("verify: OK"));
+}

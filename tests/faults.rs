@@ -80,20 +80,20 @@ fn spawn_run(env: &TestEnv) -> Child {
 
 /// Runs `pg2ch run` through an outage of `service` (stopped for a few seconds, then started again).
 async fn survives_outage(label: &str, service: Service) {
-    let private = PrivateStack::start(label).await;
+    let mut private = PrivateStack::start(label).await;
     let env = TestEnv::on(private.settings.clone(), label).await;
     env.ok(&["init", "--partitions", "2"]);
     env.ok(&["seed", "--rows", "30000"]);
     let child = spawn_run(&env);
     eventually("first rows sent", Duration::from_secs(30), || async { sent_count(&env).await > 0 }).await;
 
-    private.stack.stop(service).unwrap();
+    private.stop(service);
     if service != Service::Postgres {
         insert_rows(&env, 500).await; // rows keep arriving while it is down
     }
     // The outage lasts a few seconds: that is what is being tested, not a wait for something.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    private.stack.up().await.unwrap();
+    private.up().await;
     insert_rows(&env, 500).await;
 
     eventually("drained after the outage", Duration::from_secs(60), || drained(&env)).await;

@@ -90,10 +90,68 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Which ClickHouse this test pass runs against: `server` (a clickhouse-server
+/// process; Debian's 18.16 here) or `chdb` (ClickHouse 26.9 in-process, behind
+/// the test front end `scripts/chdb_http.py`). `just test` runs both passes.
+pub fn clickhouse_flavor() -> String {
+    var("PG2CH_TEST_CLICKHOUSE").unwrap_or_else(|| "server".into())
+}
+
+/// The chdb front end as a process of this test (test support only).
+pub struct ChdbFrontEnd {
+    child: std::process::Child,
+}
+
+impl ChdbFrontEnd {
+    /// Starts it on `port`, its data in `path`, the password read from `password_file`.
+    pub async fn start(port: u16, path: &std::path::Path, password_file: &std::path::Path) -> ChdbFrontEnd {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/chdb_http.py");
+        let child = Command::new("python3")
+            .arg(script)
+            .args(["--port", &port.to_string(), "--user", "pg2ch", "--path"])
+            .arg(path)
+            .arg("--password-file")
+            .arg(password_file)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("starting {script}: {e} (install python3; `just setup` installs chdb-core and lz4)")
+            });
+        let url = format!("127.0.0.1:{port}");
+        pg2ch::stack::wait_until("the chdb front end", Duration::from_secs(60), || async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(&url).await?;
+            s.write_all(b"GET /ping HTTP/1.0\r\n\r\n").await?;
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).await?;
+            anyhow::ensure!(answer.contains("Ok."), "not ready");
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#} (is chdb installed? `just setup` runs pip install chdb-core lz4)"));
+        ChdbFrontEnd { child }
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ChdbFrontEnd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// A whole stack of its own, for tests that stop services. Stopped on drop.
+/// In the chdb pass its ClickHouse is a chdb front end of its own.
 pub struct PrivateStack {
     pub stack: pg2ch::stack::Stack,
     pub settings: Settings,
+    chdb: Option<ChdbFrontEnd>,
 }
 
 impl PrivateStack {
@@ -105,13 +163,42 @@ impl PrivateStack {
             ch_tcp_port: free_port(),
             kafka_port: free_port(),
         };
-        let env = stack.up().await.unwrap_or_else(|e| panic!("private stack for {label}: {e:#}"));
-        PrivateStack { stack, settings: settings_of(env) }
+        let mut private = PrivateStack { settings: settings_of(stack.env()), stack, chdb: None };
+        private.up().await;
+        private
+    }
+
+    fn chdb_path(&self) -> std::path::PathBuf {
+        self.stack.dir.join("chdb")
+    }
+
+    /// Starts whatever of the stack is not running.
+    pub async fn up(&mut self) {
+        if clickhouse_flavor() == "chdb" && self.chdb.is_none() {
+            // Before the stack: its ClickHouse then answers, and no server is started.
+            let password = self.stack.dir.join("secrets/ch.pass");
+            self.chdb = Some(ChdbFrontEnd::start(self.stack.ch_port, &self.chdb_path(), &password).await);
+        }
+        let env =
+            self.stack.up().await.unwrap_or_else(|e| panic!("private stack in {}: {e:#}", self.stack.dir.display()));
+        self.settings = settings_of(env);
+    }
+
+    /// Stops one service (for outage tests); `up` starts it again.
+    pub fn stop(&mut self, service: pg2ch::stack::Service) {
+        match (service, &mut self.chdb) {
+            (pg2ch::stack::Service::ClickHouse, Some(front)) => {
+                front.stop();
+                self.chdb = None;
+            }
+            _ => self.stack.stop(service).unwrap(),
+        }
     }
 }
 
 impl Drop for PrivateStack {
     fn drop(&mut self) {
+        self.chdb = None;
         let _ = self.stack.down();
         let _ = std::fs::remove_dir_all(&self.stack.dir);
         let _ = std::fs::remove_dir_all(self.stack.pg_root());
