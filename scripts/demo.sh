@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rows="${DEMO_ROWS:-100000}"
 scripts/stack.sh up
+cargo build --release --quiet --bin pg2ch
 # shellcheck disable=SC1091
 source target/stack.env
 # A fresh topic per demo: a broker with memory storage forgets topics when it

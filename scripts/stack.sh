@@ -10,6 +10,30 @@ cd "$(dirname "$0")/.."
 mkdir -p target
 action="${1:-up}"
 
+# docker-compose.yml under podman, with the images built here (no registry).
+if [ "${PG2CH_COMPOSE:-}" = podman ]; then
+  /usr/bin/python3 scripts/compose_local.py target/compose.podman.yml
+  compose=(podman-compose -p pg2ch -f target/compose.podman.yml)
+  if [ "$action" = up ]; then
+    scripts/podman.sh up
+    export CONTAINERS_CONF="$PWD/target/podman/containers.conf"
+    "${compose[@]}" up -d >target/compose.log 2>&1 || { cat target/compose.log >&2; exit 1; }
+    sed -n 's/^\([A-Z_]*=\)/export \1/p' .env.example > target/stack.env
+    # podman-compose cannot wait for health: probe the three services.
+    for _ in $(seq 1 300); do
+      pg_isready -q -h 127.0.0.1 -p 5432 \
+        && python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8123/ping', timeout=2)" 2>/dev/null \
+        && bash -c '</dev/tcp/127.0.0.1/9092' 2>/dev/null && break
+      sleep 0.2
+    done
+    echo "stack: docker-compose.yml up under podman (local images)" >&2
+  else
+    export CONTAINERS_CONF="$PWD/target/podman/containers.conf"
+    "${compose[@]}" down >/dev/null 2>&1 || true
+  fi
+  exit 0
+fi
+
 if docker info >/dev/null 2>&1; then
   if [ "$action" = up ]; then
     docker compose up -d --wait

@@ -11,20 +11,7 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{PrivateStack, TestEnv};
-
-/// Polls `probe` until it returns true, failing after `limit`.
-async fn eventually<F, Fut>(what: &str, limit: Duration, mut probe: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !probe().await {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use common::{PrivateStack, TestEnv, eventually};
 
 async fn exec(pool: &sqlx::PgPool, sql: &str) {
     sqlx::raw_sql(sql).execute(pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"));

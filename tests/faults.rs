@@ -8,22 +8,8 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use common::{PrivateStack, TestEnv};
+use common::{PrivateStack, TestEnv, eventually};
 use pg2ch::stack::Service;
-
-/// Polls `probe` until it returns true, failing after `limit`. Waiting for an
-/// observable condition, not for time to pass.
-async fn eventually<F, Fut>(what: &str, limit: Duration, mut probe: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !probe().await {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 async fn sent_count(env: &TestEnv) -> i64 {
     match pg2ch::postgres::connect(&env.settings.pg, 1, Duration::from_secs(2)).await {

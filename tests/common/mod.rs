@@ -85,6 +85,20 @@ pub fn settings_of(env: pg2ch::stack::StackEnv) -> Settings {
     }
 }
 
+/// Polls `probe` until it returns true, failing after `limit`. Waiting for an
+/// observable condition, not for time to pass.
+pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    while !probe().await {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A free TCP port on loopback (released before use; good enough for tests).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
