@@ -221,7 +221,11 @@ impl Backoff {
     fn failed(&mut self, e: &anyhow::Error) -> Duration {
         metrics::counter!("pg2ch_retries_total", "component" => self.what).increment(1);
         if !self.failing {
-            tracing::warn!("{}: {e:#}; retrying with backoff", self.what);
+            let kind = match kind(e) {
+                ErrorKind::Unknown => " (it may have taken effect; the repeat is collapsed downstream)",
+                _ => "",
+            };
+            tracing::warn!("{}: {e:#}{kind}; retrying with backoff", self.what);
         }
         self.failing = true;
         let now = self.delay;

@@ -156,7 +156,12 @@ pub async fn bounded<T>(
 ) -> anyhow::Result<T> {
     match tokio::time::timeout(limit, fut).await {
         Ok(result) => result,
-        Err(_) => Err(anyhow::anyhow!("{} timed out after {:?}", what(), limit)),
+        // The call may have acted before we stopped waiting for it.
+        Err(_) => Err(crate::stores::OutcomeUnknown::error(format!(
+            "{} timed out after {:?} (outcome unknown)",
+            what(),
+            limit
+        ))),
     }
 }
 
@@ -170,6 +175,29 @@ mod tests {
         assert!(!format!("{s:?} {s}").contains("hunter2"));
         let cfg = ChConfig { host: "h".into(), port: 1, user: "u".into(), password: s, database: "d".into() };
         assert!(!format!("{cfg:?}").contains("hunter2"));
+    }
+
+    #[tokio::test]
+    async fn a_call_cut_by_its_timeout_has_an_unknown_outcome() {
+        use crate::stores::{ErrorKind, kind};
+        let cut = bounded(|| "a slow call".into(), Duration::from_millis(1), async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok(())
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(kind(&cut), ErrorKind::Unknown, "{cut:#}");
+        assert!(cut.to_string().contains("a slow call timed out"), "{cut:#}");
+        let refused = bounded(|| "a refused call".into(), Duration::from_secs(1), async {
+            Err::<(), _>(anyhow::anyhow!("connection refused"))
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(kind(&refused), ErrorKind::Transient);
+        let gone = refused.context(crate::stores::Permanent("column dropped".into()));
+        assert_eq!(kind(&gone), ErrorKind::Permanent, "a tag added as context counts");
+        let root = crate::stores::Permanent::error("column dropped").context("while flagging").context("in a step");
+        assert_eq!(kind(&root), ErrorKind::Permanent, "context added on the way up keeps the tag");
     }
 
     #[test]

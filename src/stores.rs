@@ -29,14 +29,18 @@ pub enum ClaimMode {
     Exclusive,
 }
 
-/// How a failed store call should be met. Adapters tag what retrying cannot
-/// fix as [`Permanent`]; everything else is retried with backoff, which is
-/// safe whether the call failed before acting (transient) or acted and lost
-/// its answer (outcome unknown): the pipeline's dedup makes both harmless.
+/// How a failed store call should be met. Adapters tag what they know:
+/// [`Permanent`] for what retrying cannot fix, [`OutcomeUnknown`] for a call
+/// that may have acted before it failed (cut by its timeout, an answer lost);
+/// anything untagged is transient. Transient and unknown outcomes are both
+/// retried with backoff, which the pipeline makes safe: a repeated publish or
+/// insert is collapsed downstream, a repeated claim finds what is left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
-    /// Retry with backoff (a timeout, a refused connection, a lost answer).
-    Retry,
+    /// Failed without effect: retry with backoff (a refused connection).
+    Transient,
+    /// May have taken effect: retry; dedup makes the repeat harmless.
+    Unknown,
     /// Stop: retrying gives the same answer (a dropped column, a ClickHouse
     /// type mismatch, a position past the end of the log, a missing topic).
     Permanent,
@@ -54,9 +58,29 @@ impl Permanent {
     }
 }
 
-/// The kind of a store error: permanent if any cause in its chain says so.
+/// A call that failed after it may have acted, with what happened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct OutcomeUnknown(pub String);
+
+impl OutcomeUnknown {
+    pub fn error(cause: impl Into<String>) -> anyhow::Error {
+        anyhow::Error::new(OutcomeUnknown(cause.into()))
+    }
+}
+
+/// The kind of a store error, from the tags in its chain (permanent wins).
 pub fn kind(e: &anyhow::Error) -> ErrorKind {
-    if e.chain().any(|c| c.downcast_ref::<Permanent>().is_some()) { ErrorKind::Permanent } else { ErrorKind::Retry }
+    // A tag is the root cause, or context added on the way up.
+    let tagged = |is: &dyn Fn(&(dyn std::error::Error + 'static)) -> bool| e.chain().any(is);
+    if e.downcast_ref::<Permanent>().is_some() || tagged(&|c| c.downcast_ref::<Permanent>().is_some()) {
+        ErrorKind::Permanent
+    } else if e.downcast_ref::<OutcomeUnknown>().is_some() || tagged(&|c| c.downcast_ref::<OutcomeUnknown>().is_some())
+    {
+        ErrorKind::Unknown
+    } else {
+        ErrorKind::Transient
+    }
 }
 
 /// The source table: rows with a `sent_to_kafka` flag.

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use super::{Chaos, yield_now};
-use crate::stores::{DeadLetter, EventLog, Fetched, FetchedRecord, LogRecord, Permanent};
+use crate::stores::{DeadLetter, EventLog, Fetched, FetchedRecord, LogRecord, OutcomeUnknown, Permanent};
 
 #[derive(Debug)]
 struct Batch {
@@ -92,7 +92,7 @@ impl EventLog for SimLog {
         let base = log.push(partition as usize, records.into_iter().map(|r| r.value).collect());
         self.chaos.note(&("append", partition, base, count));
         if self.chaos.outcome_lost("kafka.append") {
-            anyhow::bail!("simulated: produce timed out (it was appended)");
+            return Err(OutcomeUnknown::error("simulated: produce timed out (it was appended)"));
         }
         Ok(())
     }
@@ -143,7 +143,7 @@ impl EventLog for SimLog {
         }
         drop(log);
         if self.chaos.outcome_lost("kafka.dead_letter") {
-            anyhow::bail!("simulated: dead-letter produce timed out (it was appended)");
+            return Err(OutcomeUnknown::error("simulated: dead-letter produce timed out (it was appended)"));
         }
         Ok(())
     }

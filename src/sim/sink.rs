@@ -9,7 +9,7 @@ use std::rc::Rc;
 
 use super::{Chaos, yield_now};
 use crate::event::LoginEvent;
-use crate::stores::{Position, Sink};
+use crate::stores::{OutcomeUnknown, Position, Sink};
 
 #[derive(Debug, Default)]
 pub struct SinkTable {
@@ -66,7 +66,7 @@ impl Sink for SimSink {
         self.table.borrow_mut().parts.push(rows.to_vec());
         self.chaos.note(&("insert", rows.len()));
         if self.chaos.outcome_lost("ch.insert") {
-            anyhow::bail!("simulated: insert response lost (it landed)");
+            return Err(OutcomeUnknown::error("simulated: insert response lost (it landed)"));
         }
         Ok(())
     }
@@ -83,7 +83,7 @@ impl Sink for SimSink {
         drop(table);
         self.chaos.note(&("positions", positions.len()));
         if self.chaos.outcome_lost("ch.store_positions") {
-            anyhow::bail!("simulated: storing positions response lost (it landed)");
+            return Err(OutcomeUnknown::error("simulated: storing positions response lost (it landed)"));
         }
         Ok(())
     }

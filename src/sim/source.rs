@@ -19,7 +19,7 @@ use std::rc::Rc;
 
 use super::{Chaos, yield_now};
 use crate::event::{LoginEvent, SourceRow};
-use crate::stores::{Claim, ClaimMode, Rejected, SourceTable};
+use crate::stores::{Claim, ClaimMode, OutcomeUnknown, Rejected, SourceTable};
 
 /// A committed row: its raw content, sent flag and physical address.
 #[derive(Debug, Clone)]
@@ -265,7 +265,7 @@ impl SourceTable for SimSource {
         self.seen.clear();
         self.chaos.note(&("commit", self.session, marked.len()));
         if self.chaos.outcome_lost("pg.commit") {
-            anyhow::bail!("simulated: commit outcome unknown");
+            return Err(OutcomeUnknown::error("simulated: commit outcome unknown"));
         }
         Ok(())
     }

@@ -314,3 +314,24 @@ fn a_replaced_log_stops_the_consumer_instead_of_skipping_records() {
         assert!(drained.is_err(), "seed {seed}: `consume --once` must fail too");
     }
 }
+
+/// The simulated stores tag their errors as the real adapters do: a call
+/// that failed without effect is transient, one that acted and lost its
+/// answer has an unknown outcome, a position past the end is permanent.
+#[test]
+fn store_errors_say_what_kind_they_are() {
+    use crate::stores::{EventLog, LogRecord};
+    let record = || vec![LogRecord { key: b"1".to_vec(), value: b"{}".to_vec() }];
+    let world = World::new(1, FaultRates { fail: 0.0, lost: 1.0, crash: 0.0 }, 1);
+    let lost = futures::executor::block_on(world.event_log().append(0, record())).unwrap_err();
+    assert_eq!(kind(&lost), ErrorKind::Unknown, "{lost:#}");
+    world.chaos.rates.set(FaultRates { fail: 1.0, lost: 0.0, crash: 0.0 });
+    let failed = futures::executor::block_on(world.event_log().append(0, record())).unwrap_err();
+    assert_eq!(kind(&failed), ErrorKind::Transient, "{failed:#}");
+    world.chaos.rates.set(FaultRates::NONE);
+    let mut consumer = Consumer::new(world.event_log(), world.sink_store(), ConsumerConfig::all_partitions(1));
+    futures::executor::block_on(consumer.drain(&NoFaults, Duration::ZERO)).unwrap();
+    world.log.borrow_mut().recreate();
+    let past = futures::executor::block_on(consumer.drain(&NoFaults, Duration::ZERO)).unwrap_err();
+    assert_eq!(kind(&past), ErrorKind::Permanent, "{past:#}");
+}
