@@ -190,7 +190,7 @@ pub enum ProduceStep {
 /// when the claim began (not when it returned: a sibling that commits in
 /// between has flagged rows the claim's snapshot still shows unsent). That
 /// last rule is what keeps lanes apart when claims take no row
-/// locks (an exclusive producer) and a new pass starts at 0 while a sibling's
+/// locks (an exclusive producer) and a new pass starts over while a sibling's
 /// batch is still in flight. The position is only a hint: the wrap-around
 /// keeps claims complete whatever it says.
 pub struct KeysetCursor {
@@ -500,10 +500,10 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
         within_log(p, &position, batch.high_watermark)?;
         // Brokers return whole batches: drop what lies before our position.
         #[cfg(any(test, feature = "broken-orderings"))]
-        let start = start + i64::from(self.config.ordering == Ordering::SkipRecordAtPosition);
-        batch.records.retain(|r| r.offset >= start);
-        #[cfg(any(test, feature = "broken-orderings"))]
-        let start = position.next;
+        let first = start + i64::from(self.config.ordering == Ordering::SkipRecordAtPosition);
+        #[cfg(not(any(test, feature = "broken-orderings")))]
+        let first = start;
+        batch.records.retain(|r| r.offset >= first);
         if let (false, Some(expected)) = (batch.records.is_empty(), position.last) {
             // A record that differs is proof the log was replaced; none at
             // all is not (see below).

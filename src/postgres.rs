@@ -137,7 +137,8 @@ pub async fn check_shape(pool: &PgPool) -> anyhow::Result<()> {
     for (column, ty) in &types {
         let ok = match column.as_str() {
             "id" => matches!(ty.as_str(), "smallint" | "integer" | "bigint"),
-            "username" => ty == "text" || ty.starts_with("character varying") || ty.starts_with("character("),
+            // text, character varying(n), character(n), character
+            "username" => ty == "text" || ty.starts_with("character"),
             _ => ty.starts_with("timestamp"),
         };
         if !ok {
