@@ -353,11 +353,7 @@ async fn large_poison_goes_to_the_dead_letter_topic_in_bounded_requests() {
     env.ok(&["init", "--partitions", "1"]);
     env.ok(&["seed", "--rows", "100"]);
     env.ok(&["produce", "--once"]);
-    let client = pg2ch::kafka::connect(&env.settings.kafka, Duration::from_secs(10)).await.unwrap();
-    let partition = client
-        .partition_client(env.name.as_str(), 0, rskafka::client::partition::UnknownTopicHandling::Error)
-        .await
-        .unwrap();
+    let partition = env.foreign_partition(&env.name, 0).await;
     for i in 0..5u8 {
         let record = rskafka::record::Record {
             key: None,

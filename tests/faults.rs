@@ -177,14 +177,13 @@ async fn an_exclusive_producer_waits_for_shared_ones_then_drains() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn poison_records_go_to_the_dead_letter_topic_and_good_ones_land() {
-    use rskafka::client::partition::{Compression, UnknownTopicHandling};
+    use rskafka::client::partition::Compression;
     use rskafka::record::Record;
     let env = TestEnv::new("poison").await;
     env.ok(&["init", "--partitions", "1"]);
     env.ok(&["seed", "--rows", "100"]);
     env.ok(&["produce", "--once"]);
-    let client = pg2ch::kafka::connect(&env.settings.kafka, Duration::from_secs(10)).await.unwrap();
-    let partition = client.partition_client(env.name.clone(), 0, UnknownTopicHandling::Error).await.unwrap();
+    let partition = env.foreign_partition(&env.name, 0).await;
     let junk: Vec<Option<&[u8]>> = vec![
         Some(b"not json at all"),
         Some(br#"{"id":"seven","username":"x","event_time":"2024-01-01T00:00:00Z"}"#),
@@ -210,10 +209,7 @@ async fn poison_records_go_to_the_dead_letter_topic_and_good_ones_land() {
     assert_eq!(status["dead_letters"], 5, "{status}");
     assert_eq!(status["partitions"][0]["lag"], 0, "the position moved past the poison: {status}");
 
-    let dlq = client
-        .partition_client(pg2ch::kafka::dead_letter_topic(&env.name), 0, UnknownTopicHandling::Error)
-        .await
-        .unwrap();
+    let dlq = env.foreign_partition(&pg2ch::kafka::dead_letter_topic(&env.name), 0).await;
     let (letters, _) = dlq.fetch_records(0, 1..1_000_000, 1000).await.unwrap();
     assert_eq!(letters.len(), 5);
     for (letter, original) in letters.iter().zip(&junk) {

@@ -285,6 +285,16 @@ impl TestEnv {
             .expect("ClickHouse connection")
     }
 
+    /// One partition of a topic, reached directly as a client other than
+    /// pg2ch would (to write poison, to read the dead-letter topic).
+    pub async fn foreign_partition(&self, topic: &str, partition: i32) -> rskafka::client::partition::PartitionClient {
+        let client = pg2ch::kafka::connect(&self.settings.kafka, Duration::from_secs(10)).await.expect("Kafka client");
+        client
+            .partition_client(topic.to_owned(), partition, rskafka::client::partition::UnknownTopicHandling::Error)
+            .await
+            .expect("partition client")
+    }
+
     /// The environment the binary reads, for this namespace.
     pub fn vars(&self) -> Vec<(&'static str, String)> {
         let s = &self.settings;
