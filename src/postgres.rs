@@ -469,6 +469,23 @@ impl sqlx::Type<Postgres> for PgTimestamp {
     }
 }
 
+impl sqlx::postgres::PgHasArrayType for PgTimestamp {
+    fn array_type_info() -> sqlx::postgres::PgTypeInfo {
+        sqlx::postgres::PgTypeInfo::with_oid(Oid(1185))
+    }
+}
+
+/// Binds a raw time, `±infinity` included (tests write every value this way).
+impl sqlx::Encode<'_, Postgres> for PgTimestamp {
+    fn encode_by_ref(
+        &self,
+        buf: &mut sqlx::postgres::PgArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        buf.extend_from_slice(&self.0.to_be_bytes());
+        Ok(sqlx::encode::IsNull::No)
+    }
+}
+
 impl sqlx::Decode<'_, Postgres> for PgTimestamp {
     fn decode(value: sqlx::postgres::PgValueRef<'_>) -> Result<Self, sqlx::error::BoxDynError> {
         let bytes: [u8; 8] = <&[u8] as sqlx::Decode<Postgres>>::decode(value)?

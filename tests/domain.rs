@@ -457,3 +457,133 @@ async fn password_files_and_dot_env_from_the_working_directory_only() {
     assert!(err.contains("KAFKA_TOPIC"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Random rows from the whole domain PostgreSQL admits, through the real
+/// adapter and services: ids anywhere in `bigint`, any non-NUL bytes as text
+/// (a SQL_ASCII database), any time from 4714 BC to 294276 AD, the ends,
+/// `±infinity`, NULLs, text around the message limit. Each row must arrive
+/// exactly or be rejected with the reason the shared decision gives. The
+/// seed is printed; `PG2CH_DOMAIN_SEED=N` replays a run.
+#[tokio::test(flavor = "multi_thread")]
+async fn random_rows_from_the_whole_domain_travel_exactly_or_are_rejected() {
+    use pg2ch::event::{PgTimestamp, SourceRow};
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = std::env::var("PG2CH_DOMAIN_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    println!("PG2CH_DOMAIN_SEED={seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    let env = TestEnv::with_encoding("domainprop", "SQL_ASCII").await;
+    let pool = env.pg().await;
+    exec(&pool, "CREATE TABLE user_logins (id BIGINT PRIMARY KEY, username TEXT, event_time TIMESTAMPTZ)").await;
+    env.ok(&["init", "--partitions", "3"]);
+
+    let mut ids = std::collections::BTreeSet::new();
+    let mut rows = Vec::new();
+    while rows.len() < 400 {
+        let id = match rng.random_range(0..4) {
+            0 => rng.random::<i64>(),
+            1 => rng.random_range(-1000..1000),
+            2 => [i64::MIN, i64::MAX, 0, -1][rng.random_range(0..4)],
+            _ => rng.random_range(1..1_000_000),
+        };
+        if !ids.insert(id) {
+            continue;
+        }
+        let len = rng.random_range(0..30);
+        let username: Option<Vec<u8>> = match rng.random_range(0..100) {
+            0..=39 => Some(
+                (0..len)
+                    .filter_map(|_| char::from_u32(rng.random_range(1..0x11_0000)))
+                    .collect::<String>()
+                    .into_bytes(),
+            ),
+            40..=64 => Some((0..len).map(|_| rng.random_range(1..=255u8)).collect()),
+            65..=84 => Some((0..len).map(|_| rng.random_range(1..=127u8)).collect()),
+            85..=96 => None,
+            _ => Some(vec![b'x'; rng.random_range(899_850..900_050)]),
+        };
+        let time: Option<PgTimestamp> = match rng.random_range(0..100) {
+            0..=59 => Some(PgTimestamp(rng.random_range(PgTimestamp::MIN.0..=PgTimestamp::MAX.0))),
+            60..=89 => Some(
+                [
+                    PgTimestamp::MIN,
+                    PgTimestamp::MAX,
+                    PgTimestamp::INFINITY,
+                    PgTimestamp::NEG_INFINITY,
+                    PgTimestamp(i64::MAX - PgTimestamp::EPOCH_UNIX_US),
+                    PgTimestamp(i64::MAX - PgTimestamp::EPOCH_UNIX_US + 1),
+                    PgTimestamp(0),
+                ][rng.random_range(0..7)],
+            ),
+            _ => None,
+        };
+        rows.push(SourceRow { id, username, event_time: time });
+    }
+    let (ids, names, times): (Vec<i64>, Vec<Option<Vec<u8>>>, Vec<Option<PgTimestamp>>) =
+        rows.iter().map(|r| (r.id, r.username.clone(), r.event_time)).fold(Default::default(), |mut acc, r| {
+            acc.0.push(r.0);
+            acc.1.push(r.1);
+            acc.2.push(r.2);
+            acc
+        });
+    sqlx::query(
+        "INSERT INTO user_logins (id, username, event_time)
+         SELECT i, convert_from(n, 'SQL_ASCII'), t FROM UNNEST($1::bigint[], $2::bytea[], $3::timestamptz[]) AS r(i, n, t)",
+    )
+    .bind(&ids)
+    .bind(&names)
+    .bind(&times)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    env.ok(&["run", "--once"]);
+    let report = env.ok(&["verify"]);
+    assert!(report.contains("verify: OK"), "seed {seed}: {report}");
+    let in_ch: std::collections::BTreeMap<i64, pg2ch::event::LoginEvent> =
+        env.ch().await.rows_final().await.unwrap().into_iter().map(|e| (e.id, e)).collect();
+    let flags: std::collections::BTreeMap<i64, (bool, Option<String>)> =
+        sqlx::query_as::<_, (i64, bool, Option<String>)>("SELECT id, sent_to_kafka, pg2ch_rejected FROM user_logins")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(id, sent, why)| (id, (sent, why)))
+            .collect();
+    let (mut carried, mut rejected) = (0, 0);
+    for row in rows {
+        let id = row.id;
+        let (sent, why) = flags[&id].clone();
+        let expected = row.clone().into_event();
+        match expected {
+            Ok(event) if event.encode().len() <= pg2ch::pipeline::MAX_MESSAGE_BYTES => {
+                assert!(sent && why.is_none(), "seed {seed}: row {id} must be sent, got {why:?}");
+                let got = in_ch.get(&id);
+                // Compared whole, reported briefly: a name may be 900 kB.
+                let brief = |e: Option<&pg2ch::event::LoginEvent>| {
+                    e.map(|e| (e.username.len(), e.username.chars().take(20).collect::<String>(), e.event_time_us))
+                };
+                assert!(
+                    got == Some(&event),
+                    "seed {seed}: row {id} in ClickHouse is {:?}, PostgreSQL has {:?}",
+                    brief(got),
+                    brief(Some(&event))
+                );
+                carried += 1;
+            }
+            Ok(_) => {
+                let why = why.unwrap_or_default();
+                assert!(!sent && why.contains("over the 900000-byte limit"), "seed {seed}: row {id}: {why}");
+                assert!(!in_ch.contains_key(&id));
+                rejected += 1;
+            }
+            Err(reason) => {
+                assert!(!sent, "seed {seed}: row {id} cannot travel ({reason}) but was flagged sent");
+                assert_eq!(why.as_deref(), Some(reason.as_str()), "seed {seed}: row {id}");
+                assert!(!in_ch.contains_key(&id));
+                rejected += 1;
+            }
+        }
+    }
+    assert!(carried > 50 && rejected > 50, "seed {seed}: the draw covers both outcomes ({carried}, {rejected})");
+}
