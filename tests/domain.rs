@@ -519,13 +519,9 @@ async fn random_rows_from_the_whole_domain_travel_exactly_or_are_rejected() {
         };
         rows.push(SourceRow { id, username, event_time: time });
     }
-    let (ids, names, times): (Vec<i64>, Vec<Option<Vec<u8>>>, Vec<Option<PgTimestamp>>) =
-        rows.iter().map(|r| (r.id, r.username.clone(), r.event_time)).fold(Default::default(), |mut acc, r| {
-            acc.0.push(r.0);
-            acc.1.push(r.1);
-            acc.2.push(r.2);
-            acc
-        });
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    let names: Vec<Option<Vec<u8>>> = rows.iter().map(|r| r.username.clone()).collect();
+    let times: Vec<Option<PgTimestamp>> = rows.iter().map(|r| r.event_time).collect();
     sqlx::query(
         "INSERT INTO user_logins (id, username, event_time)
          SELECT i, convert_from(n, 'SQL_ASCII'), t FROM UNNEST($1::bigint[], $2::bytea[], $3::timestamptz[]) AS r(i, n, t)",
