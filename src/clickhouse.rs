@@ -259,13 +259,12 @@ impl ClickHouse {
                             "ClickHouse column {db}.{table}.{name} has type {actual}, pg2ch writes {ty}"
                         )));
                     }
-                    None if *name == "last_record" => {
-                        return Err(Permanent::error(format!(
-                            "ClickHouse table {db}.{table} lacks column {name} (run `pg2ch init`)"
-                        )));
-                    }
                     None => {
-                        return Err(Permanent::error(format!("ClickHouse table {db}.{table} lacks column {name}")));
+                        // Only the fingerprint is added to an existing table by `init`.
+                        let hint = if *name == "last_record" { " (run `pg2ch init`)" } else { "" };
+                        return Err(Permanent::error(format!(
+                            "ClickHouse table {db}.{table} lacks column {name}{hint}"
+                        )));
                     }
                 }
             }

@@ -33,11 +33,11 @@ pub fn dead_letter_topic(topic: &str) -> String {
 /// request only exceeds it when it holds a single record, and those are
 /// bounded by [`crate::pipeline::MAX_MESSAGE_BYTES`] (rows) or by the broker's
 /// own limit (dead letters, which were records of this size already).
-pub const MAX_REQUEST_BYTES: usize = 512 * 1024;
+const MAX_REQUEST_BYTES: usize = 512 * 1024;
 
 /// Splits records into produce requests of at most [`MAX_REQUEST_BYTES`]
 /// (`size` says what one record costs), keeping their order.
-pub fn requests<T>(records: impl IntoIterator<Item = T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+fn requests<T>(records: impl IntoIterator<Item = T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
     let mut out: Vec<Vec<T>> = Vec::new();
     let mut bytes = 0;
     for r in records {
@@ -225,13 +225,7 @@ impl EventLog for KafkaLog {
             headers: BTreeMap::new(),
             timestamp: now,
         });
-        for batch in requests(records, record_size) {
-            bounded(|| format!("producing to partition {partition}"), self.timeout, async {
-                client.produce(batch, self.compression).await.map_err(|e| classify(e, &self.topic, partition, None))
-            })
-            .await?;
-        }
-        Ok(())
+        self.produce(client, &self.topic, partition, records).await
     }
 
     async fn fetch(&self, partition: i32, offset: i64, max_wait: Duration) -> anyhow::Result<Fetched> {
@@ -266,13 +260,7 @@ impl EventLog for KafkaLog {
             timestamp: now,
         });
         // In bounded requests: a fetch of poison can hold megabytes.
-        for batch in requests(records, record_size) {
-            bounded(|| format!("producing to {dlq:?}"), self.timeout, async {
-                client.produce(batch, self.compression).await.map_err(|e| classify(e, &dlq, 0, None))
-            })
-            .await?;
-        }
-        Ok(())
+        self.produce(client, &dlq, 0, records).await
     }
 }
 
@@ -283,6 +271,24 @@ fn record_size(r: &Record) -> usize {
 }
 
 impl KafkaLog {
+    /// Produces `records` to one partition of `topic` in order, in requests
+    /// of at most [`MAX_REQUEST_BYTES`], each bounded in time.
+    async fn produce(
+        &self,
+        client: &PartitionClient,
+        topic: &str,
+        partition: i32,
+        records: impl IntoIterator<Item = Record>,
+    ) -> anyhow::Result<()> {
+        for batch in requests(records, record_size) {
+            bounded(|| format!("producing to partition {partition} of {topic:?}"), self.timeout, async {
+                client.produce(batch, self.compression).await.map_err(|e| classify(e, topic, partition, None))
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
     /// One fetch, bounded in time, its errors classified.
     async fn fetch_raw(
         &self,

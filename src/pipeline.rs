@@ -109,6 +109,12 @@ pub fn is_crash(e: &anyhow::Error) -> bool {
 /// tuning is needed. A row whose message would be larger is rejected.
 pub const MAX_MESSAGE_BYTES: usize = 900_000;
 
+/// Why a message value is too large to publish, if it is.
+pub fn oversize(value: &[u8]) -> Option<String> {
+    (value.len() > MAX_MESSAGE_BYTES)
+        .then(|| format!("its message would be {} bytes, over the {MAX_MESSAGE_BYTES}-byte limit", value.len()))
+}
+
 /// Encodes each claimed row once; rows too large to publish move to the
 /// rejected list.
 fn encode(mut claim: Claim) -> (Claim, Vec<(i64, LogRecord)>) {
@@ -116,11 +122,8 @@ fn encode(mut claim: Claim) -> (Claim, Vec<(i64, LogRecord)>) {
     let mut kept = Vec::with_capacity(claim.rows.len());
     for row in std::mem::take(&mut claim.rows) {
         let value = row.encode();
-        if value.len() > MAX_MESSAGE_BYTES {
-            claim.rejected.push(Rejected {
-                id: row.id,
-                reason: format!("its message would be {} bytes, over the {MAX_MESSAGE_BYTES}-byte limit", value.len()),
-            });
+        if let Some(reason) = oversize(&value) {
+            claim.rejected.push(Rejected { id: row.id, reason });
         } else {
             records.push((row.id, LogRecord { key: row.key(), value }));
             kept.push(row);

@@ -115,7 +115,7 @@ fn cargo_bin_dir() -> Vec<PathBuf> {
 }
 
 fn is_root() -> bool {
-    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+    my_uid() == 0
 }
 
 /// The unprivileged account PostgreSQL runs as when we are root.
@@ -359,8 +359,8 @@ impl Stack {
             let data = data.to_string_lossy().into_owned();
             run_as_service_user(&pg_ctl, &["-D", &data, "-m", "fast", "-w", "stop"], "pg_ctl stop")?;
         }
-        stop_pidfile(&self.dir.join("ch/server.pid"), "clickhouse-server");
-        stop_pidfile(&self.dir.join("broker/broker.pid"), self.broker_program());
+        self.stop(Service::ClickHouse)?;
+        self.stop(Service::Broker)?;
         tracing::info!("stack in {} stopped", self.dir.display());
         Ok(())
     }

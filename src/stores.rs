@@ -71,16 +71,19 @@ impl OutcomeUnknown {
 
 /// The kind of a store error, from the tags in its chain (permanent wins).
 pub fn kind(e: &anyhow::Error) -> ErrorKind {
-    // A tag is the root cause, or context added on the way up.
-    let tagged = |is: &dyn Fn(&(dyn std::error::Error + 'static)) -> bool| e.chain().any(is);
-    if e.downcast_ref::<Permanent>().is_some() || tagged(&|c| c.downcast_ref::<Permanent>().is_some()) {
+    if tagged::<Permanent>(e) {
         ErrorKind::Permanent
-    } else if e.downcast_ref::<OutcomeUnknown>().is_some() || tagged(&|c| c.downcast_ref::<OutcomeUnknown>().is_some())
-    {
+    } else if tagged::<OutcomeUnknown>(e) {
         ErrorKind::Unknown
     } else {
         ErrorKind::Transient
     }
+}
+
+/// Whether `e` carries the tag `T`, as its root cause or as context added
+/// on the way up (anyhow reaches context only through its own downcast).
+fn tagged<T: std::error::Error + Send + Sync + 'static>(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<T>().is_some() || e.chain().any(|c| c.downcast_ref::<T>().is_some())
 }
 
 /// The source table: rows with a `sent_to_kafka` flag.

@@ -282,8 +282,7 @@ impl World {
     /// reason it cannot travel (the real decision, then the message limit).
     fn expected(row: &source::SimRow) -> Result<LoginEvent, String> {
         let event = row.event()?;
-        let size = event.encode().len();
-        if size > crate::pipeline::MAX_MESSAGE_BYTES { Err(format!("message of {size} bytes")) } else { Ok(event) }
+        crate::pipeline::oversize(&event.encode()).map_or(Ok(event), Err)
     }
 
     /// Appends a record that is not a login event to a partition.
