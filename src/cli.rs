@@ -147,6 +147,11 @@ enum Command {
     Verify {
         #[arg(long)]
         json: bool,
+        /// Flag rows that are missing or different in ClickHouse unsent
+        /// again, so that the next `run` sends them (exit 1 still tells that
+        /// something was found).
+        #[arg(long)]
+        repair: bool,
     },
     /// Unsent rows, per-partition end offset, position and lag, rows in ClickHouse.
     Status {
@@ -326,8 +331,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             a.serve_metrics()?;
             commands::run(&s, &a.options(), shutdown_signal()).await?;
         }
-        Command::Verify { json } => {
-            let report = commands::verify(&s).await?;
+        Command::Verify { json, repair } => {
+            let report = commands::verify(&s, repair).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -27,7 +27,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ChConfig, bounded};
 use crate::event::LoginEvent;
-use crate::stores::{Permanent, Position, Sink};
+use crate::checksum;
+use crate::stores::{OutcomeUnknown, Permanent, Position, Sink};
+use crate::verify::{Finding, KeyRange, SAMPLE, SinkSide, SinkSummary};
 
 /// What the server can do, detected at start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +62,14 @@ impl Capabilities {
 struct SinkRow {
     id: i64,
     username: String,
+    event_time_us: i64,
+}
+
+/// A stored row borrowed from the read buffer (no copy of the text).
+#[derive(Debug, Row, Deserialize)]
+struct SinkRowRef<'a> {
+    id: i64,
+    username: &'a str,
     event_time_us: i64,
 }
 
@@ -274,10 +284,17 @@ impl ClickHouse {
 
     /// Rows as `FINAL` reads them (one per id), in id order.
     pub async fn rows_final(&self) -> anyhow::Result<Vec<LoginEvent>> {
-        let rows: Vec<SinkRow> = bounded(|| "ClickHouse: reading user_logins".into(), self.timeout * 4, async {
+        self.rows_in(KeyRange { first: i64::MIN, last: i64::MAX }).await
+    }
+
+    /// [`rows_final`](Self::rows_final) of one id range.
+    async fn rows_in(&self, range: KeyRange) -> anyhow::Result<Vec<LoginEvent>> {
+        let rows: Vec<SinkRow> = bounded(|| format!("ClickHouse: reading user_logins ids {range}"), self.timeout * 4, async {
             Ok(self
                 .client
-                .query("SELECT id, username, event_time_us FROM user_logins FINAL ORDER BY id")
+                .query("SELECT id, username, event_time_us FROM user_logins FINAL WHERE id BETWEEN ? AND ? ORDER BY id")
+                .bind(range.first)
+                .bind(range.last)
                 .fetch_all()
                 .await?)
         })
@@ -296,22 +313,6 @@ impl ClickHouse {
     /// Distinct ids stored.
     pub async fn final_count(&self) -> anyhow::Result<u64> {
         self.scalar("SELECT count() FROM user_logins FINAL").await
-    }
-
-    /// How many ids are stored more than once (awaiting a merge), and the first few.
-    pub async fn unmerged_copies(&self, sample: usize) -> anyhow::Result<(u64, Vec<i64>)> {
-        let count =
-            self.scalar("SELECT count() FROM (SELECT id FROM user_logins GROUP BY id HAVING count() > 1)").await?;
-        let ids = bounded(|| "ClickHouse: sampling copies".into(), self.timeout, async {
-            Ok(self
-                .client
-                .query("SELECT id FROM user_logins GROUP BY id HAVING count() > 1 ORDER BY id LIMIT ?")
-                .bind(sample as u64)
-                .fetch_all::<i64>()
-                .await?)
-        })
-        .await?;
-        Ok((count, ids))
     }
 
     async fn scalar(&self, sql: &str) -> anyhow::Result<u64> {
@@ -391,5 +392,65 @@ impl Sink for ChSink {
                 }),
             )
             .await
+    }
+}
+
+impl SinkSide for ClickHouse {
+    async fn bounds(&mut self) -> anyhow::Result<(Option<KeyRange>, u64)> {
+        let (first, last, stored) = bounded(|| "ClickHouse: reading the id range".into(), self.timeout, async {
+            Ok(self.client.query("SELECT min(id), max(id), count() FROM user_logins").fetch_one::<(i64, i64, u64)>().await?)
+        })
+        .await?;
+        Ok(((stored > 0).then_some(KeyRange { first, last }), stored))
+    }
+
+    async fn summaries(&mut self, ranges: &[KeyRange]) -> anyhow::Result<Vec<SinkSummary>> {
+        let mut out = vec![SinkSummary::default(); ranges.len()];
+        let (Some(first), Some(last)) = (ranges.first(), ranges.last()) else { return Ok(out) };
+        let span = KeyRange { first: first.first, last: last.last };
+        let what = || format!("ClickHouse: checksumming user_logins ids {span}");
+        // One pass over the span, each row counted in its range. A stream has
+        // no overall deadline (its length is the table's); each row must come
+        // within the call timeout.
+        let mut cursor = self
+            .client
+            .query("SELECT id, username, event_time_us FROM user_logins FINAL WHERE id BETWEEN ? AND ?")
+            .bind(span.first)
+            .bind(span.last)
+            .fetch::<SinkRowRef<'_>>()
+            .map_err(classify)
+            .with_context(what)?;
+        loop {
+            let row = tokio::time::timeout(self.timeout, cursor.next())
+                .await
+                .map_err(|_| OutcomeUnknown::error(format!("no answer within {:?}", self.timeout)))
+                .with_context(what)?
+                .map_err(classify)
+                .with_context(what)?;
+            let Some(row) = row else { break };
+            if let Some(i) = KeyRange::part_of(ranges, row.id) {
+                out[i].add(checksum::stored(row.id, row.username, row.event_time_us));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn rows(&mut self, range: KeyRange) -> anyhow::Result<Vec<LoginEvent>> {
+        self.rows_in(range).await
+    }
+
+    async fn unmerged_copies(&mut self) -> anyhow::Result<Finding> {
+        let count =
+            self.scalar("SELECT count() FROM (SELECT id FROM user_logins GROUP BY id HAVING count() > 1)").await?;
+        let first_ids = bounded(|| "ClickHouse: sampling copies".into(), self.timeout, async {
+            Ok(self
+                .client
+                .query("SELECT id FROM user_logins GROUP BY id HAVING count() > 1 ORDER BY id LIMIT ?")
+                .bind(SAMPLE as u64)
+                .fetch_all::<i64>()
+                .await?)
+        })
+        .await?;
+        Ok(Finding { count, first_ids })
     }
 }

@@ -406,16 +406,26 @@ pub async fn run(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow::Re
     Ok(moved)
 }
 
-pub async fn verify(s: &Settings) -> anyhow::Result<Report> {
+/// Reconciles PostgreSQL and ClickHouse range by range ([`verify::verify`]);
+/// with `repair`, flags what is missing or different unsent again. A
+/// progress bar shows on a terminal.
+pub async fn verify(s: &Settings, repair: bool) -> anyhow::Result<Report> {
     let pool = postgres::connect(&s.pg, 1, s.timeouts.call).await?;
-    let ch = ClickHouse::connect(&s.ch, s.timeouts.call).await?;
-    let (pg_rows, ch_rows) = tokio::try_join!(postgres::all_rows(&pool), ch.rows_final())?;
-    let mut report = verify::reconcile(&pg_rows, &ch_rows);
-    let (count, first_ids) = ch.unmerged_copies(verify::SAMPLE).await?;
-    report.unmerged_copies = verify::Finding { count, first_ids };
-    let (count, first_ids) = postgres::rejected(&pool, verify::SAMPLE).await?;
-    report.rejected = verify::Finding { count, first_ids };
-    Ok(report)
+    let mut ch = ClickHouse::connect(&s.ch, s.timeouts.call).await?;
+    let mut pg = postgres::PgVerifySide::open(&pool).await?;
+    let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("verify: {bar:30} {pos}/{len} id ranges, {elapsed} (eta {eta})")
+            .expect("a fixed template"),
+    );
+    let plan = verify::Plan { repair, ..verify::Plan::default() };
+    let report = verify::verify(&mut pg, &mut ch, plan, |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })
+    .await;
+    bar.finish_and_clear();
+    report
 }
 
 /// One partition in `status`.
@@ -446,7 +456,7 @@ pub async fn status(s: &Settings) -> anyhow::Result<Status> {
     let mut c = consumer(s, &RunOptions::default()).await?;
     let positions = c.positions().await?.clone();
     let ends = c.high_watermarks().await?;
-    let (rejected_rows, _) = postgres::rejected(&pool, 0).await?;
+    let rejected_rows = postgres::rejected_count(&pool).await?;
     let partitions = positions
         .iter()
         .map(|(&p, position)| {

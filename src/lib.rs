@@ -7,7 +7,8 @@
 //! - [`pipeline`]: every decision (claim, publish, mark, fetch, write,
 //!   remember position), written once against those traits, with named crash points.
 //! - [`postgres`], [`kafka`], [`clickhouse`]: one adapter per outside system.
-//! - [`verify`]: reconciliation of PostgreSQL against ClickHouse.
+//! - [`verify`]: reconciliation of PostgreSQL against ClickHouse, range by range.
+//! - [`checksum`]: row checksums PostgreSQL computes on the server and pg2ch reproduces.
 //! - [`commands`]: what each CLI subcommand does, wiring adapters to the pipeline.
 //! - [`stack`]: starts and stops a local PostgreSQL, ClickHouse and broker without Docker.
 //! - [`config`]: connection settings, secrets, identifier checks, timeouts.
@@ -16,6 +17,7 @@
 //!   that runs [`pipeline`] unchanged against them, with the property tests.
 
 pub mod cli;
+pub mod checksum;
 pub mod clickhouse;
 pub mod commands;
 pub mod config;

@@ -26,6 +26,7 @@ use sqlx::{Postgres, Row, Transaction};
 use crate::config::{PgConfig, bounded};
 use crate::event::{LoginEvent, PgTimestamp, SourceRow};
 use crate::stores::{Claim, ClaimMode, Permanent, Rejected, SourceTable};
+use crate::verify::{Finding, KeyRange, SAMPLE, SourceSide, SourceSummary};
 
 /// Opens a pool and proves the server answers and the password is right.
 pub async fn connect(cfg: &PgConfig, max_connections: u32, timeout: Duration) -> anyhow::Result<PgPool> {
@@ -219,11 +220,18 @@ pub async fn unsent_count(pool: &PgPool) -> anyhow::Result<i64> {
 /// Every row that can be sent (not rejected, not holding a NULL the claim
 /// would reject), with its sent flag, in id order.
 pub async fn all_rows(pool: &PgPool) -> anyhow::Result<Vec<(LoginEvent, bool)>> {
+    rows_in(pool, KeyRange { first: i64::MIN, last: i64::MAX }).await
+}
+
+/// [`all_rows`] of one id range.
+async fn rows_in<'c>(db: impl sqlx::PgExecutor<'c>, range: KeyRange) -> anyhow::Result<Vec<(LoginEvent, bool)>> {
     sqlx::query(
         "SELECT id::bigint, convert_to(username::text, 'SQL_ASCII'), event_time::timestamptz, sent_to_kafka
-         FROM user_logins WHERE pg2ch_rejected IS NULL ORDER BY id",
+         FROM user_logins WHERE pg2ch_rejected IS NULL AND id BETWEEN $1 AND $2 ORDER BY id",
     )
-    .fetch(pool)
+    .bind(range.first)
+    .bind(range.last)
+    .fetch(db)
     .map_err(anyhow::Error::from)
     .try_filter_map(|row| async move {
         // A row the claim would reject cannot have been sent: nothing to compare.
@@ -232,21 +240,103 @@ pub async fn all_rows(pool: &PgPool) -> anyhow::Result<Vec<(LoginEvent, bool)>> 
     })
     .try_collect()
     .await
-    .context("reading user_logins")
+    .with_context(|| format!("reading user_logins ids {range}"))
 }
 
-/// How many rows were rejected, and the first few ids.
-pub async fn rejected(pool: &PgPool, sample: usize) -> anyhow::Result<(u64, Vec<i64>)> {
+/// PostgreSQL as `verify` reads it: one session, planned per statement (a
+/// range's size decides between an index and a parallel scan) and without
+/// JIT (its compile time exceeds a range's run time).
+pub struct PgVerifySide {
+    conn: sqlx::pool::PoolConnection<Postgres>,
+}
+
+impl PgVerifySide {
+    pub async fn open(pool: &PgPool) -> anyhow::Result<Self> {
+        let mut conn = pool.acquire().await.context("PostgreSQL: opening the verify session")?;
+        for sql in ["SET plan_cache_mode = force_custom_plan", "SET jit = off"] {
+            sqlx::query(sql).execute(&mut *conn).await.with_context(|| format!("PostgreSQL: {sql}"))?;
+        }
+        Ok(PgVerifySide { conn })
+    }
+}
+
+/// Counts and checksum of one id range: what ClickHouse must hold is the
+/// rows flagged sent and not rejected.
+const RANGE_SUMMARY: &str = concat!(
+    "SELECT count(*) FILTER (WHERE pg2ch_rejected IS NULL),
+            count(*) FILTER (WHERE sent_to_kafka AND pg2ch_rejected IS NULL),
+            coalesce(sum(",
+    crate::checksum::row_sql!(),
+    ") FILTER (WHERE sent_to_kafka AND pg2ch_rejected IS NULL), 0)::text
+     FROM user_logins WHERE id BETWEEN $1 AND $2"
+);
+
+impl SourceSide for PgVerifySide {
+    async fn bounds(&mut self) -> anyhow::Result<Option<KeyRange>> {
+        let (first, last): (Option<i64>, Option<i64>) =
+            sqlx::query_as("SELECT min(id)::bigint, max(id)::bigint FROM user_logins")
+                .fetch_one(&mut *self.conn)
+                .await
+                .context("reading the id range of user_logins")?;
+        Ok(first.zip(last).map(|(first, last)| KeyRange { first, last }))
+    }
+
+    async fn summaries(&mut self, ranges: &[KeyRange]) -> anyhow::Result<Vec<SourceSummary>> {
+        let mut out = Vec::with_capacity(ranges.len());
+        for range in ranges {
+            let (rows, sent, checksum): (i64, i64, String) = sqlx::query_as(RANGE_SUMMARY)
+                .bind(range.first)
+                .bind(range.last)
+                .fetch_one(&mut *self.conn)
+                .await
+                .map_err(classify)
+                .with_context(|| format!("checksumming user_logins ids {range}"))?;
+            let checksum = checksum.parse().with_context(|| format!("PostgreSQL returned checksum {checksum:?}"))?;
+            out.push(SourceSummary { rows: rows as u64, sent: sent as u64, checksum });
+        }
+        Ok(out)
+    }
+
+    async fn rows(&mut self, range: KeyRange) -> anyhow::Result<Vec<(LoginEvent, bool)>> {
+        rows_in(&mut *self.conn, range).await
+    }
+
+    async fn rejected(&mut self) -> anyhow::Result<Finding> {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE pg2ch_rejected IS NOT NULL")
+            .fetch_one(&mut *self.conn)
+            .await
+            .context("counting rejected rows")?;
+        let first_ids =
+            sqlx::query_scalar("SELECT id::bigint FROM user_logins WHERE pg2ch_rejected IS NOT NULL ORDER BY id LIMIT $1")
+                .bind(SAMPLE as i64)
+                .fetch_all(&mut *self.conn)
+                .await?;
+        Ok(Finding { count: count as u64, first_ids })
+    }
+
+    async fn flag_unsent(&mut self, ids: &[i64]) -> anyhow::Result<Vec<i64>> {
+        // SKIP LOCKED: a row a claim holds is left to that claim.
+        let mut flagged: Vec<i64> = sqlx::query_scalar(
+            "WITH free AS (SELECT id FROM user_logins WHERE id = ANY($1) AND sent_to_kafka FOR UPDATE SKIP LOCKED)
+             UPDATE user_logins u SET sent_to_kafka = FALSE FROM free WHERE u.id = free.id RETURNING u.id::bigint",
+        )
+        .bind(ids)
+        .fetch_all(&mut *self.conn)
+        .await
+        .map_err(classify)
+        .context("flagging rows unsent for repair")?;
+        flagged.sort_unstable();
+        Ok(flagged)
+    }
+}
+
+/// How many rows are flagged rejected.
+pub async fn rejected_count(pool: &PgPool) -> anyhow::Result<u64> {
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE pg2ch_rejected IS NOT NULL")
         .fetch_one(pool)
         .await
         .context("counting rejected rows")?;
-    let ids =
-        sqlx::query_scalar("SELECT id::bigint FROM user_logins WHERE pg2ch_rejected IS NOT NULL ORDER BY id LIMIT $1")
-            .bind(sample as i64)
-            .fetch_all(pool)
-            .await?;
-    Ok((count as u64, ids))
+    Ok(count as u64)
 }
 
 /// A claimed row, or why it cannot be sent. The first three columns are
