@@ -30,6 +30,9 @@ macro_rules! row_sql {
 }
 pub(crate) use row_sql;
 
+/// `row_sql!()` as a value, for tests that ask PostgreSQL directly.
+pub const ROW_SQL: &str = row_sql!();
+
 /// The checksum of a row as it travels.
 pub fn event(e: &LoginEvent) -> i64 {
     stored(e.id, &e.username, e.event_time_us)

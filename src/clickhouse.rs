@@ -25,9 +25,9 @@ use anyhow::Context;
 use clickhouse::{Client, Compression, Row};
 use serde::{Deserialize, Serialize};
 
+use crate::checksum;
 use crate::config::{ChConfig, bounded};
 use crate::event::LoginEvent;
-use crate::checksum;
 use crate::stores::{OutcomeUnknown, Permanent, Position, Sink};
 use crate::verify::{Finding, KeyRange, SAMPLE, SinkSide, SinkSummary};
 
@@ -289,16 +289,17 @@ impl ClickHouse {
 
     /// [`rows_final`](Self::rows_final) of one id range.
     async fn rows_in(&self, range: KeyRange) -> anyhow::Result<Vec<LoginEvent>> {
-        let rows: Vec<SinkRow> = bounded(|| format!("ClickHouse: reading user_logins ids {range}"), self.timeout * 4, async {
-            Ok(self
+        let rows: Vec<SinkRow> =
+            bounded(|| format!("ClickHouse: reading user_logins ids {range}"), self.timeout * 4, async {
+                Ok(self
                 .client
                 .query("SELECT id, username, event_time_us FROM user_logins FINAL WHERE id BETWEEN ? AND ? ORDER BY id")
                 .bind(range.first)
                 .bind(range.last)
                 .fetch_all()
                 .await?)
-        })
-        .await?;
+            })
+            .await?;
         Ok(rows
             .into_iter()
             .map(|r| LoginEvent { id: r.id, username: r.username, event_time_us: r.event_time_us })
@@ -398,7 +399,11 @@ impl Sink for ChSink {
 impl SinkSide for ClickHouse {
     async fn bounds(&mut self) -> anyhow::Result<(Option<KeyRange>, u64)> {
         let (first, last, stored) = bounded(|| "ClickHouse: reading the id range".into(), self.timeout, async {
-            Ok(self.client.query("SELECT min(id), max(id), count() FROM user_logins").fetch_one::<(i64, i64, u64)>().await?)
+            Ok(self
+                .client
+                .query("SELECT min(id), max(id), count() FROM user_logins")
+                .fetch_one::<(i64, i64, u64)>()
+                .await?)
         })
         .await?;
         Ok(((stored > 0).then_some(KeyRange { first, last }), stored))
@@ -410,8 +415,9 @@ impl SinkSide for ClickHouse {
         let span = KeyRange { first: first.first, last: last.last };
         let what = || format!("ClickHouse: checksumming user_logins ids {span}");
         // One pass over the span, each row counted in its range. A stream has
-        // no overall deadline (its length is the table's); each row must come
-        // within the call timeout.
+        // no overall deadline (its length is the table's); each block of rows
+        // must come within the call timeout (a timer per row would cost more
+        // than the row).
         let mut cursor = self
             .client
             .query("SELECT id, username, event_time_us FROM user_logins FINAL WHERE id BETWEEN ? AND ?")
@@ -420,17 +426,25 @@ impl SinkSide for ClickHouse {
             .fetch::<SinkRowRef<'_>>()
             .map_err(classify)
             .with_context(what)?;
-        loop {
-            let row = tokio::time::timeout(self.timeout, cursor.next())
-                .await
-                .map_err(|_| OutcomeUnknown::error(format!("no answer within {:?}", self.timeout)))
-                .with_context(what)?
-                .map_err(classify)
-                .with_context(what)?;
-            let Some(row) = row else { break };
-            if let Some(i) = KeyRange::part_of(ranges, row.id) {
-                out[i].add(checksum::stored(row.id, row.username, row.event_time_us));
-            }
+        let mut finished = false;
+        while !finished {
+            tokio::time::timeout(self.timeout, async {
+                for _ in 0..4096 {
+                    let Some(row) = cursor.next().await? else {
+                        finished = true;
+                        break;
+                    };
+                    if let Some(i) = KeyRange::part_of(ranges, row.id) {
+                        out[i].add(checksum::stored(row.id, row.username, row.event_time_us));
+                    }
+                }
+                Ok::<_, clickhouse::error::Error>(())
+            })
+            .await
+            .map_err(|_| OutcomeUnknown::error(format!("no rows within {:?}", self.timeout)))
+            .with_context(what)?
+            .map_err(classify)
+            .with_context(what)?;
         }
         Ok(out)
     }

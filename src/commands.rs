@@ -419,12 +419,18 @@ pub async fn verify(s: &Settings, repair: bool) -> anyhow::Result<Report> {
             .expect("a fixed template"),
     );
     let plan = verify::Plan { repair, ..verify::Plan::default() };
+    let started = std::time::Instant::now();
     let report = verify::verify(&mut pg, &mut ch, plan, |done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })
     .await;
     bar.finish_and_clear();
+    tracing::info!(
+        "verify: took {:.1?} (peak RSS {} MB)",
+        started.elapsed(),
+        peak_rss_mb().map_or("?".into(), |m| m.to_string())
+    );
     report
 }
 

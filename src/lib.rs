@@ -16,8 +16,8 @@
 //! - `sim` (test builds only): simulated stores and the crash-replay harness
 //!   that runs [`pipeline`] unchanged against them, with the property tests.
 
-pub mod cli;
 pub mod checksum;
+pub mod cli;
 pub mod clickhouse;
 pub mod commands;
 pub mod config;

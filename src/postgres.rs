@@ -306,11 +306,12 @@ impl SourceSide for PgVerifySide {
             .fetch_one(&mut *self.conn)
             .await
             .context("counting rejected rows")?;
-        let first_ids =
-            sqlx::query_scalar("SELECT id::bigint FROM user_logins WHERE pg2ch_rejected IS NOT NULL ORDER BY id LIMIT $1")
-                .bind(SAMPLE as i64)
-                .fetch_all(&mut *self.conn)
-                .await?;
+        let first_ids = sqlx::query_scalar(
+            "SELECT id::bigint FROM user_logins WHERE pg2ch_rejected IS NOT NULL ORDER BY id LIMIT $1",
+        )
+        .bind(SAMPLE as i64)
+        .fetch_all(&mut *self.conn)
+        .await?;
         Ok(Finding { count: count as u64, first_ids })
     }
 

@@ -317,6 +317,9 @@ pub fn reconcile(postgres: &[(LoginEvent, bool)], clickhouse: &[LoginEvent]) -> 
     report
 }
 
+/// Top-level ranges compared in one go.
+const TOP_BATCH: usize = 8;
+
 /// What is left to look at.
 enum Work {
     /// Compare these adjacent ranges by their figures; `top` for the
@@ -346,7 +349,10 @@ pub async fn verify<S: SourceSide, K: SinkSide>(
         let total = chunks.len() as u64;
         progress(0, total);
         // Depth first, in id order, so that the samples are the first ids.
-        let mut work: Vec<Work> = chunks.iter().rev().map(|c| Work::Figures { ranges: vec![*c], top: true }).collect();
+        // Top-level ranges go in batches: each side then works through a
+        // batch without waiting for the other after every range.
+        let mut work: Vec<Work> =
+            chunks.chunks(TOP_BATCH).rev().map(|c| Work::Figures { ranges: c.to_vec(), top: true }).collect();
         let mut done = 0;
         while let Some(item) = work.pop() {
             match item {
@@ -377,7 +383,7 @@ pub async fn verify<S: SourceSide, K: SinkSide>(
                         });
                     }
                     if top {
-                        done += 1;
+                        done += ranges.len() as u64;
                         progress(done, total);
                     }
                 }
@@ -451,7 +457,11 @@ impl fmt::Display for Report {
             let flagged = &repair.flagged_unsent;
             writeln!(f, "repair: flagged {} rows unsent again (first: {:?})", flagged.count, flagged.first_ids)?;
             if repair.skipped > 0 {
-                writeln!(f, "repair: {} rows left as they were (held by an open claim, or changed meanwhile)", repair.skipped)?;
+                writeln!(
+                    f,
+                    "repair: {} rows left as they were (held by an open claim, or changed meanwhile)",
+                    repair.skipped
+                )?;
             }
             if repair.extra_left > 0 {
                 writeln!(

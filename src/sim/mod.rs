@@ -47,6 +47,7 @@ use crate::pipeline::{
     ProducerConfig, is_crash,
 };
 use crate::stores::{ClaimMode, ErrorKind, kind};
+use crate::verify::{Plan, Report};
 
 /// How often things go wrong, each a probability per opportunity.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -166,6 +167,10 @@ pub struct World {
 }
 
 const GROUP: &str = "sim";
+
+/// A verify plan for tables of tens of rows that still walks every level:
+/// several top ranges, splits, and row-by-row leaves.
+pub const SMALL_RANGES: Plan = Plan { chunk_rows: 8, fan_out: 3, leaf_rows: 4, repair: false };
 
 /// The source table's shape: where ids start, how they step, how many
 /// partitions hold the rows.
@@ -345,11 +350,18 @@ impl World {
                 missing.0, missing.1
             ));
         }
-        let report = crate::verify::reconcile(&sendable, &self.sink.borrow().final_rows());
+        let report = self.verify(SMALL_RANGES).map_err(|e| format!("verify: {e:#}"))?;
         if !report.ok() || report.clickhouse_final_rows != sendable.len() as u64 {
             return Err(format!("sink FINAL differs from the table after draining:\n{report}"));
         }
         Ok(())
+    }
+
+    /// Runs the real `verify` walk over the simulated stores.
+    pub fn verify(&self, plan: Plan) -> anyhow::Result<Report> {
+        let mut source = source::SimVerifySource(self.table.clone());
+        let mut sink = sink::SimVerifySink(self.sink.clone());
+        futures::executor::block_on(crate::verify::verify(&mut source, &mut sink, plan, |_, _| {}))
     }
 
     /// Drains with fresh components and no faults, in a bounded number of

@@ -8,8 +8,10 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use super::{Chaos, yield_now};
+use crate::checksum;
 use crate::event::LoginEvent;
 use crate::stores::{OutcomeUnknown, Position, Sink};
+use crate::verify::{Finding, KeyRange, SAMPLE, SinkSide, SinkSummary};
 
 #[derive(Debug, Default)]
 pub struct SinkTable {
@@ -24,6 +26,15 @@ impl SinkTable {
     pub fn final_rows(&self) -> Vec<LoginEvent> {
         let mut newest = BTreeMap::new();
         for row in self.parts.iter().flatten() {
+            newest.insert(row.id, row.clone());
+        }
+        newest.into_values().collect()
+    }
+
+    /// `final_rows` of one id range.
+    fn final_in(&self, range: KeyRange) -> Vec<LoginEvent> {
+        let mut newest = BTreeMap::new();
+        for row in self.parts.iter().flatten().filter(|r| range.contains(r.id)) {
             newest.insert(row.id, row.clone());
         }
         newest.into_values().collect()
@@ -86,5 +97,41 @@ impl Sink for SimSink {
             return Err(OutcomeUnknown::error("simulated: storing positions response lost (it landed)"));
         }
         Ok(())
+    }
+}
+
+/// The simulated sink as `verify` reads it.
+pub struct SimVerifySink(pub(super) Rc<RefCell<SinkTable>>);
+
+impl SinkSide for SimVerifySink {
+    async fn bounds(&mut self) -> anyhow::Result<(Option<KeyRange>, u64)> {
+        let table = self.0.borrow();
+        let rows = || table.parts.iter().flatten();
+        let bounds = rows().map(|r| r.id).min().zip(rows().map(|r| r.id).max());
+        Ok((bounds.map(|(first, last)| KeyRange { first, last }), rows().count() as u64))
+    }
+
+    async fn summaries(&mut self, ranges: &[KeyRange]) -> anyhow::Result<Vec<SinkSummary>> {
+        let mut out = vec![SinkSummary::default(); ranges.len()];
+        let (Some(first), Some(last)) = (ranges.first(), ranges.last()) else { return Ok(out) };
+        for row in self.0.borrow().final_in(KeyRange { first: first.first, last: last.last }) {
+            if let Some(i) = KeyRange::part_of(ranges, row.id) {
+                out[i].add(checksum::event(&row));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn rows(&mut self, range: KeyRange) -> anyhow::Result<Vec<LoginEvent>> {
+        Ok(self.0.borrow().final_in(range))
+    }
+
+    async fn unmerged_copies(&mut self) -> anyhow::Result<Finding> {
+        let mut copies = BTreeMap::<i64, u32>::new();
+        for row in self.0.borrow().parts.iter().flatten() {
+            *copies.entry(row.id).or_default() += 1;
+        }
+        let twice: Vec<i64> = copies.into_iter().filter(|(_, n)| *n > 1).map(|(id, _)| id).collect();
+        Ok(Finding { count: twice.len() as u64, first_ids: twice.into_iter().take(SAMPLE).collect() })
     }
 }

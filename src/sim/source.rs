@@ -18,8 +18,10 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use super::{Chaos, yield_now};
+use crate::checksum;
 use crate::event::{LoginEvent, SourceRow};
 use crate::stores::{Claim, ClaimMode, OutcomeUnknown, Rejected, SourceTable};
+use crate::verify::{Finding, KeyRange, SAMPLE, SourceSide, SourceSummary};
 
 /// A committed row: its raw content, sent flag and physical address.
 #[derive(Debug, Clone)]
@@ -274,5 +276,72 @@ impl SourceTable for SimSource {
         yield_now().await;
         self.abort();
         Ok(())
+    }
+}
+
+/// The simulated table as `verify` reads it, with the real adapter's rules:
+/// figures over rows flagged sent and not rejected, checksums of the raw
+/// row (NULLs included), repair that skips rows a claim holds.
+pub struct SimVerifySource(pub(super) Rc<RefCell<Table>>);
+
+impl SourceSide for SimVerifySource {
+    async fn bounds(&mut self) -> anyhow::Result<Option<KeyRange>> {
+        let table = self.0.borrow();
+        let (first, last) = (table.committed.keys().next(), table.committed.keys().next_back());
+        Ok(first.zip(last).map(|(first, last)| KeyRange { first: *first, last: *last }))
+    }
+
+    async fn summaries(&mut self, ranges: &[KeyRange]) -> anyhow::Result<Vec<SourceSummary>> {
+        let table = self.0.borrow();
+        Ok(ranges
+            .iter()
+            .map(|range| {
+                let mut s = SourceSummary::default();
+                for (id, row) in table.committed.range(range.first..=range.last) {
+                    if table.rejected.contains_key(id) {
+                        continue;
+                    }
+                    s.rows += 1;
+                    if row.sent {
+                        s.sent += 1;
+                        let raw = &row.raw;
+                        s.checksum +=
+                            i128::from(checksum::row(raw.id, raw.username.as_deref(), raw.event_time.map(|t| t.0)));
+                    }
+                }
+                s
+            })
+            .collect())
+    }
+
+    async fn rows(&mut self, range: KeyRange) -> anyhow::Result<Vec<(LoginEvent, bool)>> {
+        let table = self.0.borrow();
+        Ok(table
+            .committed
+            .range(range.first..=range.last)
+            .filter(|(id, _)| !table.rejected.contains_key(id))
+            .filter_map(|(_, row)| Some((row.event().ok()?, row.sent)))
+            .collect())
+    }
+
+    async fn rejected(&mut self) -> anyhow::Result<Finding> {
+        let table = self.0.borrow();
+        let first_ids = table.rejected.keys().take(SAMPLE).copied().collect();
+        Ok(Finding { count: table.rejected.len() as u64, first_ids })
+    }
+
+    async fn flag_unsent(&mut self, ids: &[i64]) -> anyhow::Result<Vec<i64>> {
+        let mut table = self.0.borrow_mut();
+        let mut flagged = Vec::new();
+        for id in ids {
+            if table.locks.contains_key(id) {
+                continue;
+            }
+            if let Some(row) = table.committed.get_mut(id).filter(|r| r.sent) {
+                row.sent = false;
+                flagged.push(*id);
+            }
+        }
+        Ok(flagged)
     }
 }

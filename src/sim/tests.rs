@@ -335,3 +335,137 @@ fn store_errors_say_what_kind_they_are() {
     let past = futures::executor::block_on(consumer.drain(&NoFaults, Duration::ZERO)).unwrap_err();
     assert_eq!(kind(&past), ErrorKind::Permanent, "{past:#}");
 }
+
+/// A difference planted after a clean drain; `usize`s pick a row that
+/// travelled, `i64` an id the table lacks (searched from there).
+#[derive(Debug, Clone)]
+enum Plant {
+    /// Every copy of the row is gone from the sink.
+    Missing(usize),
+    /// The sink holds an id the table never had.
+    Extra(i64),
+    /// The sink's newest copy has other content (a name or a time).
+    ChangedInSink(usize, bool),
+    /// The table's row changed after it was sent.
+    ChangedInSource(usize),
+    /// The sink holds the same row twice, awaiting a merge (not an error).
+    Duplicate(usize),
+}
+
+fn plant() -> impl Strategy<Value = Plant> {
+    prop_oneof![
+        any::<usize>().prop_map(Plant::Missing),
+        any::<i64>().prop_map(Plant::Extra),
+        (any::<usize>(), any::<bool>()).prop_map(|(i, name)| Plant::ChangedInSink(i, name)),
+        any::<usize>().prop_map(Plant::ChangedInSource),
+        any::<usize>().prop_map(Plant::Duplicate),
+    ]
+}
+
+/// Any walk: top ranges, fan-out and leaf size from their smallest up.
+fn plan() -> impl Strategy<Value = Plan> {
+    (1..30u64, 2..6u64, 1..12u64).prop_map(|(chunk_rows, fan_out, leaf_rows)| Plan {
+        chunk_rows,
+        fan_out,
+        leaf_rows,
+        repair: false,
+    })
+}
+
+/// The first ids of a set, as a finding lists them.
+fn first(ids: &BTreeSet<i64>) -> Vec<i64> {
+    ids.iter().take(crate::verify::SAMPLE).copied().collect()
+}
+
+proptest! {
+    #![proptest_config(config(cases() / 4))]
+
+    /// After a clean drain of rows from the whole domain, in any table shape,
+    /// differences are planted on either side. The range walk (whatever its
+    /// sizes) reports exactly the planted ids, and `repair` then a drain
+    /// leaves only what repair cannot fix without deletes: the extra ids.
+    #[test]
+    fn verify_finds_exactly_the_planted_differences_and_repair_heals_them(
+        seed in any::<u64>(),
+        shape in table_shape(),
+        rows in 0..60usize,
+        plants in proptest::collection::vec(plant(), 0..8),
+        plan in plan(),
+    ) {
+        let world = World::with_table(seed, FaultRates::NONE, 2, shape);
+        for _ in 0..rows {
+            world.insert_row();
+            world.table.borrow_mut().commit_insert(0);
+        }
+        let (producer, consumer) = (ProducerConfig::default(), ConsumerConfig::all_partitions(2));
+        world.drain(ClaimMode::Shared, producer.clone(), consumer.clone()).map_err(TestCaseError::fail)?;
+        world.sink.borrow_mut().merge();
+        let sent: Vec<i64> = {
+            let table = world.table.borrow();
+            table.committed.iter().filter(|(_, r)| r.sent).map(|(id, _)| *id).collect()
+        };
+        let (mut missing, mut extra, mut differing, mut twice) =
+            (BTreeSet::new(), BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+        let mut used = BTreeSet::new();
+        for p in &plants {
+            let pick = |i: usize| (!sent.is_empty()).then(|| sent[i % sent.len()]).filter(|id| !used.contains(id));
+            let newest = |id: i64| world.sink.borrow().final_rows().into_iter().find(|r| r.id == id).unwrap();
+            match *p {
+                Plant::Missing(i) => if let Some(id) = pick(i) {
+                    world.sink.borrow_mut().parts.iter_mut().for_each(|part| part.retain(|r| r.id != id));
+                    missing.insert(id);
+                    used.insert(id);
+                },
+                Plant::Extra(from) => {
+                    let id = (0..).map(|k: i64| from.wrapping_add(k)).find(|id| {
+                        !world.table.borrow().committed.contains_key(id) && !used.contains(id)
+                    }).unwrap();
+                    let ghost = LoginEvent { id, username: "ghost".into(), event_time_us: 0 };
+                    world.sink.borrow_mut().parts.push(vec![ghost]);
+                    extra.insert(id);
+                    used.insert(id);
+                }
+                Plant::ChangedInSink(i, name) => if let Some(id) = pick(i) {
+                    let mut row = newest(id);
+                    if name { row.username.push('!') } else { row.event_time_us ^= 1 }
+                    world.sink.borrow_mut().parts.push(vec![row]);
+                    differing.insert(id);
+                    twice.insert(id);
+                    used.insert(id);
+                },
+                Plant::ChangedInSource(i) => if let Some(id) = pick(i) {
+                    let name = format!("changed {id}").into_bytes();
+                    world.table.borrow_mut().committed.get_mut(&id).unwrap().raw.username = Some(name);
+                    differing.insert(id);
+                    used.insert(id);
+                },
+                Plant::Duplicate(i) => if let Some(id) = pick(i) {
+                    let row = newest(id);
+                    world.sink.borrow_mut().parts.push(vec![row]);
+                    twice.insert(id);
+                    used.insert(id);
+                },
+            }
+        }
+
+        let report = world.verify(plan).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
+        let seen = |f: &crate::verify::Finding| (f.count, f.first_ids.clone());
+        prop_assert_eq!(seen(&report.missing), (missing.len() as u64, first(&missing)), "missing\n{}", report);
+        prop_assert_eq!(seen(&report.extra), (extra.len() as u64, first(&extra)), "extra\n{}", report);
+        prop_assert_eq!(seen(&report.differing), (differing.len() as u64, first(&differing)), "differing\n{}", report);
+        prop_assert_eq!(seen(&report.unmerged_copies), (twice.len() as u64, first(&twice)), "copies\n{}", report);
+        prop_assert_eq!(report.repeated_after_final.count, 0);
+        prop_assert_eq!(report.ok(), missing.is_empty() && extra.is_empty() && differing.is_empty());
+        prop_assert_eq!(report.postgres_sent, sent.len() as u64);
+
+        let repaired = world.verify(Plan { repair: true, ..plan }).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
+        let repair = repaired.repair.clone().unwrap();
+        let resent: BTreeSet<i64> = missing.union(&differing).copied().collect();
+        prop_assert_eq!(seen(&repair.flagged_unsent), (resent.len() as u64, first(&resent)), "{}", repaired);
+        prop_assert_eq!(repair.extra_left, extra.len() as u64);
+        world.drain(ClaimMode::Shared, producer, consumer).map_err(TestCaseError::fail)?;
+        let after = world.verify(plan).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
+        prop_assert_eq!(after.missing.count + after.differing.count, 0, "after repair and a drain\n{}", after);
+        prop_assert_eq!(seen(&after.extra), (extra.len() as u64, first(&extra)));
+    }
+}
