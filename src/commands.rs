@@ -13,7 +13,7 @@ use crate::clickhouse::{ChSink, ClickHouse};
 use crate::config::{ChConfig, KafkaConfig, PgConfig, Timeouts};
 use crate::kafka::{self, KafkaLog};
 use crate::pipeline::{Consumer, ConsumerConfig, NoFaults, ProduceStep, Producer, ProducerConfig};
-use crate::postgres::{self, PgSource, ProducerLease};
+use crate::postgres::{self, PgSource, ProducerLease, RowsCommitted};
 use crate::stores::{ClaimMode, ErrorKind, kind};
 use crate::verify::{self, Report};
 
@@ -157,6 +157,12 @@ impl ProducerStores {
         Ok(Some(lease))
     }
 
+    /// Notifications of inserted rows for idle producers to wait on; none
+    /// with `--once`, which never waits.
+    pub async fn wakeups(&self, o: &RunOptions) -> anyhow::Result<Option<RowsCommitted>> {
+        if o.once { Ok(None) } else { RowsCommitted::listen(&self.pool).await.map(Some) }
+    }
+
     /// One producer per lane, sharing the log and the keyset cursor.
     pub fn producers(&mut self) -> Vec<Producer<PgSource, &KafkaLog>> {
         let cursor = crate::pipeline::Cursor::default();
@@ -260,11 +266,17 @@ async fn produce_loop<L: crate::stores::EventLog>(
     p: &mut Producer<PgSource, L>,
     once: bool,
     poll: Duration,
+    mut wake: Option<watch::Receiver<u64>>,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<usize> {
     let mut moved = 0;
     let mut backoff = Backoff::new("producer");
     while !*shutdown.borrow() {
+        // Notifications from here on wake the wait below, even those that
+        // arrive while this step runs.
+        if let Some(w) = wake.as_mut() {
+            w.borrow_and_update();
+        }
         let step = tokio::select! {
             step = p.step(&NoFaults) => step,
             () = grace(shutdown.clone()) => break,
@@ -285,7 +297,7 @@ async fn produce_loop<L: crate::stores::EventLog>(
                 if once {
                     break;
                 }
-                pause(poll, &mut shutdown).await;
+                wait_for_rows(poll, wake.as_mut(), &mut shutdown).await;
             }
             Err(e) if once || kind(&e) == ErrorKind::Permanent => return Err(e),
             Err(e) => {
@@ -295,6 +307,39 @@ async fn produce_loop<L: crate::stores::EventLog>(
         }
     }
     Ok(moved)
+}
+
+/// An idle producer's wait: until PostgreSQL notifies that rows were
+/// inserted, the poll interval passes (the fallback for lost
+/// notifications), or shutdown.
+async fn wait_for_rows(poll: Duration, wake: Option<&mut watch::Receiver<u64>>, shutdown: &mut Shutdown) {
+    let Some(wake) = wake else { return pause(poll, shutdown).await };
+    let mut sleeping = shutdown.clone();
+    tokio::select! {
+        changed = wake.changed() => if changed.is_err() {
+            pause(poll, shutdown).await;
+        },
+        () = pause(poll, &mut sleeping) => {}
+    }
+}
+
+/// How long a fetch may wait for records while they keep coming, and for how
+/// long after the last ones. A Kafka broker answers a waiting fetch as soon
+/// as records arrive, but nisshi (the local broker) answers after half the
+/// wait whatever arrives, and serves one connection's requests in turn
+/// (measured: a 200 ms wait returns after 100 ms with a record produced at
+/// 20 ms), so a long wait would hold every row that long. Idle, the fetch
+/// waits the poll interval up to [`COLD_WAIT`], so an idle consumer costs a
+/// few requests a second and the first row after a pause waits at most that.
+const HOT_WAIT: Duration = Duration::from_millis(4);
+const HOT_FOR: Duration = Duration::from_secs(2);
+const COLD_WAIT: Duration = Duration::from_millis(200);
+
+fn fetch_wait(poll: Duration, last_records: Option<Instant>) -> Duration {
+    match last_records {
+        Some(at) if at.elapsed() < HOT_FOR => HOT_WAIT.min(poll),
+        _ => poll.min(COLD_WAIT),
+    }
 }
 
 /// Consumes until shutdown; when `done` says the producer finished, drains to
@@ -308,6 +353,7 @@ async fn consume_loop(
     let mut records = 0;
     let mut targets = None;
     let mut backoff = Backoff::new("consumer");
+    let mut last_records: Option<Instant> = None;
     while !*shutdown.borrow() {
         if let Some(done) = done {
             match done.get() {
@@ -321,14 +367,18 @@ async fn consume_loop(
         {
             break;
         }
+        let wait = fetch_wait(poll, last_records);
         let step = tokio::select! {
-            step = c.step(&NoFaults, poll) => step,
+            step = c.step(&NoFaults, wait) => step,
             () = grace(shutdown.clone()) => break,
         };
         match step {
             Ok(step) => {
                 backoff.ok();
                 records += step.records;
+                if step.records > 0 {
+                    last_records = Some(Instant::now());
+                }
             }
             Err(e) if done.is_some() || kind(&e) == ErrorKind::Permanent => return Err(e),
             Err(e) => {
@@ -345,20 +395,23 @@ async fn produce_lanes<L: crate::stores::EventLog>(
     producers: &mut [Producer<PgSource, L>],
     once: bool,
     poll: Duration,
+    wake: Option<&RowsCommitted>,
     shutdown: &Shutdown,
 ) -> anyhow::Result<usize> {
-    let moved =
-        futures::future::try_join_all(producers.iter_mut().map(|p| produce_loop(p, once, poll, shutdown.clone())))
-            .await?;
+    let moved = futures::future::try_join_all(
+        producers.iter_mut().map(|p| produce_loop(p, once, poll, wake.map(|w| w.count.clone()), shutdown.clone())),
+    )
+    .await?;
     Ok(moved.into_iter().sum())
 }
 
 pub async fn produce(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow::Result<()> {
     let mut stores = ProducerStores::connect(s, o).await?;
     let Some(_lease) = stores.lease(o, s.timeouts.call, shutdown.clone()).await? else { return Ok(()) };
+    let wake = stores.wakeups(o).await?;
     let mut producers = stores.producers();
     let started = Instant::now();
-    let moved = produce_lanes(&mut producers, o.once, o.poll, &shutdown).await?;
+    let moved = produce_lanes(&mut producers, o.once, o.poll, wake.as_ref(), &shutdown).await?;
     tracing::info!("producer: {moved} rows published and flagged in {:.1?}", started.elapsed());
     Ok(())
 }
@@ -379,6 +432,7 @@ pub async fn consume(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow
 pub async fn run(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow::Result<usize> {
     let mut stores = ProducerStores::connect(s, o).await?;
     let Some(_lease) = stores.lease(o, s.timeouts.call, shutdown.clone()).await? else { return Ok(0) };
+    let wake = stores.wakeups(o).await?;
     let mut producers = stores.producers();
     let mut c = consumer(s, o).await?;
     let started = Instant::now();
@@ -387,14 +441,14 @@ pub async fn run(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow::Re
     // it stands, as a crash would leave it, which the pipeline is built for.
     let (moved, written) = if o.once {
         let produce = async {
-            let r = produce_lanes(&mut producers, true, o.poll, &shutdown).await;
+            let r = produce_lanes(&mut producers, true, o.poll, None, &shutdown).await;
             done.set(Some(r.is_ok()));
             r
         };
         tokio::try_join!(produce, consume_loop(&mut c, Some(&done), o.poll, shutdown.clone()))?
     } else {
         tokio::try_join!(
-            produce_lanes(&mut producers, false, o.poll, &shutdown),
+            produce_lanes(&mut producers, false, o.poll, wake.as_ref(), &shutdown),
             consume_loop(&mut c, None, o.poll, shutdown.clone())
         )?
     };

@@ -72,6 +72,13 @@ pub async fn init(pool: &PgPool) -> anyhow::Result<()> {
         // Why a row could not be sent (NULL where the message has no null,
         // too large); such rows are skipped by claims and reported.
         "ALTER TABLE user_logins ADD COLUMN IF NOT EXISTS pg2ch_rejected TEXT",
+        // Wakes idle producers when an INSERT commits: one notification per
+        // statement (and PostgreSQL folds a transaction's equal ones into
+        // one), delivered at commit. The channel is the trigger's argument.
+        "CREATE OR REPLACE FUNCTION pg2ch_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_notify(TG_ARGV[0], ''); RETURN NULL; END $$",
+        "CREATE OR REPLACE TRIGGER pg2ch_notify AFTER INSERT ON user_logins
+         FOR EACH STATEMENT EXECUTE FUNCTION pg2ch_notify('pg2ch_user_logins')",
     ];
     for sql in statements {
         sqlx::query(sql).execute(pool).await.with_context(|| format!("PostgreSQL init: {}", first_line(sql)))?;
@@ -328,6 +335,46 @@ impl SourceSide for PgVerifySide {
         .context("flagging rows unsent for repair")?;
         flagged.sort_unstable();
         Ok(flagged)
+    }
+}
+
+/// The channel `init`'s trigger notifies when rows were inserted.
+pub const ROWS_CHANNEL: &str = "pg2ch_user_logins";
+
+/// Counts notifications on [`ROWS_CHANNEL`], for idle producers to wait on
+/// instead of sleeping a whole poll interval. Lost notifications (a dropped
+/// connection; inserts into a partition directly, which do not fire the
+/// parent's statement trigger) cost at most the poll interval the producers
+/// keep as a fallback. The listening task ends with this value.
+pub struct RowsCommitted {
+    pub count: tokio::sync::watch::Receiver<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RowsCommitted {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RowsCommitted {
+    pub async fn listen(pool: &PgPool) -> anyhow::Result<Self> {
+        let mut listener =
+            sqlx::postgres::PgListener::connect_with(pool).await.context("PostgreSQL: opening the LISTEN session")?;
+        listener.listen(ROWS_CHANNEL).await.with_context(|| format!("PostgreSQL: LISTEN {ROWS_CHANNEL}"))?;
+        let (tx, count) = tokio::sync::watch::channel(0u64);
+        let task = tokio::spawn(async move {
+            loop {
+                // On error sqlx reconnects at the next call; notifications
+                // sent meanwhile are gone, so waiters are woken to look.
+                if let Err(e) = listener.recv().await {
+                    tracing::debug!("LISTEN {ROWS_CHANNEL}: {e}; reconnecting");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                tx.send_modify(|n| *n += 1);
+            }
+        });
+        Ok(RowsCommitted { count, task })
     }
 }
 

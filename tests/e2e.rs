@@ -276,3 +276,38 @@ async fn the_clickhouse_version_ddl_and_insert_options_are_the_expected_ones() {
     }
     assert!(env.ok(&["verify"]).contains("verify: OK"));
 }
+
+/// An idle producer wakes when rows are committed (the statement trigger
+/// `init` installs notifies it), not at its next poll: with a ten-minute
+/// poll interval, a row inserted while `run` idles must still reach
+/// ClickHouse within a minute. Without the wake it would wait ten minutes.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_producer_wakes_on_commit_not_on_its_poll() {
+    use std::time::Duration;
+    let env = TestEnv::new("wake").await;
+    env.ok(&["init", "--partitions", "2"]);
+    let pool = env.pg().await;
+    let ch = env.ch().await;
+    let mut child = env.command(&["run", "--poll-ms", "600000"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let in_ch = |name: &'static str| {
+        let client = ch.client.clone();
+        async move {
+            client
+                .query("SELECT count() FROM user_logins WHERE username = ?")
+                .bind(name)
+                .fetch_one::<u64>()
+                .await
+                .unwrap_or(0)
+                == 1
+        }
+    };
+    // The first row proves `run` is up; after it, the producer goes idle.
+    sqlx::query("INSERT INTO user_logins (username) VALUES ('first')").execute(&pool).await.unwrap();
+    common::eventually("the first row arrives", Duration::from_secs(60), || in_ch("first")).await;
+    sqlx::query("INSERT INTO user_logins (username) VALUES ('woken')").execute(&pool).await.unwrap();
+    common::eventually("a row inserted while the producer idles arrives", Duration::from_secs(60), || in_ch("woken"))
+        .await;
+    let _ = std::process::Command::new("kill").arg(child.id().to_string()).status();
+    assert!(child.wait().unwrap().success());
+    assert!(env.ok(&["verify"]).contains("verify: OK"));
+}

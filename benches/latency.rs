@@ -1,0 +1,182 @@
+//! Freshness: each row's time from its INSERT's commit in PostgreSQL to the
+//! moment it is readable in ClickHouse, while `pg2ch run` runs and rows are
+//! inserted at a steady rate (2,000 and 20,000 rows/s), and, in the same run,
+//! the floor of each stage a row passes through: one flag update, one produce
+//! round trip, one fetch, one ClickHouse insert. The goal (issue 14): p99 at
+//! most 50 ms at 2,000 rows/s and 100 ms at 20,000 rows/s, or at most 1.5
+//! times the sum of the floors where they make that impossible.
+//!
+//! Rows are inserted every 10 ms (20 or 200 per statement); ClickHouse is
+//! asked every 5 ms which of the outstanding ids it holds, so a figure is
+//! late by up to 5 ms. `PG2CH_BENCH_LATENCY_SECS` sets each rate's duration
+//! (default 10).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::TestEnv;
+use pg2ch::stores::{EventLog, LogRecord};
+use tokio::runtime::Runtime;
+
+fn secs() -> u64 {
+    std::env::var("PG2CH_BENCH_LATENCY_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(10)
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+/// Inserts `rate` rows/s for `secs` seconds and returns each row's latency.
+async fn steady(env: &TestEnv, rate: u64, secs: u64) -> Vec<Duration> {
+    let pool = env.pg().await;
+    let ch = env.ch().await;
+    let per_tick = (rate / 100) as i64;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(i64, i64, Instant)>();
+    let inserter = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(secs) {
+            tick.tick().await;
+            let (first, last): (i64, i64) = sqlx::query_as(
+                "WITH ins AS (INSERT INTO user_logins (username, event_time)
+                              SELECT 'steady', now() FROM generate_series(1, $1::bigint) RETURNING id)
+                 SELECT min(id), max(id) FROM ins",
+            )
+            .bind(per_tick)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            tx.send((first, last, Instant::now())).unwrap();
+        }
+    });
+    // id → commit time, for rows not seen in ClickHouse yet.
+    let mut outstanding: BTreeMap<i64, Instant> = BTreeMap::new();
+    let mut latencies = Vec::new();
+    let mut inserting = true;
+    let deadline = Instant::now() + Duration::from_secs(secs + 90);
+    while (inserting || !outstanding.is_empty()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        loop {
+            match rx.try_recv() {
+                Ok((first, last, at)) => outstanding.extend((first..=last).map(|id| (id, at))),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                    inserting = false;
+                    break;
+                }
+            }
+        }
+        let (Some((&low, _)), Some((&high, _))) = (outstanding.first_key_value(), outstanding.last_key_value()) else {
+            continue;
+        };
+        let seen: Vec<i64> = ch
+            .client
+            .query("SELECT id FROM user_logins WHERE id BETWEEN ? AND ?")
+            .bind(low)
+            .bind(high)
+            .fetch_all()
+            .await
+            .unwrap();
+        let now = Instant::now();
+        for id in seen {
+            if let Some(at) = outstanding.remove(&id) {
+                latencies.push(now - at);
+            }
+        }
+    }
+    inserter.await.unwrap();
+    assert!(outstanding.is_empty(), "{} rows never reached ClickHouse", outstanding.len());
+    latencies.sort();
+    latencies
+}
+
+/// Median of `n` timings of `op`.
+async fn floor<F: AsyncFnMut()>(n: usize, mut op: F) -> Duration {
+    let mut t = Vec::with_capacity(n);
+    for _ in 0..n {
+        let s = Instant::now();
+        op().await;
+        t.push(s.elapsed());
+    }
+    t.sort();
+    t[n / 2]
+}
+
+fn main() {
+    let rt = Runtime::new().unwrap();
+    rt.block_on(async {
+        let env = TestEnv::new("benchlatency").await;
+        assert!(env.run(&["init", "--partitions", "4"]).status.success());
+        let pool = env.pg().await;
+        let ch = env.ch().await;
+
+        // Floors, each the median of 200 on an idle pipeline.
+        sqlx::query("INSERT INTO user_logins (id, username, sent_to_kafka) VALUES (-1, 'floor', TRUE)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let flag = floor(200, async || {
+            sqlx::query("UPDATE user_logins SET sent_to_kafka = TRUE WHERE id = -1").execute(&pool).await.unwrap();
+        })
+        .await;
+        let client = pg2ch::kafka::connect(&env.settings.kafka, Duration::from_secs(10)).await.unwrap();
+        let topic = format!("{}_floor", env.name);
+        pg2ch::kafka::ensure_topic(&client, &topic, 1, Duration::from_secs(10)).await.unwrap();
+        let log = pg2ch::kafka::KafkaLog::open(&client, &topic, Duration::from_secs(10)).await.unwrap();
+        let record = || vec![LogRecord { key: b"1".to_vec(), value: br#"{"id":1}"#.to_vec() }];
+        let produce = floor(200, async || log.append(0, record()).await.unwrap()).await;
+        let fetch = floor(200, async || {
+            assert_eq!(log.fetch(0, 0, Duration::from_millis(1)).await.unwrap().records.is_empty(), false);
+        })
+        .await;
+        let insert = floor(200, async || {
+            ch.client
+                .query("INSERT INTO user_logins (id, username, event_time_us) VALUES (-1, 'floor', 0)")
+                .execute()
+                .await
+                .unwrap();
+        })
+        .await;
+        let floors = flag + produce + fetch + insert;
+
+        let log = std::env::temp_dir().join("pg2ch-latency-run.log");
+        let mut child = env.command(&["run"]).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+        let mut results = Vec::new();
+        for rate in [2_000u64, 20_000] {
+            let l = steady(&env, rate, secs()).await;
+            results.push((rate, pct(&l, 0.5), pct(&l, 0.99), *l.last().unwrap(), l.len()));
+        }
+        let _ = std::process::Command::new("kill").arg(child.id().to_string()).status();
+        let _ = child.wait();
+        let slow = std::fs::read_to_string(&log).unwrap_or_default().matches("slow statement").count();
+
+        println!("\n| stage floor (median of 200) | time |\n|---|---:|");
+        for (name, d) in [
+            ("PostgreSQL: flag update of one row, committed", flag),
+            ("broker: produce one record, acknowledged", produce),
+            ("broker: fetch one available record", fetch),
+            ("ClickHouse: insert one row", insert),
+        ] {
+            println!("| {name} | {d:.1?} |");
+        }
+        println!("| sum of the floors | {floors:.1?} |");
+        println!("\n`pg2ch run` logged {slow} slow statements (over 1 s); its log: {}", log.display());
+        println!("\n| rate | rows | p50 | p99 | max |\n|---:|---:|---:|---:|---:|");
+        for (rate, p50, p99, max, n) in &results {
+            println!("| {rate} rows/s | {n} | {p50:.1?} | {p99:.1?} | {max:.1?} |");
+        }
+        for (rate, _, p99, ..) in &results {
+            let goal = if *rate == 2_000 { Duration::from_millis(50) } else { Duration::from_millis(100) };
+            println!(
+                "goal at {rate} rows/s: p99 {p99:.1?} <= {goal:?}: {}; <= 1.5 x floors ({:.1?}): {}",
+                *p99 <= goal,
+                floors.mul_f64(1.5),
+                *p99 <= floors.mul_f64(1.5)
+            );
+        }
+    });
+}
