@@ -9,7 +9,9 @@
 //! Rows are inserted every 10 ms (20 or 200 per statement); ClickHouse is
 //! asked every 5 ms which of the outstanding ids it holds, so a figure is
 //! late by up to 5 ms. `PG2CH_BENCH_LATENCY_SECS` sets each rate's duration
-//! (default 10).
+//! (default 10); `PG2CH_BENCH_POLL_MS` the `--poll-ms` of `run` (default
+//! 200); `PG2CH_BENCH_NO_NOTIFY=1` drops the insert trigger, to compare with
+//! producers that only poll.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -113,6 +115,9 @@ fn main() {
         assert!(env.run(&["init", "--partitions", "4"]).status.success());
         let pool = env.pg().await;
         let ch = env.ch().await;
+        if std::env::var("PG2CH_BENCH_NO_NOTIFY").is_ok() {
+            sqlx::query("DROP TRIGGER pg2ch_notify ON user_logins").execute(&pool).await.unwrap();
+        }
 
         // Floors, each the median of 200 on an idle pipeline.
         sqlx::query("INSERT INTO user_logins (id, username, sent_to_kafka) VALUES (-1, 'floor', TRUE)")
@@ -144,7 +149,8 @@ fn main() {
         let floors = flag + produce + fetch + insert;
 
         let log = std::env::temp_dir().join("pg2ch-latency-run.log");
-        let mut child = env.command(&["run"]).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+        let poll = std::env::var("PG2CH_BENCH_POLL_MS").unwrap_or("200".into());
+        let mut child = env.command(&["run", "--poll-ms", &poll]).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
         let mut results = Vec::new();
         for rate in [2_000u64, 20_000] {
             let l = steady(&env, rate, secs()).await;
