@@ -150,7 +150,8 @@ fn main() {
 
         let log = std::env::temp_dir().join("pg2ch-latency-run.log");
         let poll = std::env::var("PG2CH_BENCH_POLL_MS").unwrap_or("200".into());
-        let mut child = env.command(&["run", "--poll-ms", &poll]).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+        let mut child =
+            env.command(&["run", "--poll-ms", &poll]).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
         let mut results = Vec::new();
         for rate in [2_000u64, 20_000] {
             let l = steady(&env, rate, secs()).await;

@@ -114,7 +114,7 @@ pub struct ProducerStores {
 impl ProducerStores {
     pub async fn connect(s: &Settings, o: &RunOptions) -> anyhow::Result<Self> {
         let lanes = o.producers.max(1);
-        let pool = postgres::connect(&s.pg, lanes as u32 + 1, s.timeouts.call).await?;
+        let pool = postgres::connect_producer(&s.pg, lanes as u32 + 1, s.timeouts.call).await?;
         postgres::check_columns(&pool).await?;
         let client = kafka::connect(&s.kafka, s.timeouts.call).await?;
         let log = KafkaLog::open(&client, &s.kafka.topic, s.timeouts.call).await?.with_compression(o.compression);
