@@ -331,17 +331,14 @@ impl SourceSide for PgVerifySide {
     }
 
     async fn rejected(&mut self) -> anyhow::Result<Finding> {
-        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE pg2ch_rejected IS NOT NULL")
-            .fetch_one(&mut *self.conn)
-            .await
-            .context("counting rejected rows")?;
+        let count = rejected_count(&mut *self.conn).await?;
         let first_ids = sqlx::query_scalar(
             "SELECT id::bigint FROM user_logins WHERE pg2ch_rejected IS NOT NULL ORDER BY id LIMIT $1",
         )
         .bind(SAMPLE as i64)
         .fetch_all(&mut *self.conn)
         .await?;
-        Ok(Finding { count: count as u64, first_ids })
+        Ok(Finding { count, first_ids })
     }
 
     async fn flag_unsent(&mut self, ids: &[i64]) -> anyhow::Result<Vec<i64>> {
@@ -401,9 +398,9 @@ impl RowsCommitted {
 }
 
 /// How many rows are flagged rejected.
-pub async fn rejected_count(pool: &PgPool) -> anyhow::Result<u64> {
+pub async fn rejected_count<'c>(db: impl sqlx::PgExecutor<'c>) -> anyhow::Result<u64> {
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE pg2ch_rejected IS NOT NULL")
-        .fetch_one(pool)
+        .fetch_one(db)
         .await
         .context("counting rejected rows")?;
     Ok(count as u64)

@@ -301,6 +301,15 @@ pub fn compare(postgres: &[(LoginEvent, bool)], clickhouse: &[LoginEvent], mut o
 /// Compares PostgreSQL rows (with their sent flag) and ClickHouse `FINAL`
 /// rows. Both must be ordered by id.
 pub fn reconcile(postgres: &[(LoginEvent, bool)], clickhouse: &[LoginEvent]) -> Report {
+    reconcile_noting(postgres, clickhouse, |_, _| {})
+}
+
+/// [`reconcile`], also telling `also` about every id it reports.
+fn reconcile_noting(
+    postgres: &[(LoginEvent, bool)],
+    clickhouse: &[LoginEvent],
+    mut also: impl FnMut(Seen, i64),
+) -> Report {
     let mut report = Report {
         postgres_rows: postgres.len() as u64,
         postgres_sent: postgres.iter().filter(|(_, sent)| *sent).count() as u64,
@@ -308,6 +317,7 @@ pub fn reconcile(postgres: &[(LoginEvent, bool)], clickhouse: &[LoginEvent]) -> 
         ..Report::default()
     };
     compare(postgres, clickhouse, |seen, id| {
+        also(seen, id);
         match seen {
             Seen::Missing => &mut report.missing,
             Seen::Extra => &mut report.extra,
@@ -393,7 +403,13 @@ pub async fn verify<S: SourceSide, K: SinkSide>(
                 Work::Rows(range) => {
                     report.ranges_compared_by_row += 1;
                     let (pg, ch) = futures::try_join!(source.rows(range), sink.rows(range))?;
-                    let leaf = reconcile(&pg, &ch);
+                    // Rows that repair flags unsent: sent, and missing or different.
+                    let mut resend = Vec::new();
+                    let leaf = reconcile_noting(&pg, &ch, |seen, id| {
+                        if plan.repair && matches!(seen, Seen::Missing | Seen::Differing) {
+                            resend.push(id);
+                        }
+                    });
                     if !leaf.ok() {
                         report.differing_ranges.count += 1;
                         if report.differing_ranges.first.len() < SAMPLE {
@@ -401,12 +417,7 @@ pub async fn verify<S: SourceSide, K: SinkSide>(
                         }
                     }
                     if let Some(repair) = repair.as_mut() {
-                        let mut resend = Vec::new();
-                        compare(&pg, &ch, |seen, id| match seen {
-                            Seen::Missing | Seen::Differing => resend.push(id),
-                            Seen::Extra => repair.extra_left += 1,
-                            Seen::RepeatedAfterFinal | Seen::AheadOfFlag => {}
-                        });
+                        repair.extra_left += leaf.extra.count;
                         resend.dedup();
                         let flagged = source.flag_unsent(&resend).await?;
                         repair.skipped += resend.len().saturating_sub(flagged.len()) as u64;
