@@ -19,10 +19,12 @@ use std::time::{Duration, Instant};
 
 use common::TestEnv;
 use criterion::{Criterion, SamplingMode, Throughput};
-use pg2ch::event::LoginEvent;
+use pg2ch::change::{self, Change};
 use pg2ch::kafka::Compression;
 use pg2ch::pipeline::{NoFaults, Producer, ProducerConfig};
+use pg2ch::schema::TableSchema;
 use pg2ch::stores::{ClaimMode, EventLog, Fetched, LogRecord, Sink};
+use pg2ch::types::Value;
 use tokio::runtime::Runtime;
 
 /// Per stage: rows moved and seconds taken, summed over the timed iterations.
@@ -151,8 +153,18 @@ fn postgres_stages(c: &mut Criterion, rt: &Runtime, env: &TestEnv, n: u64) {
                     n,
                     async || {
                         reset_flags(env).await;
-                        let source = pg2ch::postgres::PgSource::new(env.pg().await, Duration::from_secs(60), mode);
-                        Producer::new(source, NullLog, ProducerConfig::default())
+                        let (_, table) = pg2ch::commands::single_table(&env.settings).await.unwrap();
+                        let options =
+                            pg2ch::postgres::connect_options(&env.settings.pg, &pg2ch::postgres::PRODUCER_SETTINGS);
+                        let source = pg2ch::postgres::PgSource::new(
+                            table.schema.clone(),
+                            table.oid,
+                            options,
+                            Duration::from_secs(60),
+                            mode,
+                            table.fingerprint.clone(),
+                        );
+                        Producer::new(table.schema, source, NullLog, ProducerConfig::default())
                     },
                     async |mut producer| assert_eq!(producer.drain(&NoFaults).await.unwrap() as u64, n),
                 )
@@ -162,12 +174,17 @@ fn postgres_stages(c: &mut Criterion, rt: &Runtime, env: &TestEnv, n: u64) {
     g.finish();
 }
 
-fn sample_rows(n: u64) -> Vec<LoginEvent> {
+fn sample_rows(n: u64) -> Vec<Change> {
     (1..=n as i64)
-        .map(|i| LoginEvent {
-            id: i,
-            username: format!("user_{}", i % 100_000),
-            event_time_us: 1_700_000_000_000_000 + i,
+        .map(|i| {
+            Change::upsert(
+                vec![
+                    Value::Int(i),
+                    Value::Text(format!("user_{}", i % 100_000)),
+                    Value::Timestamp(753_315_200_000_000 + i),
+                ],
+                1,
+            )
         })
         .collect()
 }
@@ -179,9 +196,18 @@ async fn open_topic(env: &TestEnv, name: &str) -> pg2ch::kafka::KafkaLog {
     pg2ch::kafka::KafkaLog::open(&client, name, Duration::from_secs(60)).await.unwrap()
 }
 
-fn broker_and_clickhouse_stages(c: &mut Criterion, rt: &Runtime, env: &TestEnv, n: u64) {
+fn broker_and_clickhouse_stages(
+    c: &mut Criterion,
+    rt: &Runtime,
+    env: &TestEnv,
+    schema: &std::sync::Arc<TableSchema>,
+    n: u64,
+) {
     let rows = sample_rows(n);
-    let records: Vec<LogRecord> = rows.iter().map(|r| LogRecord { key: r.key(), value: r.encode() }).collect();
+    let records: Vec<LogRecord> = rows
+        .iter()
+        .map(|r| LogRecord { key: change::key_bytes(schema, r), value: change::encode(schema, r) })
+        .collect();
     let mut g = group(c, "broker", n);
     // Compressed requests cost CPU here and save bytes on the wire and in
     // the broker; on loopback only the cost shows, so each codec is measured
@@ -262,7 +288,12 @@ fn broker_and_clickhouse_stages(c: &mut Criterion, rt: &Runtime, env: &TestEnv, 
                 iters,
                 "ClickHouse insert",
                 n,
-                async || pg2ch::clickhouse::ChSink { ch: env.ch().await, group: "bench".into(), topic: "bench".into() },
+                async || pg2ch::clickhouse::ChSink {
+                    ch: env.ch().await,
+                    schema: schema.clone(),
+                    group: "bench".into(),
+                    topic: "bench".into(),
+                },
                 async |mut sink| {
                     for chunk in rows.chunks(100_000) {
                         sink.write(chunk).await.unwrap();
@@ -394,8 +425,9 @@ fn main() {
         env
     });
     let mut c = Criterion::default().configure_from_args();
+    let schema = rt.block_on(env.logins());
     postgres_stages(&mut c, &rt, &env, n);
-    broker_and_clickhouse_stages(&mut c, &rt, &env, n);
+    broker_and_clickhouse_stages(&mut c, &rt, &env, &schema, n);
     end_to_end(&mut c, &rt, &env, n);
     let (p50, p99, batches) = steady_state_latency(&rt, &env);
     c.final_summary();

@@ -3,55 +3,98 @@
 //! by a count and a sum instead of by their rows.
 //!
 //! PostgreSQL's own 64-bit hash functions (`hashint8extended`,
-//! `timestamp_hash_extended`, `hashtextextended`: Bob Jenkins' lookup3, as
-//! PostgreSQL's hash indexes use it) cost about a sixth of `md5()` per row
+//! `timestamp_hash_extended`, `hashtextextended`, ...: Bob Jenkins' lookup3,
+//! as PostgreSQL's hash indexes use it) cost about a sixth of `md5()` per row
 //! there (measured over 10M rows: 1.4 s against 5.7-7.4 s, the only hash
-//! ClickHouse shares with it). This module reproduces them bit for bit; a
-//! real-service test compares both over the whole domain of each column.
+//! ClickHouse shares with it). This module reproduces them bit for bit; each
+//! type's use of them is in [`crate::types::checksum`], and a real-service
+//! test compares both sides over the whole domain of every type.
 //!
-//! A row's checksum chains the three, each hash seeding the next:
-//! `hashtextextended(username, timestamp_hash_extended(event_time, hashint8extended(id, 0)))`,
-//! and a NULL anywhere makes it 0 (the SQL's `coalesce`). A range's checksum
-//! is the exact sum of its rows' checksums (PostgreSQL's `sum(bigint)` is a
-//! numeric, here an `i128`), so it does not depend on row order.
+//! A row's checksum chains its columns in the table's order, each hash
+//! seeding the next, starting from 0: a `NOT NULL` column `c` makes
+//! `h = hash_c(c, h)`; a nullable one `h = hashint8extended(coalesce(hash_c(c, 0), NULL_MARK), h)`,
+//! so that NULL and every value differ. For `user_logins` that is
+//! `timestamp_hash_extended(event_time, hashtextextended(username, hashint8extended(id, 0)))`.
+//! The version is not part of it: two claims of an unchanged row may leave
+//! ClickHouse a higher version than the one PostgreSQL recorded, with the
+//! same content (see [`crate::verify`]).
+//! A range's checksum is the exact sum of its rows' checksums (PostgreSQL's
+//! `sum(bigint)` is a numeric, here an `i128`), so it does not depend on row order.
+//!
+//! The walk coordinate `verify` splits ranges by ([`walk_sql`]) is the key
+//! itself for a single integer key, else the same chain over the key's columns.
 
-use crate::event::{LoginEvent, PgTimestamp};
+use crate::config::pg_ident;
+use crate::schema::TableSchema;
+use crate::types::{self, Value};
 
-/// The SQL expression PostgreSQL evaluates per row (a literal, for
-/// `concat!`); [`row`] is its twin. The text is hashed as its stored bytes
-/// (`COLLATE "C"` keeps a non-deterministic column collation out of it), the
-/// time as PostgreSQL's microseconds since 2000 (the session runs in UTC, so
-/// the cast to `timestamp` keeps the value).
-macro_rules! row_sql {
-    () => {
-        "coalesce(hashtextextended(username::text COLLATE \"C\", \
-         timestamp_hash_extended(event_time::timestamptz::timestamp, hashint8extended(id::bigint, 0))), 0)"
-    };
+/// What a NULL contributes to a nullable column's link of the chain.
+pub const NULL_MARK: i64 = 0x7067_3263_6820_6e75; // "pg2ch nu"
+
+/// The SQL expression of a row's checksum (bigint, never NULL), over the
+/// columns of `schema` as named in its table.
+pub fn row_sql(schema: &TableSchema) -> String {
+    let mut h = "0".to_owned();
+    for c in &schema.columns {
+        let v = pg_ident(&c.name);
+        h = if c.nullable {
+            format!("hashint8extended(coalesce({}, {NULL_MARK}), {h})", types::checksum::sql(&c.ty, &v, "0"))
+        } else {
+            types::checksum::sql(&c.ty, &v, &h)
+        };
+    }
+    format!("coalesce({h}, 0)")
 }
-pub(crate) use row_sql;
 
-/// `row_sql!()` as a value, for tests that ask PostgreSQL directly.
-pub const ROW_SQL: &str = row_sql!();
-
-/// The checksum of a row as it travels.
-pub fn event(e: &LoginEvent) -> i64 {
-    stored(e.id, &e.username, e.event_time_us)
+/// The checksum of a row's values, as [`row_sql`] computes it.
+pub fn row(schema: &TableSchema, values: &[Value]) -> i64 {
+    let mut h = Some(0u64);
+    for (c, v) in schema.columns.iter().zip(values) {
+        h = if c.nullable {
+            let link = types::checksum::hash(&c.ty, v, 0).map_or(NULL_MARK, |x| x as i64);
+            h.map(|h| hash_int8(link, h))
+        } else {
+            h.and_then(|h| types::checksum::hash(&c.ty, v, h))
+        };
+    }
+    h.map_or(0, |h| h as i64)
 }
 
-/// The checksum of a row as ClickHouse stores it.
-pub fn stored(id: i64, username: &str, event_time_us: i64) -> i64 {
-    // A time ClickHouse holds is one PostgreSQL admitted, so the shift back
-    // to PostgreSQL's epoch cannot overflow; wrapping keeps this total.
-    let pg_time = event_time_us.wrapping_sub(PgTimestamp::EPOCH_UNIX_US);
-    row(id, Some(username.as_bytes()), Some(pg_time))
+/// The SQL expression of a row's walk coordinate (bigint).
+pub fn walk_sql(schema: &TableSchema) -> String {
+    if schema.integer_key() {
+        return format!("({})::int8", pg_ident(&schema.columns[schema.key[0]].name));
+    }
+    let mut h = "0".to_owned();
+    for c in schema.key_columns() {
+        h = types::checksum::sql(&c.ty, &pg_ident(&c.name), &h);
+    }
+    format!("coalesce({h}, 0)")
 }
 
-/// The checksum of a raw row, NULLs included, as `row_sql!()` computes it.
-pub fn row(id: i64, username: Option<&[u8]>, pg_time: Option<i64>) -> i64 {
-    let (Some(text), Some(time)) = (username, pg_time) else { return 0 };
-    let seed = hash_int8(id, 0);
-    let seed = hash_int8(time, seed);
-    hash_bytes(text, seed) as i64
+/// A row's walk coordinate, as [`walk_sql`] computes it.
+pub fn walk(schema: &TableSchema, values: &[Value]) -> i64 {
+    if schema.integer_key() {
+        return match values.get(schema.key[0]) {
+            Some(Value::Int(i)) => *i,
+            _ => 0,
+        };
+    }
+    let mut h = Some(0u64);
+    for i in &schema.key {
+        h = h.and_then(|h| types::checksum::hash(&schema.columns[*i].ty, &values[*i], h));
+    }
+    h.map_or(0, |h| h as i64)
+}
+
+/// `hashfloat8extended`: zero (either sign) hashes to the seed itself, every
+/// NaN as one NaN, any other value as its 8 bytes.
+pub fn hash_float8(x: f64, seed: u64) -> u64 {
+    if x == 0.0 {
+        return seed;
+    }
+    let x = if x.is_nan() { f64::NAN } else { x };
+    hash_bytes(&x.to_le_bytes(), seed)
 }
 
 /// `hashint8extended`: folds the high half into the low one (the way
@@ -176,9 +219,27 @@ mod tests {
     }
 
     #[test]
-    fn a_null_column_makes_the_row_checksum_zero() {
-        assert_eq!(row(1, None, Some(0)), 0);
-        assert_eq!(row(1, Some(b"x"), None), 0);
-        assert_ne!(row(1, Some(b"x"), Some(0)), row(2, Some(b"x"), Some(0)));
+    fn user_logins_chains_its_columns_in_order() {
+        let s = crate::change::tests::logins();
+        let values = [Value::Int(7), Value::Text("x".into()), Value::Timestamp(123)];
+        assert_eq!(row(&s, &values), hash_int8(123, hash_bytes(b"x", hash_int8(7, 0))) as i64);
+        assert_eq!(
+            row_sql(&s),
+            "coalesce(timestamp_hash_extended((\"event_time\")::timestamp, \
+             hashtextextended((\"username\")::text COLLATE \"C\", hashint8extended((\"id\")::int8, 0))), 0)"
+        );
+        assert_eq!(walk(&s, &values), 7);
+        assert_eq!(walk_sql(&s), "(\"id\")::int8");
+    }
+
+    #[test]
+    fn nulls_and_values_never_chain_alike() {
+        let mut s = crate::change::tests::logins();
+        s.columns[1].nullable = true;
+        let with = |v: Value| row(&s, &[Value::Int(1), v, Value::Timestamp(0)]);
+        assert_ne!(with(Value::Null), with(Value::Text(String::new())));
+        assert_ne!(with(Value::Text("a".into())), with(Value::Text("b".into())));
+        assert_eq!(hash_float8(-0.0, 9), 9);
+        assert_eq!(hash_float8(f64::NAN, 1), hash_float8(-f64::NAN, 1));
     }
 }

@@ -20,6 +20,8 @@ use crate::stores::ClaimMode;
 pub struct Cli {
     #[command(flatten, next_help_heading = "Connection (flags override environment, which overrides .env)")]
     conn: Connection,
+    #[command(flatten, next_help_heading = "Tables")]
+    tables: Tables,
     /// Log format on stderr (level from RUST_LOG, default info).
     #[arg(long, global = true, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -69,6 +71,24 @@ struct Connection {
     /// Longest any single call to a service may take, in seconds.
     #[arg(long, global = true, env = "PG2CH_TIMEOUT_SECS", default_value_t = 30)]
     timeout_secs: u64,
+}
+
+#[derive(Args, Debug)]
+struct Tables {
+    /// A table to carry (`orders`, `public.orders`); repeat for several (each
+    /// then on topic <KAFKA_TOPIC>.<table>).
+    #[arg(long = "table", global = true, env = "PG2CH_TABLES", value_delimiter = ',', default_value = "user_logins")]
+    tables: Vec<String>,
+    /// What to do with a column of a type pg2ch does not know: refuse the
+    /// table (naming the column), or carry the column's text form.
+    #[arg(long, global = true, env = "PG2CH_OTHER_TYPES", value_enum, default_value_t = OtherTypes::Refuse)]
+    other_types: OtherTypes,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum OtherTypes {
+    Refuse,
+    Text,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -126,13 +146,13 @@ impl RunArgs {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Create the tables, the flag column and index, and the topic (idempotent).
+    /// Install pg2ch on the tables (flag columns, index, triggers), create their topics and ClickHouse tables (idempotent).
     Init {
         /// Partitions of the topic, when it is created.
         #[arg(long, default_value_t = 4)]
         partitions: i32,
     },
-    /// Insert N synthetic login events into PostgreSQL.
+    /// Insert N synthetic login events into user_logins.
     Seed {
         #[arg(long)]
         rows: u64,
@@ -143,13 +163,14 @@ enum Command {
     Consume(RunArgs),
     /// Produce and consume in one process.
     Run(RunArgs),
-    /// Reconcile PostgreSQL and ClickHouse by id; exit 1 on any mismatch.
+    /// Reconcile PostgreSQL and ClickHouse by key, every column; exit 1 on any mismatch.
     Verify {
         #[arg(long)]
         json: bool,
-        /// Flag rows that are missing or different in ClickHouse unsent
-        /// again, so that the next `run` sends them (exit 1 still tells that
-        /// something was found).
+        /// Flag rows that are missing, different or deleted in ClickHouse
+        /// unsent again, and record the deletion of keys ClickHouse holds and
+        /// PostgreSQL lacks, so that the next `run` sends them (exit 1 still
+        /// tells that something was found).
         #[arg(long)]
         repair: bool,
     },
@@ -227,8 +248,10 @@ fn password(file: Option<&std::path::Path>, var: &str) -> anyhow::Result<Secret>
 }
 
 impl Connection {
-    fn settings(&self) -> anyhow::Result<Settings> {
+    fn settings(&self, tables: &Tables) -> anyhow::Result<Settings> {
         Ok(Settings {
+            tables: tables.tables.iter().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect(),
+            other_types_as_text: tables.other_types == OtherTypes::Text,
             pg: PgConfig {
                 host: self.pg_host.clone(),
                 port: self.pg_port,
@@ -283,6 +306,14 @@ fn shutdown_signal() -> commands::Shutdown {
     rx
 }
 
+/// JSON of one item as an object, of several as an array.
+fn one_or_all<T: serde::Serialize>(items: &[T]) -> serde_json::Result<String> {
+    match items {
+        [one] => serde_json::to_string_pretty(one),
+        all => serde_json::to_string_pretty(all),
+    }
+}
+
 /// Parses the arguments, runs the command, returns the process exit code.
 pub fn main() -> i32 {
     // `.env` in the working directory only: never one found in a parent
@@ -320,9 +351,9 @@ pub fn main() -> i32 {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
-    let s = cli.conn.settings()?;
+    let s = cli.conn.settings(&cli.tables)?;
     if !matches!(cli.command, Command::Stack { .. }) {
-        commands::check_names(&s.ch, &s.kafka)?;
+        commands::check_names(&s)?;
     }
     match cli.command {
         Command::Init { partitions } => commands::init(&s, partitions).await?,
@@ -340,20 +371,24 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             commands::run(&s, &a.options(), shutdown_signal()).await?;
         }
         Command::Verify { json, repair } => {
-            let report = commands::verify(&s, repair).await?;
+            let reports = commands::verify(&s, repair).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                println!("{}", one_or_all(&reports)?);
             } else {
-                println!("{report}");
+                for report in &reports {
+                    println!("{report}");
+                }
             }
-            return Ok(if report.ok() { 0 } else { 1 });
+            return Ok(if reports.iter().all(|r| r.ok()) { 0 } else { 1 });
         }
         Command::Status { json } => {
-            let status = commands::status(&s).await?;
+            let statuses = commands::status(&s).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                println!("{}", one_or_all(&statuses)?);
             } else {
-                status.print(&mut std::io::stdout())?;
+                for status in &statuses {
+                    status.print(&mut std::io::stdout())?;
+                }
             }
         }
         Command::Stack { action } => {

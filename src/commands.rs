@@ -1,29 +1,43 @@
-//! What each `pg2ch` subcommand does: connect the adapters, hand them to the
-//! pipeline, report. The decisions themselves are in [`crate::pipeline`].
+//! What each `pg2ch` subcommand does: find the tables, connect the
+//! adapters, hand them to the pipeline, report. The decisions themselves are
+//! in [`crate::pipeline`].
+//!
+//! Every table has a pipeline of its own (producer lanes and a consumer, on
+//! its own topic), so a table that fails (its columns changed, its
+//! ClickHouse table is wrong) stops alone while the others go on; the
+//! command reports it and exits 2 when the others are done.
 
 use std::cell::Cell;
 use std::io::Write;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::Serialize;
+use sqlx::PgPool;
 use tokio::sync::watch;
 
+use crate::clickhouse::verify::ChVerifySide;
 use crate::clickhouse::{ChSink, ClickHouse};
-use crate::config::{ChConfig, KafkaConfig, PgConfig, Timeouts};
+use crate::config::{ChConfig, KafkaConfig, PgConfig, Timeouts, pg_ident};
 use crate::kafka::{self, KafkaLog};
 use crate::pipeline::{Consumer, ConsumerConfig, NoFaults, ProduceStep, Producer, ProducerConfig};
 use crate::postgres::{self, PgSource, ProducerLease, RowsCommitted};
+use crate::schema::{DEFAULT_TABLE, SENT, TableSchema};
 use crate::stores::{ClaimMode, ErrorKind, kind};
 use crate::verify::{self, Report};
 
-/// Everything needed to reach the three systems.
+/// Everything needed to reach the three systems, and which tables to carry.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub pg: PgConfig,
     pub ch: ChConfig,
     pub kafka: KafkaConfig,
     pub timeouts: Timeouts,
+    /// Source tables as named by the user (`orders`, `public.orders`).
+    pub tables: Vec<String>,
+    /// Carry columns of types pg2ch does not know as their text form.
+    pub other_types_as_text: bool,
 }
 
 /// Tunables of `produce`, `consume` and `run`.
@@ -32,7 +46,7 @@ pub struct RunOptions {
     /// Move what is there, then exit.
     pub once: bool,
     pub batch_rows: usize,
-    /// Producer lanes in this process: one claims and publishes while another
+    /// Producer lanes per table: one claims and publishes while another
     /// flags its batch, which is where PostgreSQL spends its time.
     pub producers: usize,
     /// Row locks and side-by-side producers, or one producer without locks.
@@ -67,30 +81,115 @@ impl Default for RunOptions {
 /// Set to true to ask a running command to stop at its next safe point.
 pub type Shutdown = watch::Receiver<bool>;
 
+/// A source table, found and read.
+#[derive(Debug, Clone)]
+pub struct Table {
+    pub oid: u32,
+    pub schema: Arc<TableSchema>,
+    /// Its topic: `KAFKA_TOPIC` for one table, `<KAFKA_TOPIC>.<name>` for several.
+    pub topic: String,
+    /// Its columns' fingerprint when read (see [`postgres::catalogue::FINGERPRINT`]).
+    pub fingerprint: String,
+}
+
+/// Whether `name` names the default table (which `init` creates when absent).
+fn is_default(name: &str) -> bool {
+    name == DEFAULT_TABLE
+}
+
+/// Finds and reads the tables of `s`. With `create_default`, the default
+/// table is created when it is asked for and absent (`init`).
+pub async fn tables(s: &Settings, pool: &PgPool, create_default: bool) -> anyhow::Result<Vec<Table>> {
+    let mut found: Vec<(u32, Arc<TableSchema>)> = Vec::new();
+    for name in &s.tables {
+        let oid = match postgres::resolve(pool, name).await? {
+            Some(oid) => oid,
+            None if create_default && is_default(name) => {
+                postgres::install::create_default(pool).await?;
+                postgres::resolve(pool, name).await?.context("user_logins was just created")?
+            }
+            None => anyhow::bail!(
+                "PostgreSQL table {name} does not exist{}",
+                if is_default(name) { " (run `pg2ch init`)" } else { "" }
+            ),
+        };
+        let schema = Arc::new(postgres::read_table(pool, oid, s.other_types_as_text).await?);
+        if let Some((_, other)) = found.iter().find(|(_, t)| t.name == schema.name) {
+            anyhow::bail!(
+                "tables {other} and {schema} have the same name, which names their ClickHouse table and topic; carry \
+                 them with different CH_DB or KAFKA_TOPIC settings, in two processes"
+            );
+        }
+        found.push((oid, schema));
+    }
+    let several = found.len() > 1;
+    let mut out = Vec::with_capacity(found.len());
+    for (oid, schema) in found {
+        let topic = if several { format!("{}.{}", s.kafka.topic, schema.name) } else { s.kafka.topic.clone() };
+        crate::config::topic_name(&topic).with_context(|| format!("the topic of table {schema}"))?;
+        let fingerprint = postgres::catalogue::fingerprint(pool, oid).await?;
+        out.push(Table { oid, schema, topic, fingerprint });
+    }
+    Ok(out)
+}
+
 pub async fn init(s: &Settings, partitions: i32) -> anyhow::Result<()> {
     anyhow::ensure!(partitions >= 1, "--partitions must be at least 1, got {partitions}");
     let pool = postgres::connect(&s.pg, 1, s.timeouts.call).await?;
     let ch = ClickHouse::connect(&s.ch, s.timeouts.call).await?;
-    let kafka = kafka::connect(&s.kafka, s.timeouts.call).await?;
+    let client = kafka::connect(&s.kafka, s.timeouts.call).await?;
+    let tables = tables(s, &pool, true).await?;
     // Every check that can fail comes before the first write.
-    kafka::topic_matches(&kafka, &s.kafka.topic, partitions, s.timeouts.call).await?;
-    postgres::init(&pool).await?;
-    kafka::ensure_topic(&kafka, &s.kafka.topic, partitions, s.timeouts.call).await?;
-    kafka::ensure_topic(&kafka, &kafka::dead_letter_topic(&s.kafka.topic), 1, s.timeouts.call).await?;
+    for t in &tables {
+        kafka::topic_matches(&client, &t.topic, partitions, s.timeouts.call).await?;
+    }
     ch.init().await?;
-    tracing::info!(
-        "initialised: PostgreSQL user_logins, topic {:?} ({partitions} partitions), ClickHouse {}.user_logins (server {}.{})",
-        s.kafka.topic,
-        s.ch.database,
-        ch.caps.version.0,
-        ch.caps.version.1
-    );
+    for t in &tables {
+        postgres::install::install(&pool, t.oid, &t.schema).await?;
+        kafka::ensure_topic(&client, &t.topic, partitions, s.timeouts.call).await?;
+        kafka::ensure_topic(&client, &kafka::dead_letter_topic(&t.topic), 1, s.timeouts.call).await?;
+        ch.create_table(&t.schema).await?;
+        let added = ch.sync_table(&t.schema).await?;
+        resend_for_added_columns(&pool, &t.schema, &added).await?;
+        tracing::info!(
+            "initialised: PostgreSQL {}, topic {:?} ({partitions} partitions), ClickHouse {}.{} (server {}.{})",
+            t.schema,
+            t.topic,
+            s.ch.database,
+            t.schema.name,
+            ch.caps.version.0,
+            ch.caps.version.1
+        );
+    }
+    Ok(())
+}
+
+/// After ClickHouse gained columns for PostgreSQL columns added since the
+/// rows were sent, those rows lack them there: rows holding a value in one
+/// are flagged unsent, so the next run sends them again (with a new
+/// version, which ClickHouse prefers).
+async fn resend_for_added_columns(pool: &PgPool, schema: &TableSchema, added: &[String]) -> anyhow::Result<()> {
+    if added.is_empty() {
+        return Ok(());
+    }
+    let any = added.iter().map(|c| format!("{} IS NOT NULL", pg_ident(c))).collect::<Vec<_>>().join(" OR ");
+    let sent = pg_ident(SENT);
+    let n = sqlx::query(&format!("UPDATE {} SET {sent} = FALSE WHERE {sent} AND ({any})", schema.pg_name()))
+        .execute(pool)
+        .await
+        .with_context(|| format!("flagging rows of {schema} unsent for the added column(s)"))?
+        .rows_affected();
+    tracing::info!("{schema}: {n} rows hold values in the added column(s) {added:?}; they will be sent again");
     Ok(())
 }
 
 pub async fn seed(s: &Settings, rows: u64) -> anyhow::Result<()> {
     let pool = postgres::connect(&s.pg, 1, s.timeouts.call).await?;
-    postgres::check_columns(&pool).await?;
+    let Some(oid) = postgres::resolve(&pool, DEFAULT_TABLE).await? else {
+        anyhow::bail!("PostgreSQL table {DEFAULT_TABLE} does not exist (run `pg2ch init`)");
+    };
+    let schema = postgres::read_table(&pool, oid, false).await?;
+    postgres::install::check_installed(&pool, oid, &schema).await?;
     let bar = indicatif::ProgressBar::new(rows);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} rows ({per_sec}, eta {eta})")
@@ -102,27 +201,39 @@ pub async fn seed(s: &Settings, rows: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What producers need from the real services: the topic, and one
-/// PostgreSQL session per lane.
+/// What producers of one table need from the real services: the topic, and
+/// one PostgreSQL session per lane.
 pub struct ProducerStores {
+    pub table: Table,
     pub log: KafkaLog,
     pub sources: Vec<PgSource>,
-    pool: sqlx::PgPool,
+    pool: PgPool,
+    options: sqlx::postgres::PgConnectOptions,
     config: ProducerConfig,
 }
 
 impl ProducerStores {
-    pub async fn connect(s: &Settings, o: &RunOptions) -> anyhow::Result<Self> {
-        let lanes = o.producers.max(1);
-        let pool = postgres::connect_producer(&s.pg, lanes as u32 + 1, s.timeouts.call).await?;
-        postgres::check_columns(&pool).await?;
+    pub async fn connect(s: &Settings, o: &RunOptions, pool: &PgPool, table: Table) -> anyhow::Result<Self> {
+        postgres::install::check_installed(pool, table.oid, &table.schema).await?;
         let client = kafka::connect(&s.kafka, s.timeouts.call).await?;
-        let log = KafkaLog::open(&client, &s.kafka.topic, s.timeouts.call).await?.with_compression(o.compression);
-        let sources = (0..lanes).map(|_| PgSource::new(pool.clone(), s.timeouts.call, o.claim_mode)).collect();
+        let log = KafkaLog::open(&client, &table.topic, s.timeouts.call).await?.with_compression(o.compression);
+        let options = postgres::connect_options(&s.pg, &postgres::PRODUCER_SETTINGS);
+        let sources = (0..o.producers.max(1))
+            .map(|_| {
+                PgSource::new(
+                    table.schema.clone(),
+                    table.oid,
+                    options.clone(),
+                    s.timeouts.call,
+                    o.claim_mode,
+                    table.fingerprint.clone(),
+                )
+            })
+            .collect();
         // Test builds have more fields (the deliberately broken orderings).
         #[allow(clippy::needless_update)]
         let config = ProducerConfig { batch_rows: o.batch_rows, ..ProducerConfig::default() };
-        Ok(ProducerStores { log, sources, pool, config })
+        Ok(ProducerStores { table, log, sources, pool: pool.clone(), options, config })
     }
 
     /// Waits until producers of the other claim mode are gone, then holds
@@ -133,13 +244,14 @@ impl ProducerStores {
         timeout: Duration,
         mut shutdown: Shutdown,
     ) -> anyhow::Result<Option<ProducerLease>> {
-        let mut lease = ProducerLease::open(&self.pool, o.claim_mode, timeout).await?;
+        let mut lease = ProducerLease::open(&self.options, self.table.oid, o.claim_mode, timeout).await?;
         let mut waiting = false;
         while !lease.try_take().await? {
             if !waiting {
                 waiting = true;
                 tracing::info!(
-                    "waiting: {} producer is at work; this one starts when it stops",
+                    "{}: waiting: {} producer is at work; this one starts when it stops",
+                    self.table.schema,
                     match o.claim_mode {
                         ClaimMode::Shared => "an exclusive",
                         ClaimMode::Exclusive => "another",
@@ -152,15 +264,19 @@ impl ProducerStores {
             }
         }
         if waiting {
-            tracing::info!("the other producer stopped; starting");
+            tracing::info!("{}: the other producer stopped; starting", self.table.schema);
         }
         Ok(Some(lease))
     }
 
-    /// Notifications of inserted rows for idle producers to wait on; none
+    /// Notifications of changed rows for idle producers to wait on; none
     /// with `--once`, which never waits.
     pub async fn wakeups(&self, o: &RunOptions) -> anyhow::Result<Option<RowsCommitted>> {
-        if o.once { Ok(None) } else { RowsCommitted::listen(&self.pool).await.map(Some) }
+        if o.once {
+            Ok(None)
+        } else {
+            RowsCommitted::listen(&self.pool, postgres::channel(&self.table.schema)).await.map(Some)
+        }
     }
 
     /// One producer per lane, sharing the log and the keyset cursor.
@@ -168,44 +284,67 @@ impl ProducerStores {
         let cursor = crate::pipeline::Cursor::default();
         std::mem::take(&mut self.sources)
             .into_iter()
-            .map(|source| Producer::new(source, &self.log, self.config.clone()).with_cursor(cursor.clone()))
+            .map(|source| {
+                Producer::new(self.table.schema.clone(), source, &self.log, self.config.clone())
+                    .with_cursor(cursor.clone())
+            })
             .collect()
     }
 }
 
-/// A single producer on the real stores (the crash-replay tests use this).
-pub async fn producer(s: &Settings, o: &RunOptions) -> anyhow::Result<Producer<PgSource, KafkaLog>> {
-    let mut stores = ProducerStores::connect(s, &RunOptions { producers: 1, ..o.clone() }).await?;
-    let source = stores.sources.pop().expect("one lane");
-    Ok(Producer::new(source, stores.log, stores.config))
+/// The one table of `s`, read, with its pool (for the tests' single-table helpers).
+pub async fn single_table(s: &Settings) -> anyhow::Result<(PgPool, Table)> {
+    let pool = postgres::connect(&s.pg, 4, s.timeouts.call).await?;
+    let mut tables = tables(s, &pool, false).await?;
+    anyhow::ensure!(tables.len() == 1, "this needs exactly one table, got {}", tables.len());
+    Ok((pool, tables.remove(0)))
 }
 
-/// A consumer on the real stores, as `pg2ch consume` builds it.
-pub async fn consumer(s: &Settings, o: &RunOptions) -> anyhow::Result<Consumer<KafkaLog, ChSink>> {
+/// A single producer on the real stores (the crash-replay tests use this).
+pub async fn producer(s: &Settings, o: &RunOptions) -> anyhow::Result<Producer<PgSource, KafkaLog>> {
+    let (pool, table) = single_table(s).await?;
+    let mut stores = ProducerStores::connect(s, &RunOptions { producers: 1, ..o.clone() }, &pool, table).await?;
+    let source = stores.sources.pop().expect("one lane");
+    Ok(Producer::new(stores.table.schema.clone(), source, stores.log, stores.config))
+}
+
+/// A consumer of one table on the real stores, as `pg2ch consume` builds
+/// it: ClickHouse's table is brought up to date with PostgreSQL's first.
+pub async fn consumer_of(
+    s: &Settings,
+    o: &RunOptions,
+    pool: &PgPool,
+    table: &Table,
+) -> anyhow::Result<Consumer<KafkaLog, ChSink>> {
     let client = kafka::connect(&s.kafka, s.timeouts.call).await?;
-    let log = KafkaLog::open(&client, &s.kafka.topic, s.timeouts.call).await?.with_fetch_max_bytes(o.fetch_max_bytes);
+    let log = KafkaLog::open(&client, &table.topic, s.timeouts.call).await?.with_fetch_max_bytes(o.fetch_max_bytes);
     let ch = ClickHouse::connect(&s.ch, s.timeouts.call).await?;
-    ch.check_tables().await?;
+    let added = ch.sync_table(&table.schema).await?;
+    ch.check_positions().await?;
+    resend_for_added_columns(pool, &table.schema, &added).await?;
     let count = crate::stores::EventLog::partitions(&log);
     let mut config = ConsumerConfig::all_partitions(count);
     if let Some(assigned) = &o.partitions {
         if let Some(bad) = assigned.iter().find(|p| !(0..count).contains(*p)) {
-            anyhow::bail!(
-                "--partitions names partition {bad}, but topic {:?} has partitions 0..{count}",
-                s.kafka.topic
-            );
+            anyhow::bail!("--partitions names partition {bad}, but topic {:?} has partitions 0..{count}", table.topic);
         }
         config.partitions = assigned.clone();
     }
     config.insert_rows = o.insert_rows;
-    let sink = ChSink { ch, group: s.kafka.group.clone(), topic: s.kafka.topic.clone() };
-    Ok(Consumer::new(log, sink, config))
+    let sink = ChSink { ch, schema: table.schema.clone(), group: s.kafka.group.clone(), topic: table.topic.clone() };
+    Ok(Consumer::new(table.schema.clone(), log, sink, config))
+}
+
+/// A consumer of the one table of `s` (the tests use this).
+pub async fn consumer(s: &Settings, o: &RunOptions) -> anyhow::Result<Consumer<KafkaLog, ChSink>> {
+    let (pool, table) = single_table(s).await?;
+    consumer_of(s, o, &pool, &table).await
 }
 
 /// Capped exponential backoff that logs once when trouble starts and once
 /// when it ends, not on every retry.
 struct Backoff {
-    what: &'static str,
+    what: String,
     delay: Duration,
     failing: bool,
 }
@@ -214,7 +353,7 @@ impl Backoff {
     const FIRST: Duration = Duration::from_millis(100);
     const CAP: Duration = Duration::from_secs(5);
 
-    fn new(what: &'static str) -> Self {
+    fn new(what: String) -> Self {
         Backoff { what, delay: Self::FIRST, failing: false }
     }
     fn ok(&mut self) {
@@ -225,7 +364,7 @@ impl Backoff {
         self.delay = Self::FIRST;
     }
     fn failed(&mut self, e: &anyhow::Error) -> Duration {
-        metrics::counter!("pg2ch_retries_total", "component" => self.what).increment(1);
+        metrics::counter!("pg2ch_retries_total", "component" => self.what.clone()).increment(1);
         if !self.failing {
             let kind = match kind(e) {
                 ErrorKind::Unknown => " (it may have taken effect; the repeat is collapsed downstream)",
@@ -264,13 +403,14 @@ async fn pause(d: Duration, shutdown: &mut Shutdown) {
 
 async fn produce_loop<L: crate::stores::EventLog>(
     p: &mut Producer<PgSource, L>,
+    what: String,
     once: bool,
     poll: Duration,
     mut wake: Option<watch::Receiver<u64>>,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<usize> {
     let mut moved = 0;
-    let mut backoff = Backoff::new("producer");
+    let mut backoff = Backoff::new(what);
     while !*shutdown.borrow() {
         // Notifications from here on wake the wait below, even those that
         // arrive while this step runs.
@@ -309,9 +449,8 @@ async fn produce_loop<L: crate::stores::EventLog>(
     Ok(moved)
 }
 
-/// An idle producer's wait: until PostgreSQL notifies that rows were
-/// inserted, the poll interval passes (the fallback for lost
-/// notifications), or shutdown.
+/// An idle producer's wait: until PostgreSQL notifies that rows changed,
+/// the poll interval passes (the fallback for lost notifications), or shutdown.
 async fn wait_for_rows(poll: Duration, wake: Option<&mut watch::Receiver<u64>>, shutdown: &mut Shutdown) {
     let Some(wake) = wake else { return pause(poll, shutdown).await };
     let mut sleeping = shutdown.clone();
@@ -346,13 +485,14 @@ fn fetch_wait(poll: Duration, last_records: Option<Instant>) -> Duration {
 /// the partitions' ends as they are then, and returns.
 async fn consume_loop(
     c: &mut Consumer<KafkaLog, ChSink>,
+    what: String,
     done: Option<&Cell<Option<bool>>>,
     poll: Duration,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<usize> {
     let mut records = 0;
     let mut targets = None;
-    let mut backoff = Backoff::new("consumer");
+    let mut backoff = Backoff::new(what);
     let mut last_records: Option<Instant> = None;
     while !*shutdown.borrow() {
         if let Some(done) = done {
@@ -393,99 +533,165 @@ async fn consume_loop(
 /// Runs every lane until done (with `once`) or shutdown; returns rows moved.
 async fn produce_lanes<L: crate::stores::EventLog>(
     producers: &mut [Producer<PgSource, L>],
+    what: &str,
     once: bool,
     poll: Duration,
     wake: Option<&RowsCommitted>,
     shutdown: &Shutdown,
 ) -> anyhow::Result<usize> {
-    let moved = futures::future::try_join_all(
-        producers.iter_mut().map(|p| produce_loop(p, once, poll, wake.map(|w| w.count.clone()), shutdown.clone())),
-    )
+    let moved = futures::future::try_join_all(producers.iter_mut().map(|p| {
+        produce_loop(p, format!("{what} producer"), once, poll, wake.map(|w| w.count.clone()), shutdown.clone())
+    }))
     .await?;
     Ok(moved.into_iter().sum())
 }
 
-pub async fn produce(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow::Result<()> {
-    let mut stores = ProducerStores::connect(s, o).await?;
-    let Some(_lease) = stores.lease(o, s.timeouts.call, shutdown.clone()).await? else { return Ok(()) };
+/// Which halves of the pipeline a command runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Halves {
+    Produce,
+    Consume,
+    Both,
+}
+
+/// One table's pipeline, until done (with `--once`) or shutdown. Returns
+/// the rows published and the records written.
+async fn table_pipeline(
+    s: &Settings,
+    o: &RunOptions,
+    pool: &PgPool,
+    table: Table,
+    halves: Halves,
+    shutdown: Shutdown,
+) -> anyhow::Result<(usize, usize)> {
+    let what = table.schema.to_string();
+    let mut consumer = match halves {
+        Halves::Produce => None,
+        _ => Some(consumer_of(s, o, pool, &table).await?),
+    };
+    if halves == Halves::Consume {
+        let c = consumer.as_mut().expect("built above");
+        // With --once the producer is someone else, done before we start:
+        // drain to the ends as they are now, still stopping on SIGINT/SIGTERM.
+        let done = o.once.then(|| Cell::new(Some(true)));
+        return Ok((0, consume_loop(c, format!("{what} consumer"), done.as_ref(), o.poll, shutdown).await?));
+    }
+    let mut stores = ProducerStores::connect(s, o, pool, table).await?;
+    let Some(lease) = stores.lease(o, s.timeouts.call, shutdown.clone()).await? else { return Ok((0, 0)) };
     let wake = stores.wakeups(o).await?;
     let mut producers = stores.producers();
+    let result = match consumer.as_mut() {
+        None => produce_lanes(&mut producers, &what, o.once, o.poll, wake.as_ref(), &shutdown).await.map(|n| (n, 0)),
+        Some(c) if o.once => {
+            // Either half failing for good ends both: the other is abandoned
+            // where it stands, as a crash would leave it.
+            let done: Cell<Option<bool>> = Cell::new(None);
+            let produce = async {
+                let r = produce_lanes(&mut producers, &what, true, o.poll, None, &shutdown).await;
+                done.set(Some(r.is_ok()));
+                r
+            };
+            tokio::try_join!(
+                produce,
+                consume_loop(c, format!("{what} consumer"), Some(&done), o.poll, shutdown.clone())
+            )
+        }
+        Some(c) => tokio::try_join!(
+            produce_lanes(&mut producers, &what, false, o.poll, wake.as_ref(), &shutdown),
+            consume_loop(c, format!("{what} consumer"), None, o.poll, shutdown.clone())
+        ),
+    };
+    drop(producers);
+    lease.release().await;
+    result
+}
+
+/// Runs the pipelines of every table at once; a table that fails stops
+/// alone. Returns the rows published, or the first table's error once the
+/// others are done.
+async fn pipelines(s: &Settings, o: &RunOptions, halves: Halves, shutdown: Shutdown) -> anyhow::Result<usize> {
+    let pool = postgres::connect(&s.pg, 2 + 2 * s.tables.len() as u32, s.timeouts.call).await?;
+    let tables = tables(s, &pool, false).await?;
     let started = Instant::now();
-    let moved = produce_lanes(&mut producers, o.once, o.poll, wake.as_ref(), &shutdown).await?;
-    tracing::info!("producer: {moved} rows published and flagged in {:.1?}", started.elapsed());
-    Ok(())
+    let runs = tables.into_iter().map(|table| {
+        let (pool, shutdown) = (&pool, shutdown.clone());
+        async move {
+            let name = table.schema.to_string();
+            let result = table_pipeline(s, o, pool, table, halves, shutdown).await;
+            match &result {
+                Ok((moved, written)) => tracing::info!(
+                    "{name}: {moved} rows published, {written} records written in {:.1?}",
+                    started.elapsed()
+                ),
+                Err(e) => tracing::error!("{name}: stopped: {e:#}"),
+            }
+            result.map_err(|e| e.context(format!("table {name}")))
+        }
+    });
+    let results = futures::future::join_all(runs).await;
+    tracing::info!("peak RSS {} MB", peak_rss_mb().map_or("?".into(), |m| m.to_string()));
+    let mut moved = 0;
+    let mut first_error = None;
+    for r in results {
+        match r {
+            Ok((n, _)) => moved += n,
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    first_error.map_or(Ok(moved), Err)
+}
+
+pub async fn produce(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow::Result<()> {
+    pipelines(s, o, Halves::Produce, shutdown).await.map(|_| ())
 }
 
 pub async fn consume(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow::Result<()> {
-    let mut c = consumer(s, o).await?;
-    let started = Instant::now();
-    // With --once the producer is someone else, done before we start: drain
-    // to the ends as they are now, still stopping on SIGINT/SIGTERM.
-    let done = o.once.then(|| Cell::new(Some(true)));
-    let records = consume_loop(&mut c, done.as_ref(), o.poll, shutdown).await?;
-    tracing::info!("consumer: {records} records written in {:.1?}", started.elapsed());
-    Ok(())
+    pipelines(s, o, Halves::Consume, shutdown).await.map(|_| ())
 }
 
-/// Producer and consumer in one process. With `once`, returns when every row
-/// that was unsent at the start is in ClickHouse and its position stored.
+/// Producer and consumer in one process, per table. With `once`, returns
+/// when every change that was waiting at the start is in ClickHouse and its
+/// position stored.
 pub async fn run(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow::Result<usize> {
-    let mut stores = ProducerStores::connect(s, o).await?;
-    let Some(_lease) = stores.lease(o, s.timeouts.call, shutdown.clone()).await? else { return Ok(0) };
-    let wake = stores.wakeups(o).await?;
-    let mut producers = stores.producers();
-    let mut c = consumer(s, o).await?;
-    let started = Instant::now();
-    let done: Cell<Option<bool>> = Cell::new(None);
-    // Either half failing for good ends both: the other is abandoned where
-    // it stands, as a crash would leave it, which the pipeline is built for.
-    let (moved, written) = if o.once {
-        let produce = async {
-            let r = produce_lanes(&mut producers, true, o.poll, None, &shutdown).await;
-            done.set(Some(r.is_ok()));
-            r
-        };
-        tokio::try_join!(produce, consume_loop(&mut c, Some(&done), o.poll, shutdown.clone()))?
-    } else {
-        tokio::try_join!(
-            produce_lanes(&mut producers, false, o.poll, wake.as_ref(), &shutdown),
-            consume_loop(&mut c, None, o.poll, shutdown.clone())
-        )?
-    };
-    tracing::info!(
-        "run: {moved} rows published, {written} records written in {:.1?} (peak RSS {} MB)",
-        started.elapsed(),
-        peak_rss_mb().map_or("?".into(), |m| m.to_string())
-    );
-    Ok(moved)
+    pipelines(s, o, Halves::Both, shutdown).await
 }
 
-/// Reconciles PostgreSQL and ClickHouse range by range ([`verify::verify`]);
-/// with `repair`, flags what is missing or different unsent again. A
-/// progress bar shows on a terminal.
-pub async fn verify(s: &Settings, repair: bool) -> anyhow::Result<Report> {
+/// Reconciles each table's PostgreSQL and ClickHouse sides range by range
+/// ([`verify::verify`]); with `repair`, flags what is missing or different
+/// unsent again and records the deletion of what ClickHouse holds and
+/// PostgreSQL lacks. A progress bar shows on a terminal.
+pub async fn verify(s: &Settings, repair: bool) -> anyhow::Result<Vec<Report>> {
     let pool = postgres::connect(&s.pg, 1, s.timeouts.call).await?;
-    let mut ch = ClickHouse::connect(&s.ch, s.timeouts.call).await?;
-    let mut pg = postgres::PgVerifySide::open(&pool).await?;
-    let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("verify: {bar:30} {pos}/{len} id ranges, {elapsed} (eta {eta})")
-            .expect("a fixed template"),
-    );
-    let plan = verify::Plan { repair, ..verify::Plan::default() };
-    let started = std::time::Instant::now();
-    let report = verify::verify(&mut pg, &mut ch, plan, |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
-    })
-    .await;
-    bar.finish_and_clear();
-    tracing::info!(
-        "verify: took {:.1?} (peak RSS {} MB)",
-        started.elapsed(),
-        peak_rss_mb().map_or("?".into(), |m| m.to_string())
-    );
-    report
+    let ch = ClickHouse::connect(&s.ch, s.timeouts.call).await?;
+    let mut reports = Vec::new();
+    for table in tables(s, &pool, false).await? {
+        ch.check_table(&table.schema).await?;
+        let mut pg = postgres::PgVerifySide::open(&pool, table.schema.clone()).await?;
+        let mut sink = ChVerifySide { ch: ch.clone(), schema: table.schema.clone() };
+        let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("verify: {bar:30} {pos}/{len} key ranges, {elapsed} (eta {eta})")
+                .expect("a fixed template"),
+        );
+        let plan = verify::Plan { repair, ..verify::Plan::default() };
+        let started = Instant::now();
+        let report = verify::verify(&table.schema, &mut pg, &mut sink, plan, |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        })
+        .await;
+        bar.finish_and_clear();
+        tracing::info!(
+            "verify {}: took {:.1?} (peak RSS {} MB)",
+            table.schema,
+            started.elapsed(),
+            peak_rss_mb().map_or("?".into(), |m| m.to_string())
+        );
+        reports.push(report?);
+    }
+    Ok(reports)
 }
 
 /// One partition in `status`.
@@ -499,8 +705,10 @@ pub struct PartitionStatus {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
+    pub table: String,
     pub topic: String,
     pub group: String,
+    /// Rows changed and not sent yet, and deletions not sent yet.
     pub unsent_rows: i64,
     /// Rows flagged `pg2ch_rejected` (never sent).
     pub rejected_rows: u64,
@@ -511,38 +719,42 @@ pub struct Status {
     pub clickhouse_rows_stored: u64,
 }
 
-pub async fn status(s: &Settings) -> anyhow::Result<Status> {
-    let pool = postgres::connect(&s.pg, 1, s.timeouts.call).await?;
-    let mut c = consumer(s, &RunOptions::default()).await?;
-    let positions = c.positions().await?.clone();
-    let ends = c.high_watermarks().await?;
-    let rejected_rows = postgres::rejected_count(&pool).await?;
-    let partitions = positions
-        .iter()
-        .map(|(&p, position)| {
-            let end_offset = ends.get(&p).copied().unwrap_or(0);
-            let position = position.next;
-            PartitionStatus { partition: p, end_offset, position, lag: (end_offset - position).max(0) }
-        })
-        .collect();
-    Ok(Status {
-        topic: s.kafka.topic.clone(),
-        group: s.kafka.group.clone(),
-        unsent_rows: postgres::unsent_count(&pool).await?,
-        rejected_rows,
-        partitions,
-        dead_letters: c.log.dead_letter_count().await?,
-        clickhouse_rows_final: c.sink.ch.final_count().await?,
-        clickhouse_rows_stored: c.sink.ch.stored_count().await?,
-    })
+pub async fn status(s: &Settings) -> anyhow::Result<Vec<Status>> {
+    let pool = postgres::connect(&s.pg, 2, s.timeouts.call).await?;
+    let mut out = Vec::new();
+    for table in tables(s, &pool, false).await? {
+        let mut c = consumer_of(s, &RunOptions::default(), &pool, &table).await?;
+        let positions = c.positions().await?.clone();
+        let ends = c.high_watermarks().await?;
+        let partitions = positions
+            .iter()
+            .map(|(&p, position)| {
+                let end_offset = ends.get(&p).copied().unwrap_or(0);
+                let position = position.next;
+                PartitionStatus { partition: p, end_offset, position, lag: (end_offset - position).max(0) }
+            })
+            .collect();
+        out.push(Status {
+            table: table.schema.to_string(),
+            topic: table.topic.clone(),
+            group: s.kafka.group.clone(),
+            unsent_rows: postgres::unsent_count(&pool, &table.schema).await?,
+            rejected_rows: postgres::rejected_count(&pool, &table.schema).await?,
+            partitions,
+            dead_letters: c.log.dead_letter_count().await?,
+            clickhouse_rows_final: c.sink.ch.final_count(&table.schema).await?,
+            clickhouse_rows_stored: c.sink.ch.stored_count(&table.schema).await?,
+        });
+    }
+    Ok(out)
 }
 
 impl Status {
     pub fn print(&self, out: &mut impl Write) -> std::io::Result<()> {
-        writeln!(out, "topic {:?}, consumer group {:?}", self.topic, self.group)?;
+        writeln!(out, "table {}: topic {:?}, consumer group {:?}", self.table, self.topic, self.group)?;
         writeln!(
             out,
-            "unsent rows in PostgreSQL: {} (plus {} rejected as not representable)",
+            "unsent changes in PostgreSQL: {} (plus {} rows rejected as not representable)",
             self.unsent_rows, self.rejected_rows
         )?;
         writeln!(out, "{:>9} {:>12} {:>12} {:>10}", "partition", "end offset", "position", "lag")?;
@@ -552,7 +764,7 @@ impl Status {
         writeln!(out, "dead letters in {:?}: {}", kafka::dead_letter_topic(&self.topic), self.dead_letters)?;
         writeln!(
             out,
-            "ClickHouse rows: {} (FINAL), {} stored before merging",
+            "ClickHouse rows: {} (FINAL, deleted keys left out), {} stored before merging",
             self.clickhouse_rows_final, self.clickhouse_rows_stored
         )
     }
@@ -566,10 +778,11 @@ pub fn peak_rss_mb() -> Option<u64> {
     Some(kb / 1024)
 }
 
-/// Checks the ClickHouse settings before anything connects.
-pub fn check_names(ch: &ChConfig, kafka: &KafkaConfig) -> anyhow::Result<()> {
-    crate::config::identifier("ClickHouse database (CH_DB)", &ch.database)?;
-    crate::config::topic_name(&kafka.topic).context("KAFKA_TOPIC")?;
-    anyhow::ensure!(!kafka.group.is_empty(), "KAFKA_GROUP must not be empty");
+/// Checks the names from configuration before anything connects.
+pub fn check_names(s: &Settings) -> anyhow::Result<()> {
+    crate::config::identifier("ClickHouse database (CH_DB)", &s.ch.database)?;
+    crate::config::topic_name(&s.kafka.topic).context("KAFKA_TOPIC")?;
+    anyhow::ensure!(!s.kafka.group.is_empty(), "KAFKA_GROUP must not be empty");
+    anyhow::ensure!(!s.tables.is_empty(), "no table to carry: --table (or PG2CH_TABLES) is empty");
     Ok(())
 }

@@ -66,6 +66,18 @@ pub fn identifier(what: &'static str, value: &str) -> Result<String, ConfigError
     }
 }
 
+/// An identifier quoted for PostgreSQL: in double quotes, any inside doubled.
+pub fn pg_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// An identifier quoted for ClickHouse: in backquotes, with backslashes and
+/// backquotes escaped. Names holding control characters are refused before
+/// they get here ([`crate::schema::TableSchema::check_names`]).
+pub fn ch_ident(name: &str) -> String {
+    format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`"))
+}
+
 /// Checks a Kafka topic name (the broker's own rule).
 pub fn topic_name(value: &str) -> Result<String, ConfigError> {
     let ok = !value.is_empty()
@@ -209,5 +221,7 @@ mod tests {
         }
         assert!(topic_name("user_events.v1-x").is_ok());
         assert!(topic_name("bad topic").is_err());
+        assert_eq!(pg_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(ch_ident("a`b\\c"), "`a\\`b\\\\c`");
     }
 }

@@ -15,21 +15,29 @@
 //!   cursor never publish each other's rows; producers that do not share one
 //!   are kept apart by row locks, and where claims take none (exclusive), a
 //!   row changed by another since the claim fails the mark.
+//! - Every claim gives its changes one version, higher than any earlier
+//!   claim's (the source serialises claims briefly to make it so), and the
+//!   sink keeps each key's highest version. A change published twice, or
+//!   an older one arriving after a newer one, is therefore harmless; and a
+//!   row is flagged sent only if it is still the version that was published.
 //! - The consumer stores its position only after the rows are in ClickHouse.
-//!   A crash in between replays those records; the sink collapses them by id.
+//!   A crash in between replays those records; the sink collapses them by key.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 
-use crate::event::LoginEvent;
+use crate::change::{self, Change, DecodeError};
+use crate::schema::TableSchema;
 use crate::stores::{
-    Claim, DeadLetter, ErrorKind, EventLog, Fetched, LogRecord, Permanent, Position, Rejected, Sink, SourceTable, kind,
+    DeadLetter, ErrorKind, EventLog, Fetched, LogRecord, Outcome, Permanent, Position, Sink, SourceTable, kind,
 };
+use crate::types::{Key, key_text};
 
 /// The places where a component may die between two store calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -104,39 +112,56 @@ pub fn is_crash(e: &anyhow::Error) -> bool {
     e.downcast_ref::<Crashed>().is_some()
 }
 
-/// Largest message value pg2ch publishes: under Kafka's default
-/// `max.message.bytes` (1 MiB) with room for the batch framing, so no broker
-/// tuning is needed. A row whose message would be larger is rejected.
-pub const MAX_MESSAGE_BYTES: usize = 900_000;
-
-/// Why a message value is too large to publish, if it is.
-pub fn oversize(value: &[u8]) -> Option<String> {
-    (value.len() > MAX_MESSAGE_BYTES)
-        .then(|| format!("its message would be {} bytes, over the {MAX_MESSAGE_BYTES}-byte limit", value.len()))
-}
-
-/// Encodes each claimed row once; rows too large to publish move to the
-/// rejected list.
-fn encode(mut claim: Claim) -> (Claim, Vec<(i64, LogRecord)>) {
-    let mut records = Vec::with_capacity(claim.rows.len());
-    let mut kept = Vec::with_capacity(claim.rows.len());
-    for row in std::mem::take(&mut claim.rows) {
-        let value = row.encode();
-        if let Some(reason) = oversize(&value) {
-            claim.rejected.push(Rejected { id: row.id, reason });
-        } else {
-            records.push((row.id, LogRecord { key: row.key(), value }));
-            kept.push(row);
+/// The records of a claim's changes, by partition. A row that cannot be
+/// represented (rejected by the source, or too large to publish) is on the
+/// rejected list, and its key's deletion is published instead, so that
+/// nothing an earlier version left downstream stays. Returns the items done
+/// once the records are acknowledged (published, or superseded: nothing to
+/// publish).
+fn encode(
+    schema: &TableSchema,
+    claim: &crate::stores::Claim,
+    mine: &[usize],
+    partitions: i32,
+    rejected: &mut Vec<(usize, String)>,
+) -> (Vec<usize>, BTreeMap<i32, Vec<LogRecord>>) {
+    let mut published = Vec::with_capacity(mine.len());
+    let mut by_partition: BTreeMap<i32, Vec<LogRecord>> = BTreeMap::new();
+    let mut record = |change: &Change, key: &Key| {
+        let value = change::encode(schema, change);
+        if let Some(reason) = change::oversize(&value) {
+            return Err(reason);
+        }
+        let key_bytes = change::key_bytes(schema, change);
+        let p = change::partition_for(schema, key, &key_bytes, partitions);
+        by_partition.entry(p).or_default().push(LogRecord { key: key_bytes, value });
+        Ok(())
+    };
+    for &i in mine {
+        let item = &claim.items[i];
+        let deletion = |key: &[crate::types::Value]| Change::delete(schema, key.to_vec(), claim.version);
+        match &item.outcome {
+            Outcome::Send(change) => match record(change, &item.key) {
+                Ok(()) => published.push(i),
+                Err(reason) => {
+                    rejected.push((i, reason));
+                    let key: Vec<_> = schema.key.iter().map(|k| change.values[*k].clone()).collect();
+                    if !change.deleted {
+                        let _ = record(&deletion(&key), &item.key);
+                    }
+                }
+            },
+            Outcome::Reject { reason, key } => {
+                rejected.push((i, reason.clone()));
+                // A key that cannot travel (invalid text) was never sent.
+                if schema.key_columns().zip(key).all(|(c, v)| crate::types::check(&c.ty, v).is_ok()) {
+                    let _ = record(&deletion(key), &item.key);
+                }
+            }
+            Outcome::Superseded => published.push(i),
         }
     }
-    claim.rows = kept;
-    (claim, records)
-}
-
-/// Which partition a row goes to. A plain modulo of the id: stable,
-/// documented, and easy for another producer to reproduce.
-pub fn partition_for(id: i64, partitions: i32) -> i32 {
-    id.rem_euclid(partitions as i64) as i32
+    (published, by_partition)
 }
 
 /// Test-only wrong orderings, to show the harness catches them. Not compiled
@@ -184,20 +209,21 @@ pub enum ProduceStep {
     Idle,
 }
 
-/// Keyset cursor: claim ids from `next` on (every `i64` is a valid id, so a
-/// pass starts at `i64::MIN`). It wraps to the start whenever a claim
-/// comes back short, so rows whose ids committed out of order are found on
-/// the next pass instead of being skipped for ever. Producers in one process
-/// (lanes) may share one: they claim one at a time, each after the rows the
-/// others hold, and a claim drops the rows of any id range a sibling held
-/// when the claim began (not when it returned: a sibling that commits in
-/// between has flagged rows the claim's snapshot still shows unsent). That
-/// last rule is what keeps lanes apart when claims take no row
-/// locks (an exclusive producer) and a new pass starts over while a sibling's
-/// batch is still in flight. The position is only a hint: the wrap-around
-/// keeps claims complete whatever it says.
+/// Keyset cursor: claim keys above `after` (all of them at the start of a
+/// pass). It wraps to the start whenever a claim comes back short, so rows
+/// whose keys committed out of order, or that changed again behind the
+/// cursor, are found on the next pass instead of being skipped for ever.
+/// Producers in one process (lanes) may share one: they claim one at a time,
+/// each after the rows the others hold, and a claim drops the rows of any
+/// key range a sibling held when the claim began (not when it returned: a
+/// sibling that commits in between has flagged rows the claim's snapshot
+/// still shows unsent). That last rule is what keeps lanes apart when claims
+/// take no row locks (an exclusive producer) and a new pass starts over while
+/// a sibling's batch is still in flight. The position is only a hint: the
+/// wrap-around keeps claims complete whatever it says. Keys compare in
+/// memory as PostgreSQL orders them in pg2ch's index (see [`crate::types::KeyPart`]).
 pub struct KeysetCursor {
-    next: Cell<i64>,
+    after: RefCell<Option<Key>>,
     /// Completed passes: each wrap means every row that was visible, unsent
     /// and not held elsewhere when the pass began has been claimed by a sharer.
     passes: Cell<u64>,
@@ -206,15 +232,15 @@ pub struct KeysetCursor {
     /// reading them again (without row locks it would; `held` makes that
     /// harmless, this makes it rare).
     turn: futures::lock::Mutex<()>,
-    /// Lowest and highest id of each sharer's open claim, by lane.
-    held: RefCell<BTreeMap<u64, (i64, i64)>>,
+    /// Lowest and highest key of each sharer's open claim, by lane.
+    held: RefCell<BTreeMap<u64, (Key, Key)>>,
     lanes: Cell<u64>,
 }
 
 impl Default for KeysetCursor {
     fn default() -> Self {
         KeysetCursor {
-            next: Cell::new(i64::MIN),
+            after: RefCell::new(None),
             passes: Cell::default(),
             turn: futures::lock::Mutex::default(),
             held: RefCell::default(),
@@ -225,7 +251,7 @@ impl Default for KeysetCursor {
 
 impl KeysetCursor {
     fn wrap(&self) {
-        self.next.set(i64::MIN);
+        *self.after.borrow_mut() = None;
         self.passes.set(self.passes.get() + 1);
     }
 
@@ -234,9 +260,9 @@ impl KeysetCursor {
         self.lanes.get()
     }
 
-    /// The id ranges of the siblings' open claims.
-    fn held_by_others(&self, lane: u64) -> Vec<(i64, i64)> {
-        self.held.borrow().iter().filter(|(l, _)| **l != lane).map(|(_, range)| *range).collect()
+    /// The key ranges of the siblings' open claims.
+    fn held_by_others(&self, lane: u64) -> Vec<(Key, Key)> {
+        self.held.borrow().iter().filter(|(l, _)| **l != lane).map(|(_, range)| range.clone()).collect()
     }
 }
 
@@ -250,9 +276,7 @@ struct Hold {
 }
 
 impl Hold {
-    fn new(cursor: &Cursor, lane: u64, claim: &Claim) -> Self {
-        let ids = claim.rows.iter().map(|r| r.id).chain(claim.rejected.iter().map(|r| r.id));
-        let (low, high) = ids.fold((i64::MAX, i64::MIN), |(low, high), id| (low.min(id), high.max(id)));
+    fn new(cursor: &Cursor, lane: u64, low: Key, high: Key) -> Self {
         cursor.held.borrow_mut().insert(lane, (low, high));
         Hold { cursor: cursor.clone(), lane }
     }
@@ -264,20 +288,21 @@ impl Drop for Hold {
     }
 }
 
-/// Claims unsent rows, publishes them, marks them sent.
+/// Claims unsent rows and deleted keys, publishes them, marks them sent.
 pub struct Producer<S, L> {
     pub source: S,
     pub log: L,
+    schema: Arc<TableSchema>,
     config: ProducerConfig,
     cursor: Cursor,
     lane: u64,
 }
 
 impl<S: SourceTable, L: EventLog> Producer<S, L> {
-    pub fn new(source: S, log: L, config: ProducerConfig) -> Self {
+    pub fn new(schema: Arc<TableSchema>, source: S, log: L, config: ProducerConfig) -> Self {
         let cursor = Cursor::default();
         let lane = cursor.new_lane();
-        Producer { source, log, config, cursor, lane }
+        Producer { source, log, schema, config, cursor, lane }
     }
 
     /// Passes over the table completed by this producer and those sharing
@@ -299,50 +324,51 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
         // Wall time here only feeds metrics; no decision depends on it.
         let started = std::time::Instant::now();
         let turn = self.cursor.turn.lock().await;
-        let from = self.cursor.next.get();
+        let after = self.cursor.after.borrow().clone();
         // Taken before the claim's snapshot: a sibling may commit its batch
         // and let go of it while our claim runs, and a snapshot without
         // row locks still shows those rows unsent.
         let siblings = self.cursor.held_by_others(self.lane);
-        let mut claim = self.source.claim(from, self.config.batch_rows).await?;
+        let claim = self.source.claim(after.as_ref(), self.config.batch_rows).await?;
         metrics::counter!("pg2ch_rows_claimed_total").increment(claim.len() as u64);
-        if claim.is_empty() {
+        let Some(last) = claim.last_key().cloned() else {
             self.cursor.wrap();
             drop(turn);
             self.source.rollback().await?;
             // A pass that ends empty-handed returns, rather than starting
-            // the next pass at once: rescanning from the lowest id walks
+            // the next pass at once: rescanning from the lowest key walks
             // every index entry the pass left dead (about 0.3 s per
             // million rows), which a caller that wanted one pass
             // (`--once`) would pay for nothing.
-            return Ok(if from == i64::MIN { ProduceStep::Idle } else { ProduceStep::Moved(0) });
-        }
+            return Ok(if after.is_none() { ProduceStep::Idle } else { ProduceStep::Moved(0) });
+        };
         // Move the cursor now, not after the commit, so that a producer
-        // sharing it claims the next rows while this one publishes.
-        match claim.last_id().and_then(|id| id.checked_add(1)) {
-            Some(next) if claim.len() >= self.config.batch_rows => self.cursor.next.set(next),
-            // A short claim, or one that reached i64::MAX: the pass is over.
-            _ => self.cursor.wrap(),
+        // sharing it claims the next rows while this one publishes. A short
+        // claim ends the pass.
+        if claim.len() >= self.config.batch_rows {
+            *self.cursor.after.borrow_mut() = Some(last);
+        } else {
+            self.cursor.wrap();
         }
-        let theirs = |id: i64| siblings.iter().any(|(low, high)| (*low..=*high).contains(&id));
-        claim.rows.retain(|r| !theirs(r.id));
-        claim.rejected.retain(|r| !theirs(r.id));
-        if claim.is_empty() {
+        let theirs = |k: &Key| siblings.iter().any(|(low, high)| low <= k && k <= high);
+        let mine: Vec<usize> = (0..claim.len()).filter(|i| !theirs(&claim.items[*i].key)).collect();
+        let (Some(first), Some(last)) = (mine.first(), mine.last()) else {
             // Every row is in a sibling's batch: theirs to publish.
             drop(turn);
             self.source.rollback().await?;
             return Ok(ProduceStep::Moved(0));
-        }
-        let _hold = Hold::new(&self.cursor, self.lane, &claim);
+        };
+        let _hold = Hold::new(&self.cursor, self.lane, claim.items[*first].key.clone(), claim.items[*last].key.clone());
         drop(turn);
         faults.at(CrashPoint::AfterClaim)?;
-        let (claim, records) = encode(claim);
+        let mut rejected = Vec::new();
+        let (published, records) = encode(&self.schema, &claim, &mine, self.log.partitions(), &mut rejected);
 
         #[cfg(any(test, feature = "broken-orderings"))]
         if self.config.ordering == Ordering::MarkBeforePublish {
-            self.mark_and_commit(&claim, faults).await?;
+            self.mark_and_commit(&claim, &published, &rejected, faults).await?;
             self.publish(records, faults).await?;
-            return Ok(ProduceStep::Moved(claim.rows.len()));
+            return Ok(ProduceStep::Moved(published.len()));
         }
 
         if let Err(e) = self.publish(records, faults).await {
@@ -353,42 +379,43 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
             }
             return Err(e);
         }
-        metrics::counter!("pg2ch_rows_published_total").increment(claim.rows.len() as u64);
+        metrics::counter!("pg2ch_rows_published_total").increment(published.len() as u64);
         faults.at(CrashPoint::AfterAck)?;
-        self.mark_and_commit(&claim, faults).await?;
+        self.mark_and_commit(&claim, &published, &rejected, faults).await?;
         metrics::histogram!("pg2ch_produce_batch_seconds").record(started.elapsed().as_secs_f64());
-        Ok(ProduceStep::Moved(claim.rows.len()))
+        Ok(ProduceStep::Moved(published.len()))
     }
 
-    /// Flags the published rows sent and the unrepresentable ones rejected,
-    /// in the claim's transaction, and commits.
-    async fn mark_and_commit(&mut self, claim: &Claim, faults: &dyn Faults) -> anyhow::Result<()> {
-        if !claim.rejected.is_empty() {
-            self.source.reject(&claim.rejected).await?;
+    /// Flags the published items sent and the unrepresentable ones
+    /// rejected, in the claim's transaction, and commits.
+    async fn mark_and_commit(
+        &mut self,
+        claim: &crate::stores::Claim,
+        published: &[usize],
+        rejected: &[(usize, String)],
+        faults: &dyn Faults,
+    ) -> anyhow::Result<()> {
+        if !rejected.is_empty() {
+            self.source.reject(rejected).await?;
         }
-        let ids: Vec<i64> = claim.rows.iter().map(|r| r.id).collect();
-        if !ids.is_empty() {
-            self.source.mark_sent(&ids).await?;
+        if !published.is_empty() {
+            self.source.mark_sent(published).await?;
         }
         faults.at(CrashPoint::AfterMark)?;
         self.source.commit().await?;
-        metrics::counter!("pg2ch_rows_marked_total").increment(claim.rows.len() as u64);
-        metrics::counter!("pg2ch_rows_rejected_total").increment(claim.rejected.len() as u64);
-        for r in &claim.rejected {
-            tracing::warn!(id = r.id, "row {} cannot be sent and is flagged rejected: {}", r.id, r.reason);
+        metrics::counter!("pg2ch_rows_marked_total").increment(published.len() as u64);
+        metrics::counter!("pg2ch_rows_rejected_total").increment(rejected.len() as u64);
+        for (i, reason) in rejected {
+            let key = key_text(&claim.items[*i].key);
+            tracing::warn!("row {key} of {} cannot be sent and is flagged rejected: {reason}", self.schema);
         }
         faults.at(CrashPoint::AfterCommit)?;
         Ok(())
     }
 
-    /// Publishes rows to their partitions, all partitions at once; returns
-    /// only when every partition acknowledged.
-    async fn publish(&self, records: Vec<(i64, LogRecord)>, faults: &dyn Faults) -> anyhow::Result<()> {
-        let partitions = self.log.partitions();
-        let mut by_partition: BTreeMap<i32, Vec<LogRecord>> = BTreeMap::new();
-        for (id, record) in records {
-            by_partition.entry(partition_for(id, partitions)).or_default().push(record);
-        }
+    /// Publishes records to their partitions, all partitions at once;
+    /// returns only when every partition acknowledged.
+    async fn publish(&self, by_partition: BTreeMap<i32, Vec<LogRecord>>, faults: &dyn Faults) -> anyhow::Result<()> {
         let total = by_partition.len();
         let mut pending: FuturesUnordered<_> = by_partition
             .into_iter()
@@ -454,6 +481,7 @@ pub struct ConsumeStep {
 pub struct Consumer<L, K> {
     pub log: L,
     pub sink: K,
+    schema: Arc<TableSchema>,
     config: ConsumerConfig,
     /// Where this consumer stands per partition; `None` until loaded from the sink.
     positions: Option<BTreeMap<i32, Position>>,
@@ -475,8 +503,8 @@ fn within_log(partition: i32, position: &Position, high_watermark: i64) -> anyho
 }
 
 impl<L: EventLog, K: Sink> Consumer<L, K> {
-    pub fn new(log: L, sink: K, config: ConsumerConfig) -> Self {
-        Consumer { log, sink, config, positions: None }
+    pub fn new(schema: Arc<TableSchema>, log: L, sink: K, config: ConsumerConfig) -> Self {
+        Consumer { log, sink, schema, config, positions: None }
     }
 
     /// The positions in memory (loaded from the sink on first use).
@@ -576,8 +604,13 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
             step.high_watermarks.insert(p, batch.high_watermark);
             for record in batch.records {
                 let position = Position { next: record.offset + 1, last: Some(record.fingerprint()) };
-                match LoginEvent::decode(record.value.as_deref()) {
-                    Ok(row) => rows.push(row),
+                match change::decode(&self.schema, record.value.as_deref()) {
+                    Ok(change) => rows.push(change),
+                    // A column this process does not know: the table grew.
+                    // Not the record's fault; stop before writing anything.
+                    Err(e @ DecodeError::UnknownColumn { .. }) => {
+                        return Err(Permanent::error(format!("partition {p} offset {}: {e}", record.offset)));
+                    }
                     // Poison: forwarded unchanged to the dead-letter topic, so
                     // one bad record never stops the partition.
                     Err(reason) => dead.push(DeadLetter {
@@ -634,7 +667,7 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
         failed.map_or(Ok(step), Err)
     }
 
-    async fn write(&mut self, rows: &[LoginEvent], faults: &dyn Faults) -> anyhow::Result<()> {
+    async fn write(&mut self, rows: &[Change], faults: &dyn Faults) -> anyhow::Result<()> {
         for (i, chunk) in rows.chunks(self.config.insert_rows.max(1)).enumerate() {
             if i > 0 {
                 faults.at(CrashPoint::MidWrite)?;

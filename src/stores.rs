@@ -10,7 +10,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::event::LoginEvent;
+use crate::change::Change;
+use crate::types::{Key, Value};
 
 /// How a producer's claims keep clear of other producers' claims.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -86,7 +87,8 @@ fn tagged<T: std::error::Error + Send + Sync + 'static>(e: &anyhow::Error) -> bo
     e.downcast_ref::<T>().is_some() || e.chain().any(|c| c.downcast_ref::<T>().is_some())
 }
 
-/// The source table: rows with a `sent_to_kafka` flag.
+/// The source table: rows with a `sent_to_kafka` flag, and the keys deleted
+/// from it that are still to be sent.
 ///
 /// One value is one producer's session: at most one claim is open at a time,
 /// from [`claim`](Self::claim) until [`commit`](Self::commit) or
@@ -95,50 +97,66 @@ fn tagged<T: std::error::Error + Send + Sync + 'static>(e: &anyhow::Error) -> bo
 #[allow(async_fn_in_trait)]
 pub trait SourceTable {
     /// Opens a transaction and claims up to `limit` unsent, unrejected rows
-    /// with `id >= from_id`, in id order; in [`ClaimMode::Shared`] it locks
-    /// them and skips rows another session holds. Rows that cannot be
-    /// represented downstream come back in [`Claim::rejected`] instead of
-    /// [`Claim::rows`].
-    async fn claim(&mut self, from_id: i64, limit: usize) -> anyhow::Result<Claim>;
-    /// Flags these rows sent inside the open claim (not yet visible to
-    /// others). Fails, changing nothing, if another session changed one of
-    /// them since the claim.
-    async fn mark_sent(&mut self, ids: &[i64]) -> anyhow::Result<()>;
-    /// Flags these rows rejected, with the reason, inside the open claim.
-    /// Rejected rows are never claimed again and never flagged sent.
-    async fn reject(&mut self, rows: &[Rejected]) -> anyhow::Result<()>;
+    /// and deleted keys with a key above `after` (all of them from the
+    /// start when `None`), in key order, and gives them one version, higher
+    /// than that of any claim before. In [`ClaimMode::Shared`] it locks them
+    /// and skips what another session holds. A row that cannot be
+    /// represented downstream comes back with the reason instead of a change.
+    async fn claim(&mut self, after: Option<&Key>, limit: usize) -> anyhow::Result<Claim>;
+    /// Inside the open claim (not yet visible to others), flags these items
+    /// of it sent: a row only if it is still the version claimed, a deleted
+    /// key by removing it from the outbox. Fails, changing nothing, if
+    /// another session changed one of them since the claim.
+    async fn mark_sent(&mut self, items: &[usize]) -> anyhow::Result<()>;
+    /// Flags these items of the open claim rejected, with the reason.
+    /// Rejected rows are never claimed again until their content changes.
+    async fn reject(&mut self, items: &[(usize, String)]) -> anyhow::Result<()>;
     /// Commits the open claim. An error may mean the commit happened anyway.
     async fn commit(&mut self) -> anyhow::Result<()>;
     /// Abandons the open claim, if any: locks go, nothing is flagged.
     async fn rollback(&mut self) -> anyhow::Result<()>;
 }
 
-/// What one claim handed out.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What one claim handed out, in key order.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Claim {
-    pub rows: Vec<LoginEvent>,
-    pub rejected: Vec<Rejected>,
+    /// The version of every change in this claim.
+    pub version: u64,
+    pub items: Vec<Claimed>,
+}
+
+/// One claimed row or deleted key, and what to do with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claimed {
+    pub key: Key,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Publish this change.
+    Send(Change),
+    /// The row cannot be represented downstream: flag it rejected with
+    /// this reason, and delete its key downstream (whatever an earlier
+    /// version left there). `key` holds the key's values.
+    Reject { reason: String, key: Vec<Value> },
+    /// The deletion of a key that exists again: nothing to publish (the
+    /// row's own change, of a later claim, supersedes every earlier one);
+    /// cleared with the claim.
+    Superseded,
 }
 
 impl Claim {
     pub fn len(&self) -> usize {
-        self.rows.len() + self.rejected.len()
+        self.items.len()
     }
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.items.is_empty()
     }
-    /// The highest id handed out; `None` for an empty claim.
-    pub fn last_id(&self) -> Option<i64> {
-        self.rows.iter().map(|r| r.id).chain(self.rejected.iter().map(|r| r.id)).max()
+    /// The highest key handed out; `None` for an empty claim.
+    pub fn last_key(&self) -> Option<&Key> {
+        self.items.last().map(|i| &i.key)
     }
-}
-
-/// A source row that cannot be sent as it is (a NULL where the message has
-/// no null, text over the size limit), with the reason.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Rejected {
-    pub id: i64,
-    pub reason: String,
 }
 
 /// One record to append: key and value bytes.
@@ -254,9 +272,9 @@ impl<T: EventLog> EventLog for &T {
 pub trait Sink {
     /// Where this consumer group stands, per partition, as last stored.
     async fn positions(&mut self) -> anyhow::Result<BTreeMap<i32, Position>>;
-    /// Inserts rows. Rows carry their source id, and the table collapses
-    /// copies by id, so writing a row twice is harmless.
-    async fn write(&mut self, rows: &[LoginEvent]) -> anyhow::Result<()>;
+    /// Inserts changes. The table keeps each key's highest version, so
+    /// writing a change twice, or an older one after a newer, is harmless.
+    async fn write(&mut self, changes: &[Change]) -> anyhow::Result<()>;
     /// Remembers where the consumer stands in these partitions.
     async fn store_positions(&mut self, positions: &BTreeMap<i32, Position>) -> anyhow::Result<()>;
 }

@@ -5,7 +5,7 @@ mod common;
 
 use chrono::{DateTime, Utc};
 use common::TestEnv;
-use pg2ch::event::LoginEvent;
+use pg2ch::types::Value;
 
 fn tricky_names() -> Vec<String> {
     vec![
@@ -29,10 +29,6 @@ fn tricky_times() -> Vec<DateTime<Utc>> {
         .collect()
 }
 
-async fn pg_rows(env: &TestEnv) -> Vec<(LoginEvent, bool)> {
-    pg2ch::postgres::all_rows(&env.pg().await).await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn tricky_content_arrives_byte_for_byte() {
     let env = TestEnv::new("tricky").await;
@@ -45,13 +41,13 @@ async fn tricky_content_arrives_byte_for_byte() {
     let report = env.ok(&["verify"]);
     assert!(report.contains("verify: OK"), "{report}");
 
-    let pg = pg_rows(&env).await;
-    assert!(pg.iter().all(|(_, sent)| *sent), "every row flagged sent");
-    let ch = env.ch().await.rows_final().await.unwrap();
-    let pg_events: Vec<LoginEvent> = pg.into_iter().map(|(e, _)| e).collect();
-    assert_eq!(ch, pg_events, "ClickHouse FINAL equals PostgreSQL row for row");
-    assert_eq!(ch.iter().map(|e| e.username.clone()).collect::<Vec<_>>(), names);
-    assert_eq!(ch[0].event_time_us, 1_700_000_000_123_456, "microseconds kept");
+    let schema = env.logins().await;
+    env.assert_same_rows(&schema, "tricky").await;
+    let ch = env.ch_rows(&schema).await;
+    let got: Vec<Value> = ch.values().map(|c| c.values[1].clone()).collect();
+    assert_eq!(got, names.iter().map(|n| Value::Text(n.clone())).collect::<Vec<_>>());
+    let first = ch.values().next().unwrap();
+    assert_eq!(first.values[2], Value::Timestamp(1_700_000_000_123_456 - 946_684_800_000_000), "microseconds kept");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -61,15 +57,15 @@ async fn restart_resumes_from_the_stored_position() {
     env.ok(&["seed", "--rows", "3000"]);
     env.ok(&["produce", "--once"]);
     env.ok(&["consume", "--once"]);
-    let ch = env.ch().await;
-    assert_eq!(ch.stored_count().await.unwrap(), 3000);
+    let (ch, schema) = (env.ch().await, env.logins().await);
+    assert_eq!(ch.stored_count(&schema).await.unwrap(), 3000);
 
     env.ok(&["seed", "--rows", "2000"]);
     env.ok(&["produce", "--once"]);
     env.ok(&["consume", "--once"]);
     // Resumed, not replayed: nothing was written twice, even before merging.
-    assert_eq!(ch.stored_count().await.unwrap(), 5000);
-    assert_eq!(ch.final_count().await.unwrap(), 5000);
+    assert_eq!(ch.stored_count(&schema).await.unwrap(), 5000);
+    assert_eq!(ch.final_count(&schema).await.unwrap(), 5000);
     let status = env.ok(&["status", "--json"]);
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["unsent_rows"], 0);
@@ -93,7 +89,8 @@ async fn batches_in_every_compression_codec_reach_clickhouse() {
     }
     env.ok(&["consume", "--once"]);
     let ch = env.ch().await;
-    assert_eq!(ch.final_count().await.unwrap(), 700 * codecs.len() as u64);
+    let schema = env.logins().await;
+    assert_eq!(ch.final_count(&schema).await.unwrap(), 700 * codecs.len() as u64);
     assert!(env.ok(&["verify"]).contains("verify: OK"));
     let bad = env.run(&["produce", "--once", "--compression", "brotli"]);
     assert_eq!(bad.status.code(), Some(2));
@@ -111,9 +108,10 @@ async fn two_groups_fan_out_independently() {
     a.ok(&["run", "--once"]);
     // Group beta has stored nothing yet and must get every event on its own.
     b.ok(&["consume", "--once"]);
+    let schema = env.logins().await;
     for group in [&a, &b] {
         let ch = group.ch().await;
-        assert_eq!(ch.final_count().await.unwrap(), 1500, "{}", group.settings.ch.database);
+        assert_eq!(ch.final_count(&schema).await.unwrap(), 1500, "{}", group.settings.ch.database);
         assert!(group.ok(&["verify"]).contains("verify: OK"));
     }
 }
@@ -151,9 +149,18 @@ async fn init_adds_the_flag_to_an_existing_table_without_rewriting_it() {
 
     env.ok(&["run", "--once"]);
     assert!(env.ok(&["verify"]).contains("verify: OK"));
-    let ch = env.ch().await.rows_final().await.unwrap();
+    let schema = env.logins().await;
+    let ch = env.ch_rows(&schema).await;
     assert_eq!(ch.len(), 500);
-    assert_eq!(ch[0].event_time_us, 1_704_067_201_000_001, "TIMESTAMP read as UTC, microseconds kept");
+    let first = ch.values().next().unwrap();
+    assert_eq!(
+        first.values[2],
+        Value::Timestamp(1_704_067_201_000_001 - 946_684_800_000_000),
+        "TIMESTAMP read as UTC, microseconds kept"
+    );
+    // Its ClickHouse column, exact on every server.
+    let us: i64 = env.ch().await.client.query("SELECT min(event_time_us) FROM user_logins").fetch_one().await.unwrap();
+    assert_eq!(us, 1_704_067_201_000_001);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -165,8 +172,13 @@ async fn verify_fails_on_planted_extra_missing_and_altered_rows() {
     assert!(env.ok(&["verify"]).contains("verify: OK"));
     let pool = env.pg().await;
     let ch = env.ch().await;
+    // A copy of the key's version (FINAL shows the later insert of a tie),
+    // or of version 1 for a key ClickHouse lacks.
     let insert_ch = |id: i64, name: &str| {
-        let sql = format!("INSERT INTO user_logins (id, username, event_time_us) VALUES ({id}, '{name}', 0)");
+        let sql = format!(
+            "INSERT INTO user_logins (id, username, event_time_us, _pg2ch_version, _pg2ch_deleted) \
+             SELECT {id}, '{name}', 0, greatest(1, (SELECT max(_pg2ch_version) FROM user_logins WHERE id = {id})), 0"
+        );
         let client = ch.client.clone();
         async move { client.query(&sql).execute().await.unwrap() }
     };
@@ -176,7 +188,7 @@ async fn verify_fails_on_planted_extra_missing_and_altered_rows() {
     let out = env.run(&["verify"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(text.contains("ids in ClickHouse that PostgreSQL lacks: 1 (first: [999999999])"), "{text}");
+    assert!(text.contains("keys in ClickHouse that PostgreSQL lacks: 1 (first: [999999999])"), "{text}");
 
     // Missing: a row flagged sent that never went anywhere.
     let id: i64 = sqlx::query_scalar(
@@ -194,7 +206,7 @@ async fn verify_fails_on_planted_extra_missing_and_altered_rows() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1));
     assert!(text.contains("rows whose content differs: 1 (first: [1])"), "{text}");
-    assert!(text.contains("ids stored more than once before merging"), "{text}");
+    assert!(text.contains("keys stored more than once before merging"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -12,7 +12,6 @@ use std::time::Duration;
 use common::TestEnv;
 use pg2ch::commands::{self, RunOptions};
 use pg2ch::pipeline::{CrashPoint, Crashed, Faults, NoFaults, ProduceStep, is_crash};
-use pg2ch::postgres::PgSource;
 use pg2ch::stores::{ClaimMode, SourceTable};
 
 /// Dies the (`skip` + 1)-th time `point` is reached.
@@ -72,7 +71,7 @@ async fn run_until_crash(env: &TestEnv, faults: &CrashAt, o: &RunOptions) {
 async fn drain_and_check(env: &TestEnv, schedule: &str, o: &RunOptions) {
     commands::producer(&env.settings, o).await.unwrap().drain(&NoFaults).await.unwrap();
     commands::consumer(&env.settings, o).await.unwrap().drain(&NoFaults, o.poll).await.unwrap();
-    let report = commands::verify(&env.settings, false).await.unwrap();
+    let report = commands::verify(&env.settings, false).await.unwrap().remove(0);
     assert!(report.ok(), "{schedule}: {report}");
     assert_eq!(report.postgres_sent, report.postgres_rows, "{schedule}: every row flagged sent");
     assert_eq!(report.clickhouse_final_rows, report.postgres_rows, "{schedule}: one row per id");
@@ -134,10 +133,11 @@ async fn an_exclusive_claim_never_flags_a_row_changed_or_replaced_since() {
     env.ok(&["init", "--partitions", "1"]);
     let pool = env.pg().await;
     pg2ch::postgres::seed(&pool, 10, 10, |_| {}).await.unwrap();
-    let mut source = PgSource::new(pool.clone(), Duration::from_secs(10), ClaimMode::Exclusive);
-    let claim = source.claim(0, 10).await.unwrap();
-    let ids: Vec<i64> = claim.rows.iter().map(|r| r.id).collect();
-    assert_eq!(ids, (1..=10).collect::<Vec<_>>());
+    let o = RunOptions { claim_mode: ClaimMode::Exclusive, ..options() };
+    let mut source = commands::producer(&env.settings, &o).await.unwrap().source;
+    let claim = source.claim(None, 10).await.unwrap();
+    let ids: Vec<pg2ch::types::Key> = claim.items.iter().map(|i| i.key.clone()).collect();
+    assert_eq!(ids, (1..=10).map(|i| vec![pg2ch::types::KeyPart::Int(i)]).collect::<Vec<_>>());
 
     for statement in [
         "DELETE FROM user_logins WHERE id = 1",
@@ -147,7 +147,8 @@ async fn an_exclusive_claim_never_flags_a_row_changed_or_replaced_since() {
     ] {
         sqlx::query(statement).execute(&pool).await.unwrap();
     }
-    let err = source.mark_sent(&ids).await.expect_err("flagging rows changed since the claim must fail");
+    let all: Vec<usize> = (0..ids.len()).collect();
+    let err = source.mark_sent(&all).await.expect_err("flagging rows changed since the claim must fail");
     assert!(format!("{err:#}").contains("could not serialize"), "{err:#}");
     source.rollback().await.unwrap();
 

@@ -1,48 +1,59 @@
-//! Simulated ClickHouse: a ReplacingMergeTree by id (copies visible until a
-//! merge; FINAL shows the newest copy of each id), inserts that fail or whose
-//! response is lost after they landed, and the stored consumer positions
-//! (largest offset wins, as in the real positions table).
+//! Simulated ClickHouse: a `ReplacingMergeTree` by key keeping the highest
+//! version (copies visible until a merge; `FINAL` shows each key's highest
+//! version, the later insert on a tie, and leaves deleted keys out), inserts
+//! that fail or whose response is lost after they landed, and the stored
+//! consumer positions (largest offset wins, as in the real positions table).
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use super::{Chaos, yield_now};
+use crate::change::Change;
 use crate::checksum;
-use crate::event::LoginEvent;
+use crate::schema::TableSchema;
 use crate::stores::{OutcomeUnknown, Position, Sink};
-use crate::verify::{Finding, KeyRange, SAMPLE, SinkSide, SinkSummary};
+use crate::types::Key;
+use crate::verify::{Finding, KeyRange, SinkRow, SinkSide, SinkSummary};
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SinkTable {
+    pub schema: Arc<TableSchema>,
     /// Insert blocks in arrival order, not yet merged.
-    pub parts: Vec<Vec<LoginEvent>>,
+    pub parts: Vec<Vec<Change>>,
     /// (group, partition) → every position ever stored.
     positions: BTreeMap<(String, i32), Vec<Position>>,
 }
 
 impl SinkTable {
-    /// What `SELECT ... FINAL ORDER BY id` returns: the newest copy of each id.
-    pub fn final_rows(&self) -> Vec<LoginEvent> {
-        let mut newest = BTreeMap::new();
-        for row in self.parts.iter().flatten() {
-            newest.insert(row.id, row.clone());
-        }
-        newest.into_values().collect()
+    pub fn new(schema: Arc<TableSchema>) -> Self {
+        SinkTable { schema, parts: Vec::new(), positions: BTreeMap::new() }
     }
 
-    /// `final_rows` of one id range.
-    fn final_in(&self, range: KeyRange) -> Vec<LoginEvent> {
-        let mut newest = BTreeMap::new();
-        for row in self.parts.iter().flatten().filter(|r| range.contains(r.id)) {
-            newest.insert(row.id, row.clone());
+    /// Each key's newest change (deletions included): what the engine keeps.
+    pub fn newest(&self) -> BTreeMap<Key, Change> {
+        let mut newest: BTreeMap<Key, Change> = BTreeMap::new();
+        for change in self.parts.iter().flatten() {
+            let key = change.key(&self.schema);
+            match newest.get(&key) {
+                Some(kept) if kept.version > change.version => {}
+                _ => {
+                    newest.insert(key, change.clone());
+                }
+            }
         }
-        newest.into_values().collect()
+        newest
+    }
+
+    /// What `SELECT ... FINAL WHERE _pg2ch_deleted = 0` returns.
+    pub fn final_rows(&self) -> BTreeMap<Key, Change> {
+        self.newest().into_iter().filter(|(_, c)| !c.deleted).collect()
     }
 
     /// A background merge: all parts collapse into one.
     pub fn merge(&mut self) {
-        let merged = self.final_rows();
+        let merged = self.newest().into_values().collect();
         self.parts = vec![merged];
     }
 }
@@ -69,7 +80,7 @@ impl Sink for SimSink {
             .collect())
     }
 
-    async fn write(&mut self, rows: &[LoginEvent]) -> anyhow::Result<()> {
+    async fn write(&mut self, rows: &[Change]) -> anyhow::Result<()> {
         yield_now().await;
         if self.chaos.fails("ch.insert") {
             anyhow::bail!("simulated: insert failed");
@@ -106,32 +117,49 @@ pub struct SimVerifySink(pub(super) Rc<RefCell<SinkTable>>);
 impl SinkSide for SimVerifySink {
     async fn bounds(&mut self) -> anyhow::Result<(Option<KeyRange>, u64)> {
         let table = self.0.borrow();
-        let rows = || table.parts.iter().flatten();
-        let bounds = rows().map(|r| r.id).min().zip(rows().map(|r| r.id).max());
-        Ok((bounds.map(|(first, last)| KeyRange { first, last }), rows().count() as u64))
+        let stored = table.parts.iter().flatten().count() as u64;
+        if stored == 0 {
+            return Ok((None, 0));
+        }
+        if !table.schema.integer_key() {
+            return Ok((Some(KeyRange::ALL), stored));
+        }
+        let walks = table.parts.iter().flatten().map(|c| checksum::walk(&table.schema, &c.values));
+        let (first, last) = walks.fold((i64::MAX, i64::MIN), |(lo, hi), w| (lo.min(w), hi.max(w)));
+        Ok((Some(KeyRange { first, last }), stored))
     }
 
     async fn summaries(&mut self, ranges: &[KeyRange]) -> anyhow::Result<Vec<SinkSummary>> {
+        let table = self.0.borrow();
         let mut out = vec![SinkSummary::default(); ranges.len()];
-        let (Some(first), Some(last)) = (ranges.first(), ranges.last()) else { return Ok(out) };
-        for row in self.0.borrow().final_in(KeyRange { first: first.first, last: last.last }) {
-            if let Some(i) = KeyRange::part_of(ranges, row.id) {
-                out[i].add(checksum::event(&row));
+        for change in table.final_rows().values() {
+            if let Some(i) = KeyRange::part_of(ranges, checksum::walk(&table.schema, &change.values)) {
+                out[i].add(checksum::row(&table.schema, &change.values));
             }
         }
         Ok(out)
     }
 
-    async fn rows(&mut self, range: KeyRange) -> anyhow::Result<Vec<LoginEvent>> {
-        Ok(self.0.borrow().final_in(range))
+    async fn rows(&mut self, range: KeyRange) -> anyhow::Result<Vec<SinkRow>> {
+        let table = self.0.borrow();
+        Ok(table
+            .newest()
+            .into_iter()
+            .map(|(key, change)| SinkRow { walk: checksum::walk(&table.schema, &change.values), key, change })
+            .filter(|r| range.contains(r.walk))
+            .collect())
     }
 
     async fn unmerged_copies(&mut self) -> anyhow::Result<Finding> {
-        let mut copies = BTreeMap::<i64, u32>::new();
-        for row in self.0.borrow().parts.iter().flatten() {
-            *copies.entry(row.id).or_default() += 1;
+        let table = self.0.borrow();
+        // In walk order, as every finding lists its keys.
+        let mut copies = BTreeMap::<(i64, Key), u32>::new();
+        for change in table.parts.iter().flatten() {
+            let walk = checksum::walk(&table.schema, &change.values);
+            *copies.entry((walk, change.key(&table.schema))).or_default() += 1;
         }
-        let twice: Vec<i64> = copies.into_iter().filter(|(_, n)| *n > 1).map(|(id, _)| id).collect();
-        Ok(Finding { count: twice.len() as u64, first_ids: twice.into_iter().take(SAMPLE).collect() })
+        let mut finding = Finding::default();
+        copies.into_iter().filter(|(_, n)| *n > 1).for_each(|((_, k), _)| finding.add(&k));
+        Ok(finding)
     }
 }

@@ -115,6 +115,8 @@ pub async fn start() -> anyhow::Result<(Containers, Settings)> {
             group: "pg2ch".into(),
         },
         timeouts: Timeouts { call: Duration::from_secs(30) },
+        tables: vec!["user_logins".into()],
+        other_types_as_text: false,
     };
     let short = Duration::from_secs(2);
     let patience = Duration::from_secs(120);

@@ -13,8 +13,15 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use pg2ch::change::Change;
 use pg2ch::commands::Settings;
 use pg2ch::config::{ChConfig, KafkaConfig, PgConfig, Secret, Timeouts};
+use pg2ch::schema::TableSchema;
+use pg2ch::types::{Key, Value};
+use pg2ch::verify::{KeyRange, RowState, SinkSide, SourceSide};
 use sqlx::PgPool;
 use tokio::sync::OnceCell;
 
@@ -57,6 +64,8 @@ async fn base() -> Settings {
                 },
                 kafka: KafkaConfig { bootstrap: vec![bootstrap], topic: String::new(), group: "pg2ch".into() },
                 timeouts: Timeouts { call: Duration::from_secs(30) },
+                tables: vec!["user_logins".into()],
+                other_types_as_text: false,
             };
         }
         if containers::docker_answers() {
@@ -75,6 +84,22 @@ async fn base() -> Settings {
     .clone()
 }
 
+/// A pool of ordinary user sessions on `cfg`, as an application has.
+pub async fn user_pool(cfg: &PgConfig) -> PgPool {
+    let options = sqlx::postgres::PgConnectOptions::new()
+        .host(&cfg.host)
+        .port(cfg.port)
+        .username(&cfg.user)
+        .password(cfg.password.expose())
+        .database(&cfg.database);
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
+        .expect("PostgreSQL connection")
+}
+
 /// Settings for a running local stack.
 pub fn settings_of(env: pg2ch::stack::StackEnv) -> Settings {
     Settings {
@@ -82,6 +107,8 @@ pub fn settings_of(env: pg2ch::stack::StackEnv) -> Settings {
         ch: env.ch,
         kafka: KafkaConfig { bootstrap: vec![env.kafka_bootstrap], topic: String::new(), group: "pg2ch".into() },
         timeouts: Timeouts { call: Duration::from_secs(30) },
+        tables: vec!["user_logins".into()],
+        other_types_as_text: false,
     }
 }
 
@@ -275,14 +302,70 @@ impl TestEnv {
         TestEnv { name: self.name.clone(), settings }
     }
 
+    /// A pool of ordinary user sessions (not pg2ch's own: its triggers
+    /// see their changes as changes to send).
     pub async fn pg(&self) -> PgPool {
-        pg2ch::postgres::connect(&self.settings.pg, 2, Duration::from_secs(10)).await.expect("PostgreSQL connection")
+        user_pool(&self.settings.pg).await
     }
 
     pub async fn ch(&self) -> pg2ch::clickhouse::ClickHouse {
         pg2ch::clickhouse::ClickHouse::connect(&self.settings.ch, Duration::from_secs(10))
             .await
             .expect("ClickHouse connection")
+    }
+
+    /// A table as pg2ch reads it (`user_logins` by default).
+    pub async fn table(&self, name: &str) -> Arc<TableSchema> {
+        let pool = pg2ch::postgres::connect(&self.settings.pg, 1, Duration::from_secs(10)).await.unwrap();
+        let oid = pg2ch::postgres::resolve(&pool, name).await.unwrap().unwrap_or_else(|| panic!("no table {name}"));
+        Arc::new(pg2ch::postgres::read_table(&pool, oid, true).await.unwrap())
+    }
+
+    /// `user_logins` as pg2ch reads it.
+    pub async fn logins(&self) -> Arc<TableSchema> {
+        self.table("user_logins").await
+    }
+
+    /// Every row of the table in PostgreSQL, by key, with where it stands.
+    pub async fn pg_rows(&self, schema: &Arc<TableSchema>) -> BTreeMap<Key, (Vec<Value>, RowState)> {
+        // Read as pg2ch reads (its sessions' settings: UTC, ISO 8601 intervals).
+        let pool = pg2ch::postgres::connect(&self.settings.pg, 1, Duration::from_secs(10)).await.unwrap();
+        let mut side = pg2ch::postgres::PgVerifySide::open(&pool, schema.clone()).await.unwrap();
+        let rows = side.rows(KeyRange::ALL).await.unwrap();
+        rows.into_iter().map(|r| (r.key, (r.values, r.state))).collect()
+    }
+
+    /// The live rows ClickHouse holds for the table (each key's newest
+    /// change, deleted keys left out), by key.
+    pub async fn ch_rows(&self, schema: &Arc<TableSchema>) -> BTreeMap<Key, Change> {
+        let mut side = pg2ch::clickhouse::verify::ChVerifySide { ch: self.ch().await, schema: schema.clone() };
+        let rows = side.rows(KeyRange::ALL).await.unwrap();
+        rows.into_iter().filter(|r| !r.change.deleted).map(|r| (r.key, r.change)).collect()
+    }
+
+    /// ClickHouse's live rows equal PostgreSQL's rows flagged sent, value
+    /// for value (and nothing is left unsent).
+    pub async fn assert_same_rows(&self, schema: &Arc<TableSchema>, what: &str) {
+        let pg = self.pg_rows(schema).await;
+        let ch = self.ch_rows(schema).await;
+        let unsent: Vec<&Key> =
+            pg.iter().filter(|(_, (_, s))| matches!(s, RowState::Pending)).map(|(k, _)| k).collect();
+        assert!(unsent.is_empty(), "{what}: rows still unsent: {unsent:?}");
+        let sent: BTreeMap<&Key, &Vec<Value>> =
+            pg.iter().filter(|(_, (_, s))| matches!(s, RowState::Sent(_))).map(|(k, (v, _))| (k, v)).collect();
+        let live: BTreeMap<&Key, &Vec<Value>> = ch.iter().map(|(k, c)| (k, &c.values)).collect();
+        let extra: Vec<(&&Key, Option<&RowState>)> =
+            live.keys().filter(|k| !sent.contains_key(*k)).map(|k| (k, pg.get(*k).map(|(_, s)| s))).take(5).collect();
+        assert_eq!(
+            live.len(),
+            sent.len(),
+            "{what}: ClickHouse has {} live rows, PostgreSQL {} sent; first extra (with their state in PostgreSQL): {extra:?}",
+            live.len(),
+            sent.len()
+        );
+        for (key, values) in &sent {
+            assert_eq!(live.get(key), Some(values), "{what}: row {key:?}");
+        }
     }
 
     /// One partition of a topic, reached directly as a client other than
@@ -335,6 +418,8 @@ impl TestEnv {
             "KAFKA_BOOTSTRAP",
             "KAFKA_TOPIC",
             "KAFKA_GROUP",
+            "PG2CH_TABLES",
+            "PG2CH_OTHER_TYPES",
         ] {
             cmd.env_remove(key);
         }
@@ -358,5 +443,32 @@ impl TestEnv {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// A `timestamptz` in PostgreSQL's binary form (microseconds since 2000,
+/// `i64::MAX`/`MIN` for `±infinity`), to bind any time exactly.
+#[derive(Debug, Clone, Copy)]
+pub struct PgTime(pub i64);
+
+impl sqlx::Type<sqlx::Postgres> for PgTime {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        sqlx::postgres::PgTypeInfo::with_oid(sqlx::postgres::types::Oid(1184))
+    }
+}
+
+impl sqlx::postgres::PgHasArrayType for PgTime {
+    fn array_type_info() -> sqlx::postgres::PgTypeInfo {
+        sqlx::postgres::PgTypeInfo::with_oid(sqlx::postgres::types::Oid(1185))
+    }
+}
+
+impl sqlx::Encode<'_, sqlx::Postgres> for PgTime {
+    fn encode_by_ref(
+        &self,
+        buf: &mut sqlx::postgres::PgArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        buf.extend_from_slice(&self.0.to_be_bytes());
+        Ok(sqlx::encode::IsNull::No)
     }
 }

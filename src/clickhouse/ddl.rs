@@ -1,0 +1,276 @@
+//! The tables pg2ch creates in ClickHouse, and the check every start makes
+//! that they are what exactly-once needs.
+//!
+//! A source table's ClickHouse table has its columns (see
+//! [`crate::types::clickhouse`]), then `_pg2ch_version UInt64` and
+//! `_pg2ch_deleted UInt8`; its engine is `ReplacingMergeTree(_pg2ch_version)`,
+//! with `_pg2ch_deleted` as the engine's `is_deleted` where the server has
+//! it (23.2 and later), ordered by the primary key. `pg2ch_positions` holds
+//! one row per (group, topic, partition) and store; the largest
+//! `next_offset` wins, so merges never lose progress.
+//!
+//! At start, the table is compared with PostgreSQL's: columns PostgreSQL
+//! gained are added (and the caller resends the rows that hold values in
+//! them); a column dropped, renamed or retyped in PostgreSQL stops the
+//! table's pipeline with a line naming it; an engine that does not keep the
+//! highest version is refused.
+
+use anyhow::Context;
+
+use super::{ClickHouse, classify};
+use crate::config::{bounded, ch_ident};
+use crate::schema::{CH_DELETED, CH_VERSION, TableSchema};
+use crate::stores::Permanent;
+use crate::types::clickhouse::ChColumn;
+
+/// The columns of the positions table, with their types.
+const POSITIONS_COLUMNS: [(&str, &str); 5] = [
+    ("consumer_group", "String"),
+    ("topic", "String"),
+    ("partition", "Int32"),
+    ("next_offset", "UInt64"),
+    ("last_record", "UInt64"),
+];
+
+/// One column as `system.columns` shows it.
+#[derive(Debug, Clone, clickhouse::Row, serde::Deserialize)]
+struct Existing {
+    name: String,
+    #[serde(rename = "type")]
+    ty: String,
+}
+
+fn definition(c: &ChColumn) -> String {
+    match &c.materialized {
+        Some(expr) => format!("{} {} MATERIALIZED {expr}", ch_ident(&c.name), c.ty),
+        None => format!("{} {}", ch_ident(&c.name), c.ty),
+    }
+}
+
+impl ClickHouse {
+    /// The database, quoted.
+    pub fn db(&self) -> String {
+        ch_ident(&self.database)
+    }
+
+    /// A table of the database, quoted.
+    pub fn table(&self, name: &str) -> String {
+        format!("{}.{}", self.db(), ch_ident(name))
+    }
+
+    /// Creates the database and the positions table if absent.
+    pub async fn init(&self) -> anyhow::Result<()> {
+        let db = self.db();
+        let create_db = format!("CREATE DATABASE IF NOT EXISTS {db}");
+        bounded(|| "ClickHouse: create database".into(), self.timeout, async {
+            Ok(self.client.clone().with_database("default").query(&create_db).execute().await?)
+        })
+        .await
+        .with_context(|| format!("ClickHouse: creating database {db}"))?;
+        self.run(
+            "create table pg2ch_positions",
+            &format!(
+                "CREATE TABLE IF NOT EXISTS {} (
+                    consumer_group String,
+                    topic String,
+                    partition Int32,
+                    next_offset UInt64,
+                    last_record UInt64
+                ) ENGINE = ReplacingMergeTree(next_offset) ORDER BY (consumer_group, topic, partition)",
+                self.table("pg2ch_positions")
+            ),
+        )
+        .await?;
+        // Tables made by an earlier pg2ch lack the fingerprint.
+        let columns = self.columns("pg2ch_positions").await?;
+        if !columns.iter().any(|c| c.name == "last_record") {
+            self.run(
+                "add last_record to pg2ch_positions",
+                &format!("ALTER TABLE {} ADD COLUMN last_record UInt64", self.table("pg2ch_positions")),
+            )
+            .await?;
+        }
+        self.check_positions().await
+    }
+
+    /// Creates the table of `schema` if absent.
+    pub async fn create_table(&self, schema: &TableSchema) -> anyhow::Result<()> {
+        let columns: Vec<String> = schema.ch_columns(&self.caps).iter().map(definition).collect();
+        let engine = if self.caps.is_deleted {
+            format!("ReplacingMergeTree({}, {})", ch_ident(CH_VERSION), ch_ident(CH_DELETED))
+        } else {
+            format!("ReplacingMergeTree({})", ch_ident(CH_VERSION))
+        };
+        self.run(
+            &format!("create table {}", schema.name),
+            &format!(
+                "CREATE TABLE IF NOT EXISTS {} ({}) ENGINE = {engine} ORDER BY {}",
+                self.table(&schema.name),
+                columns.join(", "),
+                schema.ch_order_by()
+            ),
+        )
+        .await
+    }
+
+    /// The columns of a table of ours, with their types.
+    async fn columns(&self, table: &str) -> anyhow::Result<Vec<Existing>> {
+        bounded(|| format!("ClickHouse: reading the columns of {table}"), self.timeout, async {
+            // Asked from `default`: the configured database may not exist.
+            self.client
+                .clone()
+                .with_database("default")
+                .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
+                .bind(self.database.as_str())
+                .bind(table)
+                .fetch_all::<Existing>()
+                .await
+                .map_err(classify)
+        })
+        .await
+    }
+
+    /// The table's engine as `system.tables` shows it in full, if it exists.
+    async fn engine(&self, table: &str) -> anyhow::Result<Option<(String, String)>> {
+        bounded(|| "ClickHouse: reading a table's engine".into(), self.timeout, async {
+            self.client
+                .clone()
+                .with_database("default")
+                .query("SELECT engine, engine_full FROM system.tables WHERE database = ? AND name = ?")
+                .bind(self.database.as_str())
+                .bind(table)
+                .fetch_optional::<(String, String)>()
+                .await
+                .map_err(classify)
+        })
+        .await
+    }
+
+    /// Fails, naming what is wrong, unless the positions table collapses
+    /// copies by key and has the expected columns.
+    pub async fn check_positions(&self) -> anyhow::Result<()> {
+        let table = "pg2ch_positions";
+        let db = &self.database;
+        let Some((engine, _)) = self.engine(table).await? else {
+            return Err(Permanent::error(format!("ClickHouse table {db}.{table} does not exist (run `pg2ch init`)")));
+        };
+        if !matches!(engine.as_str(), "ReplacingMergeTree" | "ReplicatedReplacingMergeTree") {
+            return Err(Permanent::error(format!(
+                "ClickHouse table {db}.{table} has engine {engine}, which does not collapse copies by key; \
+                 pg2ch needs a ReplacingMergeTree (drop it and run `pg2ch init`)"
+            )));
+        }
+        let columns = self.columns(table).await?;
+        for (name, ty) in POSITIONS_COLUMNS {
+            match columns.iter().find(|c| c.name == name) {
+                Some(c) if c.ty == ty => {}
+                Some(c) => {
+                    return Err(Permanent::error(format!(
+                        "ClickHouse column {db}.{table}.{name} has type {}, pg2ch writes {ty}",
+                        c.ty
+                    )));
+                }
+                None => {
+                    let hint = if name == "last_record" { " (run `pg2ch init`)" } else { "" };
+                    return Err(Permanent::error(format!("ClickHouse table {db}.{table} lacks column {name}{hint}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Compares the table of `schema` with what pg2ch writes: adds the
+    /// columns of PostgreSQL columns it lacks (returning those PostgreSQL
+    /// columns), and fails, naming the column, on any other difference.
+    pub async fn sync_table(&self, schema: &TableSchema) -> anyhow::Result<Vec<String>> {
+        self.compare_table(schema, true).await
+    }
+
+    /// [`sync_table`](Self::sync_table) without changing anything: a
+    /// column still to be added is an error too.
+    pub async fn check_table(&self, schema: &TableSchema) -> anyhow::Result<()> {
+        self.compare_table(schema, false).await.map(|_| ())
+    }
+
+    async fn compare_table(&self, schema: &TableSchema, add: bool) -> anyhow::Result<Vec<String>> {
+        let name = &schema.name;
+        let db = &self.database;
+        let Some((engine, full)) = self.engine(name).await? else {
+            return Err(Permanent::error(format!(
+                "ClickHouse table {db}.{name} does not exist (run `pg2ch init --table {schema}`)"
+            )));
+        };
+        if !matches!(engine.as_str(), "ReplacingMergeTree" | "ReplicatedReplacingMergeTree") {
+            return Err(Permanent::error(format!(
+                "ClickHouse table {db}.{name} has engine {engine}, which does not keep one row per key; \
+                 pg2ch needs a ReplacingMergeTree (drop it and run `pg2ch init`)"
+            )));
+        }
+        if !full.contains(CH_VERSION) {
+            return Err(Permanent::error(format!(
+                "ClickHouse table {db}.{name} keeps the last row inserted, not the highest {CH_VERSION} (it was \
+                 made by an older pg2ch): updates could go back in time; create it anew (rename it, run `pg2ch init`, \
+                 and `verify --repair`)"
+            )));
+        }
+        let existing = self.columns(name).await?;
+        // Every check first; columns are added only when all pass.
+        let mut to_add: Vec<(String, Vec<ChColumn>)> = Vec::new();
+        let mut expected: Vec<ChColumn> = Vec::new();
+        for column in &schema.columns {
+            let derived = crate::types::clickhouse::columns(&column.name, &column.ty, column.nullable, &self.caps);
+            if derived.iter().all(|d| !existing.iter().any(|e| e.name == d.name)) {
+                to_add.push((column.name.clone(), derived));
+            } else {
+                expected.extend(derived);
+            }
+        }
+        expected.push(ChColumn { name: CH_VERSION.into(), ty: "UInt64".into(), materialized: None });
+        expected.push(ChColumn { name: CH_DELETED.into(), ty: "UInt8".into(), materialized: None });
+        if let Some(x) = expected.iter().find(|x| !existing.iter().any(|e| e.name == x.name)) {
+            return Err(Permanent::error(format!(
+                "ClickHouse table {db}.{name} lacks column {} (of type {}), which pg2ch writes; create the column or \
+                 the table anew",
+                x.name, x.ty
+            )));
+        }
+        for e in &existing {
+            match expected.iter().find(|x| x.name == e.name) {
+                Some(x) if x.ty == e.ty => {}
+                Some(x) => {
+                    return Err(Permanent::error(format!(
+                        "ClickHouse column {db}.{name}.{} is {}, but its PostgreSQL column now needs {}: the column's \
+                         type or nullability changed in PostgreSQL; pg2ch stops rather than rewrite it",
+                        e.name, e.ty, x.ty
+                    )));
+                }
+                None => {
+                    return Err(Permanent::error(format!(
+                        "ClickHouse column {db}.{name}.{} matches no column of PostgreSQL table {schema}: the column \
+                         was dropped or renamed in PostgreSQL; pg2ch stops rather than guess",
+                        e.name
+                    )));
+                }
+            }
+        }
+        if let (false, Some((column, _))) = (add, to_add.first()) {
+            return Err(Permanent::error(format!(
+                "ClickHouse table {db}.{name} has no column for PostgreSQL column {column:?} yet (run `pg2ch init \
+                 --table {schema}`, or start `pg2ch run`, which add it)"
+            )));
+        }
+        let mut added = Vec::new();
+        for (column, derived) in to_add {
+            for d in &derived {
+                self.run(
+                    &format!("add column {} to {name}", d.name),
+                    &format!("ALTER TABLE {} ADD COLUMN {}", self.table(name), definition(d)),
+                )
+                .await?;
+            }
+            tracing::info!("{schema}: added column {column} to ClickHouse {db}.{name}");
+            added.push(column);
+        }
+        Ok(added)
+    }
+}

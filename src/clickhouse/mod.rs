@@ -1,0 +1,169 @@
+//! ClickHouse: the client and what the server can do ([`Capabilities`]),
+//! the tables pg2ch creates and checks ([`ddl`]), the [`Sink`](crate::stores::Sink)
+//! adapter and the consumer positions ([`sink`]), and the rows `verify`
+//! reads ([`verify`]).
+//!
+//! Each source table has a `ReplacingMergeTree` of the same name ordered by
+//! its primary key, keeping per key the row of the highest `_pg2ch_version`
+//! (a replay or an older change arriving late is two parts until a merge,
+//! and `SELECT ... FINAL` shows the newest); on servers that have it the
+//! engine also knows `_pg2ch_deleted` as its `is_deleted` column, and
+//! `FINAL` leaves deleted keys out. Inserts are pinned synchronous
+//! (`async_insert=0` where the server has the setting), so a position is
+//! stored only after its rows are in the table.
+
+pub mod ddl;
+pub mod sink;
+pub mod verify;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clickhouse::{Client, Compression};
+
+use crate::config::{ChConfig, bounded};
+use crate::stores::Permanent;
+
+pub use sink::ChSink;
+
+/// What the server can do, detected at start from its version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    pub version: (u32, u32),
+    /// `DateTime64` and `fromUnixTimestamp64Micro` (20.5 and later).
+    pub datetime64: bool,
+    /// `RowBinaryWithNamesAndTypes`, which the crate's schema validation needs.
+    pub validation: bool,
+    /// The `async_insert` setting (21.11 and later), pinned off.
+    pub async_insert: bool,
+    /// The `Bool` type (22.1 and later; `UInt8` before).
+    pub bool_type: bool,
+    /// The `Date32` type (21.9 and later; `Date` before).
+    pub date32: bool,
+    /// `ReplacingMergeTree(version, is_deleted)` (23.2 and later).
+    pub is_deleted: bool,
+}
+
+impl Capabilities {
+    pub const fn from_parts(major: u32, minor: u32) -> Self {
+        const fn at_least(version: (u32, u32), major: u32, minor: u32) -> bool {
+            version.0 > major || (version.0 == major && version.1 >= minor)
+        }
+        let v = (major, minor);
+        Capabilities {
+            version: v,
+            datetime64: at_least(v, 20, 5),
+            validation: major >= 24,
+            async_insert: at_least(v, 21, 11),
+            bool_type: at_least(v, 22, 1),
+            date32: at_least(v, 21, 9),
+            is_deleted: at_least(v, 23, 2),
+        }
+    }
+
+    pub fn from_version(text: &str) -> anyhow::Result<Self> {
+        let mut parts = text.trim().split('.').map(|p| p.parse::<u32>());
+        let (Some(Ok(major)), Some(Ok(minor))) = (parts.next(), parts.next()) else {
+            anyhow::bail!("cannot read ClickHouse version {text:?}");
+        };
+        Ok(Self::from_parts(major, minor))
+    }
+}
+
+/// Tags server answers that retrying cannot change (a missing table or
+/// column, a type mismatch, a wrong password) as permanent.
+pub fn classify(e: clickhouse::error::Error) -> anyhow::Error {
+    if let clickhouse::error::Error::BadResponse(text) = &e {
+        // UNKNOWN_IDENTIFIER, NO_SUCH_COLUMN_IN_TABLE, TYPE_MISMATCH,
+        // UNKNOWN_TABLE, UNKNOWN_DATABASE, UNKNOWN_USER, AUTHENTICATION_FAILED,
+        // CANNOT_PARSE_INPUT_ASSERTION_FAILED (a row shape the table rejects),
+        // SYNTAX_ERROR, THERE_IS_NO_COLUMN, ILLEGAL_TYPE_OF_ARGUMENT.
+        // Old servers write `Code: 47, e.displayText()`, new ones `Code: 47. DB::Exception`.
+        const PERMANENT: [u32; 12] = [47, 16, 53, 60, 81, 192, 516, 27, 62, 8, 43, 10];
+        let code = text
+            .split_once("Code: ")
+            .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse::<u32>().ok()));
+        if code.is_some_and(|c| PERMANENT.contains(&c)) {
+            return Permanent::error(format!("ClickHouse refused: {}", text.lines().next().unwrap_or(text)));
+        }
+    }
+    anyhow::Error::new(e)
+}
+
+/// A client for the configured database, with the server's capabilities.
+#[derive(Clone)]
+pub struct ClickHouse {
+    pub client: Client,
+    pub caps: Capabilities,
+    pub database: String,
+    timeout: Duration,
+}
+
+fn base_client(cfg: &ChConfig) -> Client {
+    Client::default()
+        .with_url(cfg.url())
+        .with_user(&cfg.user)
+        .with_password(cfg.password.expose())
+        .with_validation(false)
+}
+
+impl ClickHouse {
+    /// Connects, checks the password, and reads the server version.
+    /// Does not require the database to exist (see [`ClickHouse::init`]).
+    pub async fn connect(cfg: &ChConfig, timeout: Duration) -> anyhow::Result<Self> {
+        let probe = base_client(cfg).with_compression(Compression::None);
+        let version: String = bounded(|| format!("connecting to {}", cfg.describe()), timeout, async {
+            Ok(probe.query("SELECT version()").fetch_one::<String>().await?)
+        })
+        .await
+        .with_context(|| format!("cannot connect to {}", cfg.describe()))?;
+        let caps = Capabilities::from_version(&version)?;
+        let mut client = base_client(cfg)
+            .with_database(&cfg.database)
+            .with_validation(caps.validation)
+            .with_compression(if caps.datetime64 { Compression::Lz4 } else { Compression::None });
+        if caps.async_insert {
+            // A position is stored once the insert returned: the rows must
+            // be in the table by then, not in a buffer.
+            client = client.with_setting("async_insert", "0");
+        }
+        Ok(ClickHouse { client, caps, database: cfg.database.clone(), timeout })
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Runs a statement that returns nothing, bounded by the call timeout.
+    pub async fn run(&self, what: &str, sql: &str) -> anyhow::Result<()> {
+        bounded(|| format!("ClickHouse: {what}"), self.timeout, async {
+            self.client.query(sql).execute().await.map_err(classify)
+        })
+        .await
+        .with_context(|| format!("ClickHouse: {what}"))
+    }
+
+    /// A count from a query returning one number.
+    pub async fn scalar(&self, sql: &str) -> anyhow::Result<u64> {
+        bounded(|| format!("ClickHouse: {sql}"), self.timeout, async {
+            self.client.query(sql).fetch_one::<u64>().await.map_err(classify)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capabilities_follow_the_server_version() {
+        let old = Capabilities::from_version("18.16.1").unwrap();
+        assert!(!old.datetime64 && !old.bool_type && !old.date32 && !old.is_deleted && !old.async_insert);
+        let new = Capabilities::from_version("26.9.2.1").unwrap();
+        assert!(new.datetime64 && new.bool_type && new.date32 && new.is_deleted && new.async_insert && new.validation);
+        assert!(Capabilities::from_version("20.4.1").is_ok_and(|c| !c.datetime64));
+        assert!(Capabilities::from_version("23.2").unwrap().is_deleted);
+        assert!(Capabilities::from_version("x").is_err());
+    }
+}

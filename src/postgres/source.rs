@@ -1,0 +1,571 @@
+//! The [`SourceTable`] adapter: a producer lane's session on a table.
+//!
+//! A claim, on the lane's own connection:
+//!
+//! 1. takes the table's *claim lock*, a session-level advisory lock held only
+//!    for the next three steps, so that claims of one table happen one after
+//!    another in every process;
+//! 2. opens the transaction (REPEATABLE READ for an exclusive claim) and
+//!    claims unsent rows and deleted keys above the cursor, in key order
+//!    (text in the `C` collation), with `FOR UPDATE SKIP LOCKED` when shared;
+//! 3. draws the claim's version from `_pg2ch.versions`, lets go of the lock,
+//!    and reads the columns' fingerprint.
+//!
+//! Claim order is then snapshot order and version order: a later claim sees
+//! every change an earlier one saw, and gives it a higher version. That is
+//! what makes ClickHouse's "highest version wins" right for updates, and
+//! for a key deleted and inserted again: a deletion is claimed only while
+//! its key does not exist (else it is dropped, superseded by the row), and
+//! a row inserted after that claim is claimed later, with a higher version.
+//!
+//! Rows are flagged by their physical address in their own partition,
+//! `(tableoid, ctid)`: a shared claim holds the row locks, and an exclusive
+//! claim's snapshot keeps VACUUM from freeing the slot of any row version it
+//! saw; a row changed since (a new version at another address) makes the
+//! flag update fail rather than flag content that was not published.
+//! Deleted keys leave the outbox the same way. Any error ends the session
+//! (its transaction and its lock go with it); the next claim reconnects.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::postgres::types::Oid;
+use sqlx::postgres::{PgConnectOptions, PgRow};
+use sqlx::{ConnectOptions, Connection, PgConnection, Row};
+
+use super::install::order_by;
+use super::{Tid, classify, outbox};
+use crate::change::Change;
+use crate::config::{bounded, pg_ident};
+use crate::schema::{OWN_COLUMNS, REJECTED, SENT, TableSchema, VERSION};
+use crate::stores::{Claim, ClaimMode, Claimed, Outcome, Permanent, SourceTable};
+use crate::types::postgres::{KeyParam, decode, select_expr};
+use crate::types::{Key, Value};
+
+/// First key of the advisory locks pg2ch takes per table (the second is
+/// the table's oid): "pg2c".
+pub const CLAIM_LOCK_CLASS: i32 = 0x7067_3263;
+/// First key of a table's producer lease: "pg2l".
+pub const PRODUCER_LOCK_CLASS: i32 = 0x7067_326c;
+
+/// The SQL a session of one table runs, built once from its schema.
+#[derive(Debug)]
+struct Statements {
+    claim_rows: [String; 2],
+    claim_deletes: [String; 2],
+    mark_rows: String,
+    reject_row: String,
+    drop_deletes: String,
+}
+
+impl Statements {
+    fn new(schema: &TableSchema, mode: ClaimMode) -> Self {
+        let t = schema.pg_name();
+        let columns: Vec<String> =
+            schema.columns.iter().map(|c| select_expr(&format!("s.{}", pg_ident(&c.name)), &c.ty)).collect();
+        let keys: Vec<String> =
+            schema.key_columns().map(|c| select_expr(&format!("d.{}", pg_ident(&c.name)), &c.ty)).collect();
+        let lock = if mode == ClaimMode::Shared { " FOR UPDATE SKIP LOCKED" } else { "" };
+        let n = schema.key.len();
+        let params = (0..n).map(|i| format!("${}", i + 2)).collect::<Vec<_>>().join(", ");
+        let after = |alias: &str| format!(" AND ({}) > ({params})", order_by(schema, &format!("{alias}.")));
+        let rows = |cursor: &str| {
+            format!(
+                "SELECT {}, s.tableoid, s.ctid FROM {t} s WHERE NOT s.{} AND s.{} IS NULL{cursor} ORDER BY {} LIMIT $1{lock}",
+                columns.join(", "),
+                pg_ident(SENT),
+                pg_ident(REJECTED),
+                order_by(schema, "s.")
+            )
+        };
+        let live =
+            schema.key_columns().map(|c| format!("s.{0} = d.{0}", pg_ident(&c.name))).collect::<Vec<_>>().join(" AND ");
+        let deletes = |cursor: &str| {
+            let cursor = cursor.strip_prefix(" AND").map(|c| format!(" WHERE{c}")).unwrap_or_default();
+            format!(
+                "SELECT {}, d.ctid, EXISTS (SELECT 1 FROM {t} s WHERE {live}) FROM {} d{cursor} ORDER BY {} LIMIT $1{lock}",
+                keys.join(", "),
+                outbox(schema),
+                order_by(schema, "d.")
+            )
+        };
+        Statements {
+            claim_rows: [rows(""), rows(&after("s"))],
+            claim_deletes: [deletes(""), deletes(&after("d"))],
+            mark_rows: format!(
+                "UPDATE {t} SET {} = TRUE, {} = $3 WHERE tableoid = $1 AND ctid = ANY($2)",
+                pg_ident(SENT),
+                pg_ident(VERSION)
+            ),
+            reject_row: format!("UPDATE {t} SET {} = $3 WHERE tableoid = $1 AND ctid = $2", pg_ident(REJECTED)),
+            drop_deletes: format!("DELETE FROM {} WHERE ctid = ANY($1)", outbox(schema)),
+        }
+    }
+}
+
+/// Where a claimed item lives, for its flag update.
+#[derive(Debug, Clone, Copy)]
+enum Address {
+    Row(u32, Tid),
+    Deleted(Tid),
+}
+
+/// A producer lane's session on one table.
+pub struct PgSource {
+    schema: Arc<TableSchema>,
+    oid: u32,
+    options: PgConnectOptions,
+    timeout: Duration,
+    mode: ClaimMode,
+    statements: Statements,
+    /// The columns' fingerprint when the pipeline started.
+    fingerprint: String,
+    /// The lane's connection, `None` after an error until the next claim.
+    conn: Option<PgConnection>,
+    /// The open claim's version and each item's address; `None` without one.
+    open: Option<(u64, Vec<Address>)>,
+}
+
+impl PgSource {
+    pub fn new(
+        schema: Arc<TableSchema>,
+        oid: u32,
+        options: PgConnectOptions,
+        timeout: Duration,
+        mode: ClaimMode,
+        fingerprint: String,
+    ) -> Self {
+        let statements = Statements::new(&schema, mode);
+        PgSource { schema, oid, options, timeout, mode, statements, fingerprint, conn: None, open: None }
+    }
+}
+
+/// Runs `f` on the session (connecting first if need be), bounded in time.
+/// Any failure ends the session: the server rolls back its transaction and
+/// releases its locks when the connection closes.
+async fn on_session<T>(
+    conn: &mut Option<PgConnection>,
+    options: &PgConnectOptions,
+    timeout: Duration,
+    what: &str,
+    f: impl AsyncFnOnce(&mut PgConnection) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let result = bounded(|| format!("{what} in PostgreSQL"), timeout, async {
+        if conn.is_none() {
+            *conn = Some(options.connect().await.context("connecting the producer's session")?);
+        }
+        f(conn.as_mut().expect("connected above")).await
+    })
+    .await;
+    if result.is_err() {
+        *conn = None;
+    }
+    result
+}
+
+/// The values of the first columns of `row`, as `columns` type them.
+fn decode_values<'a>(
+    row: &PgRow,
+    columns: impl Iterator<Item = &'a crate::schema::Column>,
+) -> anyhow::Result<Vec<Value>> {
+    let mut values = Vec::new();
+    for (i, c) in columns.enumerate() {
+        let raw = row.try_get_raw(i)?;
+        let bytes = if sqlx::ValueRef::is_null(&raw) {
+            None
+        } else {
+            Some(raw.as_bytes().map_err(|e| anyhow::anyhow!("column {}: {e}", c.name))?)
+        };
+        values.push(decode(&c.ty, bytes).with_context(|| format!("column {}", c.name))?);
+    }
+    Ok(values)
+}
+
+/// Binds a claim's cursor after its limit.
+fn bind_cursor<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    schema: &'q TableSchema,
+    after: Option<&'q Key>,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    if let Some(key) = after {
+        for (c, part) in schema.key_columns().zip(key) {
+            q = q.bind(KeyParam { ty: &c.ty, part });
+        }
+    }
+    q
+}
+
+/// Draws the claim's version, lets go of the claim lock, and reads the
+/// columns' fingerprint, in one round trip.
+fn version_sql() -> String {
+    format!(
+        "SELECT nextval('_pg2ch.versions'), pg_advisory_unlock($1, $2), ({})",
+        super::catalogue::FINGERPRINT.replace("$2", "$4").replace("$1", "$3")
+    )
+}
+
+impl SourceTable for PgSource {
+    async fn claim(&mut self, after: Option<&Key>, limit: usize) -> anyhow::Result<Claim> {
+        if self.open.take().is_some() {
+            // An earlier claim of this session was abandoned: end it.
+            let _ = self.rollback_session().await;
+        }
+        let which = usize::from(after.is_some());
+        let (oid, mode, schema, statements) = (self.oid, self.mode, &self.schema, &self.statements);
+        let (rows, deletes, version, now) =
+            on_session(&mut self.conn, &self.options, self.timeout, "claiming unsent rows", async |conn| {
+                sqlx::query("SELECT pg_advisory_lock($1, $2)")
+                    .bind(CLAIM_LOCK_CLASS)
+                    .bind(oid as i32)
+                    .execute(&mut *conn)
+                    .await?;
+                let begin = match mode {
+                    ClaimMode::Shared => "BEGIN",
+                    ClaimMode::Exclusive => "BEGIN ISOLATION LEVEL REPEATABLE READ",
+                };
+                sqlx::query(begin).execute(&mut *conn).await?;
+                let rows = bind_cursor(sqlx::query(&statements.claim_rows[which]).bind(limit as i64), schema, after)
+                    .fetch_all(&mut *conn)
+                    .await
+                    .map_err(classify)?;
+                let deletes =
+                    bind_cursor(sqlx::query(&statements.claim_deletes[which]).bind(limit as i64), schema, after)
+                        .fetch_all(&mut *conn)
+                        .await
+                        .map_err(classify)?;
+                let (version, _, now): (i64, bool, String) = sqlx::query_as(&version_sql())
+                    .bind(CLAIM_LOCK_CLASS)
+                    .bind(oid as i32)
+                    .bind(Oid(oid))
+                    .bind(&OWN_COLUMNS[..])
+                    .fetch_one(&mut *conn)
+                    .await
+                    .map_err(classify)?;
+                Ok((rows, deletes, version as u64, now))
+            })
+            .await?;
+        if now != self.fingerprint {
+            self.conn = None;
+            return Err(Permanent::error(format!(
+                "the columns of PostgreSQL table {} changed while pg2ch ran ({}); restart pg2ch, which adds new \
+                 columns to ClickHouse and refuses other changes by name",
+                self.schema,
+                describe_change(&self.fingerprint, &now)
+            )));
+        }
+        let claim = self.build(rows, deletes, version, limit);
+        if claim.is_err() {
+            self.conn = None;
+        }
+        claim
+    }
+
+    async fn mark_sent(&mut self, items: &[usize]) -> anyhow::Result<()> {
+        let (version, addresses) = self.open.clone().context("flagging rows sent without an open claim")?;
+        let mut rows: BTreeMap<u32, Vec<Tid>> = BTreeMap::new();
+        let mut deleted = Vec::new();
+        for i in items {
+            match addresses.get(*i).context("flagging an item the claim does not hold")? {
+                Address::Row(table, tid) => rows.entry(*table).or_default().push(*tid),
+                Address::Deleted(tid) => deleted.push(*tid),
+            }
+        }
+        let statements = &self.statements;
+        let result = on_session(&mut self.conn, &self.options, self.timeout, "flagging rows sent", async |conn| {
+            for (table, tids) in rows {
+                let expected = tids.len() as u64;
+                let flagged = sqlx::query(&statements.mark_rows)
+                    .bind(Oid(table))
+                    .bind(tids)
+                    .bind(version as i64)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(classify)?
+                    .rows_affected();
+                if flagged != expected {
+                    anyhow::bail!(
+                        "flagging rows sent changed {flagged} rows, not the {expected} claimed (rows changed since \
+                         the claim); nothing was committed"
+                    );
+                }
+            }
+            if !deleted.is_empty() {
+                let expected = deleted.len() as u64;
+                let done =
+                    sqlx::query(&statements.drop_deletes).bind(deleted).execute(&mut *conn).await.map_err(classify)?;
+                if done.rows_affected() != expected {
+                    anyhow::bail!(
+                        "clearing sent deletions removed {} of the {expected} claimed (deleted again since the \
+                         claim); nothing was committed",
+                        done.rows_affected()
+                    );
+                }
+            }
+            Ok(())
+        })
+        .await;
+        if result.is_err() {
+            self.open = None;
+        }
+        result
+    }
+
+    async fn reject(&mut self, items: &[(usize, String)]) -> anyhow::Result<()> {
+        let (_, addresses) = self.open.clone().context("flagging rows rejected without an open claim")?;
+        let statements = &self.statements;
+        let result = on_session(&mut self.conn, &self.options, self.timeout, "flagging rows rejected", async |conn| {
+            for (i, reason) in items {
+                match addresses.get(*i).context("rejecting an item the claim does not hold")? {
+                    Address::Row(table, tid) => {
+                        sqlx::query(&statements.reject_row)
+                            .bind(Oid(*table))
+                            .bind(*tid)
+                            .bind(reason)
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(classify)?;
+                    }
+                    // A deletion that cannot travel: no row of its key ever
+                    // could (the key is the same), so there is nothing in
+                    // ClickHouse to delete. It goes.
+                    Address::Deleted(tid) => {
+                        sqlx::query(&statements.drop_deletes)
+                            .bind(vec![*tid])
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(classify)?;
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await;
+        if result.is_err() {
+            self.open = None;
+        }
+        result
+    }
+
+    async fn commit(&mut self) -> anyhow::Result<()> {
+        self.open.take().context("commit without an open claim")?;
+        on_session(&mut self.conn, &self.options, self.timeout, "committing", async |conn| {
+            Ok(sqlx::query("COMMIT").execute(&mut *conn).await.map(|_| ())?)
+        })
+        .await
+    }
+
+    async fn rollback(&mut self) -> anyhow::Result<()> {
+        if self.open.take().is_some() {
+            self.rollback_session().await?;
+        }
+        Ok(())
+    }
+}
+
+impl PgSource {
+    async fn rollback_session(&mut self) -> anyhow::Result<()> {
+        if self.conn.is_none() {
+            return Ok(());
+        }
+        on_session(&mut self.conn, &self.options, self.timeout, "rolling back", async |conn| {
+            Ok(sqlx::query("ROLLBACK").execute(&mut *conn).await.map(|_| ())?)
+        })
+        .await
+    }
+
+    /// The claim from its two lists (each in key order): merged, a row
+    /// before a deletion of the same key, and cut where a full list ends.
+    fn build(&mut self, rows: Vec<PgRow>, deletes: Vec<PgRow>, version: u64, limit: usize) -> anyhow::Result<Claim> {
+        let schema = &self.schema;
+        let n = schema.columns.len();
+        let mut items: Vec<(Key, Outcome, Address)> = Vec::with_capacity(rows.len() + deletes.len());
+        for row in &rows {
+            let values = decode_values(row, schema.columns.iter())?;
+            let address = Address::Row(row.try_get::<Oid, _>(n)?.0, row.try_get::<Tid, _>(n + 1)?);
+            let key = schema.key_of(&values);
+            let outcome = match schema.check_row(&values) {
+                Ok(()) => Outcome::Send(Change::upsert(values, version)),
+                Err(reason) => Outcome::Reject { reason, key: schema.key.iter().map(|i| values[*i].clone()).collect() },
+            };
+            items.push((key, outcome, address));
+        }
+        let k = schema.key.len();
+        let mut tombs = Vec::with_capacity(deletes.len());
+        for row in &deletes {
+            let key_values = decode_values(row, schema.key_columns())?;
+            let address = Address::Deleted(row.try_get::<Tid, _>(k)?);
+            let live: bool = row.try_get(k + 1)?;
+            let key = schema.key_of_key(&key_values);
+            let outcome =
+                if live { Outcome::Superseded } else { Outcome::Send(Change::delete(schema, key_values, version)) };
+            tombs.push((key, outcome, address));
+        }
+        // A list that came back full ends where it does: keys past its
+        // last are the next claim's.
+        let horizon = [(rows.len(), &items), (deletes.len(), &tombs)]
+            .into_iter()
+            .filter(|(raw, _)| *raw >= limit)
+            .filter_map(|(_, decoded)| decoded.last().map(|(k, _, _)| k.clone()))
+            .min();
+        items.extend(tombs);
+        items.sort_by(|a, b| {
+            a.0.cmp(&b.0).then(matches!(a.2, Address::Deleted(_)).cmp(&matches!(b.2, Address::Deleted(_))))
+        });
+        if let Some(horizon) = horizon {
+            items.retain(|(k, _, _)| *k <= horizon);
+        }
+        let mut claim = Claim { version, items: Vec::with_capacity(items.len()) };
+        let mut addresses = Vec::with_capacity(items.len());
+        for (key, outcome, address) in items {
+            claim.items.push(Claimed { key, outcome });
+            addresses.push(address);
+        }
+        self.open = Some((version, addresses));
+        Ok(claim)
+    }
+}
+
+/// What changed between two column fingerprints, in words naming the columns.
+pub fn describe_change(before: &str, after: &str) -> String {
+    let parse = |s: &str| -> BTreeMap<String, String> {
+        s.split(',')
+            .filter(|p| !p.is_empty())
+            .filter_map(|p| p.split_once(':').map(|(n, rest)| (n.to_owned(), rest.to_owned())))
+            .collect()
+    };
+    let (old, new) = (parse(before), parse(after));
+    let mut changes = Vec::new();
+    for name in new.keys().filter(|n| !old.contains_key(*n)) {
+        changes.push(format!("column {name:?} was added"));
+    }
+    for (name, ty) in &old {
+        match new.get(name) {
+            None => changes.push(format!("column {name:?} was dropped or renamed")),
+            Some(t) if t != ty => changes.push(format!("column {name:?} changed type or nullability")),
+            _ => {}
+        }
+    }
+    if changes.is_empty() { "its columns were reordered".into() } else { changes.join(", ") }
+}
+
+/// A producer process's standing with other producers of a table: one
+/// exclusive producer, or any number of shared ones, never both. It is a
+/// session-level advisory lock on a connection of its own, so it goes when
+/// the process dies. Only efficiency rests on it: exclusive claims take no
+/// row locks, and two producers claiming that way would publish the same
+/// rows (harmless, but double work).
+pub struct ProducerLease {
+    session: PgConnection,
+    oid: u32,
+    mode: ClaimMode,
+    timeout: Duration,
+}
+
+impl ProducerLease {
+    pub async fn open(
+        options: &PgConnectOptions,
+        oid: u32,
+        mode: ClaimMode,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let session =
+            bounded(|| "opening the producer lease session".into(), timeout, async { Ok(options.connect().await?) })
+                .await?;
+        Ok(ProducerLease { session, oid, mode, timeout })
+    }
+
+    /// Takes the lease; false while a producer of a conflicting mode holds it.
+    pub async fn try_take(&mut self) -> anyhow::Result<bool> {
+        let statement = match self.mode {
+            ClaimMode::Shared => "SELECT pg_try_advisory_lock_shared($1, $2)",
+            ClaimMode::Exclusive => "SELECT pg_try_advisory_lock($1, $2)",
+        };
+        let (session, oid) = (&mut self.session, self.oid);
+        bounded(|| "taking the producer lease".into(), self.timeout, async {
+            Ok(sqlx::query_scalar(statement).bind(PRODUCER_LOCK_CLASS).bind(oid as i32).fetch_one(session).await?)
+        })
+        .await
+    }
+
+    /// Lets go of the lease by closing its session.
+    pub async fn release(self) {
+        let _ = self.session.close().await;
+    }
+}
+
+/// Counts notifications on a table's channel, for idle producers to wait
+/// on instead of sleeping a whole poll interval. Lost notifications (a
+/// dropped connection; inserts into a partition directly, which do not fire
+/// the parent's statement trigger) cost at most the poll interval the
+/// producers keep as a fallback. The listening task ends with this value.
+pub struct RowsCommitted {
+    pub count: tokio::sync::watch::Receiver<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RowsCommitted {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RowsCommitted {
+    pub async fn listen(pool: &sqlx::PgPool, channel: String) -> anyhow::Result<Self> {
+        let mut listener =
+            sqlx::postgres::PgListener::connect_with(pool).await.context("PostgreSQL: opening the LISTEN session")?;
+        listener.listen(&channel).await.with_context(|| format!("PostgreSQL: LISTEN {channel}"))?;
+        let (tx, count) = tokio::sync::watch::channel(0u64);
+        let task = tokio::spawn(async move {
+            loop {
+                // On error sqlx reconnects at the next call; notifications
+                // sent meanwhile are gone, so waiters are woken to look.
+                if let Err(e) = listener.recv().await {
+                    tracing::debug!("LISTEN {channel}: {e}; reconnecting");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                tx.send_modify(|n| *n += 1);
+            }
+        });
+        Ok(RowsCommitted { count, task })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_changed_table_is_described_by_column() {
+        let before = "id:20:-1:true,name:25:-1:false";
+        assert_eq!(
+            describe_change(before, "id:20:-1:true,name:25:-1:false,country:25:-1:false"),
+            "column \"country\" was added"
+        );
+        assert_eq!(describe_change(before, "id:20:-1:true"), "column \"name\" was dropped or renamed");
+        assert_eq!(
+            describe_change(before, "id:23:-1:true,name:25:-1:false"),
+            "column \"id\" changed type or nullability"
+        );
+    }
+
+    #[test]
+    fn claims_select_in_key_order_and_bind_the_cursor_after_the_limit() {
+        let schema = crate::change::tests::logins();
+        let s = Statements::new(&schema, ClaimMode::Shared);
+        assert!(
+            s.claim_rows[1].contains("AND (s.\"id\") > ($2) ORDER BY s.\"id\" LIMIT $1 FOR UPDATE SKIP LOCKED"),
+            "{}",
+            s.claim_rows[1]
+        );
+        assert!(
+            s.claim_deletes[0].contains("FROM _pg2ch.\"public.user_logins\" d ORDER BY d.\"id\" LIMIT $1"),
+            "{}",
+            s.claim_deletes[0]
+        );
+        assert!(s.claim_deletes[1].contains("d WHERE (d.\"id\") > ($2) ORDER BY"), "{}", s.claim_deletes[1]);
+        let exclusive = Statements::new(&schema, ClaimMode::Exclusive);
+        assert!(!exclusive.claim_rows[0].contains("FOR UPDATE"));
+    }
+}
