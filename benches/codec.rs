@@ -7,21 +7,12 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use pg2ch::change::{self, Change};
-use pg2ch::schema::{Column, TableSchema};
+use pg2ch::schema::TableSchema;
+use pg2ch::types::Value;
 use pg2ch::types::time::PG_EPOCH_UNIX_US;
-use pg2ch::types::{PgType, Value};
 
 fn logins() -> TableSchema {
-    TableSchema::new(
-        "public",
-        "user_logins",
-        vec![
-            Column { name: "id".into(), ty: PgType::Int8, nullable: false },
-            Column { name: "username".into(), ty: PgType::Text, nullable: false },
-            Column { name: "event_time".into(), ty: PgType::Timestamptz, nullable: false },
-        ],
-        vec![0],
-    )
+    TableSchema::user_logins()
 }
 
 fn batch(n: usize) -> Vec<Change> {

@@ -264,21 +264,11 @@ impl<'de> Visitor<'de> for MessageSeed<'_> {
 pub(crate) mod tests {
     use super::*;
     use crate::schema::Column;
-    use crate::types::{PgType, strategies};
+    use crate::types::strategies;
     use proptest::prelude::*;
-    use proptest::test_runner::{Config, FileFailurePersistence};
 
     pub fn logins() -> TableSchema {
-        TableSchema::new(
-            "public",
-            "user_logins",
-            vec![
-                Column { name: "id".into(), ty: PgType::Int8, nullable: false },
-                Column { name: "username".into(), ty: PgType::Text, nullable: false },
-                Column { name: "event_time".into(), ty: PgType::Timestamptz, nullable: false },
-            ],
-            vec![0],
-        )
+        TableSchema::user_logins()
     }
 
     /// Any table shape: 1 to 3 key columns of key types, 0 to 6 other
@@ -308,11 +298,7 @@ pub(crate) mod tests {
     }
 
     proptest! {
-        #![proptest_config(Config {
-            cases: 2048,
-            failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))),
-            ..Config::default()
-        })]
+        #![proptest_config(crate::types::strategies::config(2048))]
 
         /// A row every column of which travels reads back exactly, as an
         /// upsert and as a deletion of its key.

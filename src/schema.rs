@@ -185,6 +185,23 @@ impl TableSchema {
 /// The default table, which `init` creates when it does not exist and `seed` fills.
 pub const DEFAULT_TABLE: &str = "user_logins";
 
+impl TableSchema {
+    /// The default table's shape, as `init` creates it in `public` (the
+    /// pipeline reads it from the catalogue; benchmarks and tests build it here).
+    pub fn user_logins() -> TableSchema {
+        TableSchema::new(
+            "public",
+            DEFAULT_TABLE,
+            vec![
+                Column { name: "id".into(), ty: PgType::Int8, nullable: false },
+                Column { name: "username".into(), ty: PgType::Text, nullable: false },
+                Column { name: "event_time".into(), ty: PgType::Timestamptz, nullable: false },
+            ],
+            vec![0],
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

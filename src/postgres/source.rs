@@ -41,8 +41,8 @@ use crate::change::Change;
 use crate::config::{bounded, pg_ident};
 use crate::schema::{OWN_COLUMNS, REJECTED, SENT, TableSchema, VERSION};
 use crate::stores::{Claim, ClaimMode, Claimed, Outcome, Permanent, SourceTable};
-use crate::types::postgres::{KeyParam, decode, select_expr};
-use crate::types::{Key, Value};
+use crate::types::Key;
+use crate::types::postgres::{KeyParam, decode_row, select_expr};
 
 /// First key of the advisory locks pg2ch takes per table (the second is
 /// the table's oid): "pg2c".
@@ -163,24 +163,6 @@ async fn on_session<T>(
         *conn = None;
     }
     result
-}
-
-/// The values of the first columns of `row`, as `columns` type them.
-fn decode_values<'a>(
-    row: &PgRow,
-    columns: impl Iterator<Item = &'a crate::schema::Column>,
-) -> anyhow::Result<Vec<Value>> {
-    let mut values = Vec::new();
-    for (i, c) in columns.enumerate() {
-        let raw = row.try_get_raw(i)?;
-        let bytes = if sqlx::ValueRef::is_null(&raw) {
-            None
-        } else {
-            Some(raw.as_bytes().map_err(|e| anyhow::anyhow!("column {}: {e}", c.name))?)
-        };
-        values.push(decode(&c.ty, bytes).with_context(|| format!("column {}", c.name))?);
-    }
-    Ok(values)
 }
 
 /// Binds a claim's cursor after its limit.
@@ -382,7 +364,7 @@ impl PgSource {
         let n = schema.columns.len();
         let mut items: Vec<(Key, Outcome, Address)> = Vec::with_capacity(rows.len() + deletes.len());
         for row in &rows {
-            let values = decode_values(row, schema.columns.iter())?;
+            let values = decode_row(row, schema.columns.iter())?;
             let address = Address::Row(row.try_get::<Oid, _>(n)?.0, row.try_get::<Tid, _>(n + 1)?);
             let key = schema.key_of(&values);
             let outcome = match schema.check_row(&values) {
@@ -394,7 +376,7 @@ impl PgSource {
         let k = schema.key.len();
         let mut tombs = Vec::with_capacity(deletes.len());
         for row in &deletes {
-            let key_values = decode_values(row, schema.key_columns())?;
+            let key_values = decode_row(row, schema.key_columns())?;
             let address = Address::Deleted(row.try_get::<Tid, _>(k)?);
             let live: bool = row.try_get(k + 1)?;
             let key = schema.key_of_key(&key_values);

@@ -20,7 +20,7 @@ use super::{classify, outbox};
 use crate::checksum::{row_sql, walk_sql};
 use crate::config::pg_ident;
 use crate::schema::{REJECTED, SENT, TableSchema, VERSION};
-use crate::types::postgres::{KeyParam, decode, select_expr};
+use crate::types::postgres::{KeyParam, decode_row, select_expr};
 use crate::types::{Key, KeyPart, Value};
 use crate::verify::{Finding, KeyRange, RowState, SAMPLE, SourceRow, SourceSide, SourceSummary};
 
@@ -46,27 +46,23 @@ impl PgVerifySide {
         self.schema.key_columns().map(|c| select_expr(&pg_ident(&c.name), &c.ty)).collect::<Vec<_>>().join(", ")
     }
 
+    /// The rows of `sql`, whose `$1` and `$2` are the range's ends.
+    async fn in_range(&mut self, sql: &str, range: KeyRange, what: &str) -> anyhow::Result<Vec<PgRow>> {
+        sqlx::query(sql)
+            .bind(range.first)
+            .bind(range.last)
+            .fetch_all(&mut *self.conn)
+            .await
+            .map_err(classify)
+            .with_context(|| format!("reading {what}{} in {range}", self.schema))
+    }
+
     /// `(k1, k2) = ($1, $2)` for binding a key.
     fn key_match(&self, from: usize) -> String {
         let cols = self.schema.key_columns().map(|c| pg_ident(&c.name)).collect::<Vec<_>>().join(", ");
         let params = (0..self.schema.key.len()).map(|i| format!("${}", i + from)).collect::<Vec<_>>().join(", ");
         format!("({cols}) = ({params})")
     }
-}
-
-/// The values of `row`'s first columns, as `columns` type them.
-fn values<'a>(row: &PgRow, columns: impl Iterator<Item = &'a crate::schema::Column>) -> anyhow::Result<Vec<Value>> {
-    let mut out = Vec::new();
-    for (i, c) in columns.enumerate() {
-        let raw = row.try_get_raw(i)?;
-        let bytes = if sqlx::ValueRef::is_null(&raw) {
-            None
-        } else {
-            Some(raw.as_bytes().map_err(|e| anyhow::anyhow!("{e}"))?)
-        };
-        out.push(decode(&c.ty, bytes).with_context(|| format!("column {}", c.name))?);
-    }
-    Ok(out)
 }
 
 fn bind_key<'q>(
@@ -155,17 +151,11 @@ impl SourceSide for PgVerifySide {
             pg_ident(VERSION),
             self.schema.pg_name()
         );
-        let rows = sqlx::query(&sql)
-            .bind(range.first)
-            .bind(range.last)
-            .fetch_all(&mut *self.conn)
-            .await
-            .map_err(classify)
-            .with_context(|| format!("reading {} in {range}", self.schema))?;
+        let rows = self.in_range(&sql, range, "").await?;
         let n = self.schema.columns.len();
         rows.iter()
             .map(|row| {
-                let values = values(row, self.schema.columns.iter())?;
+                let values = decode_row(row, self.schema.columns.iter())?;
                 let (sent, rejected, version): (bool, bool, i64) =
                     (row.try_get(n + 1)?, row.try_get(n + 2)?, row.try_get(n + 3)?);
                 let state = match (rejected, sent) {
@@ -182,16 +172,10 @@ impl SourceSide for PgVerifySide {
         let walk = walk_sql(&self.schema);
         let sql =
             format!("SELECT {}, {walk} FROM {} WHERE {walk} BETWEEN $1 AND $2", self.keys(), outbox(&self.schema));
-        let rows = sqlx::query(&sql)
-            .bind(range.first)
-            .bind(range.last)
-            .fetch_all(&mut *self.conn)
-            .await
-            .map_err(classify)
-            .with_context(|| format!("reading the deletions of {} in {range}", self.schema))?;
+        let rows = self.in_range(&sql, range, "the deletions of ").await?;
         let k = self.schema.key.len();
         rows.iter()
-            .map(|row| Ok((row.try_get(k)?, self.schema.key_of_key(&values(row, self.schema.key_columns())?))))
+            .map(|row| Ok((row.try_get(k)?, self.schema.key_of_key(&decode_row(row, self.schema.key_columns())?))))
             .collect()
     }
 
@@ -207,7 +191,7 @@ impl SourceSide for PgVerifySide {
         let rows = sqlx::query(&sql).bind(SAMPLE as i64).fetch_all(&mut *self.conn).await?;
         let mut finding = Finding::default();
         for row in &rows {
-            finding.add(&self.schema.key_of_key(&values(row, self.schema.key_columns())?));
+            finding.add(&self.schema.key_of_key(&decode_row(row, self.schema.key_columns())?));
         }
         finding.count = count;
         Ok(finding)

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
-use proptest::test_runner::{Config, FileFailurePersistence, RngSeed, TestError, TestRunner};
+use proptest::test_runner::{Config, RngSeed, TestError, TestRunner};
 
 use super::*;
 use crate::pipeline::ProduceStep;
@@ -21,14 +21,6 @@ fn cases() -> u32 {
         .iter()
         .find_map(|v| std::env::var(v).ok().and_then(|v| v.parse().ok()))
         .unwrap_or(1000)
-}
-
-fn config(cases: u32) -> Config {
-    Config {
-        cases,
-        failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))),
-        ..Config::default()
-    }
 }
 
 fn component() -> impl Strategy<Value = Component> {
@@ -106,7 +98,7 @@ pub fn scenario() -> impl Strategy<Value = Scenario> {
 }
 
 proptest! {
-    #![proptest_config(config(cases()))]
+    #![proptest_config(crate::types::strategies::config(cases()))]
 
     /// Whatever crashes and faults happen, in whatever order, with rows
     /// inserted, updated, deleted and inserted again: the sink only ever
@@ -121,7 +113,8 @@ proptest! {
 
 /// Searches for a counterexample with a wrong ordering; returns it.
 fn counterexample(orderings: Orderings) -> Option<Scenario> {
-    let mut runner = TestRunner::new(Config { failure_persistence: None, ..config(cases().max(2000)) });
+    let mut runner =
+        TestRunner::new(Config { failure_persistence: None, ..crate::types::strategies::config(cases().max(2000)) });
     match runner.run(&scenario(), |s| run(&s, orderings).map(|_| ()).map_err(TestCaseError::fail)) {
         Err(TestError::Fail(why, s)) => {
             println!("counterexample found as expected: {why}\n{s:?}");
@@ -450,7 +443,7 @@ fn other_value(world: &World, i: usize, current: &Value) -> Option<Value> {
 }
 
 proptest! {
-    #![proptest_config(config(cases() / 4))]
+    #![proptest_config(crate::types::strategies::config(cases() / 4))]
 
     /// After a clean drain of rows from the whole domain, in any table shape,
     /// differences are planted on either side. The range walk (whatever its

@@ -379,16 +379,11 @@ mod tests {
     use super::super::strategies;
     use super::*;
     use proptest::prelude::*;
-    use proptest::test_runner::{Config, FileFailurePersistence};
 
     const OLD: Capabilities = Capabilities::from_parts(18, 16);
 
     proptest! {
-        #![proptest_config(Config {
-            cases: 4096,
-            failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))),
-            ..Config::default()
-        })]
+        #![proptest_config(crate::types::strategies::config(4096))]
 
         /// Every value that travels is written and read back exactly.
         #[test]

@@ -178,19 +178,8 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
                 let us = time::parse_time(s).ok_or_else(bad)?;
                 Value::Timestamp(us.checked_sub(time::PG_EPOCH_UNIX_US).ok_or_else(bad)?)
             }
-            PgType::Text
-            | PgType::Bpchar
-            | PgType::Time
-            | PgType::Interval
-            | PgType::Json
-            | PgType::Jsonb
-            | PgType::Inet
-            | PgType::Cidr
-            | PgType::Enum
-            | PgType::Other(_) => Value::Text(s.to_owned()),
-            PgType::Bool | PgType::Int2 | PgType::Int4 | PgType::Int8 | PgType::Array(_) => {
-                return Err(E::invalid_type(de::Unexpected::Str(s), &self));
-            }
+            ty if ty.carried_as_text() => Value::Text(s.to_owned()),
+            _ => return Err(E::invalid_type(de::Unexpected::Str(s), &self)),
         })
     }
 
@@ -225,7 +214,6 @@ mod tests {
     use super::super::strategies;
     use super::*;
     use proptest::prelude::*;
-    use proptest::test_runner::{Config, FileFailurePersistence};
 
     fn read(ty: &PgType, json: &[u8]) -> Result<Value, serde_json::Error> {
         let mut d = serde_json::Deserializer::from_slice(json);
@@ -235,11 +223,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(Config {
-            cases: 4096,
-            failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))),
-            ..Config::default()
-        })]
+        #![proptest_config(crate::types::strategies::config(4096))]
 
         /// Every value PostgreSQL admits for a type either fails the
         /// decision, or is written and read back to exactly itself (the

@@ -99,6 +99,24 @@ impl PgType {
         matches!(self, PgType::Text | PgType::Bpchar | PgType::Json | PgType::Jsonb | PgType::Enum | PgType::Other(_))
     }
 
+    /// Whether this type's values are carried as text ([`Value::Text`]):
+    /// everything without a form of its own in the message and in ClickHouse.
+    pub fn carried_as_text(&self) -> bool {
+        matches!(
+            self,
+            PgType::Text
+                | PgType::Bpchar
+                | PgType::Time
+                | PgType::Interval
+                | PgType::Json
+                | PgType::Jsonb
+                | PgType::Inet
+                | PgType::Cidr
+                | PgType::Enum
+                | PgType::Other(_)
+        )
+    }
+
     /// Whether PostgreSQL hands this type over as its text form (`col::text`),
     /// which is then carried as it is.
     pub fn read_as_text(&self) -> bool {
@@ -304,16 +322,7 @@ fn value_fits(ty: &PgType, value: &Value) -> bool {
         PgType::Date => matches!(value, Value::Date(_)),
         PgType::Timestamp | PgType::Timestamptz => matches!(value, Value::Timestamp(_)),
         PgType::Array(_) => matches!(value, Value::Array(_)),
-        PgType::Text
-        | PgType::Bpchar
-        | PgType::Time
-        | PgType::Interval
-        | PgType::Json
-        | PgType::Jsonb
-        | PgType::Inet
-        | PgType::Cidr
-        | PgType::Enum
-        | PgType::Other(_) => matches!(value, Value::Text(_)),
+        _ => ty.carried_as_text() && matches!(value, Value::Text(_)),
     }
 }
 

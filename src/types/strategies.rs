@@ -4,9 +4,21 @@
 //! arrays of any shape), not values near today.
 
 use proptest::prelude::*;
+use proptest::test_runner::{Config, FileFailurePersistence};
 
 use super::time::{PG_DATE_MAX, PG_DATE_MIN, PG_EPOCH_UNIX_US, PG_TIMESTAMP_MAX, PG_TIMESTAMP_MIN};
 use super::{Array, PgType, Value};
+
+/// The configuration of every property test: `cases` cases, failures
+/// kept in `proptest-regressions/` and replayed first on every run (proptest
+/// prints the seed and the shrunk case on failure).
+pub fn config(cases: u32) -> Config {
+    Config {
+        cases,
+        failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))),
+        ..Config::default()
+    }
+}
 
 /// Any scalar type (not an array).
 pub fn scalar_type() -> impl Strategy<Value = PgType> {

@@ -208,7 +208,6 @@ mod tests {
     use super::*;
     use chrono::SecondsFormat;
     use proptest::prelude::*;
-    use proptest::test_runner::{Config, FileFailurePersistence};
 
     fn text(us: i64) -> String {
         let mut out = Vec::new();
@@ -252,11 +251,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(Config {
-            cases: 2048,
-            failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))),
-            ..Config::default()
-        })]
+        #![proptest_config(crate::types::strategies::config(2048))]
 
         #[test]
         fn every_instant_reads_back_and_matches_chrono_where_it_has_a_form(us in time_us()) {
