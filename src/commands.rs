@@ -21,10 +21,10 @@ use crate::clickhouse::verify::ChVerifySide;
 use crate::clickhouse::{ChSink, ClickHouse};
 use crate::config::{ChConfig, KafkaConfig, PgConfig, Timeouts, pg_ident};
 use crate::kafka::{self, KafkaLog};
-use crate::pipeline::{Consumer, ConsumerConfig, NoFaults, ProduceStep, Producer, ProducerConfig};
+use crate::pipeline::{Consumer, ConsumerConfig, NoFaults, Producer, ProducerConfig, loops};
 use crate::postgres::{self, PgSource, ProducerLease, RowsCommitted};
 use crate::schema::{DEFAULT_TABLE, SENT, TableSchema};
-use crate::stores::{ClaimMode, ErrorKind, kind};
+use crate::stores::ClaimMode;
 use crate::verify::{self, Report};
 
 /// Everything needed to reach the three systems, and which tables to carry.
@@ -341,44 +341,6 @@ pub async fn consumer(s: &Settings, o: &RunOptions) -> anyhow::Result<Consumer<K
     consumer_of(s, o, &pool, &table).await
 }
 
-/// Capped exponential backoff that logs once when trouble starts and once
-/// when it ends, not on every retry.
-struct Backoff {
-    what: String,
-    delay: Duration,
-    failing: bool,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(100);
-    const CAP: Duration = Duration::from_secs(5);
-
-    fn new(what: String) -> Self {
-        Backoff { what, delay: Self::FIRST, failing: false }
-    }
-    fn ok(&mut self) {
-        if self.failing {
-            tracing::info!("{}: recovered", self.what);
-        }
-        self.failing = false;
-        self.delay = Self::FIRST;
-    }
-    fn failed(&mut self, e: &anyhow::Error) -> Duration {
-        metrics::counter!("pg2ch_retries_total", "component" => self.what.clone()).increment(1);
-        if !self.failing {
-            let kind = match kind(e) {
-                ErrorKind::Unknown => " (it may have taken effect; the repeat is collapsed downstream)",
-                _ => "",
-            };
-            tracing::warn!("{}: {e:#}{kind}; retrying with backoff", self.what);
-        }
-        self.failing = true;
-        let now = self.delay;
-        self.delay = (self.delay * 2).min(Self::CAP);
-        now
-    }
-}
-
 /// How long a step may go on after shutdown was asked.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
@@ -401,133 +363,58 @@ async fn pause(d: Duration, shutdown: &mut Shutdown) {
     }
 }
 
-async fn produce_loop<L: crate::stores::EventLog>(
-    p: &mut Producer<PgSource, L>,
-    what: String,
-    once: bool,
+/// Time and shutdown for the pipeline's loops ([`loops::Waits`]) in a real
+/// process: tokio's timers, SIGINT/SIGTERM, and PostgreSQL's notifications.
+struct RealWaits {
     poll: Duration,
-    mut wake: Option<watch::Receiver<u64>>,
-    mut shutdown: Shutdown,
-) -> anyhow::Result<usize> {
-    let mut moved = 0;
-    let mut backoff = Backoff::new(what);
-    while !*shutdown.borrow() {
-        // Notifications from here on wake the wait below, even those that
-        // arrive while this step runs.
-        if let Some(w) = wake.as_mut() {
+    wake: Option<watch::Receiver<u64>>,
+    shutdown: Shutdown,
+    origin: Instant,
+}
+
+impl RealWaits {
+    fn new(poll: Duration, wake: Option<&RowsCommitted>, shutdown: Shutdown) -> Self {
+        RealWaits { poll, wake: wake.map(|w| w.count.clone()), shutdown, origin: Instant::now() }
+    }
+}
+
+impl loops::Waits for RealWaits {
+    fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    async fn step<T>(&mut self, step: impl Future<Output = T>) -> Option<T> {
+        // Notifications from here on wake the idle wait after this step,
+        // even those that arrive while it runs.
+        if let Some(w) = self.wake.as_mut() {
             w.borrow_and_update();
         }
-        let step = tokio::select! {
-            step = p.step(&NoFaults) => step,
-            () = grace(shutdown.clone()) => break,
-        };
-        match step {
-            Ok(ProduceStep::Moved(n)) => {
-                backoff.ok();
-                moved += n;
-                tracing::debug!("published and flagged {n} rows");
-                // One pass finds every row committed before it began; a
-                // second would only rescan what the first left behind.
-                if once && p.passes() > 0 {
-                    break;
-                }
-            }
-            Ok(ProduceStep::Idle) => {
-                backoff.ok();
-                if once {
-                    break;
-                }
-                wait_for_rows(poll, wake.as_mut(), &mut shutdown).await;
-            }
-            Err(e) if once || kind(&e) == ErrorKind::Permanent => return Err(e),
-            Err(e) => {
-                let d = backoff.failed(&e);
-                pause(d, &mut shutdown).await;
-            }
+        tokio::select! {
+            out = step => Some(out),
+            () = grace(self.shutdown.clone()) => None,
         }
     }
-    Ok(moved)
-}
 
-/// An idle producer's wait: until PostgreSQL notifies that rows changed,
-/// the poll interval passes (the fallback for lost notifications), or shutdown.
-async fn wait_for_rows(poll: Duration, wake: Option<&mut watch::Receiver<u64>>, shutdown: &mut Shutdown) {
-    let Some(wake) = wake else { return pause(poll, shutdown).await };
-    let mut sleeping = shutdown.clone();
-    tokio::select! {
-        changed = wake.changed() => if changed.is_err() {
-            pause(poll, shutdown).await;
-        },
-        () = pause(poll, &mut sleeping) => {}
-    }
-}
-
-/// How long a fetch may wait for records while they keep coming, and for how
-/// long after the last ones. A Kafka broker answers a waiting fetch as soon
-/// as records arrive, but nisshi (the local broker) answers after half the
-/// wait whatever arrives, and serves one connection's requests in turn
-/// (measured: a 200 ms wait returns after 100 ms with a record produced at
-/// 20 ms), so a long wait would hold every row that long. Idle, the fetch
-/// waits the poll interval up to [`COLD_WAIT`], so an idle consumer costs a
-/// few requests a second and the first row after a pause waits at most that.
-const HOT_WAIT: Duration = Duration::from_millis(4);
-const HOT_FOR: Duration = Duration::from_secs(2);
-const COLD_WAIT: Duration = Duration::from_millis(200);
-
-fn fetch_wait(poll: Duration, last_records: Option<Instant>) -> Duration {
-    match last_records {
-        Some(at) if at.elapsed() < HOT_FOR => HOT_WAIT.min(poll),
-        _ => poll.min(COLD_WAIT),
-    }
-}
-
-/// Consumes until shutdown; when `done` says the producer finished, drains to
-/// the partitions' ends as they are then, and returns.
-async fn consume_loop(
-    c: &mut Consumer<KafkaLog, ChSink>,
-    what: String,
-    done: Option<&Cell<Option<bool>>>,
-    poll: Duration,
-    mut shutdown: Shutdown,
-) -> anyhow::Result<usize> {
-    let mut records = 0;
-    let mut targets = None;
-    let mut backoff = Backoff::new(what);
-    let mut last_records: Option<Instant> = None;
-    while !*shutdown.borrow() {
-        if let Some(done) = done {
-            match done.get() {
-                Some(false) => break, // the producer failed; it reports why
-                Some(true) if targets.is_none() => targets = Some(c.high_watermarks().await?),
-                _ => {}
-            }
-        }
-        if let Some(t) = &targets
-            && c.reached(t)
-        {
-            break;
-        }
-        let wait = fetch_wait(poll, last_records);
-        let step = tokio::select! {
-            step = c.step(&NoFaults, wait) => step,
-            () = grace(shutdown.clone()) => break,
-        };
-        match step {
-            Ok(step) => {
-                backoff.ok();
-                records += step.records;
-                if step.records > 0 {
-                    last_records = Some(Instant::now());
-                }
-            }
-            Err(e) if done.is_some() || kind(&e) == ErrorKind::Permanent => return Err(e),
-            Err(e) => {
-                let d = backoff.failed(&e);
-                pause(d, &mut shutdown).await;
-            }
+    /// Until PostgreSQL notifies that rows changed, the poll interval passes
+    /// (the fallback for lost notifications), or shutdown.
+    async fn idle(&mut self) {
+        let Some(wake) = self.wake.as_mut() else { return pause(self.poll, &mut self.shutdown).await };
+        let mut sleeping = self.shutdown.clone();
+        tokio::select! {
+            changed = wake.changed() => if changed.is_err() {
+                pause(self.poll, &mut self.shutdown).await;
+            },
+            () = pause(self.poll, &mut sleeping) => {}
         }
     }
-    Ok(records)
+
+    async fn pause(&mut self, d: Duration) {
+        pause(d, &mut self.shutdown).await;
+    }
+
+    fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
 }
 
 /// Runs every lane until done (with `once`) or shutdown; returns rows moved.
@@ -539,8 +426,9 @@ async fn produce_lanes<L: crate::stores::EventLog>(
     wake: Option<&RowsCommitted>,
     shutdown: &Shutdown,
 ) -> anyhow::Result<usize> {
-    let moved = futures::future::try_join_all(producers.iter_mut().map(|p| {
-        produce_loop(p, format!("{what} producer"), once, poll, wake.map(|w| w.count.clone()), shutdown.clone())
+    let moved = futures::future::try_join_all(producers.iter_mut().map(|p| async {
+        let mut waits = RealWaits::new(poll, wake, shutdown.clone());
+        loops::produce(p, &NoFaults, format!("{what} producer"), once, &mut waits).await
     }))
     .await?;
     Ok(moved.into_iter().sum())
@@ -574,7 +462,11 @@ async fn table_pipeline(
         // With --once the producer is someone else, done before we start:
         // drain to the ends as they are now, still stopping on SIGINT/SIGTERM.
         let done = o.once.then(|| Cell::new(Some(true)));
-        return Ok((0, consume_loop(c, format!("{what} consumer"), done.as_ref(), o.poll, shutdown).await?));
+        let mut waits = RealWaits::new(o.poll, None, shutdown);
+        return Ok((
+            0,
+            loops::consume(c, &NoFaults, format!("{what} consumer"), done.as_ref(), o.poll, &mut waits).await?,
+        ));
     }
     let mut stores = ProducerStores::connect(s, o, pool, table).await?;
     let Some(lease) = stores.lease(o, s.timeouts.call, shutdown.clone()).await? else { return Ok((0, 0)) };
@@ -591,15 +483,17 @@ async fn table_pipeline(
                 done.set(Some(r.is_ok()));
                 r
             };
+            let mut waits = RealWaits::new(o.poll, None, shutdown.clone());
+            let consume = loops::consume(c, &NoFaults, format!("{what} consumer"), Some(&done), o.poll, &mut waits);
+            tokio::try_join!(produce, consume)
+        }
+        Some(c) => {
+            let mut waits = RealWaits::new(o.poll, None, shutdown.clone());
             tokio::try_join!(
-                produce,
-                consume_loop(c, format!("{what} consumer"), Some(&done), o.poll, shutdown.clone())
+                produce_lanes(&mut producers, &what, false, o.poll, wake.as_ref(), &shutdown),
+                loops::consume(c, &NoFaults, format!("{what} consumer"), None, o.poll, &mut waits)
             )
         }
-        Some(c) => tokio::try_join!(
-            produce_lanes(&mut producers, &what, false, o.poll, wake.as_ref(), &shutdown),
-            consume_loop(c, format!("{what} consumer"), None, o.poll, shutdown.clone())
-        ),
     };
     drop(producers);
     lease.release().await;

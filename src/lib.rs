@@ -9,7 +9,9 @@
 //!   version) and its message on the topic.
 //! - [`stores`]: the three stores as small traits (source table, log, sink).
 //! - [`pipeline`]: every decision (claim, publish, mark, fetch, write,
-//!   remember position), written once against those traits, with named crash points.
+//!   remember position), written once against those traits, with named crash
+//!   points; and the loop policy around them (backoff, `--once`, waits) in
+//!   [`pipeline::loops`].
 //! - [`postgres`], [`kafka`], [`clickhouse`]: one adapter per outside system.
 //! - [`verify`]: reconciliation of PostgreSQL against ClickHouse, range by range.
 //! - [`checksum`]: row checksums PostgreSQL computes on the server and pg2ch reproduces.

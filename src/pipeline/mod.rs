@@ -22,6 +22,11 @@
 //!   row is flagged sent only if it is still the version that was published.
 //! - The consumer stores its position only after the rows are in ClickHouse.
 //!   A crash in between replays those records; the sink collapses them by key.
+//!
+//! How the steps repeat (retries, backoff, `--once`, idle waits) is in
+//! [`loops`], which the simulation runs too.
+
+pub mod loops;
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;

@@ -52,8 +52,8 @@ use rand::{Rng, SeedableRng};
 
 use crate::change::{self, Change};
 use crate::pipeline::{
-    Consumer, ConsumerConfig, CrashPoint, Crashed, Cursor, Faults, NoFaults, Ordering, ProduceStep, Producer,
-    ProducerConfig, is_crash,
+    Consumer, ConsumerConfig, CrashPoint, Crashed, Cursor, Faults, NoFaults, Ordering, Producer, ProducerConfig,
+    is_crash, loops,
 };
 use crate::schema::TableSchema;
 use crate::stores::{ClaimMode, ErrorKind, kind};
@@ -469,37 +469,37 @@ impl World {
         futures::executor::block_on(crate::verify::verify(&self.schema, &mut source, &mut sink, plan, |_, _| {}))
     }
 
-    /// Drains with fresh components and no faults, in a bounded number of
-    /// steps; a drain that stops making progress fails with where it stuck.
+    /// Drains with fresh components and no faults as `pg2ch run --once`
+    /// does (the same loops: one producer pass, then the consumer to the
+    /// partitions' ends), in a bounded number of steps; a drain that stops
+    /// making progress fails with where it stuck. That one pass moved every
+    /// change is then a property ([`World::check_quiescent`]).
     pub fn drain(&self, modes: ClaimMode, producer: ProducerConfig, consumer: ConsumerConfig) -> Result<(), String> {
         let budget = 1_000 + 20 * (self.table.borrow().committed.len() + self.log.borrow().values().count());
         let mut p = self.producer(3, modes, producer);
-        let mut steps = 0;
-        loop {
-            match futures::executor::block_on(p.step(&NoFaults)) {
-                Ok(ProduceStep::Idle) => break,
-                Ok(ProduceStep::Moved(_)) => {}
-                Err(e) => return Err(format!("final produce: {e:#}")),
-            }
-            steps += 1;
-            if steps > budget {
-                let table = self.table.borrow();
-                let left: Vec<String> =
-                    table.committed.iter().filter(|(_, r)| !r.sent).map(|(k, _)| key_text(k)).take(10).collect();
-                return Err(format!("final produce made no progress in {budget} steps; unsent keys include {left:?}"));
-            }
+        let mut waits = SimWaits::bounded(budget);
+        futures::executor::block_on(loops::produce(&mut p, &NoFaults, "producer".into(), true, &mut waits))
+            .map_err(|e| format!("final produce: {e:#}"))?;
+        // What one pass left unsent, [`World::check_quiescent`] reports.
+        if waits.exhausted() {
+            return Err(format!("the final --once produce pass did not end in {budget} steps"));
         }
         let mut c = self.consumer(consumer);
+        let done = std::cell::Cell::new(Some(true));
+        let mut waits = SimWaits::bounded(budget);
+        futures::executor::block_on(loops::consume(
+            &mut c,
+            &NoFaults,
+            "consumer".into(),
+            Some(&done),
+            Duration::ZERO,
+            &mut waits,
+        ))
+        .map_err(|e| format!("final consume: {e:#}"))?;
         let targets = futures::executor::block_on(c.high_watermarks()).map_err(|e| format!("final consume: {e:#}"))?;
-        let mut steps = 0;
-        while !c.reached(&targets) {
-            futures::executor::block_on(c.step(&NoFaults, Duration::ZERO))
-                .map_err(|e| format!("final consume: {e:#}"))?;
-            steps += 1;
-            if steps > budget {
-                let at = futures::executor::block_on(c.positions()).map(|p| format!("{p:?}")).unwrap_or_default();
-                return Err(format!("final consume made no progress in {budget} steps: at {at}, targets {targets:?}"));
-            }
+        if !c.reached(&targets) {
+            let at = futures::executor::block_on(c.positions()).map(|p| format!("{p:?}")).unwrap_or_default();
+            return Err(format!("final consume made no progress in {budget} steps: at {at}, targets {targets:?}"));
         }
         Ok(())
     }
@@ -579,6 +579,60 @@ pub struct Outcome {
 
 type Task = LocalBoxFuture<'static, anyhow::Error>;
 
+/// Time and shutdown for the pipeline's loops in the simulation: there is
+/// no clock, a wait is one scheduling point, and a drain's steps are bounded
+/// so that one that stops making progress fails instead of spinning.
+pub struct SimWaits {
+    /// Steps left (`None`: unbounded).
+    budget: Option<usize>,
+}
+
+impl SimWaits {
+    pub fn unbounded() -> Self {
+        SimWaits { budget: None }
+    }
+
+    pub fn bounded(steps: usize) -> Self {
+        SimWaits { budget: Some(steps) }
+    }
+
+    /// Whether the budget ran out.
+    pub fn exhausted(&self) -> bool {
+        self.budget == Some(0)
+    }
+}
+
+impl crate::pipeline::loops::Waits for SimWaits {
+    fn stopping(&self) -> bool {
+        false
+    }
+
+    async fn step<T>(&mut self, step: impl Future<Output = T>) -> Option<T> {
+        match &mut self.budget {
+            Some(0) => None,
+            Some(left) => {
+                *left -= 1;
+                Some(step.await)
+            }
+            None => Some(step.await),
+        }
+    }
+
+    async fn idle(&mut self) {
+        yield_now().await;
+    }
+
+    async fn pause(&mut self, _: Duration) {
+        yield_now().await;
+    }
+
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+/// Runs `pg2ch produce`'s loop (not `--once`) until it ends: at a crash or
+/// a permanent error, which it returns; store errors are retried.
 fn producer_task(world: &World, session: u32, mode: ClaimMode, config: ProducerConfig, cursor: Option<Cursor>) -> Task {
     let mut producer = world.producer(session, mode, config);
     if let Some(cursor) = cursor {
@@ -586,30 +640,21 @@ fn producer_task(world: &World, session: u32, mode: ClaimMode, config: ProducerC
     }
     let faults = world.faults();
     async move {
-        loop {
-            // As in `pg2ch produce`: a store error is retried by the same
-            // component; a crash or a permanent error ends it.
-            if let Err(e) = producer.step(&faults).await
-                && (is_crash(&e) || kind(&e) == ErrorKind::Permanent)
-            {
-                return e;
-            }
-        }
+        let ended = loops::produce(&mut producer, &faults, "producer".into(), false, &mut SimWaits::unbounded()).await;
+        ended.err().unwrap_or_else(|| anyhow::anyhow!("the producer loop stopped without shutdown"))
     }
     .boxed_local()
 }
 
+/// Runs `pg2ch consume`'s loop until it ends, as [`producer_task`].
 fn consumer_task(world: &World, config: ConsumerConfig) -> Task {
     let mut consumer = world.consumer(config);
     let faults = world.faults();
     async move {
-        loop {
-            if let Err(e) = consumer.step(&faults, Duration::ZERO).await
-                && (is_crash(&e) || kind(&e) == ErrorKind::Permanent)
-            {
-                return e;
-            }
-        }
+        let ended =
+            loops::consume(&mut consumer, &faults, "consumer".into(), None, Duration::ZERO, &mut SimWaits::unbounded())
+                .await;
+        ended.err().unwrap_or_else(|| anyhow::anyhow!("the consumer loop stopped without shutdown"))
     }
     .boxed_local()
 }

@@ -303,11 +303,21 @@ impl SimSource {
             .take(limit)
             .map(|(k, t)| (k.clone(), t.clone()))
             .collect();
-        // Merged in key order (a row before a deletion of the same key), at most `limit`.
+        // As the real claim: a list that came back full ends where it does
+        // (keys past its last are the next claim's), and the rest is merged
+        // in key order, a row before a deletion of the same key (so a claim
+        // may hold `limit` rows and one deletion more).
+        let horizon = [(rows.len(), rows.last().map(|(k, _)| k)), (tombs.len(), tombs.last().map(|(k, _)| k))]
+            .into_iter()
+            .filter(|(n, _)| *n >= limit)
+            .filter_map(|(_, last)| last.cloned())
+            .min();
         let mut merged: Vec<(Key, Result<SimRow, Tomb>)> =
             rows.into_iter().map(|(k, r)| (k, Ok(r))).chain(tombs.into_iter().map(|(k, t)| (k, Err(t)))).collect();
         merged.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.is_err().cmp(&b.1.is_err())));
-        merged.truncate(limit);
+        if let Some(horizon) = horizon {
+            merged.retain(|(k, _)| *k <= horizon);
+        }
         let mut claim = Claim { version, items: Vec::new() };
         let mut items = Vec::new();
         for (key, what) in merged {

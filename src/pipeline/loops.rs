@@ -1,0 +1,219 @@
+//! Loop policy: how a producer or consumer goes on after each step. A
+//! failure is retried with capped exponential backoff unless it is
+//! permanent (or a crash); an idle producer waits for new rows; `--once`
+//! stops after one pass (the producer) or at the partitions' ends (the
+//! consumer, once its producer is done).
+//!
+//! The loops are written against [`Waits`], which owns time and shutdown:
+//! the real one sleeps, listens for PostgreSQL's notifications and abandons
+//! a step that outlives shutdown's grace; the simulation's yields to its
+//! scheduler instead of sleeping and bounds a drain's steps. Both run these
+//! loops unchanged.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::{Consumer, Faults, ProduceStep, Producer, is_crash};
+use crate::stores::{ErrorKind, EventLog, Sink, SourceTable, kind};
+
+/// Time and shutdown, as a loop sees them.
+#[allow(async_fn_in_trait)] // run on one thread: the loops need no `Send`
+pub trait Waits {
+    /// Whether shutdown was asked: the loop stops before its next step.
+    fn stopping(&self) -> bool;
+    /// Runs one step; `None` when it was abandoned (shutdown's grace passed,
+    /// or the simulation's step budget ran out).
+    async fn step<T>(&mut self, step: impl Future<Output = T>) -> Option<T>;
+    /// An idle producer's wait for new rows.
+    async fn idle(&mut self);
+    /// The wait before a retry.
+    async fn pause(&mut self, d: Duration);
+    /// Monotonic time since some fixed origin.
+    fn now(&self) -> Duration;
+}
+
+/// Capped exponential backoff that logs once when trouble starts and once
+/// when it ends, not on every retry.
+pub struct Backoff {
+    what: String,
+    delay: Duration,
+    failing: bool,
+}
+
+impl Backoff {
+    pub const FIRST: Duration = Duration::from_millis(100);
+    pub const CAP: Duration = Duration::from_secs(5);
+
+    pub fn new(what: String) -> Self {
+        Backoff { what, delay: Self::FIRST, failing: false }
+    }
+
+    pub fn ok(&mut self) {
+        if self.failing {
+            tracing::info!("{}: recovered", self.what);
+        }
+        self.failing = false;
+        self.delay = Self::FIRST;
+    }
+
+    /// Counts a failure; returns how long to wait before the retry.
+    pub fn failed(&mut self, e: &anyhow::Error) -> Duration {
+        metrics::counter!("pg2ch_retries_total", "component" => self.what.clone()).increment(1);
+        if !self.failing {
+            let unknown = match kind(e) {
+                ErrorKind::Unknown => " (it may have taken effect; the repeat is collapsed downstream)",
+                _ => "",
+            };
+            tracing::warn!("{}: {e:#}{unknown}; retrying with backoff", self.what);
+        }
+        self.failing = true;
+        let now = self.delay;
+        self.delay = (self.delay * 2).min(Self::CAP);
+        now
+    }
+}
+
+/// Whether a failure ends the loop instead of being retried.
+fn fatal(e: &anyhow::Error) -> bool {
+    is_crash(e) || kind(e) == ErrorKind::Permanent
+}
+
+/// Runs a producer until shutdown, a fatal error, or (with `once`) the end
+/// of one pass over the table. Returns the rows it moved.
+pub async fn produce<S: SourceTable, L: EventLog, W: Waits>(
+    p: &mut Producer<S, L>,
+    faults: &dyn Faults,
+    what: String,
+    once: bool,
+    waits: &mut W,
+) -> anyhow::Result<usize> {
+    let mut moved = 0;
+    let mut backoff = Backoff::new(what);
+    while !waits.stopping() {
+        let Some(step) = waits.step(p.step(faults)).await else { break };
+        match step {
+            Ok(ProduceStep::Moved(n)) => {
+                backoff.ok();
+                moved += n;
+                tracing::debug!("published and flagged {n} rows");
+                // One pass finds every change committed before it began; a
+                // second would only rescan what the first left behind.
+                if once && p.passes() > 0 {
+                    break;
+                }
+            }
+            Ok(ProduceStep::Idle) => {
+                backoff.ok();
+                if once {
+                    break;
+                }
+                waits.idle().await;
+            }
+            Err(e) if once || fatal(&e) => return Err(e),
+            Err(e) => {
+                let d = backoff.failed(&e);
+                waits.pause(d).await;
+            }
+        }
+    }
+    Ok(moved)
+}
+
+/// How long a fetch may wait for records while they keep coming, and for how
+/// long after the last ones. A Kafka broker answers a waiting fetch as soon
+/// as records arrive, but nisshi (the local broker) answers after half the
+/// wait whatever arrives, and serves one connection's requests in turn
+/// (measured: a 200 ms wait returns after 100 ms with a record produced at
+/// 20 ms), so a long wait would hold every row that long. Idle, the fetch
+/// waits the poll interval up to [`COLD_WAIT`], so an idle consumer costs a
+/// few requests a second and the first row after a pause waits at most that.
+pub const HOT_WAIT: Duration = Duration::from_millis(4);
+pub const HOT_FOR: Duration = Duration::from_secs(2);
+pub const COLD_WAIT: Duration = Duration::from_millis(200);
+
+/// A fetch's wait, given when records last came (on [`Waits::now`]'s clock).
+pub fn fetch_wait(poll: Duration, now: Duration, last_records: Option<Duration>) -> Duration {
+    match last_records {
+        Some(at) if now.saturating_sub(at) < HOT_FOR => HOT_WAIT.min(poll),
+        _ => poll.min(COLD_WAIT),
+    }
+}
+
+/// Runs a consumer until shutdown or a fatal error. `done` is its
+/// producer's outcome when it runs beside one with `--once` (or already
+/// `Some(true)` when the producer finished before): once the producer
+/// succeeded, the consumer drains to the partitions' ends as they are then,
+/// and returns; if it failed, the consumer stops (the producer reports why).
+/// Returns the records it wrote.
+pub async fn consume<L: EventLog, K: Sink, W: Waits>(
+    c: &mut Consumer<L, K>,
+    faults: &dyn Faults,
+    what: String,
+    done: Option<&Cell<Option<bool>>>,
+    poll: Duration,
+    waits: &mut W,
+) -> anyhow::Result<usize> {
+    let mut records = 0;
+    let mut targets: Option<BTreeMap<i32, i64>> = None;
+    let mut backoff = Backoff::new(what);
+    let mut last_records = None;
+    while !waits.stopping() {
+        if let Some(done) = done {
+            match done.get() {
+                Some(false) => break,
+                Some(true) if targets.is_none() => targets = Some(c.high_watermarks().await?),
+                _ => {}
+            }
+        }
+        if let Some(t) = &targets
+            && c.reached(t)
+        {
+            break;
+        }
+        let wait = fetch_wait(poll, waits.now(), last_records);
+        let Some(step) = waits.step(c.step(faults, wait)).await else { break };
+        match step {
+            Ok(step) => {
+                backoff.ok();
+                records += step.records;
+                if step.records > 0 {
+                    last_records = Some(waits.now());
+                }
+            }
+            Err(e) if done.is_some() || fatal(&e) => return Err(e),
+            Err(e) => {
+                let d = backoff.failed(&e);
+                waits.pause(d).await;
+            }
+        }
+    }
+    Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_starts_over_after_a_success() {
+        let mut b = Backoff::new("test".into());
+        let e = anyhow::anyhow!("down");
+        let waits: Vec<Duration> = (0..8).map(|_| b.failed(&e)).collect();
+        assert_eq!(waits[0], Backoff::FIRST);
+        assert!(waits.windows(2).all(|w| w[1] == (w[0] * 2).min(Backoff::CAP)), "{waits:?}");
+        assert_eq!(*waits.last().unwrap(), Backoff::CAP);
+        b.ok();
+        assert_eq!(b.failed(&e), Backoff::FIRST);
+    }
+
+    #[test]
+    fn a_fetch_waits_briefly_while_records_come_and_the_poll_interval_when_idle() {
+        let poll = Duration::from_millis(500);
+        let at = Duration::from_secs(10);
+        assert_eq!(fetch_wait(poll, at, None), COLD_WAIT);
+        assert_eq!(fetch_wait(poll, at, Some(at - Duration::from_millis(10))), HOT_WAIT);
+        assert_eq!(fetch_wait(poll, at, Some(at - HOT_FOR)), COLD_WAIT);
+        assert_eq!(fetch_wait(Duration::from_millis(1), at, Some(at)), Duration::from_millis(1));
+    }
+}
