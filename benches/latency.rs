@@ -124,8 +124,9 @@ fn main() {
             .execute(&pool)
             .await
             .unwrap();
+        let own = env.pg_own().await;
         let flag = floor(200, async || {
-            sqlx::query("UPDATE user_logins SET sent_to_kafka = TRUE WHERE id = -1").execute(&pool).await.unwrap();
+            sqlx::query("UPDATE user_logins SET sent_to_kafka = TRUE WHERE id = -1").execute(&own).await.unwrap();
         })
         .await;
         let client = pg2ch::kafka::connect(&env.settings.kafka, Duration::from_secs(10)).await.unwrap();

@@ -3,7 +3,8 @@
 //! Every figure is measured in this run, on this machine, against the same
 //! table, so the ratios mean something: the end-to-end drain is reported as a
 //! fraction of PostgreSQL's own bulk `UPDATE ... SET sent_to_kafka = TRUE`
-//! of the same rows, run just before each drain; the goal is judged on the
+//! of the same rows (in a session of pg2ch's own, which its triggers skip as
+//! they skip the producers' flag updates), run just before each drain; the goal is judged on the
 //! median of those pairs. The drain runs as `run --once --exclusive` (claims
 //! without row locks); the default, shared claims, is measured beside it.
 //! Rows per benchmark: `PG2CH_BENCH_ROWS` (default 1,000,000). Each timed
@@ -97,7 +98,7 @@ impl EventLog for NullLog {
 /// (Resetting with a plain VACUUM instead leaves the heap a little different
 /// after each round, and a bulk UPDATE's speed drifts with it by up to 20%.)
 async fn reset_flags(env: &TestEnv) {
-    let pool = env.pg().await;
+    let pool = env.pg_own().await;
     sqlx::query("UPDATE user_logins SET sent_to_kafka = FALSE").execute(&pool).await.unwrap();
     sqlx::query("CLUSTER user_logins USING user_logins_pkey").execute(&pool).await.unwrap();
     sqlx::query("ANALYZE user_logins").execute(&pool).await.unwrap();
@@ -128,7 +129,7 @@ fn postgres_stages(c: &mut Criterion, rt: &Runtime, env: &TestEnv, n: u64) {
                 n,
                 async || {
                     reset_flags(env).await;
-                    env.pg().await
+                    env.pg_own().await
                 },
                 async |pool| {
                     sqlx::query("UPDATE user_logins SET sent_to_kafka = TRUE").execute(&pool).await.unwrap();
@@ -325,7 +326,7 @@ fn drain(rt: &Runtime, env: &TestEnv, n: u64, i: u64, args: &[&str], name: &'sta
     // like. The goal is judged on the median of these per-pair ratios.
     let bulk = rt.block_on(async {
         reset_flags(env).await;
-        let pool = env.pg().await;
+        let pool = env.pg_own().await;
         let t = Instant::now();
         sqlx::query("UPDATE user_logins SET sent_to_kafka = TRUE").execute(&pool).await.unwrap();
         t.elapsed()

@@ -308,6 +308,12 @@ impl TestEnv {
         user_pool(&self.settings.pg).await
     }
 
+    /// A pool of pg2ch's own sessions (`pg2ch.own = on`, UTC, ...): its
+    /// triggers skip their changes, as they skip the producers' flag updates.
+    pub async fn pg_own(&self) -> PgPool {
+        pg2ch::postgres::connect(&self.settings.pg, 2, Duration::from_secs(10)).await.expect("PostgreSQL connection")
+    }
+
     pub async fn ch(&self) -> pg2ch::clickhouse::ClickHouse {
         pg2ch::clickhouse::ClickHouse::connect(&self.settings.ch, Duration::from_secs(10))
             .await
