@@ -24,7 +24,7 @@ use crate::kafka::{self, KafkaLog};
 use crate::pipeline::{Consumer, ConsumerConfig, NoFaults, Producer, ProducerConfig, loops};
 use crate::postgres::{self, PgSource, ProducerLease, RowsCommitted};
 use crate::schema::{DEFAULT_TABLE, SENT, TableSchema};
-use crate::stores::ClaimMode;
+use crate::stores::{ClaimMode, EventLog};
 use crate::verify::{self, Report};
 
 /// Everything needed to reach the three systems, and which tables to carry.
@@ -595,6 +595,10 @@ pub struct PartitionStatus {
     pub end_offset: i64,
     pub position: i64,
     pub lag: i64,
+    /// How long the oldest record this group has not written yet has been
+    /// in the topic (seconds, by the broker's record timestamp); 0 when
+    /// there is none.
+    pub lag_seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -604,6 +608,8 @@ pub struct Status {
     pub group: String,
     /// Rows changed and not sent yet, and deletions not sent yet.
     pub unsent_rows: i64,
+    /// How long the oldest of them has waited (seconds); `None` when none does.
+    pub oldest_unsent_seconds: Option<f64>,
     /// Rows flagged `pg2ch_rejected` (never sent).
     pub rejected_rows: u64,
     pub partitions: Vec<PartitionStatus>,
@@ -620,19 +626,26 @@ pub async fn status(s: &Settings) -> anyhow::Result<Vec<Status>> {
         let mut c = consumer_of(s, &RunOptions::default(), &pool, &table).await?;
         let positions = c.positions().await?.clone();
         let ends = c.high_watermarks().await?;
-        let partitions = positions
-            .iter()
-            .map(|(&p, position)| {
-                let end_offset = ends.get(&p).copied().unwrap_or(0);
-                let position = position.next;
-                PartitionStatus { partition: p, end_offset, position, lag: (end_offset - position).max(0) }
-            })
-            .collect();
+        let now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let mut partitions = Vec::new();
+        for (&p, position) in &positions {
+            let end_offset = ends.get(&p).copied().unwrap_or(0);
+            let position = position.next;
+            let lag = (end_offset - position).max(0);
+            let lag_seconds = match lag {
+                0 => 0.0,
+                _ => c.log.record_at(p, position).await?.map_or(0.0, |r| (now_ms - r.timestamp_ms).max(0) as f64 / 1e3),
+            };
+            partitions.push(PartitionStatus { partition: p, end_offset, position, lag, lag_seconds });
+        }
+        let unsent = postgres::unsent(&pool, &table.schema).await?;
         out.push(Status {
             table: table.schema.to_string(),
             topic: table.topic.clone(),
             group: s.kafka.group.clone(),
-            unsent_rows: postgres::unsent_count(&pool, &table.schema).await?,
+            unsent_rows: unsent.changes,
+            oldest_unsent_seconds: unsent.oldest_seconds,
             rejected_rows: postgres::rejected_count(&pool, &table.schema).await?,
             partitions,
             dead_letters: c.log.dead_letter_count().await?,
@@ -646,14 +659,19 @@ pub async fn status(s: &Settings) -> anyhow::Result<Vec<Status>> {
 impl Status {
     pub fn print(&self, out: &mut impl Write) -> std::io::Result<()> {
         writeln!(out, "table {}: topic {:?}, consumer group {:?}", self.table, self.topic, self.group)?;
+        let waiting = self.oldest_unsent_seconds.map_or(String::new(), |s| format!(", the oldest waiting {s:.3} s"));
         writeln!(
             out,
-            "unsent changes in PostgreSQL: {} (plus {} rows rejected as not representable)",
+            "unsent changes in PostgreSQL: {}{waiting} (plus {} rows rejected as not representable)",
             self.unsent_rows, self.rejected_rows
         )?;
-        writeln!(out, "{:>9} {:>12} {:>12} {:>10}", "partition", "end offset", "position", "lag")?;
+        writeln!(out, "{:>9} {:>12} {:>12} {:>10} {:>10}", "partition", "end offset", "position", "lag", "lag (s)")?;
         for p in &self.partitions {
-            writeln!(out, "{:>9} {:>12} {:>12} {:>10}", p.partition, p.end_offset, p.position, p.lag)?;
+            writeln!(
+                out,
+                "{:>9} {:>12} {:>12} {:>10} {:>10.3}",
+                p.partition, p.end_offset, p.position, p.lag, p.lag_seconds
+            )?;
         }
         writeln!(out, "dead letters in {:?}: {}", kafka::dead_letter_topic(&self.topic), self.dead_letters)?;
         writeln!(

@@ -20,7 +20,10 @@ use crate::types::{self, Key, KeyPart, PgType, Value};
 pub const SENT: &str = "sent_to_kafka";
 pub const REJECTED: &str = "pg2ch_rejected";
 pub const VERSION: &str = "pg2ch_version";
-pub const OWN_COLUMNS: [&str; 3] = [SENT, REJECTED, VERSION];
+/// When the row last changed (inserted or updated by someone other than
+/// pg2ch): the age of the oldest unsent change is the producer's lag in time.
+pub const CHANGED_AT: &str = "pg2ch_changed_at";
+pub const OWN_COLUMNS: [&str; 4] = [SENT, REJECTED, VERSION, CHANGED_AT];
 
 /// pg2ch's columns in every ClickHouse table, and the message's fields for them.
 pub const CH_VERSION: &str = "_pg2ch_version";

@@ -565,7 +565,8 @@ async fn random_rows_from_the_whole_domain_travel_exactly_or_are_rejected() {
     }
     let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
     let names: Vec<Option<Vec<u8>>> = rows.iter().map(|r| r.1.clone()).collect();
-    let times: Vec<Option<common::PgTime>> = rows.iter().map(|r| r.2.map(common::PgTime)).collect();
+    let times: Vec<Option<pg2ch::types::postgres::PgTimestamp>> =
+        rows.iter().map(|r| r.2.map(pg2ch::types::postgres::PgTimestamp)).collect();
     sqlx::query(
         "INSERT INTO user_logins (id, username, event_time)
          SELECT i, convert_from(n, 'SQL_ASCII'), t FROM UNNEST($1::bigint[], $2::bytea[], $3::timestamptz[]) AS r(i, n, t)",

@@ -60,8 +60,24 @@ async fn restart_resumes_from_the_stored_position() {
     let (ch, schema) = (env.ch().await, env.logins().await);
     assert_eq!(ch.stored_count(&schema).await.unwrap(), 3000);
 
+    // The lag in time: how long the oldest unsent change has waited, and
+    // how long the oldest unwritten record has been in the topic. Both are
+    // under the time since the rows were made, and above zero (a process
+    // start lies between).
+    let before_seed = std::time::Instant::now();
     env.ok(&["seed", "--rows", "2000"]);
+    let status: serde_json::Value = serde_json::from_str(&env.ok(&["status", "--json"])).unwrap();
+    let waited = status["oldest_unsent_seconds"].as_f64().expect("unsent rows have an age");
+    assert!(waited > 0.0 && waited <= before_seed.elapsed().as_secs_f64(), "{waited} s: {status}");
+    let before_produce = std::time::Instant::now();
     env.ok(&["produce", "--once"]);
+    let status: serde_json::Value = serde_json::from_str(&env.ok(&["status", "--json"])).unwrap();
+    assert!(status["oldest_unsent_seconds"].is_null(), "{status}");
+    for p in status["partitions"].as_array().unwrap() {
+        let (lag, seconds) = (p["lag"].as_i64().unwrap(), p["lag_seconds"].as_f64().unwrap());
+        assert!(lag > 0, "2000 rows over 2 partitions: {status}");
+        assert!(seconds > 0.0 && seconds <= before_produce.elapsed().as_secs_f64(), "{seconds} s: {status}");
+    }
     env.ok(&["consume", "--once"]);
     // Resumed, not replayed: nothing was written twice, even before merging.
     assert_eq!(ch.stored_count(&schema).await.unwrap(), 5000);
@@ -71,6 +87,7 @@ async fn restart_resumes_from_the_stored_position() {
     assert_eq!(status["unsent_rows"], 0);
     let lag: i64 = status["partitions"].as_array().unwrap().iter().map(|p| p["lag"].as_i64().unwrap()).sum();
     assert_eq!(lag, 0);
+    assert!(status["partitions"].as_array().unwrap().iter().all(|p| p["lag_seconds"] == 0.0), "{status}");
     let ends: i64 = status["partitions"].as_array().unwrap().iter().map(|p| p["end_offset"].as_i64().unwrap()).sum();
     assert_eq!(ends, 5000, "end offsets come from the fetch high watermark");
     assert!(env.ok(&["verify"]).contains("verify: OK"));

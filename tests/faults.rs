@@ -346,5 +346,9 @@ async fn metrics_are_served_in_prometheus_text() {
     assert_eq!(value(&body, "pg2ch_rows_marked_total"), Some(1234.0), "{body}");
     assert!(body.contains("pg2ch_produce_batch_seconds"), "{body}");
     assert!(body.contains("pg2ch_lag{partition=\"0\"} 0"), "{body}");
+    // Lag in time: caught up, and the rows claimed had waited since the seed.
+    assert!(body.contains("pg2ch_lag_seconds{partition=\"0\"} 0"), "{body}");
+    let age = value(&body, "pg2ch_claimed_age_seconds").expect("the age of the claimed changes");
+    assert!(age > 0.0 && age < 600.0, "{age}");
     stop(child, Duration::from_secs(10));
 }

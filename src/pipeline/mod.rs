@@ -605,9 +605,11 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
         let mut rows = Vec::new();
         let mut dead = Vec::new();
         let mut next = BTreeMap::new();
+        let mut newest_ms = BTreeMap::new();
         for (p, batch) in fetched {
             step.high_watermarks.insert(p, batch.high_watermark);
             for record in batch.records {
+                newest_ms.insert(p, record.timestamp_ms);
                 let position = Position { next: record.offset + 1, last: Some(record.fingerprint()) };
                 match change::decode(&self.schema, record.value.as_deref()) {
                     Ok(change) => rows.push(change),
@@ -664,9 +666,17 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
         metrics::counter!("pg2ch_rows_written_total").increment(rows.len() as u64);
         metrics::counter!("pg2ch_dead_letters_total").increment(step.dead_letters as u64);
         metrics::histogram!("pg2ch_consume_batch_seconds").record(started.elapsed().as_secs_f64());
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
         for (p, position) in &next {
             let end = step.high_watermarks.get(p).copied().unwrap_or(position.next);
-            metrics::gauge!("pg2ch_lag", "partition" => p.to_string()).set((end - position.next).max(0) as f64);
+            let behind = (end - position.next).max(0);
+            metrics::gauge!("pg2ch_lag", "partition" => p.to_string()).set(behind as f64);
+            // Behind: about as old as the newest record just written.
+            let age_ms = match (behind, newest_ms.get(p)) {
+                (1.., Some(&ts)) => (now_ms as i64 - ts).max(0),
+                _ => 0,
+            };
+            metrics::gauge!("pg2ch_lag_seconds", "partition" => p.to_string()).set(age_ms as f64 / 1e3);
         }
         self.positions.as_mut().expect("loaded above").extend(next);
         failed.map_or(Ok(step), Err)

@@ -7,7 +7,7 @@
 //! claims in), and triggers:
 //!
 //! - `pg2ch_unsent`, `BEFORE UPDATE`, per row: a changed row becomes unsent
-//!   and loses its rejection. pg2ch's own sessions set `pg2ch.own = on`, and
+//!   and loses its rejection, and `pg2ch_changed_at` records when. pg2ch's own sessions set `pg2ch.own = on`, and
 //!   the trigger's `WHEN` skips them, so its flag updates never fire it
 //!   (no column list, so that dropping a column needs no `CASCADE`);
 //! - `pg2ch_deleted`, `AFTER DELETE`, and `pg2ch_rekeyed`, `AFTER UPDATE OF`
@@ -24,7 +24,7 @@ use sqlx::PgPool;
 use super::catalogue::trigger_holders;
 use super::{channel, outbox, own_name};
 use crate::config::pg_ident;
-use crate::schema::{DEFAULT_TABLE, REJECTED, SENT, TableSchema, VERSION};
+use crate::schema::{CHANGED_AT, DEFAULT_TABLE, OWN_COLUMNS, REJECTED, SENT, TableSchema, VERSION};
 use crate::types::PgType;
 
 /// Creates `user_logins` when it is absent (`init` of the default table).
@@ -132,6 +132,9 @@ pub async fn install(pool: &PgPool, oid: u32, schema: &TableSchema) -> anyhow::R
         format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {} TEXT", pg_ident(REJECTED)),
         // The version a row was last sent as (claims give versions).
         format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {} BIGINT NOT NULL DEFAULT 0", pg_ident(VERSION)),
+        // When the row last changed, for the lag in time (`status`). now()
+        // is stable, so existing rows take init's time without a rewrite.
+        format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {} TIMESTAMPTZ NOT NULL DEFAULT now()", pg_ident(CHANGED_AT)),
         format!("CREATE INDEX IF NOT EXISTS {index} ON {t} ({}) WHERE NOT {}", order_by(schema, ""), pg_ident(SENT)),
         format!(
             "CREATE TABLE IF NOT EXISTS {} ({}, deleted_at timestamptz NOT NULL DEFAULT clock_timestamp(), PRIMARY KEY ({keys}))",
@@ -145,7 +148,7 @@ pub async fn install(pool: &PgPool, oid: u32, schema: &TableSchema) -> anyhow::R
             order_by(schema, "")
         ),
         "CREATE OR REPLACE FUNCTION _pg2ch.unsent() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN NEW.sent_to_kafka := false; NEW.pg2ch_rejected := NULL; RETURN NEW; END $$"
+         BEGIN NEW.sent_to_kafka := false; NEW.pg2ch_rejected := NULL; NEW.pg2ch_changed_at := now(); RETURN NEW; END $$"
             .to_owned(),
         // One notification per statement (and PostgreSQL folds a
         // transaction's equal ones into one), delivered at commit.
@@ -192,8 +195,7 @@ pub async fn check_installed(pool: &PgPool, oid: u32, schema: &TableSchema) -> a
     .fetch_all(pool)
     .await
     .with_context(|| format!("reading the columns of {schema}"))?;
-    let missing: Vec<&str> =
-        [SENT, REJECTED, VERSION].into_iter().filter(|c| !present.iter().any(|p| p == c)).collect();
+    let missing: Vec<&str> = OWN_COLUMNS.into_iter().filter(|c| !present.iter().any(|p| p == c)).collect();
     let outbox_exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
         .bind(outbox(schema))
         .fetch_one(pool)

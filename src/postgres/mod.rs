@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use crate::config::{PgConfig, bounded, pg_ident};
-use crate::schema::{REJECTED, SENT, TableSchema};
+use crate::schema::{CHANGED_AT, REJECTED, SENT, TableSchema};
 use crate::stores::Permanent;
 
 pub use catalogue::{read_table, resolve};
@@ -169,10 +169,19 @@ pub async fn insert_events(pool: &PgPool, names: &[String], times: &[DateTime<Ut
     Ok(())
 }
 
-/// Rows waiting to be sent (not flagged sent, not rejected), and deletions.
-pub async fn unsent_count(pool: &PgPool, schema: &TableSchema) -> anyhow::Result<i64> {
-    let rows: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM {} WHERE NOT {} AND {} IS NULL",
+/// Changes waiting to be sent: rows and deletions.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Unsent {
+    pub changes: i64,
+    /// How long the oldest has waited (seconds), by PostgreSQL's clock.
+    pub oldest_seconds: Option<f64>,
+}
+
+/// Counts the unsent changes and the age of the oldest.
+pub async fn unsent(pool: &PgPool, schema: &TableSchema) -> anyhow::Result<Unsent> {
+    let rows: (i64, Option<f64>) = sqlx::query_as(&format!(
+        "SELECT count(*), extract(epoch FROM now() - min({}))::float8 FROM {} WHERE NOT {} AND {} IS NULL",
+        pg_ident(CHANGED_AT),
         schema.pg_name(),
         pg_ident(SENT),
         pg_ident(REJECTED)
@@ -180,11 +189,15 @@ pub async fn unsent_count(pool: &PgPool, schema: &TableSchema) -> anyhow::Result
     .fetch_one(pool)
     .await
     .with_context(|| format!("counting unsent rows of {schema}"))?;
-    let deletes: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}", outbox(schema)))
-        .fetch_one(pool)
-        .await
-        .with_context(|| format!("counting unsent deletions of {schema}"))?;
-    Ok(rows + deletes)
+    let deletes: (i64, Option<f64>) = sqlx::query_as(&format!(
+        "SELECT count(*), extract(epoch FROM now() - min(deleted_at))::float8 FROM {}",
+        outbox(schema)
+    ))
+    .fetch_one(pool)
+    .await
+    .with_context(|| format!("counting unsent deletions of {schema}"))?;
+    let oldest = [rows.1, deletes.1].into_iter().flatten().reduce(f64::max).map(|s| s.max(0.0));
+    Ok(Unsent { changes: rows.0 + deletes.0, oldest_seconds: oldest })
 }
 
 /// How many rows are flagged rejected.

@@ -39,10 +39,10 @@ use super::install::order_by;
 use super::{Tid, classify, outbox};
 use crate::change::Change;
 use crate::config::{bounded, pg_ident};
-use crate::schema::{OWN_COLUMNS, REJECTED, SENT, TableSchema, VERSION};
+use crate::schema::{CHANGED_AT, OWN_COLUMNS, REJECTED, SENT, TableSchema, VERSION};
 use crate::stores::{Claim, ClaimMode, Claimed, Outcome, Permanent, SourceTable};
 use crate::types::Key;
-use crate::types::postgres::{KeyParam, decode_row, select_expr};
+use crate::types::postgres::{KeyParam, PgTimestamp, decode_row, select_expr};
 
 /// First key of the advisory locks pg2ch takes per table (the second is
 /// the table's oid): "pg2c".
@@ -73,8 +73,9 @@ impl Statements {
         let after = |alias: &str| format!(" AND ({}) > ({params})", order_by(schema, &format!("{alias}.")));
         let rows = |cursor: &str| {
             format!(
-                "SELECT {}, s.tableoid, s.ctid FROM {t} s WHERE NOT s.{} AND s.{} IS NULL{cursor} ORDER BY {} LIMIT $1{lock}",
+                "SELECT {}, s.tableoid, s.ctid, s.{} FROM {t} s WHERE NOT s.{} AND s.{} IS NULL{cursor} ORDER BY {} LIMIT $1{lock}",
                 columns.join(", "),
+                pg_ident(CHANGED_AT),
                 pg_ident(SENT),
                 pg_ident(REJECTED),
                 order_by(schema, "s.")
@@ -85,7 +86,7 @@ impl Statements {
         let deletes = |cursor: &str| {
             let cursor = cursor.strip_prefix(" AND").map(|c| format!(" WHERE{c}")).unwrap_or_default();
             format!(
-                "SELECT {}, d.ctid, EXISTS (SELECT 1 FROM {t} s WHERE {live}) FROM {} d{cursor} ORDER BY {} LIMIT $1{lock}",
+                "SELECT {}, d.ctid, EXISTS (SELECT 1 FROM {t} s WHERE {live}), d.deleted_at FROM {} d{cursor} ORDER BY {} LIMIT $1{lock}",
                 keys.join(", "),
                 outbox(schema),
                 order_by(schema, "d.")
@@ -363,9 +364,12 @@ impl PgSource {
         let schema = &self.schema;
         let n = schema.columns.len();
         let mut items: Vec<(Key, Outcome, Address)> = Vec::with_capacity(rows.len() + deletes.len());
+        // When the oldest change claimed was made (µs since 2000), for the lag metric.
+        let mut oldest = i64::MAX;
         for row in &rows {
             let values = decode_row(row, schema.columns.iter())?;
             let address = Address::Row(row.try_get::<Oid, _>(n)?.0, row.try_get::<Tid, _>(n + 1)?);
+            oldest = oldest.min(row.try_get::<PgTimestamp, _>(n + 2)?.0);
             let key = schema.key_of(&values);
             let outcome = match schema.check_row(&values) {
                 Ok(()) => Outcome::Send(Change::upsert(values, version)),
@@ -379,6 +383,7 @@ impl PgSource {
             let key_values = decode_row(row, schema.key_columns())?;
             let address = Address::Deleted(row.try_get::<Tid, _>(k)?);
             let live: bool = row.try_get(k + 1)?;
+            oldest = oldest.min(row.try_get::<PgTimestamp, _>(k + 2)?.0);
             let key = schema.key_of_key(&key_values);
             let outcome =
                 if live { Outcome::Superseded } else { Outcome::Send(Change::delete(schema, key_values, version)) };
@@ -405,6 +410,10 @@ impl PgSource {
             addresses.push(address);
         }
         self.open = Some((version, addresses));
+        if oldest != i64::MAX {
+            let age = crate::types::time::now_pg_us().saturating_sub(oldest).max(0);
+            metrics::gauge!("pg2ch_claimed_age_seconds").set(age as f64 / 1e6);
+        }
         Ok(claim)
     }
 }

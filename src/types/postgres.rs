@@ -357,6 +357,39 @@ impl sqlx::Encode<'_, Postgres> for KeyParam<'_> {
     }
 }
 
+/// A `timestamptz` in PostgreSQL's binary form (microseconds since 2000,
+/// `i64::MAX`/`MIN` for `±infinity`), to bind or read any time exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PgTimestamp(pub i64);
+
+impl sqlx::Type<Postgres> for PgTimestamp {
+    fn type_info() -> PgTypeInfo {
+        PgTypeInfo::with_oid(Oid(1184))
+    }
+}
+
+impl sqlx::postgres::PgHasArrayType for PgTimestamp {
+    fn array_type_info() -> PgTypeInfo {
+        PgTypeInfo::with_oid(Oid(1185))
+    }
+}
+
+impl sqlx::Encode<'_, Postgres> for PgTimestamp {
+    fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        buf.extend_from_slice(&self.0.to_be_bytes());
+        Ok(sqlx::encode::IsNull::No)
+    }
+}
+
+impl sqlx::Decode<'_, Postgres> for PgTimestamp {
+    fn decode(value: sqlx::postgres::PgValueRef<'_>) -> Result<Self, sqlx::error::BoxDynError> {
+        let bytes: [u8; 8] = <&[u8] as sqlx::Decode<Postgres>>::decode(value)?
+            .try_into()
+            .map_err(|_| "a timestamptz is 8 bytes in binary form")?;
+        Ok(PgTimestamp(i64::from_be_bytes(bytes)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

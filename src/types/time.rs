@@ -27,6 +27,13 @@ pub const PG_DATE_MIN: i32 = -2_451_545;
 /// The latest `date` PostgreSQL admits (5874897-12-31), in its days.
 pub const PG_DATE_MAX: i32 = 2_145_031_948;
 
+/// Now, in microseconds since PostgreSQL's epoch (2000-01-01 UTC), by this
+/// machine's clock.
+pub fn now_pg_us() -> i64 {
+    let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+    unix - PG_EPOCH_UNIX_US
+}
+
 /// Unix microseconds of a PostgreSQL timestamp, or why it has none that
 /// fits an `Int64` (`±infinity`, or later than 294247-01-10T04:00:54.775807Z).
 pub fn unix_micros(pg_us: i64) -> Result<i64, &'static str> {

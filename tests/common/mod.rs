@@ -451,30 +451,3 @@ impl TestEnv {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
-
-/// A `timestamptz` in PostgreSQL's binary form (microseconds since 2000,
-/// `i64::MAX`/`MIN` for `±infinity`), to bind any time exactly.
-#[derive(Debug, Clone, Copy)]
-pub struct PgTime(pub i64);
-
-impl sqlx::Type<sqlx::Postgres> for PgTime {
-    fn type_info() -> sqlx::postgres::PgTypeInfo {
-        sqlx::postgres::PgTypeInfo::with_oid(sqlx::postgres::types::Oid(1184))
-    }
-}
-
-impl sqlx::postgres::PgHasArrayType for PgTime {
-    fn array_type_info() -> sqlx::postgres::PgTypeInfo {
-        sqlx::postgres::PgTypeInfo::with_oid(sqlx::postgres::types::Oid(1185))
-    }
-}
-
-impl sqlx::Encode<'_, sqlx::Postgres> for PgTime {
-    fn encode_by_ref(
-        &self,
-        buf: &mut sqlx::postgres::PgArgumentBuffer,
-    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
-        buf.extend_from_slice(&self.0.to_be_bytes());
-        Ok(sqlx::encode::IsNull::No)
-    }
-}
