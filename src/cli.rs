@@ -96,22 +96,26 @@ struct RunArgs {
     /// Move everything there at start, then exit 0.
     #[arg(long)]
     once: bool,
-    /// Rows claimed, published and flagged per producer batch.
-    #[arg(long, default_value_t = 10_000)]
+    /// Most rows claimed, published and flagged per producer batch.
+    #[arg(long, default_value_t = RunOptions::default().batch_rows)]
     batch_rows: usize,
+    /// About how many bytes of messages one producer batch makes: batches
+    /// of wide rows hold fewer rows, which bounds memory whatever the width.
+    #[arg(long, default_value_t = RunOptions::default().batch_bytes)]
+    batch_bytes: usize,
     /// Producer lanes (PostgreSQL sessions) in this process.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = RunOptions::default().producers)]
     producers: usize,
     /// Be the only producer at work and claim rows without locking them,
-    /// which spares PostgreSQL about a quarter of its work. Other producers
-    /// wait while this one runs, and it waits for those already running.
+    /// which spares PostgreSQL the row locks. Other producers wait while
+    /// this one runs, and it waits for those already running.
     #[arg(long)]
     exclusive: bool,
     /// Most rows per ClickHouse insert.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = RunOptions::default().insert_rows)]
     insert_rows: usize,
     /// Most bytes fetched per partition per consumer step (bounds memory).
-    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    #[arg(long, default_value_t = RunOptions::default().fetch_max_bytes)]
     fetch_max_bytes: i32,
     /// Compression of produce requests. It saves network and broker disk at
     /// the cost of CPU here; with every service on one machine, none is
@@ -123,7 +127,7 @@ struct RunArgs {
     #[arg(long, value_delimiter = ',')]
     partitions: Option<Vec<i32>>,
     /// Milliseconds to wait for new rows or records when idle.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = RunOptions::default().poll.as_millis() as u64)]
     poll_ms: u64,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9187), at /metrics.
     #[arg(long)]
@@ -223,6 +227,7 @@ impl RunArgs {
         RunOptions {
             once: self.once,
             batch_rows: self.batch_rows.max(1),
+            batch_bytes: self.batch_bytes.max(1),
             producers: self.producers.max(1),
             claim_mode: if self.exclusive { ClaimMode::Exclusive } else { ClaimMode::Shared },
             insert_rows: self.insert_rows.max(1),

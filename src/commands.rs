@@ -46,6 +46,7 @@ pub struct RunOptions {
     /// Move what is there, then exit.
     pub once: bool,
     pub batch_rows: usize,
+    pub batch_bytes: usize,
     /// Producer lanes per table: one claims and publishes while another
     /// flags its batch, which is where PostgreSQL spends its time.
     pub producers: usize,
@@ -66,14 +67,15 @@ impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
             once: false,
-            batch_rows: 10_000,
+            batch_rows: ProducerConfig::default().batch_rows,
+            batch_bytes: ProducerConfig::default().batch_bytes,
             producers: 2,
             claim_mode: ClaimMode::Shared,
-            insert_rows: 100_000,
-            fetch_max_bytes: 4 * 1024 * 1024,
+            insert_rows: ConsumerConfig::INSERT_ROWS,
+            fetch_max_bytes: kafka::DEFAULT_FETCH_MAX_BYTES,
             compression: kafka::Compression::NoCompression,
             partitions: None,
-            poll: Duration::from_millis(200),
+            poll: loops::DEFAULT_POLL,
         }
     }
 }
@@ -232,7 +234,8 @@ impl ProducerStores {
             .collect();
         // Test builds have more fields (the deliberately broken orderings).
         #[allow(clippy::needless_update)]
-        let config = ProducerConfig { batch_rows: o.batch_rows, ..ProducerConfig::default() };
+        let config =
+            ProducerConfig { batch_rows: o.batch_rows, batch_bytes: o.batch_bytes, ..ProducerConfig::default() };
         Ok(ProducerStores { table, log, sources, pool: pool.clone(), options, config })
     }
 

@@ -138,6 +138,9 @@ pub async fn ensure_topic(client: &Client, topic: &str, partitions: i32, timeout
     }
 }
 
+/// Most bytes a fetch asks for per partition unless told otherwise.
+pub const DEFAULT_FETCH_MAX_BYTES: i32 = 4 * 1024 * 1024;
+
 /// The topic, one rskafka partition client per partition, and its dead-letter topic.
 pub struct KafkaLog {
     topic: String,
@@ -178,7 +181,7 @@ impl KafkaLog {
             partitions,
             dead_letters,
             timeout,
-            fetch_max_bytes: 4 * 1024 * 1024,
+            fetch_max_bytes: DEFAULT_FETCH_MAX_BYTES,
             compression: Compression::NoCompression,
         })
     }

@@ -132,6 +132,10 @@ pub const HOT_WAIT: Duration = Duration::from_millis(4);
 pub const HOT_FOR: Duration = Duration::from_secs(2);
 pub const COLD_WAIT: Duration = Duration::from_millis(200);
 
+/// How long an idle producer waits for a notification before it looks
+/// anyway, unless told otherwise (`--poll-ms`).
+pub const DEFAULT_POLL: Duration = Duration::from_millis(200);
+
 /// A fetch's wait, given when records last came (on [`Waits::now`]'s clock).
 pub fn fetch_wait(poll: Duration, now: Duration, last_records: Option<Duration>) -> Duration {
     match last_records {

@@ -117,21 +117,37 @@ pub fn is_crash(e: &anyhow::Error) -> bool {
     e.downcast_ref::<Crashed>().is_some()
 }
 
-/// The records of a claim's changes, by partition. A row that cannot be
-/// represented (rejected by the source, or too large to publish) is on the
-/// rejected list, and its key's deletion is published instead, so that
-/// nothing an earlier version left downstream stays. Returns the items done
-/// once the records are acknowledged (published, or superseded: nothing to
-/// publish).
-fn encode(
-    schema: &TableSchema,
-    claim: &crate::stores::Claim,
-    mine: &[usize],
-    partitions: i32,
-    rejected: &mut Vec<(usize, String)>,
-) -> (Vec<usize>, BTreeMap<i32, Vec<LogRecord>>) {
-    let mut published = Vec::with_capacity(mine.len());
-    let mut by_partition: BTreeMap<i32, Vec<LogRecord>> = BTreeMap::new();
+/// A claim made into records.
+struct Encoded {
+    /// Each item's key, in the claim's order (its changes are gone: they
+    /// are the records now, and a lane holds one copy of a batch, not two).
+    keys: Vec<Key>,
+    /// Items done once the records are acknowledged (published, or
+    /// superseded: nothing to publish).
+    published: Vec<usize>,
+    /// Items that cannot be represented, with why.
+    rejected: Vec<(usize, String)>,
+    records: BTreeMap<i32, Vec<LogRecord>>,
+    /// Bytes of the records' keys and values.
+    bytes: usize,
+}
+
+/// The records of a claim's changes (the items in `mine`), by partition. A
+/// row that cannot be represented (rejected by the source, or too large to
+/// publish) is on the rejected list, and its key's deletion is published
+/// instead, so that nothing an earlier version left downstream stays.
+fn encode(schema: &TableSchema, claim: crate::stores::Claim, mine: &[usize], partitions: i32) -> Encoded {
+    let version = claim.version;
+    let (keys, mut outcomes): (Vec<Key>, Vec<Option<Outcome>>) =
+        claim.items.into_iter().map(|c| (c.key, Some(c.outcome))).unzip();
+    let mut out = Encoded {
+        keys: Vec::new(),
+        published: Vec::with_capacity(mine.len()),
+        rejected: Vec::new(),
+        records: BTreeMap::new(),
+        bytes: 0,
+    };
+    let (records, bytes) = (&mut out.records, &mut out.bytes);
     let mut record = |change: &Change, key: &Key| {
         let value = change::encode(schema, change);
         if let Some(reason) = change::oversize(&value) {
@@ -139,34 +155,38 @@ fn encode(
         }
         let key_bytes = change::key_bytes(schema, change);
         let p = change::partition_for(schema, key, &key_bytes, partitions);
-        by_partition.entry(p).or_default().push(LogRecord { key: key_bytes, value });
+        *bytes += key_bytes.len() + value.len();
+        records.entry(p).or_default().push(LogRecord { key: key_bytes, value });
         Ok(())
     };
     for &i in mine {
-        let item = &claim.items[i];
-        let deletion = |key: &[crate::types::Value]| Change::delete(schema, key.to_vec(), claim.version);
-        match &item.outcome {
-            Outcome::Send(change) => match record(change, &item.key) {
-                Ok(()) => published.push(i),
+        let Some(outcome) = outcomes[i].take() else { continue };
+        let key = &keys[i];
+        let deletion = |key: &[crate::types::Value]| Change::delete(schema, key.to_vec(), version);
+        match outcome {
+            Outcome::Send(change) => match record(&change, key) {
+                Ok(()) => out.published.push(i),
                 Err(reason) => {
-                    rejected.push((i, reason));
-                    let key: Vec<_> = schema.key.iter().map(|k| change.values[*k].clone()).collect();
+                    out.rejected.push((i, reason));
+                    let values: Vec<_> = schema.key.iter().map(|k| change.values[*k].clone()).collect();
                     if !change.deleted {
-                        let _ = record(&deletion(&key), &item.key);
+                        let _ = record(&deletion(&values), key);
                     }
                 }
             },
-            Outcome::Reject { reason, key } => {
-                rejected.push((i, reason.clone()));
+            Outcome::Reject { reason, key: values } => {
+                out.rejected.push((i, reason));
                 // A key that cannot travel (invalid text) was never sent.
-                if schema.key_columns().zip(key).all(|(c, v)| crate::types::check(&c.ty, v).is_ok()) {
-                    let _ = record(&deletion(key), &item.key);
+                if schema.key_columns().zip(&values).all(|(c, v)| crate::types::check(&c.ty, v).is_ok()) {
+                    let _ = record(&deletion(&values), key);
                 }
             }
-            Outcome::Superseded => published.push(i),
+            Outcome::Superseded => out.published.push(i),
         }
     }
-    (published, by_partition)
+    drop(outcomes);
+    out.keys = keys;
+    out
 }
 
 /// Test-only wrong orderings, to show the harness catches them. Not compiled
@@ -187,19 +207,42 @@ pub enum Ordering {
 
 #[derive(Debug, Clone)]
 pub struct ProducerConfig {
-    /// Rows claimed, published and marked together.
+    /// Most rows claimed, published and marked together.
     pub batch_rows: usize,
+    /// About how many bytes of messages a claim may make: claims of wide
+    /// rows hold fewer of them, so a lane's memory is bounded by bytes
+    /// whatever the rows' width. The first claim holds [`FIRST_CLAIM_ROWS`]
+    /// rows; each next one as many as the last one's average message size
+    /// fits in this budget (at most four times the last, at most `batch_rows`).
+    pub batch_bytes: usize,
     #[cfg(any(test, feature = "broken-orderings"))]
     pub ordering: Ordering,
 }
+
+/// Rows in a lane's first claim, before it knows how wide they are.
+pub const FIRST_CLAIM_ROWS: usize = 64;
 
 impl Default for ProducerConfig {
     fn default() -> Self {
         ProducerConfig {
             batch_rows: 10_000,
+            batch_bytes: 2 << 20,
             #[cfg(any(test, feature = "broken-orderings"))]
             ordering: Ordering::Correct,
         }
+    }
+}
+
+impl ProducerConfig {
+    /// The rows to claim next, after a claim of `rows` rows whose messages
+    /// came to `bytes` bytes and that asked for `asked`.
+    pub fn next_limit(&self, asked: usize, rows: usize, bytes: usize) -> usize {
+        let most = self.batch_rows.max(1);
+        if rows == 0 {
+            return asked.clamp(1, most);
+        }
+        let fits = self.batch_bytes / bytes.div_ceil(rows).max(1);
+        fits.clamp(1, asked.saturating_mul(4).clamp(1, most))
     }
 }
 
@@ -301,13 +344,16 @@ pub struct Producer<S, L> {
     config: ProducerConfig,
     cursor: Cursor,
     lane: u64,
+    /// Rows to claim next (see [`ProducerConfig::batch_bytes`]).
+    limit: usize,
 }
 
 impl<S: SourceTable, L: EventLog> Producer<S, L> {
     pub fn new(schema: Arc<TableSchema>, source: S, log: L, config: ProducerConfig) -> Self {
         let cursor = Cursor::default();
         let lane = cursor.new_lane();
-        Producer { source, log, schema, config, cursor, lane }
+        let limit = FIRST_CLAIM_ROWS.clamp(1, config.batch_rows.max(1));
+        Producer { source, log, schema, config, cursor, lane, limit }
     }
 
     /// Passes over the table completed by this producer and those sharing
@@ -334,7 +380,8 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
         // and let go of it while our claim runs, and a snapshot without
         // row locks still shows those rows unsent.
         let siblings = self.cursor.held_by_others(self.lane);
-        let claim = self.source.claim(after.as_ref(), self.config.batch_rows).await?;
+        let limit = self.limit;
+        let claim = self.source.claim(after.as_ref(), limit).await?;
         metrics::counter!("pg2ch_rows_claimed_total").increment(claim.len() as u64);
         let Some(last) = claim.last_key().cloned() else {
             self.cursor.wrap();
@@ -350,7 +397,7 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
         // Move the cursor now, not after the commit, so that a producer
         // sharing it claims the next rows while this one publishes. A short
         // claim ends the pass.
-        if claim.len() >= self.config.batch_rows {
+        if claim.len() >= limit {
             *self.cursor.after.borrow_mut() = Some(last);
         } else {
             self.cursor.wrap();
@@ -366,12 +413,13 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
         let _hold = Hold::new(&self.cursor, self.lane, claim.items[*first].key.clone(), claim.items[*last].key.clone());
         drop(turn);
         faults.at(CrashPoint::AfterClaim)?;
-        let mut rejected = Vec::new();
-        let (published, records) = encode(&self.schema, &claim, &mine, self.log.partitions(), &mut rejected);
+        let Encoded { keys, published, rejected, records, bytes } =
+            encode(&self.schema, claim, &mine, self.log.partitions());
+        self.limit = self.config.next_limit(limit, mine.len(), bytes);
 
         #[cfg(any(test, feature = "broken-orderings"))]
         if self.config.ordering == Ordering::MarkBeforePublish {
-            self.mark_and_commit(&claim, &published, &rejected, faults).await?;
+            self.mark_and_commit(&keys, &published, &rejected, faults).await?;
             self.publish(records, faults).await?;
             return Ok(ProduceStep::Moved(published.len()));
         }
@@ -386,7 +434,7 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
         }
         metrics::counter!("pg2ch_rows_published_total").increment(published.len() as u64);
         faults.at(CrashPoint::AfterAck)?;
-        self.mark_and_commit(&claim, &published, &rejected, faults).await?;
+        self.mark_and_commit(&keys, &published, &rejected, faults).await?;
         metrics::histogram!("pg2ch_produce_batch_seconds").record(started.elapsed().as_secs_f64());
         Ok(ProduceStep::Moved(published.len()))
     }
@@ -395,7 +443,7 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
     /// rejected, in the claim's transaction, and commits.
     async fn mark_and_commit(
         &mut self,
-        claim: &crate::stores::Claim,
+        keys: &[Key],
         published: &[usize],
         rejected: &[(usize, String)],
         faults: &dyn Faults,
@@ -411,7 +459,7 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
         metrics::counter!("pg2ch_rows_marked_total").increment(published.len() as u64);
         metrics::counter!("pg2ch_rows_rejected_total").increment(rejected.len() as u64);
         for (i, reason) in rejected {
-            let key = key_text(&claim.items[*i].key);
+            let key = key_text(&keys[*i]);
             tracing::warn!("row {key} of {} cannot be sent and is flagged rejected: {reason}", self.schema);
         }
         faults.at(CrashPoint::AfterCommit)?;
@@ -461,10 +509,13 @@ pub struct ConsumerConfig {
 }
 
 impl ConsumerConfig {
+    /// Most rows in one ClickHouse insert unless told otherwise.
+    pub const INSERT_ROWS: usize = 100_000;
+
     pub fn all_partitions(count: i32) -> Self {
         ConsumerConfig {
             partitions: (0..count).collect(),
-            insert_rows: 100_000,
+            insert_rows: Self::INSERT_ROWS,
             #[cfg(any(test, feature = "broken-orderings"))]
             ordering: Ordering::Correct,
         }
@@ -724,5 +775,29 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
             records += self.step(faults, max_wait).await?.records;
         }
         Ok(records)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_grow_to_the_row_limit_for_narrow_rows_and_shrink_to_the_byte_budget_for_wide_ones() {
+        let c = ProducerConfig { batch_rows: 10_000, batch_bytes: 1 << 20, ..ProducerConfig::default() };
+        // 100-byte messages: four times more each claim, up to the row limit.
+        let mut limit = FIRST_CLAIM_ROWS;
+        let mut seen = vec![limit];
+        while limit < 10_000 {
+            limit = c.next_limit(limit, limit, limit * 100);
+            seen.push(limit);
+        }
+        assert_eq!(seen, [64, 256, 1024, 4096, 10_000]);
+        // 100 KiB messages: ten rows fill the budget.
+        assert_eq!(c.next_limit(10_000, 10_000, 10_000 * 100 * 1024), 10);
+        // Wider than the whole budget: one row at a time, never none.
+        assert_eq!(c.next_limit(10, 10, 10 * (2 << 20)), 1);
+        // A claim that found nothing keeps its size.
+        assert_eq!(c.next_limit(256, 0, 0), 256);
     }
 }

@@ -543,6 +543,8 @@ pub struct Scenario {
     pub rates: FaultRates,
     pub partitions: i32,
     pub batch_rows: usize,
+    /// The producers' byte budget per claim (`usize::MAX`: rows alone bound it).
+    pub batch_bytes: usize,
     pub insert_rows: usize,
     /// Whether the two producers share one keyset cursor (lanes of one
     /// process). A restarted producer keeps the shared, possibly stale, value:
@@ -667,7 +669,8 @@ pub fn run(s: &Scenario, orderings: Orderings) -> Result<Outcome, String> {
         table.blind_flags = orderings.blind_flags;
         table.flags_by_key = orderings.flags_by_key;
     }
-    let producer_config = ProducerConfig { batch_rows: s.batch_rows, ordering: orderings.producer };
+    let producer_config =
+        ProducerConfig { batch_rows: s.batch_rows, batch_bytes: s.batch_bytes, ordering: orderings.producer };
     let mut consumer_config = ConsumerConfig::all_partitions(s.partitions);
     consumer_config.insert_rows = s.insert_rows;
     consumer_config.ordering = orderings.consumer;
