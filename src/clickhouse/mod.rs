@@ -99,8 +99,22 @@ pub struct ClickHouse {
     timeout: Duration,
 }
 
+/// A client over an HTTP client like the crate's default, but with
+/// `TCP_NODELAY`: an insert goes out as its headers and then its body, and
+/// with Nagle's algorithm on, the body waited for the server's delayed ACK
+/// of the headers, about 40 ms, on one insert in ten (measured on the local
+/// stack: inserts of 20 rows took 2 ms at p50 and 44 ms at p90).
 fn base_client(cfg: &ChConfig) -> Client {
-    Client::default()
+    use hyper_util::client::legacy::{Client as HyperClient, connect::HttpConnector};
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    // ClickHouse closes idle connections after 3 s by default (10 s since
+    // 23.11); the pool lets go of them before that.
+    let http = HyperClient::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(2))
+        .build(connector);
+    Client::with_http_client(http)
         .with_url(cfg.url())
         .with_user(&cfg.user)
         .with_password(cfg.password.expose())
