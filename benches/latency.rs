@@ -7,8 +7,11 @@
 //! times the sum of the floors where they make that impossible.
 //!
 //! Rows are inserted every 10 ms (20 or 200 per statement); ClickHouse is
-//! asked every 5 ms which of the outstanding ids it holds, so a figure is
-//! late by up to 5 ms. `PG2CH_BENCH_LATENCY_SECS` sets each rate's duration
+//! asked every 10 ms which of the outstanding ids it holds (one thread per
+//! query: on two cores, each query costs ClickHouse 2 to 3 ms of CPU, which
+//! the pipeline would lose), and a row it returns counts as readable when the
+//! query was sent (ClickHouse reads the parts that exist when a query
+//! starts), so a figure is late by up to 10 ms, never early. `PG2CH_BENCH_LATENCY_SECS` sets each rate's duration
 //! (default 10); `PG2CH_BENCH_POLL_MS` the `--poll-ms` of `run` (default
 //! 200); `PG2CH_BENCH_NO_NOTIFY=1` drops the insert trigger, to compare with
 //! producers that only poll.
@@ -61,7 +64,7 @@ async fn steady(env: &TestEnv, rate: u64, secs: u64) -> Vec<Duration> {
     let mut inserting = true;
     let deadline = Instant::now() + Duration::from_secs(secs + 90);
     while (inserting || !outstanding.is_empty()) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
         loop {
             match rx.try_recv() {
                 Ok((first, last, at)) => outstanding.extend((first..=last).map(|id| (id, at))),
@@ -75,15 +78,16 @@ async fn steady(env: &TestEnv, rate: u64, secs: u64) -> Vec<Duration> {
         let (Some((&low, _)), Some((&high, _))) = (outstanding.first_key_value(), outstanding.last_key_value()) else {
             continue;
         };
+        let now = Instant::now();
         let seen: Vec<i64> = ch
             .client
             .query("SELECT id FROM user_logins WHERE id BETWEEN ? AND ?")
             .bind(low)
             .bind(high)
+            .with_setting("max_threads", "1")
             .fetch_all()
             .await
             .unwrap();
-        let now = Instant::now();
         for id in seen {
             if let Some(at) = outstanding.remove(&id) {
                 latencies.push(now - at);

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::TestEnv;
 use pg2ch::commands::{self, RunOptions};
-use pg2ch::pipeline::{CrashPoint, Crashed, Faults, NoFaults, ProduceStep, is_crash};
+use pg2ch::pipeline::{CrashPoint, Crashed, Faults, NoFaults, ProduceStep, Store, is_crash};
 use pg2ch::stores::{ClaimMode, SourceTable};
 
 /// Dies the (`skip` + 1)-th time `point` is reached.
@@ -60,7 +60,7 @@ async fn run_until_crash(env: &TestEnv, faults: &CrashAt, o: &RunOptions) {
     let mut consumer = commands::consumer(&env.settings, o).await.unwrap();
     let targets = consumer.high_watermarks().await.unwrap();
     while !consumer.reached(&targets) {
-        match consumer.step(faults, o.poll).await {
+        match consumer.step(faults, o.poll, Store::Now).await {
             Ok(_) => {}
             Err(e) if is_crash(&e) => return,
             Err(e) => panic!("consumer failed: {e:#}"),

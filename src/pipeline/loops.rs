@@ -14,7 +14,7 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::{Consumer, Faults, ProduceStep, Producer, is_crash};
+use super::{Consumer, Faults, ProduceStep, Producer, Store, is_crash};
 use crate::stores::{ErrorKind, EventLog, Sink, SourceTable, kind};
 
 /// Time and shutdown, as a loop sees them.
@@ -132,6 +132,13 @@ pub const HOT_WAIT: Duration = Duration::from_millis(4);
 pub const HOT_FOR: Duration = Duration::from_secs(2);
 pub const COLD_WAIT: Duration = Duration::from_millis(200);
 
+/// How often a running consumer stores its positions: on its first step
+/// after this long since the last store (an idle consumer steps at least
+/// every [`COLD_WAIT`]), and when its loop ends. A crash replays what was
+/// written since the last store, which the sink collapses; storing after
+/// every write would double the sink's inserts.
+pub const STORE_EVERY: Duration = Duration::from_secs(1);
+
 /// How long an idle producer waits for a notification before it looks
 /// anyway, unless told otherwise (`--poll-ms`).
 pub const DEFAULT_POLL: Duration = Duration::from_millis(200);
@@ -162,6 +169,7 @@ pub async fn consume<L: EventLog, K: Sink, W: Waits>(
     let mut targets: Option<BTreeMap<i32, i64>> = None;
     let mut backoff = Backoff::new(what);
     let mut last_records = None;
+    let mut last_store = waits.now();
     while !waits.stopping() {
         if let Some(done) = done {
             match done.get() {
@@ -176,7 +184,8 @@ pub async fn consume<L: EventLog, K: Sink, W: Waits>(
             break;
         }
         let wait = fetch_wait(poll, waits.now(), last_records);
-        let Some(step) = waits.step(c.step(faults, wait)).await else { break };
+        let store = if waits.now().saturating_sub(last_store) >= STORE_EVERY { Store::Now } else { Store::Later };
+        let Some(step) = waits.step(c.step(faults, wait, store)).await else { return Ok(records) };
         match step {
             Ok(step) => {
                 backoff.ok();
@@ -184,15 +193,27 @@ pub async fn consume<L: EventLog, K: Sink, W: Waits>(
                 if step.records > 0 {
                     last_records = Some(waits.now());
                 }
+                if store == Store::Now {
+                    last_store = waits.now();
+                }
             }
-            Err(e) if done.is_some() || fatal(&e) => return Err(e),
+            Err(e) if is_crash(&e) => return Err(e),
+            Err(e) if done.is_some() || fatal(&e) => {
+                // What was written stays written; store its positions if
+                // the sink lets us, so that a restart replays less.
+                let _ = waits.step(c.store_positions(faults)).await;
+                return Err(e);
+            }
             Err(e) => {
                 let d = backoff.failed(&e);
                 waits.pause(d).await;
             }
         }
     }
-    Ok(records)
+    match waits.step(c.store_positions(faults)).await {
+        Some(Err(e)) => Err(e),
+        _ => Ok(records),
+    }
 }
 
 #[cfg(test)]

@@ -541,6 +541,20 @@ pub struct Consumer<L, K> {
     config: ConsumerConfig,
     /// Where this consumer stands per partition; `None` until loaded from the sink.
     positions: Option<BTreeMap<i32, Position>>,
+    /// Positions of rows already written but not yet stored in the sink
+    /// (see [`Store`]).
+    unstored: BTreeMap<i32, Position>,
+}
+
+/// Whether a consumer step stores its positions in the sink after writing,
+/// or leaves that to a later step (or [`Consumer::store_positions`]). Rows
+/// are always written before their positions are stored; storing later only
+/// means that a crash in between replays more records, which the sink
+/// collapses (same key and version). It saves one sink write per step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    Now,
+    Later,
 }
 
 /// Fails, permanently, if `position` lies beyond the end of its partition:
@@ -560,7 +574,7 @@ fn within_log(partition: i32, position: &Position, high_watermark: i64) -> anyho
 
 impl<L: EventLog, K: Sink> Consumer<L, K> {
     pub fn new(schema: Arc<TableSchema>, log: L, sink: K, config: ConsumerConfig) -> Self {
-        Consumer { log, sink, schema, config, positions: None }
+        Consumer { log, sink, schema, config, positions: None, unstored: BTreeMap::new() }
     }
 
     /// The positions in memory (loaded from the sink on first use).
@@ -628,7 +642,7 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
     /// One fetch, write, remember cycle over all assigned partitions. A
     /// partition whose fetch fails does not hold up the others: their rows
     /// are written and their positions stored, then the failure is returned.
-    pub async fn step(&mut self, faults: &dyn Faults, max_wait: Duration) -> anyhow::Result<ConsumeStep> {
+    pub async fn step(&mut self, faults: &dyn Faults, max_wait: Duration, store: Store) -> anyhow::Result<ConsumeStep> {
         let from = self.positions().await?.clone();
         let this = &*self;
         let results = futures::future::join_all(
@@ -684,6 +698,9 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
             }
         }
         if next.is_empty() {
+            if store == Store::Now {
+                self.store_positions(faults).await?;
+            }
             return failed.map_or(Ok(step), Err);
         }
 
@@ -712,8 +729,10 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
             self.log.dead_letter(dead).await?;
         }
         faults.at(CrashPoint::AfterWrite)?;
-        self.sink.store_positions(&next).await?;
-        faults.at(CrashPoint::AfterStorePosition)?;
+        self.unstored.extend(next.iter().map(|(p, position)| (*p, *position)));
+        if store == Store::Now {
+            self.store_positions(faults).await?;
+        }
         metrics::counter!("pg2ch_rows_written_total").increment(rows.len() as u64);
         metrics::counter!("pg2ch_dead_letters_total").increment(step.dead_letters as u64);
         metrics::histogram!("pg2ch_consume_batch_seconds").record(started.elapsed().as_secs_f64());
@@ -731,6 +750,17 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
         }
         self.positions.as_mut().expect("loaded above").extend(next);
         failed.map_or(Ok(step), Err)
+    }
+
+    /// Stores the positions of what was written and not stored yet.
+    pub async fn store_positions(&mut self, faults: &dyn Faults) -> anyhow::Result<()> {
+        if self.unstored.is_empty() {
+            return Ok(());
+        }
+        self.sink.store_positions(&self.unstored).await?;
+        self.unstored.clear();
+        faults.at(CrashPoint::AfterStorePosition)?;
+        Ok(())
     }
 
     async fn write(&mut self, rows: &[Change], faults: &dyn Faults) -> anyhow::Result<()> {
@@ -772,7 +802,7 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
         let targets = self.high_watermarks().await?;
         let mut records = 0;
         while !self.reached(&targets) {
-            records += self.step(faults, max_wait).await?.records;
+            records += self.step(faults, max_wait, Store::Now).await?.records;
         }
         Ok(records)
     }

@@ -546,6 +546,10 @@ pub struct Scenario {
     /// The producers' byte budget per claim (`usize::MAX`: rows alone bound it).
     pub batch_bytes: usize,
     pub insert_rows: usize,
+    /// How far the consumers' clock moves per step: zero stores positions
+    /// only when a loop ends, [`loops::STORE_EVERY`] or more after every
+    /// write, in between every few writes.
+    pub consumer_tick: Duration,
     /// Whether the two producers share one keyset cursor (lanes of one
     /// process). A restarted producer keeps the shared, possibly stale, value:
     /// the cursor is a hint, and any value must be safe.
@@ -587,15 +591,23 @@ type Task = LocalBoxFuture<'static, anyhow::Error>;
 pub struct SimWaits {
     /// Steps left (`None`: unbounded).
     budget: Option<usize>,
+    /// The clock, moved by `tick` at each step.
+    clock: Duration,
+    tick: Duration,
 }
 
 impl SimWaits {
     pub fn unbounded() -> Self {
-        SimWaits { budget: None }
+        SimWaits { budget: None, clock: Duration::ZERO, tick: Duration::ZERO }
     }
 
     pub fn bounded(steps: usize) -> Self {
-        SimWaits { budget: Some(steps) }
+        SimWaits { budget: Some(steps), ..Self::unbounded() }
+    }
+
+    /// The clock moves by `tick` at each step.
+    pub fn ticking(self, tick: Duration) -> Self {
+        SimWaits { tick, ..self }
     }
 
     /// Whether the budget ran out.
@@ -610,6 +622,7 @@ impl crate::pipeline::loops::Waits for SimWaits {
     }
 
     async fn step<T>(&mut self, step: impl Future<Output = T>) -> Option<T> {
+        self.clock += self.tick;
         match &mut self.budget {
             Some(0) => None,
             Some(left) => {
@@ -629,7 +642,7 @@ impl crate::pipeline::loops::Waits for SimWaits {
     }
 
     fn now(&self) -> Duration {
-        Duration::ZERO
+        self.clock
     }
 }
 
@@ -649,13 +662,12 @@ fn producer_task(world: &World, session: u32, mode: ClaimMode, config: ProducerC
 }
 
 /// Runs `pg2ch consume`'s loop until it ends, as [`producer_task`].
-fn consumer_task(world: &World, config: ConsumerConfig) -> Task {
+fn consumer_task(world: &World, config: ConsumerConfig, tick: Duration) -> Task {
     let mut consumer = world.consumer(config);
     let faults = world.faults();
     async move {
-        let ended =
-            loops::consume(&mut consumer, &faults, "consumer".into(), None, Duration::ZERO, &mut SimWaits::unbounded())
-                .await;
+        let mut waits = SimWaits::unbounded().ticking(tick);
+        let ended = loops::consume(&mut consumer, &faults, "consumer".into(), None, Duration::ZERO, &mut waits).await;
         ended.err().unwrap_or_else(|| anyhow::anyhow!("the consumer loop stopped without shutdown"))
     }
     .boxed_local()
@@ -691,7 +703,9 @@ pub fn run(s: &Scenario, orderings: Orderings) -> Result<Outcome, String> {
                     Component::Producer2 => {
                         producer_task(&world, 2, s.modes[1], producer_config.clone(), shared.clone())
                     }
-                    Component::Consumer | Component::Consumer2 => consumer_task(&world, consumer_config.clone()),
+                    Component::Consumer | Component::Consumer2 => {
+                        consumer_task(&world, consumer_config.clone(), s.consumer_tick)
+                    }
                 });
                 if let Poll::Ready(e) = task.as_mut().poll(&mut cx) {
                     if !is_crash(&e) {

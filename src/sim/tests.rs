@@ -13,7 +13,7 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, RngSeed, TestError, TestRunner};
 
 use super::*;
-use crate::pipeline::ProduceStep;
+use crate::pipeline::{ProduceStep, Store};
 use crate::types::KeyPart;
 
 fn cases() -> u32 {
@@ -65,7 +65,7 @@ pub fn scenario() -> impl Strategy<Value = Scenario> {
         (0.0..0.25f64, 0.0..0.2f64, 0.0..0.15f64),
         1..4i32,
         (1..8usize, prop_oneof![Just(usize::MAX), 1..2048usize]),
-        1..6usize,
+        (1..6usize, prop_oneof![Just(0u64), 0..1500u64, Just(5000u64)]),
         (any::<bool>(), [claim_mode(), claim_mode()]),
         table_shape(),
         proptest::collection::vec(action(), 1..160),
@@ -76,7 +76,7 @@ pub fn scenario() -> impl Strategy<Value = Scenario> {
                 (fail, lost, crash),
                 partitions,
                 (batch_rows, batch_bytes),
-                insert_rows,
+                (insert_rows, tick_ms),
                 (shared_cursor, modes),
                 (table, physical),
                 actions,
@@ -88,6 +88,7 @@ pub fn scenario() -> impl Strategy<Value = Scenario> {
                     batch_rows,
                     batch_bytes,
                     insert_rows,
+                    consumer_tick: Duration::from_millis(tick_ms),
                     shared_cursor,
                     modes,
                     table,
@@ -334,7 +335,7 @@ fn a_replaced_log_stops_the_consumer_instead_of_skipping_records() {
         }
         let mut outcome = Ok(());
         for _ in 0..20 {
-            if let Err(e) = futures::executor::block_on(consumer.step(&NoFaults, Duration::ZERO)) {
+            if let Err(e) = futures::executor::block_on(consumer.step(&NoFaults, Duration::ZERO, Store::Now)) {
                 outcome = Err(e);
                 break;
             }
@@ -360,7 +361,7 @@ fn a_record_with_an_unknown_column_stops_the_consumer() {
     let value =
         br#"{"id":9,"username":"z","event_time":"2024-01-01T00:00:00.000000Z","country":"NZ","_pg2ch_version":99}"#;
     world.log.borrow_mut().append_poison(0, value.to_vec());
-    let e = futures::executor::block_on(consumer.step(&NoFaults, Duration::ZERO)).unwrap_err();
+    let e = futures::executor::block_on(consumer.step(&NoFaults, Duration::ZERO, Store::Now)).unwrap_err();
     assert_eq!(kind(&e), ErrorKind::Permanent, "{e:#}");
     assert!(format!("{e:#}").contains("\"country\""), "{e:#}");
     assert!(world.log.borrow().dead_letters.is_empty());
