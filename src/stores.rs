@@ -123,6 +123,12 @@ pub struct Claim {
     /// The version of every change in this claim.
     pub version: u64,
     pub items: Vec<Claimed>,
+    /// Where the claim's pass goes on: `Some(k)` when a list came back full,
+    /// and then the claim holds every unsent change from its first key up
+    /// to `k` that no other session had locked (it may hold more past `k`:
+    /// those it locked); the next claim starts after `k`. `None`: nothing
+    /// unsent lies past the claim, and the pass is over.
+    pub horizon: Option<Key>,
 }
 
 /// One claimed row or deleted key, and what to do with it.

@@ -383,7 +383,7 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
         let limit = self.limit;
         let claim = self.source.claim(after.as_ref(), limit).await?;
         metrics::counter!("pg2ch_rows_claimed_total").increment(claim.len() as u64);
-        let Some(last) = claim.last_key().cloned() else {
+        if claim.items.is_empty() {
             self.cursor.wrap();
             drop(turn);
             self.source.rollback().await?;
@@ -395,12 +395,11 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
             return Ok(if after.is_none() { ProduceStep::Idle } else { ProduceStep::Moved(0) });
         };
         // Move the cursor now, not after the commit, so that a producer
-        // sharing it claims the next rows while this one publishes. A short
-        // claim ends the pass.
-        if claim.len() >= limit {
-            *self.cursor.after.borrow_mut() = Some(last);
-        } else {
-            self.cursor.wrap();
+        // sharing it claims the next rows while this one publishes. A claim
+        // with nothing past it ends the pass.
+        match &claim.horizon {
+            Some(horizon) => *self.cursor.after.borrow_mut() = Some(horizon.clone()),
+            None => self.cursor.wrap(),
         }
         let theirs = |k: &Key| siblings.iter().any(|(low, high)| low <= k && k <= high);
         let mine: Vec<usize> = (0..claim.len()).filter(|i| !theirs(&claim.items[*i].key)).collect();
@@ -410,7 +409,12 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
             self.source.rollback().await?;
             return Ok(ProduceStep::Moved(0));
         };
-        let _hold = Hold::new(&self.cursor, self.lane, claim.items[*first].key.clone(), claim.items[*last].key.clone());
+        // What siblings must leave alone: every key up to the horizon. Past
+        // it, this claim holds only rows it locked, which siblings skip;
+        // other changes there are theirs to take.
+        let high = claim.items[*last].key.clone();
+        let high = claim.horizon.clone().map_or(high.clone(), |h| h.min(high));
+        let _hold = Hold::new(&self.cursor, self.lane, claim.items[*first].key.clone(), high);
         drop(turn);
         faults.at(CrashPoint::AfterClaim)?;
         let Encoded { keys, published, rejected, records, bytes } =

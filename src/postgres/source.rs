@@ -55,6 +55,8 @@ pub const PRODUCER_LOCK_CLASS: i32 = 0x7067_326c;
 struct Statements {
     claim_rows: [String; 2],
     claim_deletes: [String; 2],
+    /// Every deletion of one key (the outbox may hold several).
+    deletes_of_key: String,
     mark_rows: String,
     reject_row: String,
     drop_deletes: String,
@@ -71,6 +73,7 @@ impl Statements {
         let n = schema.key.len();
         let params = (0..n).map(|i| format!("${}", i + 2)).collect::<Vec<_>>().join(", ");
         let after = |alias: &str| format!(" AND ({}) > ({params})", order_by(schema, &format!("{alias}.")));
+        let at = |alias: &str| format!(" AND ({}) = ({params})", order_by(schema, &format!("{alias}.")));
         let rows = |cursor: &str| {
             format!(
                 "SELECT {}, s.tableoid, s.ctid, s.{} FROM {t} s WHERE NOT s.{} AND s.{} IS NULL{cursor} ORDER BY {} LIMIT $1{lock}",
@@ -95,6 +98,7 @@ impl Statements {
         Statements {
             claim_rows: [rows(""), rows(&after("s"))],
             claim_deletes: [deletes(""), deletes(&after("d"))],
+            deletes_of_key: deletes(&at("d")),
             mark_rows: format!(
                 "UPDATE {t} SET {} = TRUE, {} = $3 WHERE tableoid = $1 AND ctid = ANY($2)",
                 pg_ident(SENT),
@@ -213,11 +217,31 @@ impl SourceTable for PgSource {
                     .fetch_all(&mut *conn)
                     .await
                     .map_err(classify)?;
-                let deletes =
+                let mut deletes =
                     bind_cursor(sqlx::query(&statements.claim_deletes[which]).bind(limit as i64), schema, after)
                         .fetch_all(&mut *conn)
                         .await
                         .map_err(classify)?;
+                if deletes.len() >= limit
+                    && let Some(last) = deletes.last()
+                {
+                    // The list ends at a key whose other deletions may lie
+                    // past the limit; the next claim starts after that key,
+                    // so take them all now.
+                    let key = schema.key_of_key(&decode_row(last, schema.key_columns())?);
+                    let n = schema.key.len();
+                    let ctid = |r: &PgRow| r.try_get::<Tid, _>(n);
+                    let have: Vec<Tid> = deletes.iter().map(ctid).collect::<Result<_, _>>()?;
+                    let more = bind_cursor(sqlx::query(&statements.deletes_of_key).bind(i64::MAX), schema, Some(&key))
+                        .fetch_all(&mut *conn)
+                        .await
+                        .map_err(classify)?;
+                    for row in more {
+                        if !have.contains(&ctid(&row)?) {
+                            deletes.push(row);
+                        }
+                    }
+                }
                 let (version, _, now): (i64, bool, String) = sqlx::query_as(&version_sql())
                     .bind(CLAIM_LOCK_CLASS)
                     .bind(oid as i32)
@@ -238,7 +262,7 @@ impl SourceTable for PgSource {
                 describe_change(&self.fingerprint, &now)
             )));
         }
-        let claim = self.build(rows, deletes, version, limit);
+        let claim = self.build(rows, deletes, version, limit, mode);
         if claim.is_err() {
             self.conn = None;
         }
@@ -359,8 +383,19 @@ impl PgSource {
     }
 
     /// The claim from its two lists (each in key order): merged, a row
-    /// before a deletion of the same key, and cut where a full list ends.
-    fn build(&mut self, rows: Vec<PgRow>, deletes: Vec<PgRow>, version: u64, limit: usize) -> anyhow::Result<Claim> {
+    /// before a deletion of the same key. Where a list came back full, the
+    /// claim's horizon is its last key (the lower of two). Without row locks
+    /// (exclusive) the claim is cut there, and what lies past it is the next
+    /// claim's; with them (shared) it keeps what it locked past the horizon,
+    /// since a sibling's claim, skipping locked rows, would pass them by.
+    fn build(
+        &mut self,
+        rows: Vec<PgRow>,
+        deletes: Vec<PgRow>,
+        version: u64,
+        limit: usize,
+        mode: ClaimMode,
+    ) -> anyhow::Result<Claim> {
         let schema = &self.schema;
         let n = schema.columns.len();
         let mut items: Vec<(Key, Outcome, Address)> = Vec::with_capacity(rows.len() + deletes.len());
@@ -390,7 +425,8 @@ impl PgSource {
             tombs.push((key, outcome, address));
         }
         // A list that came back full ends where it does: keys past its
-        // last are the next claim's.
+        // last are the next claim's. (The deletions list holds every
+        // deletion of its last key, however many: see the claim.)
         let horizon = [(rows.len(), &items), (deletes.len(), &tombs)]
             .into_iter()
             .filter(|(raw, _)| *raw >= limit)
@@ -400,10 +436,10 @@ impl PgSource {
         items.sort_by(|a, b| {
             a.0.cmp(&b.0).then(matches!(a.2, Address::Deleted(_)).cmp(&matches!(b.2, Address::Deleted(_))))
         });
-        if let Some(horizon) = horizon {
-            items.retain(|(k, _, _)| *k <= horizon);
+        if let (Some(horizon), ClaimMode::Exclusive) = (&horizon, mode) {
+            items.retain(|(k, _, _)| k <= horizon);
         }
-        let mut claim = Claim { version, items: Vec::with_capacity(items.len()) };
+        let mut claim = Claim { version, items: Vec::with_capacity(items.len()), horizon };
         let mut addresses = Vec::with_capacity(items.len());
         for (key, outcome, address) in items {
             claim.items.push(Claimed { key, outcome });

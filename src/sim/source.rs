@@ -306,7 +306,9 @@ impl SimSource {
         // As the real claim: a list that came back full ends where it does
         // (keys past its last are the next claim's), and the rest is merged
         // in key order, a row before a deletion of the same key (so a claim
-        // may hold `limit` rows and one deletion more).
+        // may hold `limit` rows and one deletion more). Without row locks
+        // the claim is cut at the horizon; with them it keeps (and locks)
+        // everything both lists returned.
         let horizon = [(rows.len(), rows.last().map(|(k, _)| k)), (tombs.len(), tombs.last().map(|(k, _)| k))]
             .into_iter()
             .filter(|(n, _)| *n >= limit)
@@ -315,10 +317,10 @@ impl SimSource {
         let mut merged: Vec<(Key, Result<SimRow, Tomb>)> =
             rows.into_iter().map(|(k, r)| (k, Ok(r))).chain(tombs.into_iter().map(|(k, t)| (k, Err(t)))).collect();
         merged.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.is_err().cmp(&b.1.is_err())));
-        if let Some(horizon) = horizon {
-            merged.retain(|(k, _)| *k <= horizon);
+        if let (Some(horizon), ClaimMode::Exclusive) = (&horizon, self.mode) {
+            merged.retain(|(k, _)| k <= horizon);
         }
-        let mut claim = Claim { version, items: Vec::new() };
+        let mut claim = Claim { version, items: Vec::new(), horizon };
         let mut items = Vec::new();
         for (key, what) in merged {
             match what {
