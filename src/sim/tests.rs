@@ -439,9 +439,12 @@ fn first(keys: &BTreeSet<(i64, Key)>) -> Vec<serde_json::Value> {
     keys.iter().take(crate::verify::SAMPLE).map(|(_, k)| crate::verify::key_json(k)).collect()
 }
 
-/// A value of column `i` other than `current`, if one can be drawn.
+/// A value of column `i` other than `current`, as verify compares them (by
+/// PostgreSQL's hash: `-0.0` equals `0.0` there), if one can be drawn.
 fn other_value(world: &World, i: usize, current: &Value) -> Option<Value> {
-    (0..20).map(|_| world.rows.borrow_mut().draw(i)).find(|v| v != current)
+    let ty = world.table.borrow().schema.columns[i].ty.clone();
+    let hash = |v: &Value| crate::types::checksum::hash(&ty, v, 0);
+    (0..20).map(|_| world.rows.borrow_mut().draw(i)).find(|v| v != current && hash(v) != hash(current))
 }
 
 proptest! {
