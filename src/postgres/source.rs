@@ -55,8 +55,6 @@ pub const PRODUCER_LOCK_CLASS: i32 = 0x7067_326c;
 struct Statements {
     claim_rows: [String; 2],
     claim_deletes: [String; 2],
-    /// Every deletion of one key (the outbox may hold several).
-    deletes_of_key: String,
     mark_rows: String,
     reject_row: String,
     drop_deletes: String,
@@ -73,7 +71,6 @@ impl Statements {
         let n = schema.key.len();
         let params = (0..n).map(|i| format!("${}", i + 2)).collect::<Vec<_>>().join(", ");
         let after = |alias: &str| format!(" AND ({}) > ({params})", order_by(schema, &format!("{alias}.")));
-        let at = |alias: &str| format!(" AND ({}) = ({params})", order_by(schema, &format!("{alias}.")));
         let rows = |cursor: &str| {
             format!(
                 "SELECT {}, s.tableoid, s.ctid, s.{} FROM {t} s WHERE NOT s.{} AND s.{} IS NULL{cursor} ORDER BY {} LIMIT $1{lock}",
@@ -98,7 +95,6 @@ impl Statements {
         Statements {
             claim_rows: [rows(""), rows(&after("s"))],
             claim_deletes: [deletes(""), deletes(&after("d"))],
-            deletes_of_key: deletes(&at("d")),
             mark_rows: format!(
                 "UPDATE {t} SET {} = TRUE, {} = $3 WHERE tableoid = $1 AND ctid = ANY($2)",
                 pg_ident(SENT),
@@ -217,31 +213,11 @@ impl SourceTable for PgSource {
                     .fetch_all(&mut *conn)
                     .await
                     .map_err(classify)?;
-                let mut deletes =
+                let deletes =
                     bind_cursor(sqlx::query(&statements.claim_deletes[which]).bind(limit as i64), schema, after)
                         .fetch_all(&mut *conn)
                         .await
                         .map_err(classify)?;
-                if deletes.len() >= limit
-                    && let Some(last) = deletes.last()
-                {
-                    // The list ends at a key whose other deletions may lie
-                    // past the limit; the next claim starts after that key,
-                    // so take them all now.
-                    let key = schema.key_of_key(&decode_row(last, schema.key_columns())?);
-                    let n = schema.key.len();
-                    let ctid = |r: &PgRow| r.try_get::<Tid, _>(n);
-                    let have: Vec<Tid> = deletes.iter().map(ctid).collect::<Result<_, _>>()?;
-                    let more = bind_cursor(sqlx::query(&statements.deletes_of_key).bind(i64::MAX), schema, Some(&key))
-                        .fetch_all(&mut *conn)
-                        .await
-                        .map_err(classify)?;
-                    for row in more {
-                        if !have.contains(&ctid(&row)?) {
-                            deletes.push(row);
-                        }
-                    }
-                }
                 let (version, _, now): (i64, bool, String) = sqlx::query_as(&version_sql())
                     .bind(CLAIM_LOCK_CLASS)
                     .bind(oid as i32)
@@ -425,8 +401,7 @@ impl PgSource {
             tombs.push((key, outcome, address));
         }
         // A list that came back full ends where it does: keys past its
-        // last are the next claim's. (The deletions list holds every
-        // deletion of its last key, however many: see the claim.)
+        // last are the next claim's (the outbox holds one deletion a key).
         let horizon = [(rows.len(), &items), (deletes.len(), &tombs)]
             .into_iter()
             .filter(|(raw, _)| *raw >= limit)
