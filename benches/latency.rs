@@ -19,8 +19,8 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::TestEnv;
 use pg2ch::stores::{EventLog, LogRecord};
@@ -34,12 +34,25 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
-/// Inserts `rate` rows/s for `secs` seconds and returns each row's latency.
-async fn steady(env: &TestEnv, rate: u64, secs: u64) -> Vec<Duration> {
+fn pct_seen(sorted: &[Seen], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)].latency
+}
+
+/// One row's journey: when its INSERT committed and how long it took to be
+/// readable in ClickHouse.
+struct Seen {
+    id: i64,
+    committed: SystemTime,
+    latency: Duration,
+}
+
+/// Inserts `rate` rows/s for `secs` seconds and returns each row's journey,
+/// by latency.
+async fn steady(env: &TestEnv, rate: u64, secs: u64) -> Vec<Seen> {
     let pool = env.pg().await;
     let ch = env.ch().await;
     let per_tick = (rate / 100) as i64;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(i64, i64, Instant)>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(i64, i64, Instant, SystemTime)>();
     let inserter = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -55,11 +68,11 @@ async fn steady(env: &TestEnv, rate: u64, secs: u64) -> Vec<Duration> {
             .fetch_one(&pool)
             .await
             .unwrap();
-            tx.send((first, last, Instant::now())).unwrap();
+            tx.send((first, last, Instant::now(), SystemTime::now())).unwrap();
         }
     });
     // id → commit time, for rows not seen in ClickHouse yet.
-    let mut outstanding: BTreeMap<i64, Instant> = BTreeMap::new();
+    let mut outstanding: BTreeMap<i64, (Instant, SystemTime)> = BTreeMap::new();
     let mut latencies = Vec::new();
     let mut inserting = true;
     let deadline = Instant::now() + Duration::from_secs(secs + 90);
@@ -67,7 +80,7 @@ async fn steady(env: &TestEnv, rate: u64, secs: u64) -> Vec<Duration> {
         tokio::time::sleep(Duration::from_millis(10)).await;
         loop {
             match rx.try_recv() {
-                Ok((first, last, at)) => outstanding.extend((first..=last).map(|id| (id, at))),
+                Ok((first, last, at, wall)) => outstanding.extend((first..=last).map(|id| (id, (at, wall)))),
                 Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
                 Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
                     inserting = false;
@@ -89,15 +102,52 @@ async fn steady(env: &TestEnv, rate: u64, secs: u64) -> Vec<Duration> {
             .await
             .unwrap();
         for id in seen {
-            if let Some(at) = outstanding.remove(&id) {
-                latencies.push(now - at);
+            if let Some((at, committed)) = outstanding.remove(&id) {
+                latencies.push(Seen { id, committed, latency: now - at });
             }
         }
     }
     inserter.await.unwrap();
     assert!(outstanding.is_empty(), "{} rows never reached ClickHouse", outstanding.len());
-    latencies.sort();
+    latencies.sort_by_key(|s| s.latency);
     latencies
+}
+
+/// Each row's publish time (its record's timestamp, taken by the producer
+/// as it publishes, in milliseconds) by id, read back from the topic.
+async fn published(log: &pg2ch::kafka::KafkaLog) -> HashMap<i64, i64> {
+    let mut at = HashMap::new();
+    for p in 0..log.partitions() {
+        let mut next = 0;
+        loop {
+            let batch = log.fetch(p, next, Duration::from_millis(1)).await.unwrap();
+            for r in &batch.records {
+                let value: serde_json::Value = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
+                at.insert(value["id"].as_i64().unwrap(), r.timestamp_ms);
+                next = r.offset + 1;
+            }
+            if next >= batch.high_watermark {
+                break;
+            }
+        }
+    }
+    at
+}
+
+/// Splits each row's latency into commit → published and published →
+/// readable in ClickHouse; returns the (p50, p99) of each part.
+fn split(rows: &[Seen], published: &HashMap<i64, i64>) -> ((Duration, Duration), (Duration, Duration)) {
+    let ms = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let (mut produce, mut consume): (Vec<Duration>, Vec<Duration>) = rows
+        .iter()
+        .map(|s| {
+            let to_publish = Duration::from_millis((published[&s.id] - ms(s.committed)).max(0) as u64).min(s.latency);
+            (to_publish, s.latency - to_publish)
+        })
+        .unzip();
+    produce.sort();
+    consume.sort();
+    ((pct(&produce, 0.5), pct(&produce, 0.99)), (pct(&consume, 0.5), pct(&consume, 0.99)))
 }
 
 /// Median of `n` timings of `op`.
@@ -157,13 +207,37 @@ fn main() {
         let poll = std::env::var("PG2CH_BENCH_POLL_MS").unwrap_or("200".into());
         let mut child =
             env.command(&["run", "--poll-ms", &poll]).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
-        let mut results = Vec::new();
+        let mut runs = Vec::new();
         for rate in [2_000u64, 20_000] {
-            let l = steady(&env, rate, secs()).await;
-            results.push((rate, pct(&l, 0.5), pct(&l, 0.99), *l.last().unwrap(), l.len()));
+            runs.push((rate, steady(&env, rate, secs()).await));
         }
         let _ = std::process::Command::new("kill").arg(child.id().to_string()).status();
         let _ = child.wait();
+        let pipeline_log = pg2ch::kafka::KafkaLog::open(&client, &env.settings.kafka.topic, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let at = published(&pipeline_log).await;
+        // nisshi's fetch slows as a partition holds more batches; the
+        // floor that matters is a fetch at the end of the pipeline's own log.
+        let mut end_fetch = Duration::ZERO;
+        for p in 0..pipeline_log.partitions() {
+            let end = pipeline_log.fetch(p, 0, Duration::from_millis(1)).await.unwrap().high_watermark;
+            let f = floor(50, async || {
+                // A wait costs nothing when the record is there (nisshi
+                // answers at once); with a near-zero one it sometimes
+                // answers empty under load.
+                assert!(!pipeline_log.fetch(p, end - 1, Duration::from_millis(500)).await.unwrap().records.is_empty());
+            })
+            .await;
+            end_fetch = end_fetch.max(f);
+        }
+        let results: Vec<_> = runs
+            .iter()
+            .map(|(rate, l)| {
+                let (to_publish, to_ch) = split(l, &at);
+                (*rate, l[l.len() / 2].latency, pct_seen(l, 0.99), l.last().unwrap().latency, l.len(), to_publish, to_ch)
+            })
+            .collect();
         let slow = std::fs::read_to_string(&log).unwrap_or_default().matches("slow statement").count();
 
         println!("\n| stage floor (median of 200) | time |\n|---|---:|");
@@ -176,10 +250,17 @@ fn main() {
             println!("| {name} | {d:.1?} |");
         }
         println!("| sum of the floors | {floors:.1?} |");
+        println!(
+            "| broker: fetch the newest record of the pipeline's own topic after the run (slowest partition) | {end_fetch:.1?} |"
+        );
         println!("\n`pg2ch run` logged {slow} slow statements (over 1 s); its log: {}", log.display());
-        println!("\n| rate | rows | p50 | p99 | max |\n|---:|---:|---:|---:|---:|");
-        for (rate, p50, p99, max, n) in &results {
-            println!("| {rate} rows/s | {n} | {p50:.1?} | {p99:.1?} | {max:.1?} |");
+        println!(
+            "\n| rate | rows | p50 | p99 | max | commit to published, p50 / p99 | published to readable, p50 / p99 |\n|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for (rate, p50, p99, max, n, (pp50, pp99), (cp50, cp99)) in &results {
+            println!(
+                "| {rate} rows/s | {n} | {p50:.1?} | {p99:.1?} | {max:.1?} | {pp50:.0?} / {pp99:.0?} | {cp50:.0?} / {cp99:.0?} |"
+            );
         }
         for (rate, _, p99, ..) in &results {
             let goal = if *rate == 2_000 { Duration::from_millis(50) } else { Duration::from_millis(100) };
