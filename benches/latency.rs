@@ -150,6 +150,38 @@ fn split(rows: &[Seen], published: &HashMap<i64, i64>) -> ((Duration, Duration),
     ((pct(&produce, 0.5), pct(&produce, 0.99)), (pct(&consume, 0.5), pct(&consume, 0.99)))
 }
 
+/// CPU time (user and system, in clock ticks) used so far by every process,
+/// summed by process name, from `/proc`.
+fn cpu_by_process() -> HashMap<String, u64> {
+    let mut by = HashMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let name = stat[open + 1..close].to_owned();
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+        // Fields 14 and 15 of stat (utime, stime), counted after the name.
+        *by.entry(name).or_default() += ticks(11) + ticks(12);
+    }
+    by
+}
+
+/// Each process name's share of one core between two samples, largest first.
+fn cpu_share(before: &HashMap<String, u64>, after: &HashMap<String, u64>, over: Duration) -> Vec<(String, f64)> {
+    // Linux reports these in USER_HZ, 100 a second on every common build.
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let mut shares: Vec<(String, f64)> = after
+        .iter()
+        .map(|(name, t)| {
+            let used = t.saturating_sub(before.get(name).copied().unwrap_or(0));
+            (name.clone(), used as f64 / TICKS_PER_SECOND / over.as_secs_f64() * 100.0)
+        })
+        .filter(|(_, pct)| *pct >= 1.0)
+        .collect();
+    shares.sort_by(|a, b| b.1.total_cmp(&a.1));
+    shares
+}
+
 /// Median of `n` timings of `op`.
 async fn floor<F: AsyncFnMut()>(n: usize, mut op: F) -> Duration {
     let mut t = Vec::with_capacity(n);
@@ -208,8 +240,12 @@ fn main() {
         let mut child =
             env.command(&["run", "--poll-ms", &poll]).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
         let mut runs = Vec::new();
+        let mut cpu = Vec::new();
         for rate in [2_000u64, 20_000] {
+            let before = cpu_by_process();
+            let started = Instant::now();
             runs.push((rate, steady(&env, rate, secs()).await));
+            cpu.push((rate, cpu_share(&before, &cpu_by_process(), started.elapsed())));
         }
         let _ = std::process::Command::new("kill").arg(child.id().to_string()).status();
         let _ = child.wait();
@@ -261,6 +297,12 @@ fn main() {
             println!(
                 "| {rate} rows/s | {n} | {p50:.1?} | {p99:.1?} | {max:.1?} | {pp50:.0?} / {pp99:.0?} | {cp50:.0?} / {cp99:.0?} |"
             );
+        }
+        println!("\nCPU while each rate ran (one core = 100%; this machine has 2):\n");
+        for (rate, shares) in &cpu {
+            let top: Vec<String> = shares.iter().take(6).map(|(name, pct)| format!("{name} {pct:.0}%")).collect();
+            let total: f64 = shares.iter().map(|(_, p)| p).sum();
+            println!("- {rate} rows/s: {} (all processes: {total:.0}%)", top.join(", "));
         }
         for (rate, _, p99, ..) in &results {
             let goal = if *rate == 2_000 { Duration::from_millis(50) } else { Duration::from_millis(100) };

@@ -91,6 +91,7 @@ pub async fn produce<S: SourceTable, L: EventLog, W: Waits>(
     let mut moved = 0;
     let mut backoff = Backoff::new(what);
     while !waits.stopping() {
+        let passes = p.passes();
         let Some(step) = waits.step(p.step(faults)).await else { break };
         match step {
             Ok(ProduceStep::Moved(n)) => {
@@ -101,6 +102,13 @@ pub async fn produce<S: SourceTable, L: EventLog, W: Waits>(
                 // second would only rescan what the first left behind.
                 if once && p.passes() > 0 {
                     break;
+                }
+                // A pass ended: what was committed since it began notified
+                // (the wait returns at once if that happened during the
+                // step), or the poll finds it. Claiming again at once would
+                // mostly find nothing, at the cost of a claim.
+                if p.passes() > passes {
+                    waits.idle().await;
                 }
             }
             Ok(ProduceStep::Idle) => {
