@@ -151,31 +151,39 @@ fn split(rows: &[Seen], published: &HashMap<i64, i64>) -> ((Duration, Duration),
 }
 
 /// CPU time (user and system, in clock ticks) used so far by every process,
-/// summed by process name, from `/proc`.
-fn cpu_by_process() -> HashMap<String, u64> {
+/// by pid, with its name, from `/proc`.
+fn cpu_by_process() -> HashMap<u32, (String, u64)> {
     let mut by = HashMap::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
         let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
-        let name = stat[open + 1..close].to_owned();
         let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
         let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
         // Fields 14 and 15 of stat (utime, stime), counted after the name.
-        *by.entry(name).or_default() += ticks(11) + ticks(12);
+        by.insert(pid, (stat[open + 1..close].to_owned(), ticks(11) + ticks(12)));
     }
     by
 }
 
-/// Each process name's share of one core between two samples, largest first.
-fn cpu_share(before: &HashMap<String, u64>, after: &HashMap<String, u64>, over: Duration) -> Vec<(String, f64)> {
+/// Each process name's share of one core between two samples (summed over
+/// its processes; kernel workers as one), largest first. A process that
+/// started between the samples counts from zero; one that ended, not at all.
+fn cpu_share(
+    before: &HashMap<u32, (String, u64)>,
+    after: &HashMap<u32, (String, u64)>,
+    over: Duration,
+) -> Vec<(String, f64)> {
     // Linux reports these in USER_HZ, 100 a second on every common build.
     const TICKS_PER_SECOND: f64 = 100.0;
-    let mut shares: Vec<(String, f64)> = after
-        .iter()
-        .map(|(name, t)| {
-            let used = t.saturating_sub(before.get(name).copied().unwrap_or(0));
-            (name.clone(), used as f64 / TICKS_PER_SECOND / over.as_secs_f64() * 100.0)
-        })
+    let mut by_name: HashMap<String, u64> = HashMap::new();
+    for (pid, (name, t)) in after {
+        let name = if name.starts_with("kworker") { "kernel workers".to_owned() } else { name.clone() };
+        *by_name.entry(name).or_default() += t.saturating_sub(before.get(pid).map_or(0, |(_, b)| *b));
+    }
+    let mut shares: Vec<(String, f64)> = by_name
+        .into_iter()
+        .map(|(name, used)| (name, used as f64 / TICKS_PER_SECOND / over.as_secs_f64() * 100.0))
         .filter(|(_, pct)| *pct >= 1.0)
         .collect();
     shares.sort_by(|a, b| b.1.total_cmp(&a.1));
