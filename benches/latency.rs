@@ -30,12 +30,9 @@ fn secs() -> u64 {
     std::env::var("PG2CH_BENCH_LATENCY_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(10)
 }
 
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
-}
-
-fn pct_seen(sorted: &[Seen], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)].latency
+/// The `p` quantile of a sorted slice.
+fn pct<T>(sorted: &[T], p: f64) -> &T {
+    &sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
 /// One row's journey: when its INSERT committed and how long it took to be
@@ -147,7 +144,7 @@ fn split(rows: &[Seen], published: &HashMap<i64, i64>) -> ((Duration, Duration),
         .unzip();
     produce.sort();
     consume.sort();
-    ((pct(&produce, 0.5), pct(&produce, 0.99)), (pct(&consume, 0.5), pct(&consume, 0.99)))
+    ((*pct(&produce, 0.5), *pct(&produce, 0.99)), (*pct(&consume, 0.5), *pct(&consume, 0.99)))
 }
 
 /// CPU time (user and system, in clock ticks) used so far by every process,
@@ -279,7 +276,7 @@ fn main() {
             .iter()
             .map(|(rate, l)| {
                 let (to_publish, to_ch) = split(l, &at);
-                (*rate, l[l.len() / 2].latency, pct_seen(l, 0.99), l.last().unwrap().latency, l.len(), to_publish, to_ch)
+                (*rate, pct(l, 0.5).latency, pct(l, 0.99).latency, l.last().unwrap().latency, l.len(), to_publish, to_ch)
             })
             .collect();
         let slow = std::fs::read_to_string(&log).unwrap_or_default().matches("slow statement").count();

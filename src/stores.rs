@@ -159,9 +159,20 @@ impl Claim {
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
     }
-    /// The highest key handed out; `None` for an empty claim.
-    pub fn last_key(&self) -> Option<&Key> {
-        self.items.last().map(|i| &i.key)
+
+    /// The horizon of a claim read as lists each limited to `limit` items
+    /// (given as each list's length and last key): the lowest last key of
+    /// the lists that came back full, `None` when none did.
+    pub fn horizon_of<'k>(limit: usize, lists: impl IntoIterator<Item = (usize, Option<&'k Key>)>) -> Option<Key> {
+        lists.into_iter().filter(|(n, _)| *n >= limit).filter_map(|(_, last)| last).min().cloned()
+    }
+
+    /// Whether a claim in `mode` with `horizon` keeps an item at `key` its
+    /// lists returned. Without row locks it is cut at the horizon (what lies
+    /// past it is the next claim's); with them it keeps what it locked,
+    /// since a sibling's claim, skipping locked rows, would pass them by.
+    pub fn keeps(mode: ClaimMode, horizon: Option<&Key>, key: &Key) -> bool {
+        mode == ClaimMode::Shared || horizon.is_none_or(|h| key <= h)
     }
 }
 

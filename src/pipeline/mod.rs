@@ -383,7 +383,7 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
         let limit = self.limit;
         let claim = self.source.claim(after.as_ref(), limit).await?;
         metrics::counter!("pg2ch_rows_claimed_total").increment(claim.len() as u64);
-        if claim.items.is_empty() {
+        if claim.is_empty() {
             self.cursor.wrap();
             drop(turn);
             self.source.rollback().await?;
@@ -412,8 +412,8 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
         // What siblings must leave alone: every key up to the horizon. Past
         // it, this claim holds only rows it locked, which siblings skip;
         // other changes there are theirs to take.
-        let high = claim.items[*last].key.clone();
-        let high = claim.horizon.clone().map_or(high.clone(), |h| h.min(high));
+        let last = &claim.items[*last].key;
+        let high = claim.horizon.as_ref().map_or(last, |h| h.min(last)).clone();
         let _hold = Hold::new(&self.cursor, self.lane, claim.items[*first].key.clone(), high);
         drop(turn);
         faults.at(CrashPoint::AfterClaim)?;

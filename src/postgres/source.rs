@@ -359,11 +359,8 @@ impl PgSource {
     }
 
     /// The claim from its two lists (each in key order): merged, a row
-    /// before a deletion of the same key. Where a list came back full, the
-    /// claim's horizon is its last key (the lower of two). Without row locks
-    /// (exclusive) the claim is cut there, and what lies past it is the next
-    /// claim's; with them (shared) it keeps what it locked past the horizon,
-    /// since a sibling's claim, skipping locked rows, would pass them by.
+    /// before a deletion of the same key, with its horizon and what it keeps
+    /// past it as [`Claim::horizon_of`] and [`Claim::keeps`] say.
     fn build(
         &mut self,
         rows: Vec<PgRow>,
@@ -400,20 +397,17 @@ impl PgSource {
                 if live { Outcome::Superseded } else { Outcome::Send(Change::delete(schema, key_values, version)) };
             tombs.push((key, outcome, address));
         }
-        // A list that came back full ends where it does: keys past its
-        // last are the next claim's (the outbox holds one deletion a key).
-        let horizon = [(rows.len(), &items), (deletes.len(), &tombs)]
-            .into_iter()
-            .filter(|(raw, _)| *raw >= limit)
-            .filter_map(|(_, decoded)| decoded.last().map(|(k, _, _)| k.clone()))
-            .min();
+        // The outbox holds one deletion a key, so a full list of them ends
+        // with all of its last key's.
+        let horizon = Claim::horizon_of(
+            limit,
+            [(rows.len(), items.last().map(|(k, _, _)| k)), (deletes.len(), tombs.last().map(|(k, _, _)| k))],
+        );
         items.extend(tombs);
         items.sort_by(|a, b| {
             a.0.cmp(&b.0).then(matches!(a.2, Address::Deleted(_)).cmp(&matches!(b.2, Address::Deleted(_))))
         });
-        if let (Some(horizon), ClaimMode::Exclusive) = (&horizon, mode) {
-            items.retain(|(k, _, _)| k <= horizon);
-        }
+        items.retain(|(k, _, _)| Claim::keeps(mode, horizon.as_ref(), k));
         let mut claim = Claim { version, items: Vec::with_capacity(items.len()), horizon };
         let mut addresses = Vec::with_capacity(items.len());
         for (key, outcome, address) in items {

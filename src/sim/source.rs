@@ -309,17 +309,14 @@ impl SimSource {
         // may hold `limit` rows and one deletion more). Without row locks
         // the claim is cut at the horizon; with them it keeps (and locks)
         // everything both lists returned.
-        let horizon = [(rows.len(), rows.last().map(|(k, _)| k)), (tombs.len(), tombs.last().map(|(k, _)| k))]
-            .into_iter()
-            .filter(|(n, _)| *n >= limit)
-            .filter_map(|(_, last)| last.cloned())
-            .min();
+        let horizon = Claim::horizon_of(
+            limit,
+            [(rows.len(), rows.last().map(|(k, _)| k)), (tombs.len(), tombs.last().map(|(k, _)| k))],
+        );
         let mut merged: Vec<(Key, Result<SimRow, Tomb>)> =
             rows.into_iter().map(|(k, r)| (k, Ok(r))).chain(tombs.into_iter().map(|(k, t)| (k, Err(t)))).collect();
         merged.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.is_err().cmp(&b.1.is_err())));
-        if let (Some(horizon), ClaimMode::Exclusive) = (&horizon, self.mode) {
-            merged.retain(|(k, _)| k <= horizon);
-        }
+        merged.retain(|(k, _)| Claim::keeps(self.mode, horizon.as_ref(), k));
         let mut claim = Claim { version, items: Vec::new(), horizon };
         let mut items = Vec::new();
         for (key, what) in merged {
