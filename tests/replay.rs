@@ -158,3 +158,70 @@ async fn an_exclusive_claim_never_flags_a_row_changed_or_replaced_since() {
         .unwrap();
     assert_eq!(sent, Vec::<i64>::new(), "nothing is flagged: every row of the failed claim goes again");
 }
+
+/// A deletion is dropped as superseded only when its key is live once the
+/// claim holds the deletion. Each round: key `K` is live (sent) and also has
+/// a pending deletion (a delete and an insert again, not yet claimed), and
+/// `DELETE` of `K` races a shared claim of the deletions. The claim's
+/// statement takes its snapshot, then walks thousands of deletions before
+/// locking `K`'s; a `DELETE` committing in that window rewrites `K`'s
+/// deletion (the trigger's `ON CONFLICT DO UPDATE`), the claim follows the
+/// rewrite and locks it. Judged by the statement's snapshot, `K` was still
+/// live and the deletion is dropped: the key then stays in ClickHouse for
+/// ever. Whatever the timing, after the claim commits `K`'s deletion was
+/// either published or is still pending.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deletion_racing_a_shared_claim_is_sent_or_kept() {
+    use pg2ch::stores::Outcome;
+    use rand::{Rng, SeedableRng};
+    let env = TestEnv::new("delrace").await;
+    env.ok(&["init", "--partitions", "1"]);
+    let pool = env.pg().await;
+    let outbox = "_pg2ch.\"public.user_logins\"";
+    const K: i64 = 20_000;
+    let seed: u64 = rand::random();
+    println!("seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let o = RunOptions { claim_mode: ClaimMode::Shared, ..options() };
+    let mut source = commands::producer(&env.settings, &o).await.unwrap().source;
+    let mut dropped_while_live = 0;
+    for round in 0..40 {
+        for sql in [
+            format!("DELETE FROM {outbox}"),
+            format!("INSERT INTO {outbox} (id) SELECT g FROM generate_series(1, {}) g", K - 1),
+            format!("INSERT INTO {outbox} (id) VALUES ({K})"),
+            format!("INSERT INTO user_logins (id, username, sent_to_kafka) VALUES ({K}, 'k', true)"),
+        ] {
+            sqlx::query(&sql).execute(&pool).await.unwrap();
+        }
+        // Jitter, not synchronisation: the DELETE should land at different
+        // moments of the claim's statement.
+        let delay = Duration::from_micros(rng.random_range(0..3000));
+        let delete = async {
+            tokio::time::sleep(delay).await;
+            sqlx::query(&format!("DELETE FROM user_logins WHERE id = {K}")).execute(&pool).await.unwrap();
+        };
+        let claim = async {
+            let claim = source.claim(None, K as usize + 10).await.unwrap();
+            let all: Vec<usize> = (0..claim.items.len()).collect();
+            source.mark_sent(&all).await.unwrap();
+            source.commit().await.unwrap();
+            claim
+        };
+        let (claim, ()) = tokio::join!(claim, delete);
+        let k = claim.items.iter().find(|i| i.key == vec![pg2ch::types::KeyPart::Int(K)]);
+        let sent = matches!(k.map(|i| &i.outcome), Some(Outcome::Send(c)) if c.deleted);
+        dropped_while_live += usize::from(matches!(k.map(|i| &i.outcome), Some(Outcome::Superseded)));
+        let pending: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {outbox} WHERE id = {K}"))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert!(
+            sent || pending == 1,
+            "seed {seed} round {round}: key {K} was deleted, yet its deletion was neither published nor kept \
+             (claimed as {:?})",
+            k.map(|i| &i.outcome)
+        );
+    }
+    println!("rounds where the claim found the key live: {dropped_while_live}");
+}

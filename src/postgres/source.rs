@@ -55,6 +55,7 @@ pub const PRODUCER_LOCK_CLASS: i32 = 0x7067_326c;
 struct Statements {
     claim_rows: [String; 2],
     claim_deletes: [String; 2],
+    live_deletes: String,
     mark_rows: String,
     reject_row: String,
     drop_deletes: String,
@@ -86,7 +87,7 @@ impl Statements {
         let deletes = |cursor: &str| {
             let cursor = cursor.strip_prefix(" AND").map(|c| format!(" WHERE{c}")).unwrap_or_default();
             format!(
-                "SELECT {}, d.ctid, EXISTS (SELECT 1 FROM {t} s WHERE {live}), d.deleted_at FROM {} d{cursor} ORDER BY {} LIMIT $1{lock}",
+                "SELECT {}, d.ctid, d.deleted_at FROM {} d{cursor} ORDER BY {} LIMIT $1{lock}",
                 keys.join(", "),
                 outbox(schema),
                 order_by(schema, "d.")
@@ -95,6 +96,10 @@ impl Statements {
         Statements {
             claim_rows: [rows(""), rows(&after("s"))],
             claim_deletes: [deletes(""), deletes(&after("d"))],
+            live_deletes: format!(
+                "SELECT d.ctid FROM {} d WHERE d.ctid = ANY($1) AND EXISTS (SELECT 1 FROM {t} s WHERE {live})",
+                outbox(schema)
+            ),
             mark_rows: format!(
                 "UPDATE {t} SET {} = TRUE, {} = $3 WHERE tableoid = $1 AND ctid = ANY($2)",
                 pg_ident(SENT),
@@ -196,6 +201,7 @@ impl SourceTable for PgSource {
             let _ = self.rollback_session().await;
         }
         let which = usize::from(after.is_some());
+        let k = self.schema.key.len();
         let (oid, mode, schema, statements) = (self.oid, self.mode, &self.schema, &self.statements);
         let (rows, deletes, version, now) =
             on_session(&mut self.conn, &self.options, self.timeout, "claiming unsent rows", async |conn| {
@@ -218,6 +224,18 @@ impl SourceTable for PgSource {
                         .fetch_all(&mut *conn)
                         .await
                         .map_err(classify)?;
+                // Which deleted keys are live again, read by a statement of
+                // its own, after the deletions are locked (see `build`).
+                let live: Vec<Tid> = if deletes.is_empty() {
+                    Vec::new()
+                } else {
+                    let tids = deletes.iter().map(|d| d.try_get::<Tid, _>(k)).collect::<Result<Vec<_>, _>>()?;
+                    sqlx::query_scalar(&statements.live_deletes)
+                        .bind(tids)
+                        .fetch_all(&mut *conn)
+                        .await
+                        .map_err(classify)?
+                };
                 let (version, _, now): (i64, bool, String) = sqlx::query_as(&version_sql())
                     .bind(CLAIM_LOCK_CLASS)
                     .bind(oid as i32)
@@ -226,7 +244,7 @@ impl SourceTable for PgSource {
                     .fetch_one(&mut *conn)
                     .await
                     .map_err(classify)?;
-                Ok((rows, deletes, version as u64, now))
+                Ok((rows, (deletes, live), version as u64, now))
             })
             .await?;
         if now != self.fingerprint {
@@ -361,10 +379,19 @@ impl PgSource {
     /// The claim from its two lists (each in key order): merged, a row
     /// before a deletion of the same key, with its horizon and what it keeps
     /// past it as [`Claim::horizon_of`] and [`Claim::keeps`] say.
+    ///
+    /// A deletion whose key is `live` again (the row is inserted again) is
+    /// superseded: the row goes instead. Whether the key is live is read
+    /// after the deletion is locked, by a statement of its own, so by a
+    /// snapshot that has every change to the deletion committed before the
+    /// lock. Judged by the claiming statement's own snapshot, a `DELETE`
+    /// committing between that snapshot and the lock (which rewrites the
+    /// pending deletion, and the lock follows the rewrite) would find the
+    /// key live, drop the deletion, and leave the key in ClickHouse.
     fn build(
         &mut self,
         rows: Vec<PgRow>,
-        deletes: Vec<PgRow>,
+        (deletes, live): (Vec<PgRow>, Vec<Tid>),
         version: u64,
         limit: usize,
         mode: ClaimMode,
@@ -389,12 +416,15 @@ impl PgSource {
         let mut tombs = Vec::with_capacity(deletes.len());
         for row in &deletes {
             let key_values = decode_row(row, schema.key_columns())?;
-            let address = Address::Deleted(row.try_get::<Tid, _>(k)?);
-            let live: bool = row.try_get(k + 1)?;
-            oldest = oldest.min(row.try_get::<PgTimestamp, _>(k + 2)?.0);
+            let tid = row.try_get::<Tid, _>(k)?;
+            let address = Address::Deleted(tid);
+            oldest = oldest.min(row.try_get::<PgTimestamp, _>(k + 1)?.0);
             let key = schema.key_of_key(&key_values);
-            let outcome =
-                if live { Outcome::Superseded } else { Outcome::Send(Change::delete(schema, key_values, version)) };
+            let outcome = if live.contains(&tid) {
+                Outcome::Superseded
+            } else {
+                Outcome::Send(Change::delete(schema, key_values, version))
+            };
             tombs.push((key, outcome, address));
         }
         // The outbox holds one deletion a key, so a full list of them ends
