@@ -37,6 +37,8 @@ static PAIRS: Mutex<Vec<(&'static str, f64, f64)>> = Mutex::new(Vec::new());
 const DRAIN: &str = "end to end: drain backlog (run --once --exclusive, verify OK)";
 const DRAIN_SHARED: &str = "end to end: drain backlog, shared claims (run --once, verify OK)";
 const DRAIN_WIDE: &str = "end to end: drain backlog of 20-column rows (run --once, verify OK)";
+const CONSUME_ONE: &str = "consumers: backlog in the topic, one `consume --once` process";
+const CONSUME_TWO: &str = "consumers: the same backlog, two `consume --once` processes of one group";
 const PAIRED_BULK: &str = "PostgreSQL bulk UPDATE, just before each drain";
 
 fn rows() -> u64 {
@@ -399,6 +401,50 @@ fn paired_ratio(name: &str) -> (f64, f64, f64, usize) {
     (ratios[ratios.len() / 2], ratios[0], ratios[ratios.len() - 1], ratios.len())
 }
 
+/// The same backlog of records in one topic (published once, untimed),
+/// written to ClickHouse by one `pg2ch consume --once` process, then by two
+/// processes of one group sharing the partitions through their leases; each
+/// round on a fresh group, so both start from offset 0. Returns the median
+/// of the rounds' ratios (two processes' rate over one's), with the rounds.
+fn consumer_scaling(rt: &Runtime, env: &TestEnv, n: u64) -> (f64, Vec<(Duration, Duration)>) {
+    let topic = format!("{}_scale_{}", env.name, rand::random::<u32>());
+    let init = env.command(&["init", "--partitions", "4"]).env("KAFKA_TOPIC", &topic).output().unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    rt.block_on(reset_flags(env, "user_logins"));
+    let produce = env.command(&["produce", "--once", "--exclusive"]).env("KAFKA_TOPIC", &topic).output().unwrap();
+    assert!(produce.status.success(), "{}", String::from_utf8_lossy(&produce.stderr));
+    let consume = |group: &str, processes: usize| {
+        let t = Instant::now();
+        let children: Vec<_> = (0..processes)
+            .map(|_| {
+                env.command(&["consume", "--once"])
+                    .env("KAFKA_TOPIC", &topic)
+                    .env("KAFKA_GROUP", group)
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for child in children {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+        let took = t.elapsed();
+        record(if processes == 1 { CONSUME_ONE } else { CONSUME_TWO }, n, took);
+        took
+    };
+    let rounds: Vec<(Duration, Duration)> = (0..3)
+        .map(|i| {
+            let one = consume(&format!("scale_one_{i}"), 1);
+            let two = consume(&format!("scale_two_{i}"), 2);
+            (one, two)
+        })
+        .collect();
+    let mut ratios: Vec<f64> = rounds.iter().map(|(one, two)| one.as_secs_f64() / two.as_secs_f64()).collect();
+    ratios.sort_by(f64::total_cmp);
+    (ratios[ratios.len() / 2], rounds)
+}
+
 /// Rows inserted at a constant 2,000/s while `pg2ch run` runs; the latency
 /// of a batch is from its INSERT's commit to its ids being visible in ClickHouse.
 fn steady_state_latency(rt: &Runtime, env: &TestEnv) -> (Duration, Duration, usize) {
@@ -470,6 +516,7 @@ fn main() {
     broker_and_clickhouse_stages(&mut c, &rt, &env, &schema, n);
     end_to_end(&mut c, &rt, &env, n, wide);
     let (p50, p99, batches) = steady_state_latency(&rt, &env);
+    let (scaling, rounds) = consumer_scaling(&rt, &env, n);
     c.final_summary();
 
     let figures: BTreeMap<&str, f64> =
@@ -495,6 +542,11 @@ fn main() {
         "\ndrain / bulk UPDATE just before it, median over pairs: exclusive {drain:.2} ({low:.2} to {high:.2}, \
          {pairs} pairs), shared claims {shared:.2} ({shared_low:.2} to {shared_high:.2}, {shared_pairs} pairs), \
          {wide} 20-column rows {wide_ratio:.2} ({wide_low:.2} to {wide_high:.2}, {wide_pairs} pairs)"
+    );
+    println!(
+        "consumers of one group, two processes' rate over one's on the same backlog (median of {} rounds, \
+         this machine has two cores for pg2ch, the broker and ClickHouse together): {scaling:.2} ({rounds:.1?})",
+        rounds.len()
     );
     println!(
         "goals: default (shared) drain/bulk {shared:.2} >= 0.9: {}; exclusive {drain:.2} at least that: {}; \

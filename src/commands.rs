@@ -22,6 +22,7 @@ use crate::clickhouse::{ChSink, ClickHouse};
 use crate::config::{ChConfig, KafkaConfig, PgConfig, Timeouts, pg_ident};
 use crate::kafka::{self, KafkaLog};
 use crate::pipeline::{Consumer, ConsumerConfig, NoFaults, Producer, ProducerConfig, loops};
+use crate::postgres::lease::{self, PgLeases};
 use crate::postgres::{self, PgSource, ProducerLease, RowsCommitted};
 use crate::schema::{DEFAULT_TABLE, SENT, TableSchema};
 use crate::stores::{ClaimMode, EventLog};
@@ -332,10 +333,26 @@ pub async fn consumer_of(
             anyhow::bail!("--partitions names partition {bad}, but topic {:?} has partitions 0..{count}", table.topic);
         }
         config.partitions = assigned.clone();
+        config.by_hand = true;
     }
     config.insert_rows = o.insert_rows;
     let sink = ChSink { ch, schema: table.schema.clone(), group: s.kafka.group.clone(), topic: table.topic.clone() };
     Ok(Consumer::new(table.schema.clone(), log, sink, config))
+}
+
+/// A consumer of one table as `run` and `consume` run it: a member of its
+/// group, reading its share of the partitions through leases.
+pub async fn leased_consumer_of(
+    s: &Settings,
+    o: &RunOptions,
+    pool: &PgPool,
+    table: &Table,
+) -> anyhow::Result<Consumer<KafkaLog, ChSink, PgLeases>> {
+    let consumer = consumer_of(s, o, pool, table).await?;
+    let options =
+        postgres::connect_options(&s.pg, &lease::SESSION_SETTINGS).application_name(&lease::session_name("consumer"));
+    let leases = PgLeases::open(options, s.timeouts.call, &s.kafka.group, &table.topic).await?;
+    Ok(consumer.with_leases(leases))
 }
 
 /// A consumer of the one table of `s` (the tests use this).
@@ -458,7 +475,7 @@ async fn table_pipeline(
     let what = table.schema.to_string();
     let mut consumer = match halves {
         Halves::Produce => None,
-        _ => Some(consumer_of(s, o, pool, &table).await?),
+        _ => Some(leased_consumer_of(s, o, pool, &table).await?),
     };
     if halves == Halves::Consume {
         let c = consumer.as_mut().expect("built above");
@@ -602,6 +619,8 @@ pub struct PartitionStatus {
     /// in the topic (seconds, by the broker's record timestamp); 0 when
     /// there is none.
     pub lag_seconds: f64,
+    /// The session holding the partition's lease (`pg2ch consumer host:pid`).
+    pub holder: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -616,6 +635,8 @@ pub struct Status {
     /// Rows flagged `pg2ch_rejected` (never sent).
     pub rejected_rows: u64,
     pub partitions: Vec<PartitionStatus>,
+    /// The sessions holding the table's producer lease.
+    pub producers: Vec<String>,
     /// Records in `<topic>.dlq`.
     pub dead_letters: i64,
     pub clickhouse_rows_final: u64,
@@ -631,6 +652,7 @@ pub async fn status(s: &Settings) -> anyhow::Result<Vec<Status>> {
         let ends = c.high_watermarks().await?;
         let now_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let (mut holders, producers) = lease::holders(&pool, &s.kafka.group, &table.topic, table.oid).await?;
         let mut partitions = Vec::new();
         for (&p, position) in &positions {
             let end_offset = ends.get(&p).copied().unwrap_or(0);
@@ -640,7 +662,8 @@ pub async fn status(s: &Settings) -> anyhow::Result<Vec<Status>> {
                 0 => 0.0,
                 _ => c.log.record_at(p, position).await?.map_or(0.0, |r| (now_ms - r.timestamp_ms).max(0) as f64 / 1e3),
             };
-            partitions.push(PartitionStatus { partition: p, end_offset, position, lag, lag_seconds });
+            let holder = holders.remove(&p);
+            partitions.push(PartitionStatus { partition: p, end_offset, position, lag, lag_seconds, holder });
         }
         let unsent = postgres::unsent(&pool, &table.schema).await?;
         out.push(Status {
@@ -651,6 +674,7 @@ pub async fn status(s: &Settings) -> anyhow::Result<Vec<Status>> {
             oldest_unsent_seconds: unsent.oldest_seconds,
             rejected_rows: postgres::rejected_count(&pool, &table.schema).await?,
             partitions,
+            producers,
             dead_letters: c.log.dead_letter_count().await?,
             clickhouse_rows_final: c.sink.ch.final_count(&table.schema).await?,
             clickhouse_rows_stored: c.sink.ch.stored_count(&table.schema).await?,
@@ -668,12 +692,23 @@ impl Status {
             "unsent changes in PostgreSQL: {}{waiting} (plus {} rows rejected as not representable)",
             self.unsent_rows, self.rejected_rows
         )?;
-        writeln!(out, "{:>9} {:>12} {:>12} {:>10} {:>10}", "partition", "end offset", "position", "lag", "lag (s)")?;
+        let producers = if self.producers.is_empty() { "none".to_owned() } else { self.producers.join(", ") };
+        writeln!(out, "producers at work: {producers}")?;
+        writeln!(
+            out,
+            "{:>9} {:>12} {:>12} {:>10} {:>10}  held by",
+            "partition", "end offset", "position", "lag", "lag (s)"
+        )?;
         for p in &self.partitions {
             writeln!(
                 out,
-                "{:>9} {:>12} {:>12} {:>10} {:>10.3}",
-                p.partition, p.end_offset, p.position, p.lag, p.lag_seconds
+                "{:>9} {:>12} {:>12} {:>10} {:>10.3}  {}",
+                p.partition,
+                p.end_offset,
+                p.position,
+                p.lag,
+                p.lag_seconds,
+                p.holder.as_deref().unwrap_or("nobody")
             )?;
         }
         writeln!(out, "dead letters in {:?}: {}", kafka::dead_letter_topic(&self.topic), self.dead_letters)?;

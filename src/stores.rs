@@ -7,7 +7,7 @@
 //! also mean "outcome unknown" (a timeout after the server acted), and the
 //! pipeline is written so that both readings are safe.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use crate::change::Change;
@@ -294,4 +294,65 @@ pub trait Sink {
     async fn write(&mut self, changes: &[Change]) -> anyhow::Result<()>;
     /// Remembers where the consumer stands in these partitions.
     async fn store_positions(&mut self, positions: &BTreeMap<i32, Position>) -> anyhow::Result<()>;
+}
+
+/// The members of a consumer group as the leases see them: each live
+/// member's id, in order, and this member's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Members {
+    pub me: u32,
+    pub all: Vec<u32>,
+}
+
+impl Members {
+    /// The partitions (of `candidates`) that are this member's fair share:
+    /// those whose position among the candidates, modulo the number of
+    /// members, is this member's rank. Every member computes the same split
+    /// from the same membership, so each partition has one owner.
+    pub fn share(&self, candidates: &[i32]) -> BTreeSet<i32> {
+        let Some(rank) = self.all.iter().position(|m| *m == self.me) else { return BTreeSet::new() };
+        let n = self.all.len();
+        candidates.iter().enumerate().filter(|(i, _)| i % n == rank).map(|(_, p)| *p).collect()
+    }
+}
+
+/// Leases on a topic's partitions, for the consumers of one group: a
+/// partition is written by the member holding its lease, one at a time, and
+/// a member's leases die with it (its process ends, or it stops renewing
+/// them for longer than they live).
+#[allow(async_fn_in_trait)]
+pub trait Leases {
+    /// Renews this member's presence, joining the group again if its leases
+    /// died, and returns the group's live members.
+    async fn members(&mut self) -> anyhow::Result<Members>;
+    /// Takes partition `p`'s lease if no member holds it; whether this
+    /// member holds it now.
+    async fn take(&mut self, p: i32) -> anyhow::Result<bool>;
+    /// Lets go of partition `p`'s lease.
+    async fn release(&mut self, p: i32) -> anyhow::Result<()>;
+    /// The partitions whose leases this member holds now: none once its
+    /// leases died, whatever it took before.
+    async fn held(&mut self) -> anyhow::Result<BTreeSet<i32>>;
+}
+
+/// No leases: the consumer holds the partitions it was configured with, for
+/// ever (a harness that runs one consumer; `Members` of one).
+#[derive(Debug, Clone, Default)]
+pub struct Unleased(pub BTreeSet<i32>);
+
+impl Leases for Unleased {
+    async fn members(&mut self) -> anyhow::Result<Members> {
+        Ok(Members { me: 0, all: vec![0] })
+    }
+    async fn take(&mut self, p: i32) -> anyhow::Result<bool> {
+        self.0.insert(p);
+        Ok(true)
+    }
+    async fn release(&mut self, p: i32) -> anyhow::Result<()> {
+        self.0.remove(&p);
+        Ok(())
+    }
+    async fn held(&mut self) -> anyhow::Result<BTreeSet<i32>> {
+        Ok(self.0.clone())
+    }
 }

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::{Consumer, Faults, ProduceStep, Producer, Store, is_crash};
-use crate::stores::{ErrorKind, EventLog, Sink, SourceTable, kind};
+use crate::stores::{ErrorKind, EventLog, Leases, Sink, SourceTable, kind};
 
 /// Time and shutdown, as a loop sees them.
 #[allow(async_fn_in_trait)] // run on one thread: the loops need no `Send`
@@ -147,6 +147,12 @@ pub const COLD_WAIT: Duration = Duration::from_millis(200);
 /// every write would double the sink's inserts.
 pub const STORE_EVERY: Duration = Duration::from_secs(1);
 
+/// How often a running consumer renews its partition leases and moves to
+/// its fair share ([`Consumer::rebalance`]): a member that joins gets its
+/// share, and one that left is replaced, within about this long of the
+/// leases noticing.
+pub const RENEW_EVERY: Duration = Duration::from_secs(1);
+
 /// How long an idle producer waits for a notification before it looks
 /// anyway, unless told otherwise (`--poll-ms`).
 pub const DEFAULT_POLL: Duration = Duration::from_millis(200);
@@ -165,8 +171,8 @@ pub fn fetch_wait(poll: Duration, now: Duration, last_records: Option<Duration>)
 /// succeeded, the consumer drains to the partitions' ends as they are then,
 /// and returns; if it failed, the consumer stops (the producer reports why).
 /// Returns the records it wrote.
-pub async fn consume<L: EventLog, K: Sink, W: Waits>(
-    c: &mut Consumer<L, K>,
+pub async fn consume<L: EventLog, K: Sink, G: Leases, W: Waits>(
+    c: &mut Consumer<L, K, G>,
     faults: &dyn Faults,
     what: String,
     done: Option<&Cell<Option<bool>>>,
@@ -178,31 +184,54 @@ pub async fn consume<L: EventLog, K: Sink, W: Waits>(
     let mut backoff = Backoff::new(what);
     let mut last_records = None;
     let mut last_store = waits.now();
+    let mut last_renew: Option<Duration> = None;
     while !waits.stopping() {
-        if let Some(done) = done {
-            match done.get() {
-                Some(false) => break,
-                Some(true) if targets.is_none() => targets = Some(c.high_watermarks().await?),
-                _ => {}
+        // Leases first: a consumer reads nothing until it holds its share.
+        let renew = last_renew.is_none_or(|at| waits.now().saturating_sub(at) >= RENEW_EVERY);
+        let step = if renew {
+            match waits.step(c.rebalance(faults)).await {
+                None => return Ok(records),
+                Some(Ok(())) => {
+                    last_renew = Some(waits.now());
+                    Ok(None)
+                }
+                Some(Err(e)) => Err(e),
             }
-        }
-        if let Some(t) = &targets
-            && c.reached(t)
-        {
-            break;
-        }
-        let wait = fetch_wait(poll, waits.now(), last_records);
-        let store = if waits.now().saturating_sub(last_store) >= STORE_EVERY { Store::Now } else { Store::Later };
-        let Some(step) = waits.step(c.step(faults, wait, store)).await else { return Ok(records) };
+        } else {
+            if let Some(done) = done {
+                match done.get() {
+                    Some(false) => break,
+                    Some(true) if targets.is_none() => targets = Some(BTreeMap::new()),
+                    _ => {}
+                }
+            }
+            if let Some(t) = &mut targets {
+                // The ends as they are when the producer is done, for the
+                // partitions read then and those taken since.
+                if c.partitions().iter().any(|p| !t.contains_key(p)) {
+                    for (p, end) in c.high_watermarks().await? {
+                        t.entry(p).or_insert(end);
+                    }
+                }
+                if c.reached(t) {
+                    break;
+                }
+            }
+            let wait = fetch_wait(poll, waits.now(), last_records);
+            let store = if waits.now().saturating_sub(last_store) >= STORE_EVERY { Store::Now } else { Store::Later };
+            let Some(step) = waits.step(c.step(faults, wait, store)).await else { return Ok(records) };
+            if store == Store::Now && step.is_ok() {
+                last_store = waits.now();
+            }
+            step.map(Some)
+        };
         match step {
-            Ok(step) => {
+            Ok(None) => backoff.ok(),
+            Ok(Some(step)) => {
                 backoff.ok();
                 records += step.records;
                 if step.records > 0 {
                     last_records = Some(waits.now());
-                }
-                if store == Store::Now {
-                    last_store = waits.now();
                 }
             }
             Err(e) if is_crash(&e) => return Err(e),

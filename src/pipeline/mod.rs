@@ -22,6 +22,13 @@
 //!   row is flagged sent only if it is still the version that was published.
 //! - The consumer stores its position only after the rows are in ClickHouse.
 //!   A crash in between replays those records; the sink collapses them by key.
+//! - Consumers of one group share the partitions through [`Leases`]: each
+//!   writes only partitions whose lease it holds, checked after every fetch,
+//!   right before the write, and hands a partition over only after storing
+//!   its position. Stored positions only move forward (the sink keeps each
+//!   partition's highest), so a member that lost its lease while paused
+//!   between the check and the write writes rows older than the new
+//!   holder's at worst, which the versions make harmless.
 //!
 //! How the steps repeat (retries, backoff, `--once`, idle waits) is in
 //! [`loops`], which the simulation runs too.
@@ -29,7 +36,7 @@
 pub mod loops;
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,7 +47,8 @@ use futures::stream::FuturesUnordered;
 use crate::change::{self, Change, DecodeError};
 use crate::schema::TableSchema;
 use crate::stores::{
-    DeadLetter, ErrorKind, EventLog, Fetched, LogRecord, Outcome, Permanent, Position, Sink, SourceTable, kind,
+    DeadLetter, ErrorKind, EventLog, Fetched, Leases, LogRecord, Outcome, Permanent, Position, Sink, SourceTable,
+    Unleased, kind,
 };
 use crate::types::{Key, key_text};
 
@@ -503,9 +511,13 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
 
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
-    /// Partitions this consumer reads. pg2ch has no consumer-group protocol:
-    /// partitions are assigned by configuration (default: all of them).
+    /// Partitions this consumer may read: all of them, or those given with
+    /// `--partitions`. With [`Leases`], it reads its fair share of these,
+    /// among the group's members; without, all of them.
     pub partitions: Vec<i32>,
+    /// Whether `partitions` were given by hand: then a consumer with
+    /// leases takes all of them (as each comes free), not a share.
+    pub by_hand: bool,
     /// Most rows in one ClickHouse insert.
     pub insert_rows: usize,
     #[cfg(any(test, feature = "broken-orderings"))]
@@ -519,6 +531,7 @@ impl ConsumerConfig {
     pub fn all_partitions(count: i32) -> Self {
         ConsumerConfig {
             partitions: (0..count).collect(),
+            by_hand: false,
             insert_rows: Self::INSERT_ROWS,
             #[cfg(any(test, feature = "broken-orderings"))]
             ordering: Ordering::Correct,
@@ -538,12 +551,15 @@ pub struct ConsumeStep {
 }
 
 /// Reads the log from its remembered positions and writes to the sink.
-pub struct Consumer<L, K> {
+pub struct Consumer<L, K, G = Unleased> {
     pub log: L,
     pub sink: K,
     schema: Arc<TableSchema>,
     config: ConsumerConfig,
-    /// Where this consumer stands per partition; `None` until loaded from the sink.
+    /// Which partitions this consumer may write.
+    leases: G,
+    /// Where this consumer stands in each partition it reads; `None` until
+    /// loaded from the sink.
     positions: Option<BTreeMap<i32, Position>>,
     /// Positions of rows already written but not yet stored in the sink
     /// (see [`Store`]).
@@ -577,10 +593,21 @@ fn within_log(partition: i32, position: &Position, high_watermark: i64) -> anyho
 }
 
 impl<L: EventLog, K: Sink> Consumer<L, K> {
+    /// A consumer of every configured partition, without leases.
     pub fn new(schema: Arc<TableSchema>, log: L, sink: K, config: ConsumerConfig) -> Self {
-        Consumer { log, sink, schema, config, positions: None, unstored: BTreeMap::new() }
+        let leases = Unleased(config.partitions.iter().copied().collect());
+        Consumer { log, sink, schema, config, leases, positions: None, unstored: BTreeMap::new() }
     }
 
+    /// The same consumer, reading only partitions whose lease it holds:
+    /// none until [`Consumer::rebalance`] takes its share.
+    pub fn with_leases<G: Leases>(self, leases: G) -> Consumer<L, K, G> {
+        let Consumer { log, sink, schema, config, .. } = self;
+        Consumer { log, sink, schema, config, leases, positions: Some(BTreeMap::new()), unstored: BTreeMap::new() }
+    }
+}
+
+impl<L: EventLog, K: Sink, G: Leases> Consumer<L, K, G> {
     /// The positions in memory (loaded from the sink on first use).
     pub async fn positions(&mut self) -> anyhow::Result<&BTreeMap<i32, Position>> {
         if self.positions.is_none() {
@@ -590,6 +617,67 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
             self.positions = Some(mine);
         }
         Ok(self.positions.as_ref().expect("just loaded"))
+    }
+
+    /// The partitions this consumer reads now.
+    pub fn partitions(&self) -> Vec<i32> {
+        self.positions.as_ref().map_or_else(|| self.config.partitions.clone(), |p| p.keys().copied().collect())
+    }
+
+    /// Forgets the partitions whose lease is gone (their rows written and
+    /// not stored are replayed by the next holder).
+    fn forget_lost(&mut self, held: &BTreeSet<i32>) {
+        if let Some(positions) = self.positions.as_mut() {
+            let lost: Vec<i32> = positions.keys().filter(|p| !held.contains(p)).copied().collect();
+            for p in lost {
+                tracing::warn!("partition {p}: lease lost (this process stopped renewing it); another member takes it");
+                positions.remove(&p);
+                self.unstored.remove(&p);
+            }
+        }
+    }
+
+    /// Renews this member's leases and moves to its fair share of the
+    /// partitions among the group's live members: a partition over its
+    /// share is handed over (its position stored, then its lease released),
+    /// a free one in its share is taken (its lease first, then its position
+    /// read, so that the last holder's final one is seen). A partition of
+    /// its share that another member still holds is taken on a later call.
+    pub async fn rebalance(&mut self, faults: &dyn Faults) -> anyhow::Result<()> {
+        let members = self.leases.members().await?;
+        let share = match self.config.by_hand {
+            true => self.config.partitions.iter().copied().collect(),
+            false => members.share(&self.config.partitions),
+        };
+        self.positions().await?;
+        let held = self.leases.held().await?;
+        self.forget_lost(&held);
+        let reading: BTreeSet<i32> = self.positions.as_ref().expect("loaded above").keys().copied().collect();
+        for &p in reading.difference(&share) {
+            self.store_positions(faults).await?;
+            self.positions.as_mut().expect("loaded above").remove(&p);
+            self.leases.release(p).await?;
+            tracing::info!("partition {p}: handed over to another member of the group");
+        }
+        // Taken without knowing it (the answer was lost) and not ours to read.
+        for p in held.iter().filter(|p| !reading.contains(p) && !share.contains(p)) {
+            self.leases.release(*p).await?;
+        }
+        let mut stored = None;
+        for &p in share.difference(&reading) {
+            if !self.leases.take(p).await? {
+                continue;
+            }
+            let stored = match &stored {
+                Some(s) => s,
+                None => stored.insert(self.sink.positions().await?),
+            };
+            let position = stored.get(&p).copied().unwrap_or_default();
+            self.positions.as_mut().expect("loaded above").insert(p, position);
+            tracing::info!("partition {p}: taken, from offset {}", position.next);
+        }
+        metrics::gauge!("pg2ch_partitions_held").set(self.positions.as_ref().map_or(0, |p| p.len()) as f64);
+        Ok(())
     }
 
     /// Fetches one partition from `position` and makes sure the records
@@ -666,6 +754,13 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
             }
         }
         faults.at(CrashPoint::AfterFetch)?;
+        // Only partitions still ours are written: a member that stopped
+        // renewing its leases (paused) may have lost some to another.
+        let held = self.leases.held().await?;
+        if fetched.iter().any(|(p, _)| !held.contains(p)) {
+            self.forget_lost(&held);
+            fetched.retain(|(p, _)| held.contains(p));
+        }
         // From here on: decode, write, remember (the fetch may have waited
         // for data on purpose). Metrics only; no decision depends on it.
         let started = std::time::Instant::now();
@@ -761,6 +856,11 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
         if self.unstored.is_empty() {
             return Ok(());
         }
+        let held = self.leases.held().await?;
+        self.forget_lost(&held);
+        if self.unstored.is_empty() {
+            return Ok(());
+        }
         self.sink.store_positions(&self.unstored).await?;
         self.unstored.clear();
         faults.at(CrashPoint::AfterStorePosition)?;
@@ -793,12 +893,13 @@ impl<L: EventLog, K: Sink> Consumer<L, K> {
         Ok(marks.into_iter().collect())
     }
 
-    /// True when every assigned partition's position has reached `targets`.
+    /// True when every partition this consumer reads has reached its target
+    /// in `targets` (one without a target has not).
     pub fn reached(&self, targets: &BTreeMap<i32, i64>) -> bool {
         let Some(positions) = &self.positions else {
             return targets.values().all(|t| *t <= 0);
         };
-        targets.iter().all(|(p, t)| positions.get(p).map_or(0, |pos| pos.next) >= *t)
+        positions.iter().all(|(p, pos)| targets.get(p).is_some_and(|t| pos.next >= *t))
     }
 
     /// Consumes until every assigned partition reached its end as it stands now.

@@ -127,6 +127,8 @@ pub async fn install(pool: &PgPool, oid: u32, schema: &TableSchema) -> anyhow::R
     let mut statements = vec![
         "CREATE SCHEMA IF NOT EXISTS _pg2ch".to_owned(),
         "CREATE SEQUENCE IF NOT EXISTS _pg2ch.versions".to_owned(),
+        // The consumer groups whose partition leases live here.
+        super::lease::REGISTRY.to_owned(),
         format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {} BOOLEAN NOT NULL DEFAULT FALSE", pg_ident(SENT)),
         // Why a row could not be sent; such rows are skipped by claims and reported.
         format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {} TEXT", pg_ident(REJECTED)),

@@ -12,6 +12,7 @@
 
 pub mod catalogue;
 pub mod install;
+pub mod lease;
 pub mod source;
 pub mod verify;
 

@@ -496,6 +496,7 @@ impl ProducerLease {
         mode: ClaimMode,
         timeout: Duration,
     ) -> anyhow::Result<Self> {
+        let options = options.clone().application_name(&super::lease::session_name("producer"));
         let session =
             bounded(|| "opening the producer lease session".into(), timeout, async { Ok(options.connect().await?) })
                 .await?;

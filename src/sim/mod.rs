@@ -29,6 +29,7 @@
 //! travel, rejected (and absent from the sink); and that the real `verify`
 //! walk agrees.
 
+pub mod leases;
 pub mod log;
 pub mod sink;
 pub mod source;
@@ -199,6 +200,7 @@ pub struct World {
     pub table: Rc<RefCell<source::Table>>,
     pub log: Rc<RefCell<log::Log>>,
     pub sink: Rc<RefCell<sink::SinkTable>>,
+    pub leases: Rc<RefCell<leases::LeaseTable>>,
     partitions: i32,
     /// Poison records appended to the log: (partition, offset).
     poison: RefCell<Vec<(i32, i64)>>,
@@ -225,6 +227,7 @@ impl World {
             table: Rc::new(RefCell::new(source::Table::new(schema.clone(), physical))),
             log: Rc::new(RefCell::new(log::Log::new(partitions))),
             sink: Rc::new(RefCell::new(sink::SinkTable::new(schema.clone()))),
+            leases: Rc::default(),
             partitions,
             poison: RefCell::default(),
             rows: RefCell::new(Rows::new(seed, &schema)),
@@ -251,6 +254,11 @@ impl World {
 
     pub fn sink_store(&self) -> sink::SimSink {
         sink::SimSink { chaos: self.chaos.clone(), table: self.sink.clone(), group: GROUP.into() }
+    }
+
+    /// A new lease session for `component`'s consumer.
+    pub fn lease_session(&self, component: u8) -> leases::SimLeases {
+        leases::SimLeases { chaos: self.chaos.clone(), table: self.leases.clone(), component, session: None }
     }
 
     pub fn faults(&self) -> SimFaults {
@@ -474,7 +482,13 @@ impl World {
     /// partitions' ends), in a bounded number of steps; a drain that stops
     /// making progress fails with where it stuck. That one pass moved every
     /// change is then a property ([`World::check_quiescent`]).
-    pub fn drain(&self, modes: ClaimMode, producer: ProducerConfig, consumer: ConsumerConfig) -> Result<(), String> {
+    pub fn drain(
+        &self,
+        modes: ClaimMode,
+        producer: ProducerConfig,
+        consumer: ConsumerConfig,
+        leased: bool,
+    ) -> Result<(), String> {
         let budget = 1_000 + 20 * (self.table.borrow().committed.len() + self.log.borrow().values().count());
         let mut p = self.producer(3, modes, producer);
         let mut waits = SimWaits::bounded(budget);
@@ -484,7 +498,22 @@ impl World {
         if waits.exhausted() {
             return Err(format!("the final --once produce pass did not end in {budget} steps"));
         }
-        let mut c = self.consumer(consumer);
+        let all = consumer.partitions.len();
+        if leased {
+            self.drain_consumer(self.consumer(consumer).with_leases(self.lease_session(0)), budget, all)
+        } else {
+            self.drain_consumer(self.consumer(consumer), budget, all)
+        }
+    }
+
+    /// Runs a consumer as `pg2ch consume --once` does, in a bounded number of
+    /// steps; it must end reading all of the `all` partitions, at their ends.
+    fn drain_consumer<G: crate::stores::Leases>(
+        &self,
+        mut c: Consumer<log::SimLog, sink::SimSink, G>,
+        budget: usize,
+        all: usize,
+    ) -> Result<(), String> {
         let done = std::cell::Cell::new(Some(true));
         let mut waits = SimWaits::bounded(budget);
         futures::executor::block_on(loops::consume(
@@ -496,6 +525,9 @@ impl World {
             &mut waits,
         ))
         .map_err(|e| format!("final consume: {e:#}"))?;
+        if c.partitions().len() != all {
+            return Err(format!("the one consumer left reads partitions {:?}, not all {all}", c.partitions()));
+        }
         let targets = futures::executor::block_on(c.high_watermarks()).map_err(|e| format!("final consume: {e:#}"))?;
         if !c.reached(&targets) {
             let at = futures::executor::block_on(c.positions()).map(|p| format!("{p:?}")).unwrap_or_default();
@@ -512,6 +544,9 @@ pub enum Action {
     Step(Component),
     /// Kill a component wherever it stands.
     Kill(Component),
+    /// End a consumer's lease session while it runs on, as the server does
+    /// when a process is paused past its lease and then wakes up.
+    Expire(Component),
     /// Insert this many rows (not yet committed).
     Insert(u8),
     /// Commit one pending insert (chosen by index, so keys commit out of order).
@@ -531,9 +566,11 @@ pub enum Component {
     Producer1,
     Producer2,
     Consumer,
-    /// A second consumer of the same group, reading the same partitions at
-    /// the same time (what a misconfigured second process does).
+    /// Other consumers of the same group: sharing the partitions through
+    /// leases, or (without) reading the same partitions at the same time,
+    /// as a second process given the same `--partitions` without leases would.
     Consumer2,
+    Consumer3,
 }
 
 /// A whole simulated run: seed, fault rates, shape, and schedule.
@@ -557,6 +594,8 @@ pub struct Scenario {
     /// How each producer claims. Two exclusive producers at once is what the
     /// advisory lock prevents in real life; here it must still be safe.
     pub modes: [ClaimMode; 2],
+    /// Whether the consumers share the partitions through leases.
+    pub leased: bool,
     pub table: Arc<TableSchema>,
     /// Physical partitions of the source table (slots repeat across them).
     pub physical: i64,
@@ -661,16 +700,25 @@ fn producer_task(world: &World, session: u32, mode: ClaimMode, config: ProducerC
     .boxed_local()
 }
 
-/// Runs `pg2ch consume`'s loop until it ends, as [`producer_task`].
-fn consumer_task(world: &World, config: ConsumerConfig, tick: Duration) -> Task {
-    let mut consumer = world.consumer(config);
-    let faults = world.faults();
-    async move {
+/// Runs `pg2ch consume`'s loop until it ends, as [`producer_task`]; with
+/// leases, as a member of the group.
+fn consumer_task(world: &World, config: ConsumerConfig, tick: Duration, leases: Option<u8>) -> Task {
+    async fn run<G: crate::stores::Leases>(
+        mut consumer: Consumer<log::SimLog, sink::SimSink, G>,
+        faults: SimFaults,
+        tick: Duration,
+    ) -> anyhow::Error {
         let mut waits = SimWaits::unbounded().ticking(tick);
         let ended = loops::consume(&mut consumer, &faults, "consumer".into(), None, Duration::ZERO, &mut waits).await;
         ended.err().unwrap_or_else(|| anyhow::anyhow!("the consumer loop stopped without shutdown"))
     }
-    .boxed_local()
+    let consumer = world.consumer(config);
+    match leases {
+        Some(component) => {
+            run(consumer.with_leases(world.lease_session(component)), world.faults(), tick).boxed_local()
+        }
+        None => run(consumer, world.faults(), tick).boxed_local(),
+    }
 }
 
 /// Runs a scenario; `Err` says which property broke and when.
@@ -688,7 +736,7 @@ pub fn run(s: &Scenario, orderings: Orderings) -> Result<Outcome, String> {
     consumer_config.ordering = orderings.consumer;
 
     let shared = s.shared_cursor.then(Cursor::default);
-    let mut tasks: [Option<Task>; 4] = [None, None, None, None];
+    let mut tasks: [Option<Task>; 5] = Default::default();
     let waker = futures::task::noop_waker();
     let mut cx = Context::from_waker(&waker);
     for (i, action) in s.actions.iter().enumerate() {
@@ -703,8 +751,8 @@ pub fn run(s: &Scenario, orderings: Orderings) -> Result<Outcome, String> {
                     Component::Producer2 => {
                         producer_task(&world, 2, s.modes[1], producer_config.clone(), shared.clone())
                     }
-                    Component::Consumer | Component::Consumer2 => {
-                        consumer_task(&world, consumer_config.clone(), s.consumer_tick)
+                    Component::Consumer | Component::Consumer2 | Component::Consumer3 => {
+                        consumer_task(&world, consumer_config.clone(), s.consumer_tick, s.leased.then_some(c as u8))
                     }
                 });
                 if let Poll::Ready(e) = task.as_mut().poll(&mut cx) {
@@ -715,6 +763,7 @@ pub fn run(s: &Scenario, orderings: Orderings) -> Result<Outcome, String> {
                 }
             }
             Action::Kill(c) => tasks[c as usize] = None,
+            Action::Expire(c) => world.leases.borrow_mut().expire(c as u8),
             Action::Insert(n) => (0..n).for_each(|_| world.insert_row()),
             Action::CommitInsert(k) => world.table.borrow_mut().commit_insert(k as usize),
             Action::Update(k) => world.update_row(k),
@@ -732,7 +781,7 @@ pub fn run(s: &Scenario, orderings: Orderings) -> Result<Outcome, String> {
     while !world.table.borrow().pending.is_empty() {
         world.table.borrow_mut().commit_insert(0);
     }
-    world.drain(s.modes[0], producer_config, consumer_config)?;
+    world.drain(s.modes[0], producer_config, consumer_config, s.leased)?;
     world.check_always().map_err(|e| format!("after draining: {e}"))?;
     world.check_quiescent()?;
     world.sink.borrow_mut().merge();

@@ -28,7 +28,8 @@ fn component() -> impl Strategy<Value = Component> {
         Just(Component::Producer1),
         Just(Component::Producer2),
         Just(Component::Consumer),
-        Just(Component::Consumer2)
+        Just(Component::Consumer2),
+        Just(Component::Consumer3)
     ]
 }
 
@@ -38,7 +39,10 @@ fn action() -> impl Strategy<Value = Action> {
         6 => Just(Action::Step(Component::Producer2)),
         14 => Just(Action::Step(Component::Consumer)),
         3 => Just(Action::Step(Component::Consumer2)),
+        3 => Just(Action::Step(Component::Consumer3)),
         2 => component().prop_map(Action::Kill),
+        1 => prop_oneof![Just(Component::Consumer), Just(Component::Consumer2), Just(Component::Consumer3)]
+            .prop_map(Action::Expire),
         4 => (1u8..6).prop_map(Action::Insert),
         5 => any::<u8>().prop_map(Action::CommitInsert),
         3 => any::<u8>().prop_map(Action::Update),
@@ -66,7 +70,7 @@ pub fn scenario() -> impl Strategy<Value = Scenario> {
         1..4i32,
         (1..8usize, prop_oneof![Just(usize::MAX), 1..2048usize]),
         (1..6usize, prop_oneof![Just(0u64), 0..1500u64, Just(5000u64)]),
-        (any::<bool>(), [claim_mode(), claim_mode()]),
+        (any::<bool>(), [claim_mode(), claim_mode()], any::<bool>()),
         table_shape(),
         proptest::collection::vec(action(), 1..160),
     )
@@ -77,7 +81,7 @@ pub fn scenario() -> impl Strategy<Value = Scenario> {
                 partitions,
                 (batch_rows, batch_bytes),
                 (insert_rows, tick_ms),
-                (shared_cursor, modes),
+                (shared_cursor, modes, leased),
                 (table, physical),
                 actions,
             )| {
@@ -91,6 +95,7 @@ pub fn scenario() -> impl Strategy<Value = Scenario> {
                     consumer_tick: Duration::from_millis(tick_ms),
                     shared_cursor,
                     modes,
+                    leased,
                     table,
                     physical,
                     actions,
@@ -474,7 +479,7 @@ proptest! {
             world.table.borrow_mut().commit_insert(0);
         }
         let (producer, consumer) = (ProducerConfig::default(), ConsumerConfig::all_partitions(2));
-        world.drain(ClaimMode::Shared, producer.clone(), consumer.clone()).map_err(TestCaseError::fail)?;
+        world.drain(ClaimMode::Shared, producer.clone(), consumer.clone(), false).map_err(TestCaseError::fail)?;
         world.sink.borrow_mut().merge();
         let sent: Vec<Key> = {
             let t = world.table.borrow();
@@ -569,9 +574,63 @@ proptest! {
         let resent: BTreeSet<(i64, Key)> = missing.iter().chain(&differing).chain(&deleted).cloned().collect();
         prop_assert_eq!(seen(&repair.flagged_unsent), (resent.len() as u64, first(&resent)), "{}", repaired);
         prop_assert_eq!(seen(&repair.deletes_recorded), (extra.len() as u64, first(&extra)), "{}", repaired);
-        world.drain(ClaimMode::Shared, producer, consumer).map_err(TestCaseError::fail)?;
+        world.drain(ClaimMode::Shared, producer, consumer, true).map_err(TestCaseError::fail)?;
         let after = world.verify(plan).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
         prop_assert!(after.ok(), "after repair and a drain\n{}", after);
         world.check_quiescent().map_err(TestCaseError::fail)?;
     }
+}
+
+/// Consumers of one group split the partitions through their leases: a
+/// member that joins gets its share, handed over with the stored position;
+/// a member whose lease session ended (paused past it) reads nothing until
+/// it joins again; the others take over its partitions meanwhile.
+#[test]
+fn consumers_of_a_group_share_the_partitions_and_take_over_from_one_that_stops() {
+    use futures::executor::block_on;
+    let world = World::new(11, FaultRates::NONE, 5);
+    let member = |c: u8| world.consumer(ConsumerConfig::all_partitions(5)).with_leases(world.lease_session(c));
+    let (mut a, mut b, mut c) = (member(1), member(2), member(3));
+    let settle = |all: &mut [&mut Consumer<log::SimLog, sink::SimSink, leases::SimLeases>]| {
+        for _ in 0..4 {
+            for m in all.iter_mut() {
+                block_on(m.rebalance(&NoFaults)).unwrap();
+            }
+        }
+        all.iter().map(|m| m.partitions()).collect::<Vec<_>>()
+    };
+    // Alone, `a` reads everything; it drains what the producer published.
+    assert_eq!(settle(&mut [&mut a]), [vec![0, 1, 2, 3, 4]]);
+    for id in 1..=200 {
+        world.table.borrow_mut().pending.push(login(id, "bob"));
+        world.table.borrow_mut().commit_insert(0);
+    }
+    drain_producer(&world, ClaimMode::Shared, 10_000);
+    block_on(a.drain(&NoFaults, Duration::ZERO)).unwrap();
+    let read: BTreeMap<i32, crate::stores::Position> = block_on(a.positions()).unwrap().clone();
+    assert!(read.values().all(|p| p.next > 0), "{read:?}");
+
+    // `b` and `c` join: each partition has one reader, shares differ by one
+    // at most, and whoever took a partition starts where `a` stopped.
+    let split = settle(&mut [&mut a, &mut b, &mut c]);
+    assert_eq!(split, [vec![0, 3], vec![1, 4], vec![2]]);
+    let holders = world.leases.borrow().holders().clone();
+    assert_eq!(holders.len(), 5, "{holders:?}");
+    for m in [&mut b, &mut c] {
+        for (p, position) in block_on(m.positions()).unwrap().clone() {
+            assert_eq!(position, read[&p], "partition {p} starts where the last holder stored it");
+        }
+    }
+
+    // `c`'s session ends while it runs on: its next step reads nothing, and
+    // the others take its partition; then it joins again.
+    world.leases.borrow_mut().expire(3);
+    block_on(c.step(&NoFaults, Duration::ZERO, Store::Now)).unwrap();
+    assert_eq!(c.partitions(), Vec::<i32>::new());
+    assert_eq!(settle(&mut [&mut a, &mut b]), [vec![0, 2, 4], vec![1, 3]]);
+    assert_eq!(settle(&mut [&mut a, &mut b, &mut c]), [vec![0, 3], vec![1, 4], vec![2]]);
+
+    // A member that stops lets go of everything; the rest split it.
+    drop(a);
+    assert_eq!(settle(&mut [&mut b, &mut c]), [vec![0, 2, 4], vec![1, 3]]);
 }
