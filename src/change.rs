@@ -59,10 +59,22 @@ impl Change {
 /// tuning is needed. A row whose message would be larger is rejected.
 pub const MAX_MESSAGE_BYTES: usize = 900_000;
 
-/// Why a message value is too large to publish, if it is.
-pub fn oversize(value: &[u8]) -> Option<String> {
-    (value.len() > MAX_MESSAGE_BYTES)
-        .then(|| format!("its message would be {} bytes, over the {MAX_MESSAGE_BYTES}-byte limit", value.len()))
+/// The size a message of `len` bytes carrying `version` counts as against
+/// [`MAX_MESSAGE_BYTES`] (see [`oversize`]).
+pub fn counted_len(len: usize, version: u64) -> usize {
+    let digits = version.checked_ilog10().map_or(1, |d| d as usize + 1);
+    len - digits.min(len) + 20
+}
+
+/// Why a message value carrying `version` is too large to publish, if it
+/// is. The version is counted as if it had all 20 digits a `u64` may have,
+/// so whether a row fits never depends on which claim's version it gets
+/// (a row one byte under the limit as version 9 would be over as version 10).
+pub fn oversize(value: &[u8], version: u64) -> Option<String> {
+    let counted = counted_len(value.len(), version);
+    (counted > MAX_MESSAGE_BYTES).then(|| {
+        format!("its message would be {counted} bytes (its version counted as 20 digits), over the {MAX_MESSAGE_BYTES}-byte limit")
+    })
 }
 
 /// The message key: the primary key's JSON.

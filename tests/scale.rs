@@ -14,8 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use chrono::Utc;
-use common::{TestEnv, eventually};
+use common::{TestEnv, eventually, keep_inserting};
 use pg2ch::commands;
 
 /// Who holds each partition's lease now (`None`: nobody), and the producers.
@@ -50,21 +49,7 @@ async fn consumer_processes_share_partitions_and_take_over_from_dead_and_paused_
     env.ok(&["seed", "--rows", "20000"]);
 
     let stop = Arc::new(AtomicBool::new(false));
-    let pool = env.pg().await;
-    let inserter = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut batches = 0u32;
-            while !stop.load(Ordering::SeqCst) {
-                let names: Vec<String> = (0..20).map(|i| format!("scale_{batches}_{i}")).collect();
-                let times = vec![Utc::now(); names.len()];
-                pg2ch::postgres::insert_events(&pool, &names, &times).await.unwrap();
-                batches += 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            batches
-        })
-    };
+    let inserter = keep_inserting(env.pg().await, 20, Duration::from_millis(20), stop.clone());
     let start = |args: &[&str]| env.command(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let consume = ["consume", "--insert-rows", "700", "--poll-ms", "20"];
     let producers = [0, 1].map(|_| start(&["produce", "--batch-rows", "500", "--poll-ms", "20"]));

@@ -9,8 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use chrono::Utc;
-use common::TestEnv;
+use common::{TestEnv, keep_inserting};
 use rand::{Rng, SeedableRng};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -21,21 +20,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
 
     // New rows keep arriving during the whole test.
     let stop = Arc::new(AtomicBool::new(false));
-    let pool = env.pg().await;
-    let inserter = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut batches = 0u32;
-            while !stop.load(Ordering::SeqCst) {
-                let names: Vec<String> = (0..50).map(|i| format!("live_{batches}_{i}")).collect();
-                let times = vec![Utc::now(); names.len()];
-                pg2ch::postgres::insert_events(&pool, &names, &times).await.unwrap();
-                batches += 1;
-                tokio::task::yield_now().await;
-            }
-            batches
-        })
-    };
+    let inserter = keep_inserting(env.pg().await, 50, Duration::ZERO, stop.clone());
 
     let seed: u64 = std::env::var("PG2CH_KILL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
     println!("PG2CH_KILL_SEED={seed}");

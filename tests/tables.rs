@@ -332,7 +332,7 @@ async fn insert(pool: &sqlx::PgPool, id: &str, part: i32, row: &[Input]) {
 fn travels(schema: &pg2ch::schema::TableSchema, values: &[Value]) -> Result<(), String> {
     schema.check_row(values)?;
     let size = pg2ch::change::encode(schema, &pg2ch::change::Change::upsert(values.to_vec(), 1)).len();
-    pg2ch::change::oversize(&vec![0; size]).map_or(Ok(()), Err)
+    pg2ch::change::oversize(&vec![0; size], 1).map_or(Ok(()), Err)
 }
 
 #[tokio::test(flavor = "multi_thread")]

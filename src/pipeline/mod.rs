@@ -158,7 +158,7 @@ fn encode(schema: &TableSchema, claim: crate::stores::Claim, mine: &[usize], par
     let (records, bytes) = (&mut out.records, &mut out.bytes);
     let mut record = |change: &Change, key: &Key| {
         let value = change::encode(schema, change);
-        if let Some(reason) = change::oversize(&value) {
+        if let Some(reason) = change::oversize(&value, change.version) {
             return Err(reason);
         }
         let key_bytes = change::key_bytes(schema, change);

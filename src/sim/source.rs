@@ -204,7 +204,7 @@ impl Table {
     pub fn travels(schema: &TableSchema, values: &[Value]) -> Result<(), String> {
         schema.check_row(values)?;
         let change = Change::upsert(values.to_vec(), 0);
-        crate::change::oversize(&crate::change::encode(schema, &change)).map_or(Ok(()), Err)
+        crate::change::oversize(&crate::change::encode(schema, &change), 0).map_or(Ok(()), Err)
     }
 }
 

@@ -126,6 +126,29 @@ where
     }
 }
 
+/// New `user_logins` rows, `rows` per statement, until `stop` is set: the
+/// rows that keep arriving while a test kills and restarts processes.
+/// Returns a handle to the statements made.
+pub fn keep_inserting(
+    pool: PgPool,
+    rows: usize,
+    pause: Duration,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<u32> {
+    tokio::spawn(async move {
+        let mut batches = 0u32;
+        while !stop.load(Ordering::SeqCst) {
+            let names: Vec<String> = (0..rows).map(|i| format!("live_{batches}_{i}")).collect();
+            let times = vec![chrono::Utc::now(); names.len()];
+            pg2ch::postgres::insert_events(&pool, &names, &times).await.unwrap();
+            batches += 1;
+            // Pacing, not synchronisation.
+            tokio::time::sleep(pause).await;
+        }
+        batches
+    })
+}
+
 /// A free TCP port on loopback (released before use; good enough for tests).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
