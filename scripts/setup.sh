@@ -18,6 +18,8 @@ if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb 
   packages+=(postgresql)
 fi
 command -v psql >/dev/null 2>&1 || packages+=(postgresql-client)
+# ZooKeeper for a replicated ClickHouse (`stack up --ch-replicas 2`, tests/cluster.rs).
+[ -f /usr/share/java/zookeeper.jar ] || packages+=(zookeeper)
 if [ ${#packages[@]} -gt 0 ]; then
   echo "setup: installing ${packages[*]} (apt)"
   $sudo apt-get update -qq
@@ -36,4 +38,4 @@ if ! python3 -c "import chdb, lz4" >/dev/null 2>&1; then
   echo "setup: installing chdb-core (ClickHouse 26.9 engine) and lz4 from PyPI"
   python3 -m pip install --quiet --disable-pip-version-check "chdb-core==26.9.0" lz4
 fi
-echo "setup: PostgreSQL, ClickHouse (18.16 server, 26.9 engine) and the broker are installed"
+echo "setup: PostgreSQL, ClickHouse (18.16 server, 26.9 engine), ZooKeeper and the broker are installed"

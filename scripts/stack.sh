@@ -4,7 +4,7 @@
 # Next to the local stack it starts the test front end for a current
 # ClickHouse engine (chdb, ClickHouse 26.9; scripts/chdb_http.py, test
 # support only) on PG2CH_STACK_CHDB_PORT (8124), for the second test pass.
-# Usage: scripts/stack.sh up | down
+# Usage: scripts/stack.sh up [--ch-replicas N] | down
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p target
@@ -81,7 +81,7 @@ chdb_down() {
 
 cargo build --release --quiet --bin pg2ch
 if [ "$action" = up ]; then
-  target/release/pg2ch stack up > target/stack.env
+  target/release/pg2ch stack up "${@:2}" > target/stack.env
   chdb_up
   echo "stack: environment in target/stack.env (source it)" >&2
 else

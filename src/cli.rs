@@ -60,6 +60,14 @@ struct Connection {
     ch_pass_file: Option<std::path::PathBuf>,
     #[arg(long, global = true, env = "CH_DB", default_value = "default")]
     ch_db: String,
+    /// The ClickHouse cluster holding pg2ch's tables: created ON CLUSTER as
+    /// replicated tables; inserts wait for every replica (insert_quorum).
+    #[arg(long, global = true, env = "CH_CLUSTER")]
+    ch_cluster: Option<String>,
+    /// Each ClickHouse replica's HTTP address, comma-separated host:port
+    /// (for `verify --each-replica`).
+    #[arg(long, global = true, env = "CH_REPLICAS", value_delimiter = ',')]
+    ch_replicas: Vec<String>,
     /// Comma-separated host:port list.
     #[arg(long, global = true, env = "KAFKA_BOOTSTRAP", default_value = "localhost:9092")]
     kafka_bootstrap: String,
@@ -177,6 +185,9 @@ enum Command {
         /// tells that something was found).
         #[arg(long)]
         repair: bool,
+        /// Also compare each replica alone (CH_REPLICAS), naming any that lags or differs.
+        #[arg(long)]
+        each_replica: bool,
     },
     /// Unsent rows, per-partition end offset, position and lag, rows in ClickHouse.
     Status {
@@ -193,11 +204,18 @@ enum Command {
 #[derive(Subcommand, Debug, Clone, Copy)]
 enum StackAction {
     /// Start PostgreSQL, ClickHouse and a Kafka-API broker on loopback (idempotent) and print the environment.
-    Up,
+    Up {
+        /// ClickHouse as a cluster of this many replicas (with ZooKeeper) instead of one server.
+        #[arg(long, default_value_t = 1)]
+        ch_replicas: usize,
+    },
     /// Stop what `up` started.
     Down,
     /// Print the environment for the stack.
-    Env,
+    Env {
+        #[arg(long, default_value_t = 1)]
+        ch_replicas: usize,
+    },
 }
 
 /// Kafka's record batch codecs, as `--compression` spells them.
@@ -270,6 +288,8 @@ impl Connection {
                 user: self.ch_user.clone(),
                 password: password(self.ch_pass_file.as_deref(), "CH_PASS")?,
                 database: self.ch_db.clone(),
+                cluster: self.ch_cluster.clone().filter(|c| !c.is_empty()),
+                replicas: self.ch_replicas.iter().map(|r| r.trim().to_owned()).filter(|r| !r.is_empty()).collect(),
             },
             kafka: KafkaConfig {
                 bootstrap: self.kafka_bootstrap.split(',').map(|s| s.trim().to_owned()).collect(),
@@ -375,8 +395,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             a.serve_metrics()?;
             commands::run(&s, &a.options(), shutdown_signal()).await?;
         }
-        Command::Verify { json, repair } => {
-            let reports = commands::verify(&s, repair).await?;
+        Command::Verify { json, repair, each_replica } => {
+            let reports = match each_replica {
+                true => commands::verify_each_replica(&s, repair).await?,
+                false => commands::verify(&s, repair).await?,
+            };
             if json {
                 println!("{}", one_or_all(&reports)?);
             } else {
@@ -399,12 +422,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Stack { action } => {
             let stack = crate::stack::Stack::from_env();
             match action {
-                StackAction::Up => {
-                    let env = stack.up().await?;
+                StackAction::Up { ch_replicas } => {
+                    let env = stack.with_replicas(ch_replicas).up().await?;
                     print!("{}", env.shell_exports());
                 }
                 StackAction::Down => stack.down()?,
-                StackAction::Env => print!("{}", stack.env().shell_exports()),
+                StackAction::Env { ch_replicas } => {
+                    print!("{}", stack.with_replicas(ch_replicas).env().shell_exports())
+                }
             }
         }
     }

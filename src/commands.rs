@@ -578,11 +578,38 @@ pub async fn run(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow::Re
 /// PostgreSQL lacks. A progress bar shows on a terminal.
 pub async fn verify(s: &Settings, repair: bool) -> anyhow::Result<Vec<Report>> {
     let pool = postgres::connect(&s.pg, 1, s.timeouts.call).await?;
-    let ch = ClickHouse::connect(&s.ch, s.timeouts.call).await?;
+    verify_on(s, &pool, &s.ch, repair).await
+}
+
+/// [`verify`] against the configured ClickHouse, then against each replica
+/// in `CH_REPLICAS` alone (without repairing), each report naming its replica.
+pub async fn verify_each_replica(s: &Settings, repair: bool) -> anyhow::Result<Vec<Report>> {
+    anyhow::ensure!(
+        !s.ch.replicas.is_empty(),
+        "--each-replica needs the replicas' HTTP addresses in CH_REPLICAS (host:port,host:port)"
+    );
+    let pool = postgres::connect(&s.pg, 1, s.timeouts.call).await?;
+    let mut reports = verify_on(s, &pool, &s.ch, repair).await?;
+    for replica in &s.ch.replicas {
+        let (host, port) = replica
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
+            .with_context(|| format!("CH_REPLICAS entry {replica:?} is not host:port"))?;
+        let ch = ChConfig { host, port, cluster: None, ..s.ch.clone() };
+        for mut report in verify_on(s, &pool, &ch, false).await.with_context(|| format!("replica {replica}"))? {
+            report.table = format!("{} on replica {replica}", report.table);
+            reports.push(report);
+        }
+    }
+    Ok(reports)
+}
+
+async fn verify_on(s: &Settings, pool: &PgPool, ch: &ChConfig, repair: bool) -> anyhow::Result<Vec<Report>> {
+    let ch = ClickHouse::connect(ch, s.timeouts.call).await?;
     let mut reports = Vec::new();
-    for table in tables(s, &pool, false).await? {
+    for table in tables(s, pool, false).await? {
         ch.check_table(&table.schema).await?;
-        let mut pg = postgres::PgVerifySide::open(&pool, table.schema.clone()).await?;
+        let mut pg = postgres::PgVerifySide::open(pool, table.schema.clone()).await?;
         let mut sink = ChVerifySide { ch: ch.clone(), schema: table.schema.clone() };
         let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
         bar.set_style(
@@ -731,6 +758,9 @@ pub fn peak_rss_mb() -> Option<u64> {
 /// Checks the names from configuration before anything connects.
 pub fn check_names(s: &Settings) -> anyhow::Result<()> {
     crate::config::identifier("ClickHouse database (CH_DB)", &s.ch.database)?;
+    if let Some(cluster) = &s.ch.cluster {
+        crate::config::identifier("ClickHouse cluster (CH_CLUSTER)", cluster)?;
+    }
     crate::config::topic_name(&s.kafka.topic).context("KAFKA_TOPIC")?;
     anyhow::ensure!(!s.kafka.group.is_empty(), "KAFKA_GROUP must not be empty");
     anyhow::ensure!(!s.tables.is_empty(), "no table to carry: --table (or PG2CH_TABLES) is empty");

@@ -120,6 +120,12 @@ pub struct ChConfig {
     pub password: Secret,
     /// Validated with [`identifier`].
     pub database: String,
+    /// The cluster whose replicas hold pg2ch's tables (`CH_CLUSTER`):
+    /// tables are created `ON CLUSTER`, replicated, and inserts wait for
+    /// every replica of the shard. Validated with [`identifier`].
+    pub cluster: Option<String>,
+    /// Each replica's HTTP address (`host:port`), for `verify --each-replica`.
+    pub replicas: Vec<String>,
 }
 
 impl ChConfig {
@@ -185,7 +191,15 @@ mod tests {
     fn secrets_never_print() {
         let s = Secret::new("hunter2");
         assert!(!format!("{s:?} {s}").contains("hunter2"));
-        let cfg = ChConfig { host: "h".into(), port: 1, user: "u".into(), password: s, database: "d".into() };
+        let cfg = ChConfig {
+            host: "h".into(),
+            port: 1,
+            user: "u".into(),
+            password: s,
+            database: "d".into(),
+            cluster: None,
+            replicas: vec![],
+        };
         assert!(!format!("{cfg:?}").contains("hunter2"));
     }
 

@@ -17,9 +17,19 @@
 //! trusted only if it holds a positive number whose process is the program
 //! that file is for.
 //!
+//! With `--ch-replicas N` (N ≥ 2) ClickHouse is a cluster instead of one
+//! server: ZooKeeper (Debian's package, run standalone) and N
+//! `clickhouse-server` processes forming cluster `pg2ch`, one shard of N
+//! replicas (macros `{shard}` = `01`, `{replica}` = `r1`…), each in
+//! `<dir>/ch-r<i>`; the environment then names the cluster (`CH_CLUSTER`)
+//! and every replica (`CH_REPLICAS`).
+//!
 //! Environment knobs: `PG2CH_STACK_DIR` (default `/tmp/pg2ch-stack`),
 //! `PG2CH_STACK_PG_PORT` (5432), `PG2CH_STACK_CH_PORT` (8123, HTTP),
-//! `PG2CH_STACK_CH_TCP_PORT` (9000), `PG2CH_STACK_KAFKA_PORT` (9092).
+//! `PG2CH_STACK_CH_TCP_PORT` (9000), `PG2CH_STACK_KAFKA_PORT` (9092);
+//! for a cluster `PG2CH_STACK_ZK_PORT` (2181) and
+//! `PG2CH_STACK_CH_REPLICA_PORT` (8131: replica i's HTTP port is this plus
+//! i - 1, its native port 9031 + i - 1, its interserver port 9041 + i - 1).
 
 use std::fmt::Write as _;
 use std::os::unix::fs::PermissionsExt;
@@ -42,6 +52,25 @@ pub struct Stack {
     pub ch_port: u16,
     pub ch_tcp_port: u16,
     pub kafka_port: u16,
+    /// A replicated ClickHouse instead of one server.
+    pub cluster: Option<ClusterPorts>,
+}
+
+/// The name of the stack's ClickHouse cluster.
+pub const CLUSTER: &str = "pg2ch";
+
+/// The ports of a replicated ClickHouse: ZooKeeper's, and each replica's.
+#[derive(Debug, Clone)]
+pub struct ClusterPorts {
+    pub zk_port: u16,
+    pub replicas: Vec<ReplicaPorts>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ReplicaPorts {
+    pub http: u16,
+    pub tcp: u16,
+    pub interserver: u16,
 }
 
 /// One service of the stack.
@@ -50,6 +79,9 @@ pub enum Service {
     Postgres,
     ClickHouse,
     Broker,
+    /// One replica of the stack's cluster, numbered from 1.
+    Replica(usize),
+    ZooKeeper,
 }
 
 /// How to reach a running stack.
@@ -78,6 +110,9 @@ impl StackEnv {
             self.ch.host, self.ch.port, self.ch.user, self.ch.database
         );
         let _ = writeln!(s, "export CH_PASS_FILE={d}/secrets/ch.pass");
+        if let Some(cluster) = &self.ch.cluster {
+            let _ = writeln!(s, "export CH_CLUSTER={cluster} CH_REPLICAS={}", self.ch.replicas.join(","));
+        }
         let _ = writeln!(s, "export KAFKA_BOOTSTRAP={}", self.kafka_bootstrap);
         s
     }
@@ -303,7 +338,21 @@ impl Stack {
             ch_port: env_port("PG2CH_STACK_CH_PORT", 8123),
             ch_tcp_port: env_port("PG2CH_STACK_CH_TCP_PORT", 9000),
             kafka_port: env_port("PG2CH_STACK_KAFKA_PORT", 9092),
+            cluster: None,
         }
+    }
+
+    /// The same stack with a cluster of `n` ClickHouse replicas (at least
+    /// two; fewer keeps the single server), on the ports the environment
+    /// knobs give.
+    pub fn with_replicas(self, n: usize) -> Self {
+        if n < 2 {
+            return self;
+        }
+        let http = env_port("PG2CH_STACK_CH_REPLICA_PORT", 8131);
+        let replicas =
+            (0..n as u16).map(|i| ReplicaPorts { http: http + i, tcp: 9031 + i, interserver: 9041 + i }).collect();
+        Stack { cluster: Some(ClusterPorts { zk_port: env_port("PG2CH_STACK_ZK_PORT", 2181), replicas }), ..self }
     }
 
     /// The environment of this stack (whether or not it is running).
@@ -319,10 +368,16 @@ impl Stack {
             },
             ch: ChConfig {
                 host: "127.0.0.1".into(),
-                port: self.ch_port,
+                port: self.cluster.as_ref().map_or(self.ch_port, |c| c.replicas[0].http),
                 user: USER.into(),
                 password: read("ch.pass"),
                 database: "default".into(),
+                cluster: self.cluster.as_ref().map(|_| CLUSTER.to_owned()),
+                replicas: self
+                    .cluster
+                    .iter()
+                    .flat_map(|c| c.replicas.iter().map(|r| format!("127.0.0.1:{}", r.http)))
+                    .collect(),
             },
             kafka_bootstrap: format!("127.0.0.1:{}", self.kafka_port),
             dir: self.dir.clone(),
@@ -346,7 +401,14 @@ impl Stack {
     pub async fn up(&self) -> anyhow::Result<StackEnv> {
         private_dir(&self.dir, my_uid())?;
         let env = self.env();
-        tokio::try_join!(self.postgres_up(&env), self.clickhouse_up(&env), self.broker_up(&env))?;
+        match &self.cluster {
+            None => {
+                tokio::try_join!(self.postgres_up(&env), self.clickhouse_up(&env), self.broker_up(&env))?;
+            }
+            Some(cluster) => {
+                tokio::try_join!(self.postgres_up(&env), self.cluster_up(&env, cluster), self.broker_up(&env))?;
+            }
+        }
         Ok(env)
     }
 
@@ -361,6 +423,14 @@ impl Stack {
         }
         self.stop(Service::ClickHouse)?;
         self.stop(Service::Broker)?;
+        // Whatever cluster an earlier `up --ch-replicas` started here.
+        for i in 1.. {
+            if !self.dir.join(format!("ch-r{i}")).exists() {
+                break;
+            }
+            self.stop(Service::Replica(i))?;
+        }
+        self.stop(Service::ZooKeeper)?;
         tracing::info!("stack in {} stopped", self.dir.display());
         Ok(())
     }
@@ -379,6 +449,14 @@ impl Stack {
             }
             Service::Broker => {
                 stop_pidfile(&self.dir.join("broker/broker.pid"), self.broker_program());
+                Ok(())
+            }
+            Service::Replica(i) => {
+                stop_pidfile(&self.dir.join(format!("ch-r{i}/server.pid")), "clickhouse-server");
+                Ok(())
+            }
+            Service::ZooKeeper => {
+                stop_pidfile(&self.dir.join("zk/zk.pid"), "java");
                 Ok(())
             }
         }
@@ -454,12 +532,25 @@ impl Stack {
     }
 
     async fn clickhouse_up(&self, env: &StackEnv) -> anyhow::Result<()> {
-        let probe =
-            || async { crate::clickhouse::ClickHouse::connect(&env.ch, Duration::from_secs(2)).await.map(|_| ()) };
+        self.clickhouse_server_up(env, &self.dir.join("ch"), env.ch.clone(), self.ch_port, self.ch_tcp_port, "").await
+    }
+
+    /// Starts one `clickhouse-server` in `root` unless one answers on
+    /// `http` already; `extra` goes into its configuration.
+    async fn clickhouse_server_up(
+        &self,
+        env: &StackEnv,
+        root: &Path,
+        ch: ChConfig,
+        http: u16,
+        tcp: u16,
+        extra: &str,
+    ) -> anyhow::Result<()> {
+        let ch = ChConfig { port: http, cluster: None, ..ch };
+        let probe = || async { crate::clickhouse::ClickHouse::connect(&ch, Duration::from_secs(2)).await.map(|_| ()) };
         if probe().await.is_err() {
             let bin = find_binary(&["clickhouse-server"], &[])
                 .context("clickhouse-server not found: run `just setup` (or apt-get install clickhouse-server)")?;
-            let root = self.dir.join("ch");
             for sub in ["data", "tmp", "user_files", "format_schemas"] {
                 std::fs::create_dir_all(root.join(sub))?;
             }
@@ -480,12 +571,11 @@ impl Stack {
   <default_database>default</default_database>
   <mark_cache_size>268435456</mark_cache_size>
   <max_concurrent_queries>200</max_concurrent_queries>
-</yandex>
-"#,
-                http = self.ch_port,
-                tcp = self.ch_tcp_port
+{extra}</yandex>
+"#
             );
-            std::fs::write(root.join("config.xml"), config)?;
+            // A cluster's configuration holds the password replicas use.
+            write_private(&root.join("config.xml"), &config)?;
             let users = format!(
                 r#"<?xml version="1.0"?>
 <yandex>
@@ -505,13 +595,85 @@ impl Stack {
             );
             write_private(&root.join("users.xml"), &users)?;
             let mut cmd = Command::new(bin);
-            cmd.arg(format!("--config-file={r}/config.xml")).current_dir(&root);
+            cmd.arg(format!("--config-file={r}/config.xml")).current_dir(root);
             spawn_detached(cmd, &root.join("stdout.log"), &root.join("server.pid"))?;
             wait_until("ClickHouse", Duration::from_secs(60), probe)
                 .await
                 .with_context(|| format!("see {r}/error.log"))?;
         }
-        tracing::info!("ClickHouse ready on 127.0.0.1:{}", self.ch_port);
+        tracing::info!("ClickHouse ready on 127.0.0.1:{http}");
+        Ok(())
+    }
+
+    /// ZooKeeper, then every replica of the cluster.
+    async fn cluster_up(&self, env: &StackEnv, cluster: &ClusterPorts) -> anyhow::Result<()> {
+        self.zookeeper_up(cluster.zk_port).await?;
+        let password = env.ch.password.expose();
+        let replicas: String = cluster
+            .replicas
+            .iter()
+            .map(|r| {
+                format!(
+                    "<replica><host>127.0.0.1</host><port>{}</port><user>{USER}</user><password>{password}</password></replica>",
+                    r.tcp
+                )
+            })
+            .collect();
+        let ups = cluster.replicas.iter().enumerate().map(|(i, r)| {
+            let extra = format!(
+                "  <interserver_http_port>{}</interserver_http_port>
+  <interserver_http_host>127.0.0.1</interserver_http_host>
+  <zookeeper><node><host>127.0.0.1</host><port>{}</port></node></zookeeper>
+  <distributed_ddl><path>/clickhouse/task_queue/ddl</path></distributed_ddl>
+  <macros><shard>01</shard><replica>r{}</replica></macros>
+  <remote_servers><{CLUSTER}><shard><internal_replication>true</internal_replication>{replicas}</shard></{CLUSTER}></remote_servers>
+",
+                r.interserver,
+                cluster.zk_port,
+                i + 1
+            );
+            let root = self.dir.join(format!("ch-r{}", i + 1));
+            async move { self.clickhouse_server_up(env, &root, env.ch.clone(), r.http, r.tcp, &extra).await }
+        });
+        futures::future::try_join_all(ups).await?;
+        Ok(())
+    }
+
+    /// A standalone ZooKeeper on loopback, from Debian's `zookeeper` package.
+    async fn zookeeper_up(&self, port: u16) -> anyhow::Result<()> {
+        let probe = || async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+            s.write_all(b"ruok").await?;
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).await?;
+            anyhow::ensure!(answer == "imok", "ZooKeeper answered {answer:?}");
+            Ok(())
+        };
+        if probe().await.is_ok() {
+            return Ok(());
+        }
+        let jar = Path::new("/usr/share/java/zookeeper.jar");
+        anyhow::ensure!(jar.exists(), "ZooKeeper not found: run `just setup` (or apt-get install zookeeper)");
+        let java = find_binary(&["java"], &[]).context("java not found (apt-get install default-jre-headless)")?;
+        let root = self.dir.join("zk");
+        std::fs::create_dir_all(root.join("data"))?;
+        let r = root.display();
+        std::fs::write(
+            root.join("zoo.cfg"),
+            format!(
+                "tickTime=2000\ndataDir={r}/data\nclientPort={port}\nclientPortAddress=127.0.0.1\n\
+                 admin.enableServer=false\n4lw.commands.whitelist=ruok\n"
+            ),
+        )?;
+        let mut cmd = Command::new(java);
+        cmd.args(["-Xmx256m", "-cp", "/usr/share/java/zookeeper.jar:/etc/zookeeper/conf_example"])
+            .arg("org.apache.zookeeper.server.ZooKeeperServerMain")
+            .arg(root.join("zoo.cfg"))
+            .current_dir(&root);
+        spawn_detached(cmd, &root.join("zk.log"), &root.join("zk.pid"))?;
+        wait_until("ZooKeeper", Duration::from_secs(60), probe).await.with_context(|| format!("see {r}/zk.log"))?;
+        tracing::info!("ZooKeeper ready on 127.0.0.1:{port}");
         Ok(())
     }
 

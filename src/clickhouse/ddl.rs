@@ -9,6 +9,11 @@
 //! one row per (group, topic, partition) and store; the largest
 //! `next_offset` wins, so merges never lose progress.
 //!
+//! On a cluster (`CH_CLUSTER`) every statement runs `ON CLUSTER` and the
+//! engines are the `Replicated` ones, at ZooKeeper path
+//! `/clickhouse/tables/{shard}/<database>.<table>` with replica `{replica}`
+//! (the servers' macros).
+//!
 //! At start, the table is compared with PostgreSQL's: columns PostgreSQL
 //! gained are added (and the caller resends the rows that hold values in
 //! them); a column dropped, renamed or retyped in PostgreSQL stops the
@@ -40,6 +45,11 @@ struct Existing {
     ty: String,
 }
 
+/// A string literal for ClickHouse SQL.
+fn ch_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
 fn definition(c: &ChColumn) -> String {
     match &c.materialized {
         Some(expr) => format!("{} {} MATERIALIZED {expr}", ch_ident(&c.name), c.ty),
@@ -58,10 +68,21 @@ impl ClickHouse {
         format!("{}.{}", self.db(), ch_ident(name))
     }
 
+    /// The engine `engine(args)`, replicated on a cluster.
+    fn engine_of(&self, table: &str, engine: &str, args: &str) -> String {
+        match &self.cluster {
+            None => format!("{engine}({args})"),
+            Some(_) => {
+                let path = format!("/clickhouse/tables/{{shard}}/{}.{table}", self.database);
+                format!("Replicated{engine}({}, '{{replica}}', {args})", ch_literal(&path))
+            }
+        }
+    }
+
     /// Creates the database and the positions table if absent.
     pub async fn init(&self) -> anyhow::Result<()> {
         let db = self.db();
-        let create_db = format!("CREATE DATABASE IF NOT EXISTS {db}");
+        let create_db = format!("CREATE DATABASE IF NOT EXISTS {db}{}", self.on_cluster());
         bounded(|| "ClickHouse: create database".into(), self.timeout, async {
             Ok(self.client.clone().with_database("default").query(&create_db).execute().await?)
         })
@@ -70,14 +91,16 @@ impl ClickHouse {
         self.run(
             "create table pg2ch_positions",
             &format!(
-                "CREATE TABLE IF NOT EXISTS {} (
+                "CREATE TABLE IF NOT EXISTS {}{} (
                     consumer_group String,
                     topic String,
                     partition Int32,
                     next_offset UInt64,
                     last_record UInt64
-                ) ENGINE = ReplacingMergeTree(next_offset) ORDER BY (consumer_group, topic, partition)",
-                self.table("pg2ch_positions")
+                ) ENGINE = {} ORDER BY (consumer_group, topic, partition)",
+                self.table("pg2ch_positions"),
+                self.on_cluster(),
+                self.engine_of("pg2ch_positions", "ReplacingMergeTree", "next_offset")
             ),
         )
         .await?;
@@ -86,7 +109,11 @@ impl ClickHouse {
         if !columns.iter().any(|c| c.name == "last_record") {
             self.run(
                 "add last_record to pg2ch_positions",
-                &format!("ALTER TABLE {} ADD COLUMN last_record UInt64", self.table("pg2ch_positions")),
+                &format!(
+                    "ALTER TABLE {}{} ADD COLUMN last_record UInt64",
+                    self.table("pg2ch_positions"),
+                    self.on_cluster()
+                ),
             )
             .await?;
         }
@@ -96,16 +123,18 @@ impl ClickHouse {
     /// Creates the table of `schema` if absent.
     pub async fn create_table(&self, schema: &TableSchema) -> anyhow::Result<()> {
         let columns: Vec<String> = schema.ch_columns(&self.caps).iter().map(definition).collect();
-        let engine = if self.caps.is_deleted {
-            format!("ReplacingMergeTree({}, {})", ch_ident(CH_VERSION), ch_ident(CH_DELETED))
+        let args = if self.caps.is_deleted {
+            format!("{}, {}", ch_ident(CH_VERSION), ch_ident(CH_DELETED))
         } else {
-            format!("ReplacingMergeTree({})", ch_ident(CH_VERSION))
+            ch_ident(CH_VERSION)
         };
+        let engine = self.engine_of(&schema.name, "ReplacingMergeTree", &args);
         self.run(
             &format!("create table {}", schema.name),
             &format!(
-                "CREATE TABLE IF NOT EXISTS {} ({}) ENGINE = {engine} ORDER BY {}",
+                "CREATE TABLE IF NOT EXISTS {}{} ({}) ENGINE = {engine} ORDER BY {}",
                 self.table(&schema.name),
+                self.on_cluster(),
                 columns.join(", "),
                 schema.ch_order_by()
             ),
@@ -264,7 +293,7 @@ impl ClickHouse {
             for d in &derived {
                 self.run(
                     &format!("add column {} to {name}", d.name),
-                    &format!("ALTER TABLE {} ADD COLUMN {}", self.table(name), definition(d)),
+                    &format!("ALTER TABLE {}{} ADD COLUMN {}", self.table(name), self.on_cluster(), definition(d)),
                 )
                 .await?;
             }

@@ -21,7 +21,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clickhouse::{Client, Compression};
 
-use crate::config::{ChConfig, bounded};
+use crate::config::{ChConfig, bounded, ch_ident};
 use crate::stores::Permanent;
 
 pub use sink::ChSink;
@@ -96,7 +96,17 @@ pub struct ClickHouse {
     pub client: Client,
     pub caps: Capabilities,
     pub database: String,
+    /// The cluster pg2ch's tables live on (`CH_CLUSTER`), if any.
+    pub cluster: Option<Cluster>,
     timeout: Duration,
+}
+
+/// A ClickHouse cluster as `system.clusters` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    pub name: String,
+    /// Replicas of its (one) shard.
+    pub replicas: usize,
 }
 
 /// A client over an HTTP client like the crate's default, but with
@@ -141,7 +151,50 @@ impl ClickHouse {
             // be in the table by then, not in a buffer.
             client = client.with_setting("async_insert", "0");
         }
-        Ok(ClickHouse { client, caps, database: cfg.database.clone(), timeout })
+        let cluster = match &cfg.cluster {
+            None => None,
+            Some(name) => Some(Self::cluster(&probe, cfg, name, timeout).await?),
+        };
+        if let Some(c) = cluster.as_ref().filter(|c| c.replicas > 1) {
+            // An insert returns once every replica has it, so a position
+            // stored after it covers rows no single replica's loss takes
+            // away. A replica down stops inserts (retried) until it is back.
+            client = client
+                .with_setting("insert_quorum", c.replicas.to_string())
+                .with_setting("insert_quorum_timeout", timeout.as_millis().to_string());
+        }
+        Ok(ClickHouse { client, caps, database: cfg.database.clone(), cluster, timeout })
+    }
+
+    /// Reads the cluster `name` from `system.clusters`: it must exist and
+    /// have one shard (sharded clusters are not supported yet).
+    async fn cluster(probe: &Client, cfg: &ChConfig, name: &str, timeout: Duration) -> anyhow::Result<Cluster> {
+        let shards: Vec<(u32, u64)> = bounded(|| format!("reading cluster {name:?}"), timeout, async {
+            Ok(probe
+                .query("SELECT shard_num, count() FROM system.clusters WHERE cluster = ? GROUP BY shard_num")
+                .bind(name)
+                .fetch_all::<(u32, u64)>()
+                .await?)
+        })
+        .await?;
+        match shards.as_slice() {
+            [] => Err(Permanent::error(format!(
+                "ClickHouse cluster {name:?} (CH_CLUSTER) is not in system.clusters of {}: check the name and the \
+                 servers' remote_servers",
+                cfg.describe()
+            ))),
+            [(_, replicas)] => Ok(Cluster { name: name.to_owned(), replicas: *replicas as usize }),
+            more => Err(Permanent::error(format!(
+                "ClickHouse cluster {name:?} has {} shards; pg2ch writes to clusters of one shard (any number of \
+                 replicas) for now",
+                more.len()
+            ))),
+        }
+    }
+
+    /// ` ON CLUSTER <name>` for DDL when pg2ch's tables live on a cluster.
+    pub fn on_cluster(&self) -> String {
+        self.cluster.as_ref().map_or(String::new(), |c| format!(" ON CLUSTER {}", ch_ident(&c.name)))
     }
 
     pub fn timeout(&self) -> Duration {

@@ -108,6 +108,8 @@ pub async fn start() -> anyhow::Result<(Containers, Settings)> {
             user: "pg2ch".into(),
             password: Secret::new("pg2ch"),
             database: "default".into(),
+            cluster: None,
+            replicas: vec![],
         },
         kafka: KafkaConfig {
             bootstrap: vec![format!("127.0.0.1:{kafka_port}")],

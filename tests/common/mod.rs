@@ -61,6 +61,8 @@ async fn base() -> Settings {
                     user: var("CH_USER").unwrap_or_else(|| "default".into()),
                     password: password("CH_PASS"),
                     database: "default".into(),
+                    cluster: None,
+                    replicas: vec![],
                 },
                 kafka: KafkaConfig { bootstrap: vec![bootstrap], topic: String::new(), group: "pg2ch".into() },
                 timeouts: Timeouts { call: Duration::from_secs(30) },
@@ -220,16 +222,34 @@ pub struct PrivateStack {
 
 impl PrivateStack {
     pub async fn start(label: &str) -> PrivateStack {
+        PrivateStack::start_with(label, None).await
+    }
+
+    async fn start_with(label: &str, replicas: Option<usize>) -> PrivateStack {
+        let cluster = replicas.map(|n| pg2ch::stack::ClusterPorts {
+            zk_port: free_port(),
+            replicas: (0..n)
+                .map(|_| pg2ch::stack::ReplicaPorts { http: free_port(), tcp: free_port(), interserver: free_port() })
+                .collect(),
+        });
         let stack = pg2ch::stack::Stack {
             dir: std::env::temp_dir().join(format!("pg2ch-{label}-{}", std::process::id())),
             pg_port: free_port(),
             ch_port: free_port(),
             ch_tcp_port: free_port(),
             kafka_port: free_port(),
+            cluster,
         };
         let mut private = PrivateStack { settings: settings_of(stack.env()), stack, chdb: None };
         private.up().await;
         private
+    }
+
+    /// A stack of its own whose ClickHouse is a cluster of `replicas`
+    /// ClickHouse 18.16 servers with ZooKeeper (in every pass: chdb has no
+    /// replication).
+    pub async fn start_cluster(label: &str, replicas: usize) -> PrivateStack {
+        PrivateStack::start_with(label, Some(replicas)).await
     }
 
     fn chdb_path(&self) -> std::path::PathBuf {
@@ -238,7 +258,7 @@ impl PrivateStack {
 
     /// Starts whatever of the stack is not running.
     pub async fn up(&mut self) {
-        if clickhouse_flavor() == "chdb" && self.chdb.is_none() {
+        if clickhouse_flavor() == "chdb" && self.chdb.is_none() && self.stack.cluster.is_none() {
             // Before the stack: its ClickHouse then answers, and no server is started.
             let password = self.stack.dir.join("secrets/ch.pass");
             self.chdb = Some(ChdbFrontEnd::start(self.stack.ch_port, &self.chdb_path(), &password).await);
@@ -421,6 +441,8 @@ impl TestEnv {
             ("CH_USER", s.ch.user.clone()),
             ("CH_PASS", s.ch.password.expose().to_owned()),
             ("CH_DB", s.ch.database.clone()),
+            ("CH_CLUSTER", s.ch.cluster.clone().unwrap_or_default()),
+            ("CH_REPLICAS", s.ch.replicas.join(",")),
             ("KAFKA_BOOTSTRAP", s.kafka.bootstrap.join(",")),
             ("KAFKA_TOPIC", s.kafka.topic.clone()),
             ("KAFKA_GROUP", s.kafka.group.clone()),
@@ -444,6 +466,8 @@ impl TestEnv {
             "CH_PASS",
             "CH_PASS_FILE",
             "CH_DB",
+            "CH_CLUSTER",
+            "CH_REPLICAS",
             "KAFKA_BOOTSTRAP",
             "KAFKA_TOPIC",
             "KAFKA_GROUP",
