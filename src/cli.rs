@@ -66,8 +66,8 @@ struct Connection {
     ch_cluster: Option<String>,
     /// Each ClickHouse replica's HTTP address, comma-separated host:port
     /// (for `verify --each-replica`).
-    #[arg(long, global = true, env = "CH_REPLICAS", value_delimiter = ',')]
-    ch_replicas: Vec<String>,
+    #[arg(long = "ch-replica-addrs", global = true, env = "CH_REPLICAS", value_delimiter = ',')]
+    ch_replica_addrs: Vec<String>,
     /// Comma-separated host:port list.
     #[arg(long, global = true, env = "KAFKA_BOOTSTRAP", default_value = "localhost:9092")]
     kafka_bootstrap: String,
@@ -289,7 +289,7 @@ impl Connection {
                 password: password(self.ch_pass_file.as_deref(), "CH_PASS")?,
                 database: self.ch_db.clone(),
                 cluster: self.ch_cluster.clone().filter(|c| !c.is_empty()),
-                replicas: self.ch_replicas.iter().map(|r| r.trim().to_owned()).filter(|r| !r.is_empty()).collect(),
+                replicas: self.ch_replica_addrs.iter().map(|r| r.trim().to_owned()).filter(|r| !r.is_empty()).collect(),
             },
             kafka: KafkaConfig {
                 bootstrap: self.kafka_bootstrap.split(',').map(|s| s.trim().to_owned()).collect(),
@@ -434,4 +434,28 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent_and_every_command_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        for argv in [
+            &["pg2ch", "stack", "up", "--ch-replicas", "2"][..],
+            &["pg2ch", "stack", "env", "--ch-replicas", "2"],
+            &["pg2ch", "verify", "--each-replica", "--ch-cluster", "c", "--ch-replica-addrs", "a:1,b:2"],
+            &["pg2ch", "run", "--once", "--partitions", "0,2", "--table", "t"],
+            &["pg2ch", "consume", "--exclusive"],
+            &["pg2ch", "init", "--partitions", "3"],
+            &["pg2ch", "status", "--json"],
+        ] {
+            let cli = Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            // Reading every value is where a clash between two arguments of one name panics.
+            cli.conn.settings(&cli.tables).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        }
+    }
 }

@@ -72,18 +72,42 @@ impl Capabilities {
 
 /// Tags server answers that retrying cannot change (a missing table or
 /// column, a type mismatch, a wrong password) as permanent.
+/// The server's error code in an error answer.
+fn code(e: &clickhouse::error::Error) -> Option<u32> {
+    let clickhouse::error::Error::BadResponse(text) = e else { return None };
+    // Old servers write `Code: 47, e.displayText()`, new ones `Code: 47. DB::Exception`.
+    let (_, rest) = text.split_once("Code: ")?;
+    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// Runs a quorum insert again while the server refuses it because another
+/// insert's quorum is still pending (UNSATISFIED_QUORUM_FOR_PREVIOUS_WRITE,
+/// 286: servers before 20.10 take one quorum insert at a time per table, so
+/// consumers of one group take turns). Such a refusal did nothing; other
+/// errors are returned, classified. The caller bounds the whole in time.
+pub async fn taking_turns<T, F: Future<Output = Result<T, clickhouse::error::Error>>>(
+    mut insert: impl FnMut() -> F,
+) -> anyhow::Result<T> {
+    loop {
+        match insert().await {
+            Err(e) if code(&e) == Some(286) => {
+                use rand::Rng;
+                let wait = rand::rng().random_range(2..30);
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+            }
+            other => return other.map_err(classify),
+        }
+    }
+}
+
 pub fn classify(e: clickhouse::error::Error) -> anyhow::Error {
     if let clickhouse::error::Error::BadResponse(text) = &e {
         // UNKNOWN_IDENTIFIER, NO_SUCH_COLUMN_IN_TABLE, TYPE_MISMATCH,
         // UNKNOWN_TABLE, UNKNOWN_DATABASE, UNKNOWN_USER, AUTHENTICATION_FAILED,
         // CANNOT_PARSE_INPUT_ASSERTION_FAILED (a row shape the table rejects),
         // SYNTAX_ERROR, THERE_IS_NO_COLUMN, ILLEGAL_TYPE_OF_ARGUMENT.
-        // Old servers write `Code: 47, e.displayText()`, new ones `Code: 47. DB::Exception`.
         const PERMANENT: [u32; 12] = [47, 16, 53, 60, 81, 192, 516, 27, 62, 8, 43, 10];
-        let code = text
-            .split_once("Code: ")
-            .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse::<u32>().ok()));
-        if code.is_some_and(|c| PERMANENT.contains(&c)) {
+        if code(&e).is_some_and(|c| PERMANENT.contains(&c)) {
             return Permanent::error(format!("ClickHouse refused: {}", text.lines().next().unwrap_or(text)));
         }
     }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use clickhouse::Row;
 use serde::{Deserialize, Serialize};
 
-use super::{ClickHouse, classify};
+use super::{ClickHouse, classify, taking_turns};
 use crate::change::Change;
 use crate::config::bounded;
 use crate::schema::TableSchema;
@@ -67,13 +67,17 @@ impl ClickHouse {
         // straddle two (the server reads the blocks as one stream).
         const SLICE: usize = 1 << 20;
         let bytes = bytes::Bytes::from(buf);
-        bounded(|| format!("ClickHouse: inserting into {}", schema.name), self.timeout, async {
-            let mut insert = self.client.insert_formatted_with(sql);
-            for start in (0..bytes.len()).step_by(SLICE) {
-                insert.send(bytes.slice(start..(start + SLICE).min(bytes.len()))).await.map_err(classify)?;
-            }
-            insert.end().await.map_err(classify)
-        })
+        bounded(
+            || format!("ClickHouse: inserting into {}", schema.name),
+            self.timeout,
+            taking_turns(|| async {
+                let mut insert = self.client.insert_formatted_with(sql.clone());
+                for start in (0..bytes.len()).step_by(SLICE) {
+                    insert.send(bytes.slice(start..(start + SLICE).min(bytes.len()))).await?;
+                }
+                insert.end().await
+            }),
+        )
         .await
     }
 
@@ -83,20 +87,24 @@ impl ClickHouse {
         topic: &str,
         positions: &BTreeMap<i32, Position>,
     ) -> anyhow::Result<()> {
-        bounded(|| "ClickHouse: inserting into pg2ch_positions".into(), self.timeout, async {
-            let mut insert = self.client.insert::<PositionRow>("pg2ch_positions").await.map_err(classify)?;
-            for (p, position) in positions {
-                let row = PositionRow {
-                    consumer_group: group.to_owned(),
-                    topic: topic.to_owned(),
-                    partition: *p,
-                    next_offset: position.next as u64,
-                    last_record: position.last.unwrap_or(0),
-                };
-                insert.write(&row).await.map_err(classify)?;
-            }
-            insert.end().await.map_err(classify)
-        })
+        bounded(
+            || "ClickHouse: inserting into pg2ch_positions".into(),
+            self.timeout,
+            taking_turns(|| async {
+                let mut insert = self.client.insert::<PositionRow>("pg2ch_positions").await?;
+                for (p, position) in positions {
+                    let row = PositionRow {
+                        consumer_group: group.to_owned(),
+                        topic: topic.to_owned(),
+                        partition: *p,
+                        next_offset: position.next as u64,
+                        last_record: position.last.unwrap_or(0),
+                    };
+                    insert.write(&row).await?;
+                }
+                insert.end().await
+            }),
+        )
         .await
     }
 
