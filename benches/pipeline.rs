@@ -10,6 +10,7 @@
 //! Rows per benchmark: `PG2CH_BENCH_ROWS` (default 1,000,000). Each timed
 //! iteration starts from the same state (flags reset and the table rewritten
 //! in id order, untimed); every end-to-end run must end with `verify` OK.
+//! `PG2CH_BENCH_ONLY=consumers` runs only one versus two consumer processes.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -510,6 +511,12 @@ fn main() {
         assert!(env.run(&["init", "--table", "wide", "--partitions", "4"]).status.success());
         env
     });
+    if std::env::var("PG2CH_BENCH_ONLY").as_deref() == Ok("consumers") {
+        // Just the consumer scaling figure (a minute or two at 1M rows).
+        let (scaling, rounds) = consumer_scaling(&rt, &env, n);
+        println!("consumers of one group, two processes' rate over one's on {n} records: {scaling:.2} ({rounds:.1?})");
+        return;
+    }
     let mut c = Criterion::default().configure_from_args();
     let schema = rt.block_on(env.logins());
     postgres_stages(&mut c, &rt, &env, n);
