@@ -356,3 +356,37 @@ impl Leases for Unleased {
         Ok(self.0.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(crate::types::strategies::config(256))]
+
+        /// Whatever the members (any ids, in any order, with gaps) and the
+        /// partitions a consumer may read: every partition has exactly one
+        /// owner among the members, and shares differ by one at most.
+        #[test]
+        fn every_partition_has_one_owner_and_shares_are_fair(
+            ids in proptest::collection::btree_set(any::<u32>(), 1..8),
+            candidates in proptest::collection::btree_set(0..64i32, 0..40),
+        ) {
+            let all: Vec<u32> = ids.iter().copied().collect();
+            let candidates: Vec<i32> = candidates.into_iter().collect();
+            let shares: Vec<BTreeSet<i32>> =
+                all.iter().map(|me| Members { me: *me, all: all.clone() }.share(&candidates)).collect();
+            for p in &candidates {
+                prop_assert_eq!(shares.iter().filter(|s| s.contains(p)).count(), 1, "partition {}", p);
+            }
+            prop_assert_eq!(shares.iter().map(BTreeSet::len).sum::<usize>(), candidates.len());
+            let (least, most) = (shares.iter().map(BTreeSet::len).min(), shares.iter().map(BTreeSet::len).max());
+            prop_assert!(most.unwrap_or(0) - least.unwrap_or(0) <= 1, "{:?}", shares);
+            // A member the others do not list (its membership died) owns nothing.
+            let others: Vec<u32> = all.iter().copied().filter(|m| *m != u32::MAX).collect();
+            let gone = Members { me: u32::MAX, all: others }.share(&candidates);
+            prop_assert!(gone.is_empty(), "{:?}", gone);
+        }
+    }
+}

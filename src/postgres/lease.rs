@@ -7,8 +7,8 @@
 //! closes it at once; one that hangs or is paused stops the heartbeat,
 //! and the server ends the session after [`LEASE_LIFE`] idle
 //! (`idle_session_timeout`), which releases its locks. A process that wakes
-//! after that finds it holds nothing ([`Leases::held`] reads its own locks
-//! from `pg_locks`) and joins again.
+//! after that finds it holds nothing ([`Leases::held`] checks its session
+//! still lives: while it does, what it took is held) and joins again.
 //!
 //! Lock keys are single `bigint`s (a space apart from the two-`int4` keys
 //! of claims and producer leases): the group's number from
@@ -42,14 +42,35 @@ pub const REGISTRY: &str = "CREATE TABLE IF NOT EXISTS _pg2ch.consumer_groups (
     topic text NOT NULL,
     UNIQUE (consumer_group, topic))";
 
-/// The settings of a lease session: [`LEASE_LIFE`] idle ends it, and a peer
-/// gone from the network is noticed about as fast.
-pub const SESSION_SETTINGS: [(&str, &str); 4] = [
-    ("idle_session_timeout", "8000"),
-    ("tcp_keepalives_idle", "2"),
-    ("tcp_keepalives_interval", "1"),
-    ("tcp_keepalives_count", "3"),
-];
+/// The settings of a lease session: a peer gone from the network is noticed
+/// within seconds. (Its idle timeout is set once connected, by
+/// [`connect_session`]: servers before 14 do not know it.)
+pub const SESSION_SETTINGS: [(&str, &str); 3] =
+    [("tcp_keepalives_idle", "2"), ("tcp_keepalives_interval", "1"), ("tcp_keepalives_count", "3")];
+
+/// Opens a lease session that the server ends after [`LEASE_LIFE`] idle.
+/// A server before PostgreSQL 14 has no `idle_session_timeout`: the session
+/// then lives as long as its connection, so a paused (not exited) process
+/// keeps its partitions until it resumes; said once, in a warning.
+async fn connect_session(options: &PgConnectOptions) -> anyhow::Result<PgConnection> {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let mut conn = options.connect().await.context("opening the consumer's lease session")?;
+    let set = sqlx::query("SELECT set_config('idle_session_timeout', $1, false)")
+        .bind(LEASE_LIFE.as_millis().to_string())
+        .execute(&mut conn)
+        .await;
+    match set {
+        Ok(_) => {}
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42704") => WARNED.call_once(|| {
+            tracing::warn!(
+                "PostgreSQL before 14 has no idle_session_timeout: a consumer that is paused, not stopped, keeps \
+                 its partitions until it resumes"
+            )
+        }),
+        Err(e) => return Err(anyhow::Error::new(e).context("setting the lease session's idle timeout")),
+    }
+    Ok(conn)
+}
 
 /// How this process names a lease session of `role` (`status` shows it).
 pub fn session_name(role: &str) -> String {
@@ -84,7 +105,7 @@ pub async fn holders(
         let rows: Vec<(i64, String)> = sqlx::query_as(&format!(
             "SELECT h.objid, coalesce(a.application_name, 'pid ' || h.pid) FROM ({}) h(objid, pid)
              LEFT JOIN pg_stat_activity a ON a.pid = h.pid",
-            HELD_SQL.replace("$2", "false")
+            HELD_SQL
         ))
         .bind(i64::from(number))
         .fetch_all(pool)
@@ -129,11 +150,10 @@ pub async fn group_number(conn: &mut PgConnection, group: &str, topic: &str) -> 
 }
 
 /// The advisory locks of a group's leases that live sessions hold now, as
-/// (low half of the key, holder's pid): this session's (`$2`) or everyone's.
-pub const HELD_SQL: &str = "SELECT objid::bigint, pid FROM pg_locks
+/// (low half of the key, holder's pid).
+const HELD_SQL: &str = "SELECT objid::bigint, pid FROM pg_locks
     WHERE locktype = 'advisory' AND objsubid = 1 AND granted AND classid::bigint = $1
-      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-      AND (NOT $2 OR pid = pg_backend_pid())";
+      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
 
 /// Takes a lock unless this session holds it already (advisory locks count
 /// how often they were taken, and one release would then not free it).
@@ -174,8 +194,7 @@ impl PgLeases {
     /// `options` name this process (`application_name`), which `status` shows.
     pub async fn open(options: PgConnectOptions, timeout: Duration, group: &str, topic: &str) -> anyhow::Result<Self> {
         let mut conn =
-            bounded(|| "opening the consumer's lease session".into(), timeout, async { Ok(options.connect().await?) })
-                .await?;
+            bounded(|| "opening the consumer's lease session".into(), timeout, connect_session(&options)).await?;
         let number =
             bounded(|| "registering the consumer group".into(), timeout, group_number(&mut conn, group, topic)).await?;
         let state = Arc::new(Mutex::new(Session { conn: Some(conn), ..Session::default() }));
@@ -210,7 +229,7 @@ impl PgLeases {
             if conn.is_none() {
                 *slot = None;
                 held.clear();
-                *conn = Some(self.options.connect().await.context("opening the consumer's lease session")?);
+                *conn = Some(connect_session(&self.options).await?);
             }
             f(conn.as_mut().expect("connected above"), slot, held).await
         })
@@ -223,8 +242,8 @@ impl PgLeases {
         result
     }
 
-    async fn locks(conn: &mut PgConnection, group: i64, mine: bool) -> anyhow::Result<Vec<i64>> {
-        let rows: Vec<(i64, i32)> = sqlx::query_as(HELD_SQL).bind(group >> 32).bind(mine).fetch_all(&mut *conn).await?;
+    async fn locks(conn: &mut PgConnection, group: i64) -> anyhow::Result<Vec<i64>> {
+        let rows: Vec<(i64, i32)> = sqlx::query_as(HELD_SQL).bind(group >> 32).fetch_all(&mut *conn).await?;
         Ok(rows.into_iter().map(|(low, _)| low).collect())
     }
 }
@@ -233,7 +252,7 @@ impl Leases for PgLeases {
     async fn members(&mut self) -> anyhow::Result<Members> {
         let group = self.group;
         self.on_session("renewing the consumer's membership", async |conn, slot, _| {
-            let taken = Self::locks(conn, group, false).await?;
+            let taken = Self::locks(conn, group).await?;
             if slot.is_none() {
                 // The lowest free slot; another process may take it first.
                 for candidate in (0..).filter(|s| !taken.contains(&(MEMBER_BIT + s))).take(64) {
@@ -248,7 +267,7 @@ impl Leases for PgLeases {
                 }
             }
             let me = slot.context("no free member slot among the first 64 past those taken")?;
-            let mut all: Vec<u32> = Self::locks(conn, group, false)
+            let mut all: Vec<u32> = Self::locks(conn, group)
                 .await?
                 .into_iter()
                 .filter(|low| *low >= MEMBER_BIT)
@@ -312,8 +331,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_session_timeout_is_the_lease_life() {
-        assert_eq!(SESSION_SETTINGS[0], ("idle_session_timeout", LEASE_LIFE.as_millis().to_string().as_str()));
-        assert!(HEARTBEAT * 3 < LEASE_LIFE, "a few heartbeats may be late before the lease dies");
+    fn a_few_heartbeats_may_be_late_before_the_lease_dies() {
+        assert!(HEARTBEAT * 3 < LEASE_LIFE);
     }
 }
