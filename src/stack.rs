@@ -532,7 +532,7 @@ impl Stack {
     }
 
     async fn clickhouse_up(&self, env: &StackEnv) -> anyhow::Result<()> {
-        self.clickhouse_server_up(env, &self.dir.join("ch"), env.ch.clone(), self.ch_port, self.ch_tcp_port, "").await
+        self.clickhouse_server_up(env, &self.dir.join("ch"), self.ch_port, self.ch_tcp_port, "").await
     }
 
     /// Starts one `clickhouse-server` in `root` unless one answers on
@@ -541,12 +541,11 @@ impl Stack {
         &self,
         env: &StackEnv,
         root: &Path,
-        ch: ChConfig,
         http: u16,
         tcp: u16,
         extra: &str,
     ) -> anyhow::Result<()> {
-        let ch = ChConfig { port: http, cluster: None, ..ch };
+        let ch = ChConfig { port: http, cluster: None, ..env.ch.clone() };
         let probe = || async { crate::clickhouse::ClickHouse::connect(&ch, Duration::from_secs(2)).await.map(|_| ()) };
         if probe().await.is_err() {
             let bin = find_binary(&["clickhouse-server"], &[])
@@ -633,7 +632,7 @@ impl Stack {
                 i + 1
             );
             let root = self.dir.join(format!("ch-r{}", i + 1));
-            async move { self.clickhouse_server_up(env, &root, env.ch.clone(), r.http, r.tcp, &extra).await }
+            async move { self.clickhouse_server_up(env, &root, r.http, r.tcp, &extra).await }
         });
         futures::future::try_join_all(ups).await?;
         Ok(())

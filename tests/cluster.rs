@@ -23,6 +23,12 @@ fn stop(mut child: Child) {
     assert!(status.success(), "a pg2ch process stopped on SIGTERM with {status}");
 }
 
+/// The same namespace, seen through one replica alone (its HTTP port).
+fn on_replica(env: &TestEnv, port: u16) -> TestEnv {
+    let ch = pg2ch::config::ChConfig { port, cluster: None, ..env.settings.ch.clone() };
+    TestEnv { name: env.name.clone(), settings: pg2ch::commands::Settings { ch, ..env.settings.clone() } }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn three_consumers_over_two_replicas_survive_a_killed_consumer_and_a_stopped_replica() {
     let mut private = PrivateStack::start_cluster("cluster", 2).await;
@@ -51,9 +57,9 @@ async fn three_consumers_over_two_replicas_survive_a_killed_consumer_and_a_stopp
             .unwrap()
     };
     let written = |port: u16| {
-        let settings = pg2ch::config::ChConfig { port, cluster: None, ..env.settings.ch.clone() };
+        let replica = on_replica(&env, port);
         async move {
-            let ch = pg2ch::clickhouse::ClickHouse::connect(&settings, Duration::from_secs(10)).await.unwrap();
+            let ch = replica.ch().await;
             ch.client.query("SELECT count() FROM user_logins").fetch_one::<u64>().await.unwrap_or(0)
         }
     };
@@ -90,11 +96,7 @@ async fn three_consumers_over_two_replicas_survive_a_killed_consumer_and_a_stopp
     // Direct queries to each replica: every row, once, as PostgreSQL has it.
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM user_logins").fetch_one(&env.pg().await).await.unwrap();
     for port in ports {
-        let settings = pg2ch::config::ChConfig { port, cluster: None, ..env.settings.ch.clone() };
-        let replica = TestEnv {
-            name: env.name.clone(),
-            settings: pg2ch::commands::Settings { ch: settings, ..env.settings.clone() },
-        };
+        let replica = on_replica(&env, port);
         let ch = replica.ch().await;
         let live: u64 = ch.client.query("SELECT count() FROM user_logins FINAL").fetch_one().await.unwrap();
         assert_eq!(live as i64, rows, "replica on port {port}");

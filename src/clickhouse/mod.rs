@@ -70,8 +70,6 @@ impl Capabilities {
     }
 }
 
-/// Tags server answers that retrying cannot change (a missing table or
-/// column, a type mismatch, a wrong password) as permanent.
 /// The server's error code in an error answer.
 fn code(e: &clickhouse::error::Error) -> Option<u32> {
     let clickhouse::error::Error::BadResponse(text) = e else { return None };
@@ -100,6 +98,8 @@ pub async fn taking_turns<T, F: Future<Output = Result<T, clickhouse::error::Err
     }
 }
 
+/// Tags server answers that retrying cannot change (a missing table or
+/// column, a type mismatch, a wrong password) as permanent.
 pub fn classify(e: clickhouse::error::Error) -> anyhow::Error {
     if let clickhouse::error::Error::BadResponse(text) = &e {
         // UNKNOWN_IDENTIFIER, NO_SUCH_COLUMN_IN_TABLE, TYPE_MISMATCH,

@@ -78,6 +78,23 @@ pub fn session_name(role: &str) -> String {
     format!("pg2ch {role} {}:{}", host.trim(), std::process::id())
 }
 
+/// The number of a consumer group on a topic, if it was ever registered.
+async fn registered(conn: &mut PgConnection, group: &str, topic: &str) -> anyhow::Result<Option<i32>> {
+    let registry: bool = sqlx::query_scalar("SELECT to_regclass('_pg2ch.consumer_groups') IS NOT NULL")
+        .fetch_one(&mut *conn)
+        .await
+        .context("looking up _pg2ch.consumer_groups")?;
+    if !registry {
+        return Ok(None);
+    }
+    sqlx::query_scalar("SELECT id FROM _pg2ch.consumer_groups WHERE consumer_group = $1 AND topic = $2")
+        .bind(group)
+        .bind(topic)
+        .fetch_optional(&mut *conn)
+        .await
+        .context("reading the consumer group's number")
+}
+
 /// Who holds the leases of a group on a topic now: each partition's holder
 /// and the producers' lease holders of the table with oid `table`, by the
 /// name of their session ([`session_name`]).
@@ -87,19 +104,8 @@ pub async fn holders(
     topic: &str,
     table: u32,
 ) -> anyhow::Result<(std::collections::BTreeMap<i32, String>, Vec<String>)> {
-    let registry: bool = sqlx::query_scalar("SELECT to_regclass('_pg2ch.consumer_groups') IS NOT NULL")
-        .fetch_one(pool)
-        .await
-        .context("looking up _pg2ch.consumer_groups")?;
-    let number: Option<i32> = match registry {
-        false => None,
-        true => sqlx::query_scalar("SELECT id FROM _pg2ch.consumer_groups WHERE consumer_group = $1 AND topic = $2")
-            .bind(group)
-            .bind(topic)
-            .fetch_optional(pool)
-            .await
-            .context("reading the consumer group's number")?,
-    };
+    let mut conn = pool.acquire().await.context("PostgreSQL: a connection for reading the leases")?;
+    let number = registered(&mut conn, group, topic).await?;
     let mut partitions = std::collections::BTreeMap::new();
     if let Some(number) = number {
         let rows: Vec<(i64, String)> = sqlx::query_as(&format!(
@@ -108,7 +114,7 @@ pub async fn holders(
             HELD_SQL
         ))
         .bind(i64::from(number))
-        .fetch_all(pool)
+        .fetch_all(&mut *conn)
         .await
         .context("reading who holds the partition leases")?;
         partitions.extend(rows.into_iter().filter(|(low, _)| *low < MEMBER_BIT).map(|(low, name)| (low as i32, name)));
@@ -123,14 +129,18 @@ pub async fn holders(
     )
     .bind(i64::from(super::PRODUCER_LOCK_CLASS))
     .bind(i64::from(table))
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await
     .context("reading who holds the producer lease")?;
     Ok((partitions, producers))
 }
 
-/// The number of a consumer group on a topic, registering it if new.
+/// The number of a consumer group on a topic, registering it if new (and
+/// the registry too, where an `init` older than leases did not make it).
 pub async fn group_number(conn: &mut PgConnection, group: &str, topic: &str) -> anyhow::Result<i64> {
+    if let Some(id) = registered(conn, group, topic).await? {
+        return Ok(i64::from(id));
+    }
     sqlx::query(REGISTRY).execute(&mut *conn).await.context(
         "creating _pg2ch.consumer_groups (run `pg2ch init` as the owner of schema _pg2ch, or grant this user CREATE on it)",
     )?;
@@ -140,12 +150,7 @@ pub async fn group_number(conn: &mut PgConnection, group: &str, topic: &str) -> 
         .execute(&mut *conn)
         .await
         .context("registering the consumer group")?;
-    let id: i32 = sqlx::query_scalar("SELECT id FROM _pg2ch.consumer_groups WHERE consumer_group = $1 AND topic = $2")
-        .bind(group)
-        .bind(topic)
-        .fetch_one(&mut *conn)
-        .await
-        .context("reading the consumer group's number")?;
+    let id = registered(conn, group, topic).await?.context("the consumer group vanished as it was registered")?;
     Ok(i64::from(id))
 }
 
@@ -155,12 +160,10 @@ const HELD_SQL: &str = "SELECT objid::bigint, pid FROM pg_locks
     WHERE locktype = 'advisory' AND objsubid = 1 AND granted AND classid::bigint = $1
       AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
 
-/// Takes a lock unless this session holds it already (advisory locks count
-/// how often they were taken, and one release would then not free it).
-const TAKE_SQL: &str = "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_locks
-    WHERE locktype = 'advisory' AND objsubid = 1 AND granted AND pid = pg_backend_pid()
-      AND classid::bigint = $1 >> 32 AND objid::bigint = $1 & 4294967295) THEN true
-    ELSE pg_try_advisory_lock($1) END";
+/// Takes a lock if free. Advisory locks count how often a session took
+/// them (one release would then not free a lock taken twice), so a lock is
+/// asked for only when [`Session`] says this session does not hold it.
+const TAKE_SQL: &str = "SELECT pg_try_advisory_lock($1)";
 
 /// One consumer's lease session.
 pub struct PgLeases {
@@ -252,9 +255,9 @@ impl Leases for PgLeases {
     async fn members(&mut self) -> anyhow::Result<Members> {
         let group = self.group;
         self.on_session("renewing the consumer's membership", async |conn, slot, _| {
-            let taken = Self::locks(conn, group).await?;
             if slot.is_none() {
                 // The lowest free slot; another process may take it first.
+                let taken = Self::locks(conn, group).await?;
                 for candidate in (0..).filter(|s| !taken.contains(&(MEMBER_BIT + s))).take(64) {
                     let got: bool = sqlx::query_scalar(TAKE_SQL)
                         .bind(group | (MEMBER_BIT + candidate))
@@ -283,6 +286,9 @@ impl Leases for PgLeases {
     async fn take(&mut self, p: i32) -> anyhow::Result<bool> {
         let key = self.group | i64::from(p);
         self.on_session("taking a partition lease", async |conn, _, held| {
+            if held.contains(&p) {
+                return Ok(true);
+            }
             let got: bool = sqlx::query_scalar(TAKE_SQL).bind(key).fetch_one(&mut *conn).await?;
             if got {
                 held.insert(p);

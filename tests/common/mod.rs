@@ -129,8 +129,8 @@ where
 }
 
 /// New `user_logins` rows, `rows` per statement, until `stop` is set: the
-/// rows that keep arriving while a test kills and restarts processes.
-/// Returns a handle to the statements made.
+/// rows that keep arriving while a test kills and restarts processes. The
+/// task returns how many statements it made.
 pub fn keep_inserting(
     pool: PgPool,
     rows: usize,
