@@ -26,7 +26,7 @@ fn stop(mut child: Child) {
 /// The same namespace, seen through one replica alone (its HTTP port).
 fn on_replica(env: &TestEnv, port: u16) -> TestEnv {
     let ch = pg2ch::config::ChConfig { port, cluster: None, ..env.settings.ch.clone() };
-    TestEnv { name: env.name.clone(), settings: pg2ch::commands::Settings { ch, ..env.settings.clone() } }
+    env.view(pg2ch::commands::Settings { ch, ..env.settings.clone() })
 }
 
 #[tokio::test(flavor = "multi_thread")]

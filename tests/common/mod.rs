@@ -45,45 +45,53 @@ fn password(name: &str) -> Secret {
 
 async fn base() -> Settings {
     BASE.get_or_init(|| async {
-        if let (Some(pg_host), Some(ch_host), Some(bootstrap)) = (var("PG_HOST"), var("CH_HOST"), var("KAFKA_BOOTSTRAP")) {
-            let port = |n: &str, d: u16| var(n).and_then(|v| v.parse().ok()).unwrap_or(d);
-            return Settings {
-                pg: PgConfig {
-                    host: pg_host,
-                    port: port("PG_PORT", 5432),
-                    user: var("PG_USER").unwrap_or_else(|| "pg2ch".into()),
-                    password: password("PG_PASS"),
-                    database: var("PG_DB").unwrap_or_else(|| "pg2ch".into()),
-                },
-                ch: ChConfig {
-                    host: ch_host,
-                    port: port("CH_PORT", 8123),
-                    user: var("CH_USER").unwrap_or_else(|| "default".into()),
-                    password: password("CH_PASS"),
-                    database: "default".into(),
-                    cluster: None,
-                    replicas: vec![],
-                },
-                kafka: KafkaConfig { bootstrap: vec![bootstrap], topic: String::new(), group: "pg2ch".into() },
-                timeouts: Timeouts { call: Duration::from_secs(30) },
-                tables: vec!["user_logins".into()],
-                other_types_as_text: false,
-            };
-        }
-        if containers::docker_answers() {
-            let (running, settings) =
-                containers::start().await.unwrap_or_else(|e| panic!("a Docker engine answers, but the containers did not start: {e:#}"));
-            let _ = CONTAINERS.set(running);
-            return settings;
-        }
-        let env = pg2ch::stack::Stack::from_env()
-            .up()
-            .await
-            .unwrap_or_else(|e| panic!("no services for the tests and the local stack did not start: {e:#}\n(run `just setup`, or export PG_HOST/CH_HOST/KAFKA_BOOTSTRAP)"));
-        settings_of(env)
+        let settings = services().await;
+        sweep(&settings).await;
+        settings
     })
     .await
     .clone()
+}
+
+/// The services the tests run on (see the module's doc).
+async fn services() -> Settings {
+    if let (Some(pg_host), Some(ch_host), Some(bootstrap)) = (var("PG_HOST"), var("CH_HOST"), var("KAFKA_BOOTSTRAP")) {
+        let port = |n: &str, d: u16| var(n).and_then(|v| v.parse().ok()).unwrap_or(d);
+        return Settings {
+            pg: PgConfig {
+                host: pg_host,
+                port: port("PG_PORT", 5432),
+                user: var("PG_USER").unwrap_or_else(|| "pg2ch".into()),
+                password: password("PG_PASS"),
+                database: var("PG_DB").unwrap_or_else(|| "pg2ch".into()),
+            },
+            ch: ChConfig {
+                host: ch_host,
+                port: port("CH_PORT", 8123),
+                user: var("CH_USER").unwrap_or_else(|| "default".into()),
+                password: password("CH_PASS"),
+                database: "default".into(),
+                cluster: None,
+                replicas: vec![],
+            },
+            kafka: KafkaConfig { bootstrap: vec![bootstrap], topic: String::new(), group: "pg2ch".into() },
+            timeouts: Timeouts { call: Duration::from_secs(30) },
+            tables: vec!["user_logins".into()],
+            other_types_as_text: false,
+        };
+    }
+    if containers::docker_answers() {
+        let (running, settings) = containers::start()
+            .await
+            .unwrap_or_else(|e| panic!("a Docker engine answers, but the containers did not start: {e:#}"));
+        let _ = CONTAINERS.set(running);
+        return settings;
+    }
+    let env = pg2ch::stack::Stack::from_env()
+        .up()
+        .await
+        .unwrap_or_else(|e| panic!("no services for the tests and the local stack did not start: {e:#}\n(run `just setup`, or export PG_HOST/CH_HOST/KAFKA_BOOTSTRAP)"));
+    settings_of(env)
 }
 
 /// A pool of ordinary user sessions on `cfg`, as an application has.
@@ -290,9 +298,101 @@ impl Drop for PrivateStack {
 }
 
 /// One test's own PostgreSQL database, ClickHouse database and topic.
+///
+/// Dropped at the end of a passing test (a failed test's are kept to look
+/// at, and swept by the next run once its process has gone), so runs on a
+/// long-lived stack do not fill the disk.
 pub struct TestEnv {
     pub name: String,
     pub settings: Settings,
+    owns: Owns,
+}
+
+/// What a [`TestEnv`] drops when it goes.
+#[derive(Clone, Copy, PartialEq)]
+enum Owns {
+    /// The PostgreSQL and ClickHouse databases it created.
+    Both,
+    /// Only its ClickHouse database (another group's view of a namespace).
+    ClickHouse,
+    /// Nothing: a view of a namespace another `TestEnv` owns.
+    Nothing,
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if self.owns == Owns::Nothing || std::thread::panicking() {
+            return;
+        }
+        let (settings, owns) = (self.settings.clone(), self.owns);
+        // Drop may run inside a runtime: clean up on a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+            rt.block_on(async {
+                drop_ch_database(&settings.ch, &settings.ch.database).await;
+                if owns == Owns::Both {
+                    drop_pg_database(&settings.pg, &settings.pg.database).await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+/// Drops a test's ClickHouse database, quietly: cleaning up is best effort.
+async fn drop_ch_database(cfg: &ChConfig, name: &str) {
+    let cfg = ChConfig { database: "default".into(), ..cfg.clone() };
+    if let Ok(ch) = pg2ch::clickhouse::ClickHouse::connect(&cfg, Duration::from_secs(5)).await {
+        // Test names are generated from [a-z0-9_].
+        let _ = ch.run("drop a test database", &format!("DROP DATABASE IF EXISTS {name}")).await;
+    }
+}
+
+/// Drops a test's PostgreSQL database (and ends sessions left on it), quietly.
+async fn drop_pg_database(cfg: &PgConfig, name: &str) {
+    let cfg = PgConfig { database: "postgres".into(), ..cfg.clone() };
+    if let Ok(admin) = pg2ch::postgres::connect(&cfg, 1, Duration::from_secs(5)).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&admin).await;
+    }
+}
+
+/// Drops the namespaces earlier runs left behind: test databases whose
+/// process has gone (a failed test keeps its own until then). ClickHouse
+/// databases are listed first, so one created by a running test always has
+/// its PostgreSQL database in the list read after.
+async fn sweep(settings: &Settings) {
+    let ch_cfg = ChConfig { database: "default".into(), ..settings.ch.clone() };
+    let ch_names: Vec<String> = match pg2ch::clickhouse::ClickHouse::connect(&ch_cfg, Duration::from_secs(10)).await {
+        Ok(ch) => ch
+            .client
+            .query("SELECT name FROM system.databases WHERE startsWith(name, 't_')")
+            .fetch_all::<String>()
+            .await
+            .unwrap_or_default(),
+        Err(_) => vec![],
+    };
+    let pg_cfg = PgConfig { database: "postgres".into(), ..settings.pg.clone() };
+    let Ok(admin) = pg2ch::postgres::connect(&pg_cfg, 1, Duration::from_secs(10)).await else { return };
+    let pg_names: Vec<String> = sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 't\\_%'")
+        .fetch_all(&admin)
+        .await
+        .unwrap_or_default();
+    let (gone, live): (Vec<String>, Vec<String>) = pg_names.into_iter().partition(|n| !process_alive(n));
+    for name in &gone {
+        drop_pg_database(&settings.pg, name).await;
+    }
+    for name in ch_names {
+        if !live.iter().any(|l| name == *l || name.starts_with(&format!("{l}_"))) {
+            drop_ch_database(&settings.ch, &name).await;
+        }
+    }
+}
+
+/// Whether the process that created test database `name`
+/// (`t_<label>_<pid>_<n>_<random>`) still runs.
+fn process_alive(name: &str) -> bool {
+    let pid = name.rsplitn(4, '_').nth(2).and_then(|p| p.parse::<u32>().ok());
+    pid.is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
 }
 
 impl TestEnv {
@@ -334,7 +434,7 @@ impl TestEnv {
         settings.pg.database = name.clone();
         settings.ch.database = name.clone();
         settings.kafka.topic = name.clone();
-        TestEnv { name, settings }
+        TestEnv { name, settings, owns: Owns::Both }
     }
 
     /// The same namespace, seen by another consumer group writing to another ClickHouse database.
@@ -342,7 +442,13 @@ impl TestEnv {
         let mut settings = self.settings.clone();
         settings.kafka.group = group.into();
         settings.ch.database = format!("{}_{group}", self.name);
-        TestEnv { name: self.name.clone(), settings }
+        TestEnv { name: self.name.clone(), settings, owns: Owns::ClickHouse }
+    }
+
+    /// The same namespace through other settings (another replica, say);
+    /// it drops nothing.
+    pub fn view(&self, settings: Settings) -> TestEnv {
+        TestEnv { name: self.name.clone(), settings, owns: Owns::Nothing }
     }
 
     /// A pool of ordinary user sessions (not pg2ch's own: its triggers
