@@ -4,7 +4,7 @@
 # Next to the local stack it starts the test front end for a current
 # ClickHouse engine (chdb, ClickHouse 26.9; scripts/chdb_http.py, test
 # support only) on PG2CH_STACK_CHDB_PORT (8124), for the second test pass.
-# Usage: scripts/stack.sh up [--ch-replicas N] | down
+# Usage: scripts/stack.sh up [--ch-replicas N] [--ch-shards S] | down
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p target

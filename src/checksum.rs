@@ -65,11 +65,7 @@ pub fn walk_sql(schema: &TableSchema) -> String {
     if schema.integer_key() {
         return format!("({})::int8", pg_ident(&schema.columns[schema.key[0]].name));
     }
-    let mut h = "0".to_owned();
-    for c in schema.key_columns() {
-        h = types::checksum::sql(&c.ty, &pg_ident(&c.name), &h);
-    }
-    format!("coalesce({h}, 0)")
+    key_hash_sql(schema)
 }
 
 /// A row's walk coordinate, as [`walk_sql`] computes it.
@@ -80,11 +76,40 @@ pub fn walk(schema: &TableSchema, values: &[Value]) -> i64 {
             _ => 0,
         };
     }
+    key_hash(schema, values)
+}
+
+/// The SQL expression of the hash of a row's key (bigint): the chain over
+/// the key's columns.
+pub fn key_hash_sql(schema: &TableSchema) -> String {
+    let mut h = "0".to_owned();
+    for c in schema.key_columns() {
+        h = types::checksum::sql(&c.ty, &pg_ident(&c.name), &h);
+    }
+    format!("coalesce({h}, 0)")
+}
+
+/// The hash of a row's key, as [`key_hash_sql`] computes it.
+pub fn key_hash(schema: &TableSchema, values: &[Value]) -> i64 {
     let mut h = Some(0u64);
     for i in &schema.key {
         h = h.and_then(|h| types::checksum::hash(&schema.columns[*i].ty, &values[*i], h));
     }
     h.map_or(0, |h| h as i64)
+}
+
+/// The shard (of `shards`, from 0) that owns a row: its key's hash modulo
+/// the number of shards, rounded towards negative infinity so that it is
+/// never negative. Deterministic by key, and computable in PostgreSQL
+/// ([`shard_sql`]), so `verify` can compare one shard with its rows.
+pub fn shard(schema: &TableSchema, values: &[Value], shards: usize) -> usize {
+    key_hash(schema, values).rem_euclid(shards.max(1) as i64) as usize
+}
+
+/// The SQL expression of [`shard`] (bigint).
+pub fn shard_sql(schema: &TableSchema, shards: usize) -> String {
+    let n = shards.max(1);
+    format!("((({}) % {n}) + {n}) % {n}", key_hash_sql(schema))
 }
 
 /// `hashfloat8extended`: zero (either sign) hashes to the seed itself, every
@@ -241,5 +266,32 @@ mod tests {
         assert_ne!(with(Value::Text("a".into())), with(Value::Text("b".into())));
         assert_eq!(hash_float8(-0.0, 9), 9);
         assert_eq!(hash_float8(f64::NAN, 1), hash_float8(-f64::NAN, 1));
+    }
+
+    proptest::proptest! {
+        /// PostgreSQL's `%` truncates towards zero, as Rust's does: the
+        /// SQL's `((h % n) + n) % n` is the shard pg2ch routes to, for any
+        /// hash and shard count.
+        #[test]
+        fn the_shard_sql_arithmetic_is_the_routing(h in proptest::num::i64::ANY, n in 1usize..=1024) {
+            let m = n as i64;
+            let sql = ((h % m) + m) % m;
+            proptest::prop_assert_eq!(sql, h.rem_euclid(m));
+            proptest::prop_assert!((sql as usize) < n);
+            let suffix = format!(" % {n}");
+            proptest::prop_assert!(shard_sql(&crate::change::tests::logins(), n).ends_with(&suffix));
+        }
+    }
+
+    #[test]
+    fn a_key_keeps_its_shard_whatever_else_the_row_holds() {
+        let s = crate::change::tests::logins();
+        let a = [Value::Int(42), Value::Text("x".into()), Value::Timestamp(1)];
+        let b = [Value::Int(42), Value::Text("y".into()), Value::Timestamp(2)];
+        assert_eq!(shard(&s, &a, 2), shard(&s, &b, 2));
+        assert_eq!(shard(&s, &a, 3), (hash_int8(42, 0) as i64).rem_euclid(3) as usize);
+        let shards: std::collections::BTreeSet<usize> =
+            (0..100).map(|i| shard(&s, &[Value::Int(i), Value::Null, Value::Null], 2)).collect();
+        assert_eq!(shards.len(), 2, "keys spread over both shards");
     }
 }

@@ -61,11 +61,13 @@ struct Connection {
     #[arg(long, global = true, env = "CH_DB", default_value = "default")]
     ch_db: String,
     /// The ClickHouse cluster holding pg2ch's tables: created ON CLUSTER as
-    /// replicated tables; inserts wait for every replica (insert_quorum).
+    /// replicated tables; inserts wait for every replica (insert_quorum);
+    /// with several shards, each row goes to the shard owning its key.
     #[arg(long, global = true, env = "CH_CLUSTER")]
     ch_cluster: Option<String>,
     /// Each ClickHouse replica's HTTP address, comma-separated host:port
-    /// (for `verify --each-replica`).
+    /// (for `verify --each-replica`; on a sharded cluster, where each
+    /// shard's rows are written: at least one per shard).
     #[arg(long = "ch-replica-addrs", global = true, env = "CH_REPLICAS", value_delimiter = ',')]
     ch_replica_addrs: Vec<String>,
     /// Comma-separated host:port list.
@@ -205,17 +207,27 @@ enum Command {
 enum StackAction {
     /// Start PostgreSQL, ClickHouse and a Kafka-API broker on loopback (idempotent) and print the environment.
     Up {
-        /// ClickHouse as a cluster of this many replicas (with ZooKeeper) instead of one server.
-        #[arg(long, default_value_t = 1)]
-        ch_replicas: usize,
+        #[command(flatten)]
+        shape: ClusterShape,
     },
     /// Stop what `up` started.
     Down,
     /// Print the environment for the stack.
     Env {
-        #[arg(long, default_value_t = 1)]
-        ch_replicas: usize,
+        #[command(flatten)]
+        shape: ClusterShape,
     },
+}
+
+/// The local stack's ClickHouse: one server, or a cluster (with ZooKeeper).
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct ClusterShape {
+    /// Replicas of each shard.
+    #[arg(long, default_value_t = 1)]
+    ch_replicas: usize,
+    /// Shards, each of `--ch-replicas` servers.
+    #[arg(long, default_value_t = 1)]
+    ch_shards: usize,
 }
 
 /// Kafka's record batch codecs, as `--compression` spells them.
@@ -422,13 +434,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Stack { action } => {
             let stack = crate::stack::Stack::from_env();
             match action {
-                StackAction::Up { ch_replicas } => {
-                    let env = stack.with_replicas(ch_replicas).up().await?;
+                StackAction::Up { shape } => {
+                    let env = stack.with_cluster(shape.ch_shards, shape.ch_replicas).up().await?;
                     print!("{}", env.shell_exports());
                 }
                 StackAction::Down => stack.down()?,
-                StackAction::Env { ch_replicas } => {
-                    print!("{}", stack.with_replicas(ch_replicas).env().shell_exports())
+                StackAction::Env { shape } => {
+                    print!("{}", stack.with_cluster(shape.ch_shards, shape.ch_replicas).env().shell_exports())
                 }
             }
         }
@@ -447,6 +459,7 @@ mod tests {
         for argv in [
             &["pg2ch", "stack", "up", "--ch-replicas", "2"][..],
             &["pg2ch", "stack", "env", "--ch-replicas", "2"],
+            &["pg2ch", "stack", "up", "--ch-shards", "2", "--ch-replicas", "2"],
             &["pg2ch", "verify", "--each-replica", "--ch-cluster", "c", "--ch-replica-addrs", "a:1,b:2"],
             &["pg2ch", "run", "--once", "--partitions", "0,2", "--table", "t"],
             &["pg2ch", "consume", "--exclusive"],

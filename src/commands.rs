@@ -578,38 +578,62 @@ pub async fn run(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow::Re
 /// PostgreSQL lacks. A progress bar shows on a terminal.
 pub async fn verify(s: &Settings, repair: bool) -> anyhow::Result<Vec<Report>> {
     let pool = postgres::connect(&s.pg, 1, s.timeouts.call).await?;
-    verify_on(s, &pool, &s.ch, repair).await
+    verify_on(s, &pool, &s.ch, repair, None).await
 }
 
 /// [`verify`] against the configured ClickHouse, then against each replica
-/// in `CH_REPLICAS` alone (without repairing), each report naming its replica.
+/// in `CH_REPLICAS` alone (without repairing), each report naming its
+/// replica. On a sharded cluster a replica is compared with the rows its
+/// shard owns.
 pub async fn verify_each_replica(s: &Settings, repair: bool) -> anyhow::Result<Vec<Report>> {
     anyhow::ensure!(
         !s.ch.replicas.is_empty(),
         "--each-replica needs the replicas' HTTP addresses in CH_REPLICAS (host:port,host:port)"
     );
     let pool = postgres::connect(&s.pg, 1, s.timeouts.call).await?;
-    let mut reports = verify_on(s, &pool, &s.ch, repair).await?;
+    let mut reports = verify_on(s, &pool, &s.ch, repair, None).await?;
+    let main = ClickHouse::connect(&s.ch, s.timeouts.call).await?;
+    let sharded = main.cluster.as_ref().filter(|c| c.shards() > 1);
     for replica in &s.ch.replicas {
-        let (host, port) = replica
-            .rsplit_once(':')
-            .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
-            .with_context(|| format!("CH_REPLICAS entry {replica:?} is not host:port"))?;
-        let ch = ChConfig { host, port, cluster: None, ..s.ch.clone() };
-        for mut report in verify_on(s, &pool, &ch, false).await.with_context(|| format!("replica {replica}"))? {
-            report.table = format!("{} on replica {replica}", report.table);
+        let ch = s.ch.at(replica)?;
+        let (shard, label) = match sharded {
+            None => (None, format!("replica {replica}")),
+            Some(c) => {
+                let conn = ClickHouse::connect(&ch, s.timeouts.call).await?;
+                let n = crate::clickhouse::local_shard(&conn.client, &c.name, s.timeouts.call)
+                    .await?
+                    .with_context(|| format!("replica {replica} (CH_REPLICAS) is not in cluster {:?}", c.name))?;
+                let index = (n as usize).checked_sub(1).filter(|i| *i < c.shards());
+                let index =
+                    index.with_context(|| format!("replica {replica} says it is shard {n} of {}", c.shards()))?;
+                (Some((index, c.shards())), format!("replica {replica} (shard {n})"))
+            }
+        };
+        for mut report in verify_on(s, &pool, &ch, false, shard).await.with_context(|| label.clone())? {
+            report.table = format!("{} on {label}", report.table);
             reports.push(report);
         }
     }
     Ok(reports)
 }
 
-async fn verify_on(s: &Settings, pool: &PgPool, ch: &ChConfig, repair: bool) -> anyhow::Result<Vec<Report>> {
+/// [`verify`] against the ClickHouse `ch`; with `shard` (index, shards),
+/// against the rows that shard owns.
+async fn verify_on(
+    s: &Settings,
+    pool: &PgPool,
+    ch: &ChConfig,
+    repair: bool,
+    shard: Option<(usize, usize)>,
+) -> anyhow::Result<Vec<Report>> {
     let ch = ClickHouse::connect(ch, s.timeouts.call).await?;
     let mut reports = Vec::new();
     for table in tables(s, pool, false).await? {
         ch.check_table(&table.schema).await?;
         let mut pg = postgres::PgVerifySide::open(pool, table.schema.clone()).await?;
+        if let Some((index, shards)) = shard {
+            pg = pg.only_shard(index, shards);
+        }
         let mut sink = ChVerifySide { ch: ch.clone(), schema: table.schema.clone() };
         let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
         bar.set_style(

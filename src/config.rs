@@ -124,7 +124,9 @@ pub struct ChConfig {
     /// tables are created `ON CLUSTER`, replicated, and inserts wait for
     /// every replica of the shard. Validated with [`identifier`].
     pub cluster: Option<String>,
-    /// Each replica's HTTP address (`host:port`), for `verify --each-replica`.
+    /// Each replica's HTTP address (`host:port`): for `verify
+    /// --each-replica`, and on a cluster of several shards, where each
+    /// shard's rows are written.
     pub replicas: Vec<String>,
 }
 
@@ -134,6 +136,16 @@ impl ChConfig {
     }
     pub fn describe(&self) -> String {
         format!("ClickHouse at {} (database {:?}, user {:?})", self.url(), self.database, self.user)
+    }
+
+    /// The same settings at one server alone: `addr` is a `host:port` HTTP
+    /// address as `CH_REPLICAS` lists them.
+    pub fn at(&self, addr: &str) -> anyhow::Result<ChConfig> {
+        let (host, port) = addr
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
+            .ok_or_else(|| anyhow::anyhow!("CH_REPLICAS entry {addr:?} is not host:port"))?;
+        Ok(ChConfig { host, port, cluster: None, ..self.clone() })
     }
 }
 

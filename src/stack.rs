@@ -17,10 +17,11 @@
 //! trusted only if it holds a positive number whose process is the program
 //! that file is for.
 //!
-//! With `--ch-replicas N` (N ≥ 2) ClickHouse is a cluster instead of one
-//! server: ZooKeeper (Debian's package, run standalone) and N
-//! `clickhouse-server` processes forming cluster `pg2ch`, one shard of N
-//! replicas (macros `{shard}` = `01`, `{replica}` = `r1`…), each in
+//! With `--ch-replicas N` (N ≥ 2) or `--ch-shards S` (S ≥ 2) ClickHouse is
+//! a cluster instead of one server: ZooKeeper (Debian's package, run
+//! standalone) and S × N `clickhouse-server` processes forming cluster
+//! `pg2ch`, S shards of N replicas (macros `{shard}` = `01`, `02`…,
+//! `{replica}` = `r1`… numbered across the cluster, shard by shard), each in
 //! `<dir>/ch-r<i>`; the environment then names the cluster (`CH_CLUSTER`)
 //! and every replica (`CH_REPLICAS`).
 //!
@@ -59,11 +60,21 @@ pub struct Stack {
 /// The name of the stack's ClickHouse cluster.
 pub const CLUSTER: &str = "pg2ch";
 
-/// The ports of a replicated ClickHouse: ZooKeeper's, and each replica's.
+/// The ports of a ClickHouse cluster: ZooKeeper's, and each replica's,
+/// shard by shard.
 #[derive(Debug, Clone)]
 pub struct ClusterPorts {
     pub zk_port: u16,
+    /// How many shards `replicas` is split into, in order, evenly.
+    pub shards: usize,
     pub replicas: Vec<ReplicaPorts>,
+}
+
+impl ClusterPorts {
+    /// The replicas of each shard, in order.
+    pub fn by_shard(&self) -> impl Iterator<Item = &[ReplicaPorts]> {
+        self.replicas.chunks(self.replicas.len() / self.shards)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -342,17 +353,20 @@ impl Stack {
         }
     }
 
-    /// The same stack with a cluster of `n` ClickHouse replicas (at least
-    /// two; fewer keeps the single server), on the ports the environment
-    /// knobs give.
-    pub fn with_replicas(self, n: usize) -> Self {
-        if n < 2 {
+    /// The same stack with a cluster of `shards` shards of `replicas`
+    /// ClickHouse replicas each (one shard of one replica keeps the single
+    /// server), on the ports the environment knobs give.
+    pub fn with_cluster(self, shards: usize, replicas: usize) -> Self {
+        let (shards, per_shard) = (shards.max(1), replicas.max(1));
+        if shards * per_shard < 2 {
             return self;
         }
         let http = env_port("PG2CH_STACK_CH_REPLICA_PORT", 8131);
-        let replicas =
-            (0..n as u16).map(|i| ReplicaPorts { http: http + i, tcp: 9031 + i, interserver: 9041 + i }).collect();
-        Stack { cluster: Some(ClusterPorts { zk_port: env_port("PG2CH_STACK_ZK_PORT", 2181), replicas }), ..self }
+        let replicas = (0..(shards * per_shard) as u16)
+            .map(|i| ReplicaPorts { http: http + i, tcp: 9031 + i, interserver: 9041 + i })
+            .collect();
+        let zk_port = env_port("PG2CH_STACK_ZK_PORT", 2181);
+        Stack { cluster: Some(ClusterPorts { zk_port, shards, replicas }), ..self }
     }
 
     /// The environment of this stack (whether or not it is running).
@@ -608,27 +622,34 @@ impl Stack {
     async fn cluster_up(&self, env: &StackEnv, cluster: &ClusterPorts) -> anyhow::Result<()> {
         self.zookeeper_up(cluster.zk_port).await?;
         let password = env.ch.password.expose();
-        let replicas: String = cluster
-            .replicas
-            .iter()
-            .map(|r| {
-                format!(
-                    "<replica><host>127.0.0.1</host><port>{}</port><user>{USER}</user><password>{password}</password></replica>",
-                    r.tcp
-                )
+        let shards: String = cluster
+            .by_shard()
+            .map(|replicas| {
+                let replicas: String = replicas
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "<replica><host>127.0.0.1</host><port>{}</port><user>{USER}</user><password>{password}</password></replica>",
+                            r.tcp
+                        )
+                    })
+                    .collect();
+                format!("<shard><internal_replication>true</internal_replication>{replicas}</shard>")
             })
             .collect();
+        let per_shard = cluster.replicas.len() / cluster.shards;
         let ups = cluster.replicas.iter().enumerate().map(|(i, r)| {
             let extra = format!(
                 "  <interserver_http_port>{}</interserver_http_port>
   <interserver_http_host>127.0.0.1</interserver_http_host>
   <zookeeper><node><host>127.0.0.1</host><port>{}</port></node></zookeeper>
   <distributed_ddl><path>/clickhouse/task_queue/ddl</path></distributed_ddl>
-  <macros><shard>01</shard><replica>r{}</replica></macros>
-  <remote_servers><{CLUSTER}><shard><internal_replication>true</internal_replication>{replicas}</shard></{CLUSTER}></remote_servers>
+  <macros><shard>{:02}</shard><replica>r{}</replica></macros>
+  <remote_servers><{CLUSTER}>{shards}</{CLUSTER}></remote_servers>
 ",
                 r.interserver,
                 cluster.zk_port,
+                i / per_shard + 1,
                 i + 1
             );
             let root = self.dir.join(format!("ch-r{}", i + 1));

@@ -5,6 +5,13 @@
 //! consumer is SIGKILLed and restarted, and one replica is stopped and
 //! started again. Every replica must end holding every row exactly once,
 //! by direct queries to each, and `verify --each-replica` must pass.
+//!
+//! A sharded cluster (two shards of one server each, as `pg2ch stack up
+//! --ch-shards 2` starts it): two `run` processes, one SIGKILLed, carry a
+//! bigint-keyed and a composite-keyed table with updates and deletes; each
+//! key must end on exactly the shard that owns it, the `Distributed` table
+//! must read the whole table, and a row copied onto the wrong shard must be
+//! named by `verify --each-replica`.
 
 mod common;
 
@@ -15,6 +22,7 @@ use std::time::Duration;
 
 use common::{PrivateStack, TestEnv, eventually, keep_inserting};
 use pg2ch::stack::Service;
+use pg2ch::types::Key;
 
 fn stop(mut child: Child) {
     let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
@@ -103,4 +111,115 @@ async fn three_consumers_over_two_replicas_survive_a_killed_consumer_and_a_stopp
         let schema = replica.logins().await;
         replica.assert_same_rows(&schema, &format!("replica on port {port}")).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sharded_cluster_gets_each_key_on_the_shard_that_owns_it() {
+    let private = PrivateStack::start_sharded("shards", 2).await;
+    let env = TestEnv::on(private.settings.clone(), "shards").await;
+    let pg = env.pg().await;
+    sqlx::raw_sql(
+        "CREATE TABLE orders (region text, id int, amount numeric(12,2), note text, PRIMARY KEY (region, id));
+         INSERT INTO orders SELECT 'r' || (g % 7), g, g * 1.5, CASE WHEN g % 3 = 0 THEN NULL ELSE 'n' || g END
+         FROM generate_series(1, 3000) g",
+    )
+    .execute(&pg)
+    .await
+    .unwrap();
+    let tables = ["--table", "user_logins", "--table", "public.orders"];
+    env.ok(&[&["init"][..], &tables].concat());
+    env.ok(&["seed", "--rows", "20000"]);
+    let ch = env.ch().await;
+    let distributed: String = ch
+        .client
+        .query("SELECT engine FROM system.tables WHERE database = currentDatabase() AND name = 'orders_distributed'")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(distributed, "Distributed", "init offers a Distributed table for reading");
+
+    let run = [&["run", "--batch-rows", "500", "--insert-rows", "700", "--poll-ms", "20"][..], &tables].concat();
+    let start = || env.command(&run).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut processes = vec![start(), start()];
+    let sent = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM user_logins WHERE sent_to_kafka")
+            .fetch_one(&env.pg().await)
+            .await
+            .unwrap()
+    };
+    eventually("rows are being carried", Duration::from_secs(60), || async { sent().await > 2000 }).await;
+    // One process dies mid-run; changes keep coming while the other runs.
+    processes[0].kill().unwrap();
+    processes[0].wait().unwrap();
+    sqlx::raw_sql(
+        "UPDATE orders SET amount = amount + 1, note = 'changed' WHERE id % 5 = 0;
+         DELETE FROM orders WHERE id % 11 = 0;
+         INSERT INTO orders VALUES ('r0', 11, 1.25, 'back');
+         DELETE FROM user_logins WHERE id % 13 = 0",
+    )
+    .execute(&pg)
+    .await
+    .unwrap();
+    processes[0] = start();
+    let pid = processes[0].id();
+    // Stopped once it is at work (its lease session is open), so SIGTERM
+    // finds its handler.
+    eventually("the restarted process holds a lease session", Duration::from_secs(60), || async {
+        sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name LIKE $1)")
+            .bind(format!("pg2ch % %:{pid}"))
+            .fetch_one(&env.pg().await)
+            .await
+            .unwrap()
+    })
+    .await;
+    for child in processes {
+        stop(child);
+    }
+    env.ok(&[&["run", "--once"][..], &tables].concat());
+    let report = env.ok(&[&["verify", "--each-replica"][..], &tables].concat());
+    assert_eq!(report.matches("verify: OK").count(), 6, "two tables, over the cluster and on each shard: {report}");
+
+    // Direct queries to each shard: each key on the shard that owns it, once.
+    let ports: Vec<u16> = private.stack.cluster.as_ref().unwrap().replicas.iter().map(|r| r.http).collect();
+    for table in ["user_logins", "orders"] {
+        let schema = env.table(table).await;
+        let expected: Vec<Key> = env.pg_rows(&schema).await.into_keys().collect();
+        let mut seen: Vec<Key> = Vec::new();
+        for (shard, port) in ports.iter().enumerate() {
+            let rows = on_replica(&env, *port).ch_rows(&schema).await;
+            assert!(!rows.is_empty(), "{table}: shard {} holds no rows", shard + 1);
+            for (key, change) in rows {
+                let owner = pg2ch::checksum::shard(&schema, &change.values, ports.len());
+                assert_eq!(owner, shard, "{table}: key {key:?} is on shard {} but belongs to {}", shard + 1, owner + 1);
+                seen.push(key);
+            }
+        }
+        seen.sort();
+        assert_eq!(seen, expected, "{table}: the shards together hold every live key once");
+        let read: u64 = ch
+            .client
+            .query(&format!("SELECT count() FROM {table}_distributed FINAL WHERE _pg2ch_deleted = 0"))
+            .fetch_one()
+            .await
+            .unwrap();
+        assert_eq!(read as usize, expected.len(), "{table}: the Distributed table reads every shard");
+    }
+
+    // Teeth: a row copied onto the shard that does not own it is named.
+    let (first, wrong) = (ports[0], ports[1]);
+    let schema = env.logins().await;
+    let (key, change) = on_replica(&env, first).ch_rows(&schema).await.into_iter().next().unwrap();
+    let key = pg2ch::verify::key_json(&key);
+    on_replica(&env, wrong).ch().await.write_changes(&schema, &[change]).await.unwrap();
+    let out = env.run(&["verify", "--each-replica"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "a misplaced row fails verify: {text}");
+    let header = format!("public.user_logins on replica 127.0.0.1:{wrong} (shard 2):");
+    let block = &text[text.find(&header).unwrap_or_else(|| panic!("no report for shard 2: {text}"))..];
+    let block = &block[..block.find("verify: ").unwrap() + "verify: FAILED".len()];
+    assert!(
+        block.contains(&format!("keys in ClickHouse that PostgreSQL lacks: 1 (first: [{key}])"))
+            && block.ends_with("verify: FAILED"),
+        "the report of shard 2 names the misplaced key {key}: {block}"
+    );
 }

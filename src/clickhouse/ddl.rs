@@ -12,7 +12,9 @@
 //! On a cluster (`CH_CLUSTER`) every statement runs `ON CLUSTER` and the
 //! engines are the `Replicated` ones, at ZooKeeper path
 //! `/clickhouse/tables/{shard}/<database>.<table>` with replica `{replica}`
-//! (the servers' macros).
+//! (the servers' macros). On a cluster of several shards each source table
+//! also gets `<table>_distributed`, a `Distributed` table over every shard's
+//! table for reading (pg2ch writes to the shards themselves).
 //!
 //! At start, the table is compared with PostgreSQL's: columns PostgreSQL
 //! gained are added (and the caller resends the rows that hold values in
@@ -45,6 +47,11 @@ struct Existing {
     ty: String,
 }
 
+/// The name of the `Distributed` table over a source table's shards.
+pub fn distributed(name: &str) -> String {
+    format!("{name}_distributed")
+}
+
 /// A string literal for ClickHouse SQL.
 fn ch_literal(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
@@ -66,6 +73,12 @@ impl ClickHouse {
     /// A table of the database, quoted.
     pub fn table(&self, name: &str) -> String {
         format!("{}.{}", self.db(), ch_ident(name))
+    }
+
+    /// The table to read a source table's rows from: on a sharded cluster
+    /// the `Distributed` table over every shard, else the table itself.
+    pub fn readable(&self, name: &str) -> String {
+        if self.sharded() { self.table(&distributed(name)) } else { self.table(name) }
     }
 
     /// The engine `engine(args)`, replicated on a cluster.
@@ -137,6 +150,41 @@ impl ClickHouse {
                 self.on_cluster(),
                 columns.join(", "),
                 schema.ch_order_by()
+            ),
+        )
+        .await?;
+        self.create_distributed(schema, false).await
+    }
+
+    /// On a sharded cluster, creates `<table>_distributed` for reading
+    /// (anew with `replace`, after columns were added: 18.16 cannot alter a
+    /// table that is not replicated `ON CLUSTER` when the shards are). Its
+    /// columns are all plain: 18.16 computes a `MATERIALIZED` column of a
+    /// `Distributed` table itself, from columns it does not read.
+    async fn create_distributed(&self, schema: &TableSchema, replace: bool) -> anyhow::Result<()> {
+        let Some(cluster) = self.cluster.as_ref().filter(|_| self.sharded()) else { return Ok(()) };
+        let name = distributed(&schema.name);
+        if replace {
+            self.run(
+                &format!("drop table {name}"),
+                &format!("DROP TABLE IF EXISTS {}{}", self.table(&name), self.on_cluster()),
+            )
+            .await?;
+        }
+        let columns: Vec<String> =
+            schema.ch_columns(&self.caps).iter().map(|c| format!("{} {}", ch_ident(&c.name), c.ty)).collect();
+        // For reading only: without a sharding key ClickHouse refuses
+        // inserts into it, which would bypass pg2ch's routing.
+        self.run(
+            &format!("create table {name}"),
+            &format!(
+                "CREATE TABLE IF NOT EXISTS {}{} ({}) ENGINE = Distributed({}, {}, {})",
+                self.table(&name),
+                self.on_cluster(),
+                columns.join(", "),
+                ch_ident(&cluster.name),
+                self.db(),
+                ch_ident(&schema.name)
             ),
         )
         .await
@@ -299,6 +347,9 @@ impl ClickHouse {
             }
             tracing::info!("{schema}: added column {column} to ClickHouse {db}.{name}");
             added.push(column);
+        }
+        if !added.is_empty() {
+            self.create_distributed(schema, true).await?;
         }
         Ok(added)
     }

@@ -11,11 +11,17 @@
 //! `FINAL` leaves deleted keys out. Inserts are pinned synchronous
 //! (`async_insert=0` where the server has the setting), so a position is
 //! stored only after its rows are in the table.
+//!
+//! On a cluster (`CH_CLUSTER`) inserts wait for every replica of their
+//! shard (`insert_quorum`). On a cluster of several shards each row goes to
+//! the shard that owns its key ([`crate::checksum::shard`]), through a
+//! client per shard at a replica `CH_REPLICAS` lists for it.
 
 pub mod ddl;
 pub mod sink;
 pub mod verify;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -122,6 +128,9 @@ pub struct ClickHouse {
     pub database: String,
     /// The cluster pg2ch's tables live on (`CH_CLUSTER`), if any.
     pub cluster: Option<Cluster>,
+    /// On a cluster of several shards, a client per shard (in shard order)
+    /// at one of its replicas; empty otherwise.
+    shards: Arc<Vec<Client>>,
     timeout: Duration,
 }
 
@@ -129,8 +138,14 @@ pub struct ClickHouse {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cluster {
     pub name: String,
-    /// Replicas of its (one) shard.
-    pub replicas: usize,
+    /// Replicas of each shard, in shard order.
+    pub replicas: Vec<usize>,
+}
+
+impl Cluster {
+    pub fn shards(&self) -> usize {
+        self.replicas.len()
+    }
 }
 
 /// A client over an HTTP client like the crate's default, but with
@@ -155,6 +170,19 @@ fn base_client(cfg: &ChConfig) -> Client {
         .with_validation(false)
 }
 
+/// Makes inserts through `client` return only once `replicas` replicas
+/// have them, so a position stored after them covers rows no single
+/// replica's loss takes away. A replica down stops inserts (retried) until
+/// it is back.
+fn with_quorum(client: Client, replicas: usize, timeout: Duration) -> Client {
+    if replicas < 2 {
+        return client;
+    }
+    client
+        .with_setting("insert_quorum", replicas.to_string())
+        .with_setting("insert_quorum_timeout", timeout.as_millis().to_string())
+}
+
 impl ClickHouse {
     /// Connects, checks the password, and reads the server version.
     /// Does not require the database to exist (see [`ClickHouse::init`]).
@@ -175,45 +203,91 @@ impl ClickHouse {
             // be in the table by then, not in a buffer.
             client = client.with_setting("async_insert", "0");
         }
-        let cluster = match &cfg.cluster {
-            None => None,
-            Some(name) => Some(Self::cluster(&probe, cfg, name, timeout).await?),
+        let (cluster, shards) = match &cfg.cluster {
+            None => (None, Vec::new()),
+            Some(name) => {
+                let cluster = Self::cluster(&probe, cfg, name, timeout).await?;
+                let mine = local_shard(&probe, name, timeout).await?.unwrap_or(1);
+                let shards = if cluster.shards() > 1 {
+                    Self::shard_clients(&client, cfg, &cluster, timeout).await?
+                } else {
+                    Vec::new()
+                };
+                // Positions go to the configured server's own shard.
+                let replicas = cluster.replicas.get(mine.saturating_sub(1) as usize).copied().unwrap_or(1);
+                client = with_quorum(client, replicas, timeout);
+                (Some(cluster), shards)
+            }
         };
-        if let Some(c) = cluster.as_ref().filter(|c| c.replicas > 1) {
-            // An insert returns once every replica has it, so a position
-            // stored after it covers rows no single replica's loss takes
-            // away. A replica down stops inserts (retried) until it is back.
-            client = client
-                .with_setting("insert_quorum", c.replicas.to_string())
-                .with_setting("insert_quorum_timeout", timeout.as_millis().to_string());
-        }
-        Ok(ClickHouse { client, caps, database: cfg.database.clone(), cluster, timeout })
+        Ok(ClickHouse { client, caps, database: cfg.database.clone(), cluster, shards: Arc::new(shards), timeout })
     }
 
-    /// Reads the cluster `name` from `system.clusters`: it must exist and
-    /// have one shard (sharded clusters are not supported yet).
+    /// Reads the cluster `name` from `system.clusters`: it must exist.
     async fn cluster(probe: &Client, cfg: &ChConfig, name: &str, timeout: Duration) -> anyhow::Result<Cluster> {
         let shards: Vec<(u32, u64)> = bounded(|| format!("reading cluster {name:?}"), timeout, async {
             Ok(probe
-                .query("SELECT shard_num, count() FROM system.clusters WHERE cluster = ? GROUP BY shard_num")
+                .query(
+                    "SELECT shard_num, count() FROM system.clusters WHERE cluster = ? GROUP BY shard_num \
+                     ORDER BY shard_num",
+                )
                 .bind(name)
                 .fetch_all::<(u32, u64)>()
                 .await?)
         })
         .await?;
-        match shards.as_slice() {
-            [] => Err(Permanent::error(format!(
+        if shards.is_empty() {
+            return Err(Permanent::error(format!(
                 "ClickHouse cluster {name:?} (CH_CLUSTER) is not in system.clusters of {}: check the name and the \
                  servers' remote_servers",
                 cfg.describe()
-            ))),
-            [(_, replicas)] => Ok(Cluster { name: name.to_owned(), replicas: *replicas as usize }),
-            more => Err(Permanent::error(format!(
-                "ClickHouse cluster {name:?} has {} shards; pg2ch writes to clusters of one shard (any number of \
-                 replicas) for now",
-                more.len()
-            ))),
+            )));
         }
+        Ok(Cluster { name: name.to_owned(), replicas: shards.iter().map(|(_, n)| *n as usize).collect() })
+    }
+
+    /// A client per shard of a sharded cluster, at the first replica of
+    /// that shard listed in `CH_REPLICAS` (system.clusters names the
+    /// servers' native ports, not their HTTP ones), with the shard's quorum.
+    async fn shard_clients(
+        client: &Client,
+        cfg: &ChConfig,
+        cluster: &Cluster,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<Client>> {
+        let mut at: Vec<Option<Client>> = vec![None; cluster.shards()];
+        for addr in &cfg.replicas {
+            let replica = cfg.at(addr)?;
+            let probe = base_client(&replica).with_compression(Compression::None);
+            let shard = local_shard(&probe, &cluster.name, timeout)
+                .await
+                .with_context(|| format!("asking replica {addr} (CH_REPLICAS) for its shard"))?
+                .with_context(|| format!("replica {addr} (CH_REPLICAS) is not in cluster {:?}", cluster.name))?;
+            let i = shard.checked_sub(1).map(|i| i as usize).filter(|i| *i < at.len());
+            let i = i.with_context(|| format!("replica {addr} says it is shard {shard} of {}", cluster.shards()))?;
+            if at[i].is_none() {
+                at[i] = Some(with_quorum(client.clone().with_url(replica.url()), cluster.replicas[i], timeout));
+            }
+        }
+        at.into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                c.ok_or_else(|| {
+                    Permanent::error(format!(
+                        "ClickHouse cluster {:?} has {} shards and pg2ch writes each row to the shard of its key over \
+                         HTTP: list every shard's replicas' HTTP addresses in CH_REPLICAS (--ch-replica-addrs); none \
+                         of shard {} is listed",
+                        cluster.name,
+                        cluster.shards(),
+                        i + 1
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// Whether rows are spread over several shards.
+    pub fn sharded(&self) -> bool {
+        !self.shards.is_empty()
     }
 
     /// ` ON CLUSTER <name>` for DDL when pg2ch's tables live on a cluster.
@@ -241,6 +315,20 @@ impl ClickHouse {
         })
         .await
     }
+}
+
+/// The shard (`shard_num`, from 1) of cluster `name` that the server
+/// `probe` talks to belongs to, if it is in the cluster.
+pub async fn local_shard(probe: &Client, name: &str, timeout: Duration) -> anyhow::Result<Option<u32>> {
+    bounded(|| format!("reading cluster {name:?}"), timeout, async {
+        probe
+            .query("SELECT shard_num FROM system.clusters WHERE cluster = ? AND is_local = 1 LIMIT 1")
+            .bind(name)
+            .fetch_optional::<u32>()
+            .await
+            .map_err(classify)
+    })
+    .await
 }
 
 #[cfg(test)]

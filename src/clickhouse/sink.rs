@@ -7,6 +7,10 @@
 //! `_pg2ch_deleted = 1`. Positions keep, per (group, topic, partition), the
 //! next offset and the fingerprint of the last record read (`last_record`,
 //! 0 when unknown), so a replaced log is recognised.
+//!
+//! On a cluster of several shards each row goes to the shard that owns its
+//! key, and the positions to the configured server's shard, once every
+//! shard's insert has returned.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -51,8 +55,33 @@ impl ClickHouse {
             .collect())
     }
 
-    /// Inserts changes of `schema`'s table.
+    /// Inserts changes of `schema`'s table; on a sharded cluster, each into
+    /// the shard that owns its key ([`crate::checksum::shard`]), the shards
+    /// at once, returning when every shard has its rows.
     pub async fn write_changes(&self, schema: &TableSchema, changes: &[Change]) -> anyhow::Result<()> {
+        if !self.sharded() {
+            return self.insert_changes(&self.client, schema, changes.iter()).await;
+        }
+        let n = self.shards.len();
+        let mut parts: Vec<Vec<&Change>> = vec![Vec::new(); n];
+        for change in changes {
+            parts[crate::checksum::shard(schema, &change.values, n)].push(change);
+        }
+        let inserts = parts
+            .iter()
+            .zip(self.shards.iter())
+            .filter(|(part, _)| !part.is_empty())
+            .map(|(part, client)| self.insert_changes(client, schema, part.iter().copied()));
+        futures::future::try_join_all(inserts).await.map(|_| ())
+    }
+
+    /// One insert of changes through `client`.
+    async fn insert_changes<'a>(
+        &self,
+        client: &clickhouse::Client,
+        schema: &TableSchema,
+        changes: impl ExactSizeIterator<Item = &'a Change>,
+    ) -> anyhow::Result<()> {
         let mut buf = Vec::with_capacity(changes.len() * 48);
         for change in changes {
             for (column, value) in schema.columns.iter().zip(&change.values) {
@@ -71,7 +100,7 @@ impl ClickHouse {
             || format!("ClickHouse: inserting into {}", schema.name),
             self.timeout,
             taking_turns(|| async {
-                let mut insert = self.client.insert_formatted_with(sql.clone());
+                let mut insert = client.insert_formatted_with(sql.clone());
                 for start in (0..bytes.len()).step_by(SLICE) {
                     insert.send(bytes.slice(start..(start + SLICE).min(bytes.len()))).await?;
                 }
@@ -110,14 +139,14 @@ impl ClickHouse {
 
     /// Rows stored, counting copies not yet merged away.
     pub async fn stored_count(&self, schema: &TableSchema) -> anyhow::Result<u64> {
-        self.scalar(&format!("SELECT count() FROM {}", self.table(&schema.name))).await
+        self.scalar(&format!("SELECT count() FROM {}", self.readable(&schema.name))).await
     }
 
     /// Live keys, as `FINAL` shows them.
     pub async fn final_count(&self, schema: &TableSchema) -> anyhow::Result<u64> {
         self.scalar(&format!(
             "SELECT count() FROM {} FINAL WHERE {} = 0",
-            self.table(&schema.name),
+            self.readable(&schema.name),
             crate::config::ch_ident(crate::schema::CH_DELETED)
         ))
         .await

@@ -77,7 +77,7 @@ impl ChVerifySide {
     }
 
     fn select(&self) -> String {
-        format!("SELECT {} FROM {}", self.schema.ch_written(&self.ch.caps), self.ch.table(&self.schema.name))
+        format!("SELECT {} FROM {}", self.schema.ch_written(&self.ch.caps), self.ch.readable(&self.schema.name))
     }
 }
 
@@ -94,7 +94,7 @@ fn read_change(r: &mut Reader<'_>, schema: &TableSchema) -> Result<Change, ReadE
 
 impl SinkSide for ChVerifySide {
     async fn bounds(&mut self) -> anyhow::Result<(Option<KeyRange>, u64)> {
-        let t = self.ch.table(&self.schema.name);
+        let t = self.ch.readable(&self.schema.name);
         if self.schema.integer_key() {
             let c = &self.schema.columns[self.schema.key[0]];
             let k = ch_ident(&value_column(&c.name, &c.ty));
@@ -121,7 +121,7 @@ impl SinkSide for ChVerifySide {
         let sql = format!(
             "SELECT {} FROM {} FINAL WHERE {} = 0 AND {}",
             self.schema.ch_written(&self.ch.caps),
-            self.ch.table(&self.schema.name),
+            self.ch.readable(&self.schema.name),
             ch_ident(CH_DELETED),
             self.range_filter(span)
         );
@@ -145,7 +145,7 @@ impl SinkSide for ChVerifySide {
         let live = format!(
             "SELECT {} FROM {} FINAL WHERE {}",
             schema.ch_written(&self.ch.caps),
-            self.ch.table(&schema.name),
+            self.ch.readable(&schema.name),
             self.range_filter(range)
         );
         self.stream(&live, |change| {
@@ -175,7 +175,7 @@ impl SinkSide for ChVerifySide {
     async fn unmerged_copies(&mut self) -> anyhow::Result<Finding> {
         let keys =
             self.schema.key_columns().map(|c| ch_ident(&value_column(&c.name, &c.ty))).collect::<Vec<_>>().join(", ");
-        let t = self.ch.table(&self.schema.name);
+        let t = self.ch.readable(&self.schema.name);
         let count = self
             .ch
             .scalar(&format!("SELECT count() FROM (SELECT {keys} FROM {t} GROUP BY {keys} HAVING count() > 1)"))

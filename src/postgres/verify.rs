@@ -27,6 +27,8 @@ use crate::verify::{Finding, KeyRange, RowState, SAMPLE, SourceRow, SourceSide, 
 pub struct PgVerifySide {
     conn: sqlx::pool::PoolConnection<Postgres>,
     schema: Arc<TableSchema>,
+    /// Only the rows of one shard (index, shards) of a sharded cluster.
+    shard: Option<(usize, usize)>,
 }
 
 impl PgVerifySide {
@@ -35,7 +37,24 @@ impl PgVerifySide {
         for sql in ["SET plan_cache_mode = force_custom_plan", "SET jit = off"] {
             sqlx::query(sql).execute(&mut *conn).await.with_context(|| format!("PostgreSQL: {sql}"))?;
         }
-        Ok(PgVerifySide { conn, schema })
+        Ok(PgVerifySide { conn, schema, shard: None })
+    }
+
+    /// The same side restricted to the rows that shard `index` of `shards`
+    /// owns ([`crate::checksum::shard`]): what one replica of it must hold.
+    pub fn only_shard(self, index: usize, shards: usize) -> Self {
+        PgVerifySide { shard: Some((index, shards)), ..self }
+    }
+
+    /// `table` (the source table or its outbox), or only the shard's rows of it.
+    fn rows_of(&self, table: String) -> String {
+        match self.shard {
+            None => table,
+            Some((index, shards)) => format!(
+                "(SELECT * FROM {table} WHERE {} = {index}) AS shard",
+                crate::checksum::shard_sql(&self.schema, shards)
+            ),
+        }
     }
 
     fn columns(&self) -> String {
@@ -78,7 +97,7 @@ fn bind_key<'q>(
 
 impl SourceSide for PgVerifySide {
     async fn bounds(&mut self) -> anyhow::Result<Option<KeyRange>> {
-        let t = self.schema.pg_name();
+        let t = self.rows_of(self.schema.pg_name());
         if self.schema.integer_key() {
             let walk = walk_sql(&self.schema);
             let (first, last): (Option<i64>, Option<i64>) =
@@ -97,7 +116,7 @@ impl SourceSide for PgVerifySide {
 
     async fn summaries(&mut self, ranges: &[KeyRange]) -> anyhow::Result<Vec<SourceSummary>> {
         let (Some(first), Some(last)) = (ranges.first(), ranges.last()) else { return Ok(Vec::new()) };
-        let t = self.schema.pg_name();
+        let t = self.rows_of(self.schema.pg_name());
         let (sent, rejected) = (pg_ident(SENT), pg_ident(REJECTED));
         let from = if self.schema.integer_key() {
             format!(
@@ -149,7 +168,7 @@ impl SourceSide for PgVerifySide {
             pg_ident(SENT),
             pg_ident(REJECTED),
             pg_ident(VERSION),
-            self.schema.pg_name()
+            self.rows_of(self.schema.pg_name())
         );
         let rows = self.in_range(&sql, range, "").await?;
         let n = self.schema.columns.len();
@@ -170,8 +189,11 @@ impl SourceSide for PgVerifySide {
 
     async fn pending_deletes(&mut self, range: KeyRange) -> anyhow::Result<Vec<(i64, Key)>> {
         let walk = walk_sql(&self.schema);
-        let sql =
-            format!("SELECT {}, {walk} FROM {} WHERE {walk} BETWEEN $1 AND $2", self.keys(), outbox(&self.schema));
+        let sql = format!(
+            "SELECT {}, {walk} FROM {} WHERE {walk} BETWEEN $1 AND $2",
+            self.keys(),
+            self.rows_of(outbox(&self.schema))
+        );
         let rows = self.in_range(&sql, range, "the deletions of ").await?;
         let k = self.schema.key.len();
         rows.iter()

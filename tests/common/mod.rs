@@ -233,10 +233,11 @@ impl PrivateStack {
         PrivateStack::start_with(label, None).await
     }
 
-    async fn start_with(label: &str, replicas: Option<usize>) -> PrivateStack {
-        let cluster = replicas.map(|n| pg2ch::stack::ClusterPorts {
+    async fn start_with(label: &str, shape: Option<(usize, usize)>) -> PrivateStack {
+        let cluster = shape.map(|(shards, per_shard)| pg2ch::stack::ClusterPorts {
             zk_port: free_port(),
-            replicas: (0..n)
+            shards,
+            replicas: (0..shards * per_shard)
                 .map(|_| pg2ch::stack::ReplicaPorts { http: free_port(), tcp: free_port(), interserver: free_port() })
                 .collect(),
         });
@@ -257,7 +258,13 @@ impl PrivateStack {
     /// ClickHouse 18.16 servers with ZooKeeper (in every pass: chdb has no
     /// replication).
     pub async fn start_cluster(label: &str, replicas: usize) -> PrivateStack {
-        PrivateStack::start_with(label, Some(replicas)).await
+        PrivateStack::start_with(label, Some((1, replicas))).await
+    }
+
+    /// A stack of its own whose ClickHouse is a cluster of `shards` shards
+    /// of one ClickHouse 18.16 server each, with ZooKeeper.
+    pub async fn start_sharded(label: &str, shards: usize) -> PrivateStack {
+        PrivateStack::start_with(label, Some((shards, 1))).await
     }
 
     fn chdb_path(&self) -> std::path::PathBuf {
