@@ -398,7 +398,7 @@ async fn sweep(settings: &Settings) {
 /// Whether the process that created test database `name`
 /// (`t_<label>_<pid>_<n>_<random>`) still runs.
 fn process_alive(name: &str) -> bool {
-    let pid = name.rsplitn(4, '_').nth(2).and_then(|p| p.parse::<u32>().ok());
+    let pid = name.rsplit('_').nth(2).and_then(|p| p.parse::<u32>().ok());
     pid.is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
 }
 
