@@ -663,11 +663,14 @@ impl Stack {
     async fn zookeeper_up(&self, port: u16) -> anyhow::Result<()> {
         let probe = || async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            // `srvr`, not `ruok`: ZooKeeper answers `imok` as soon as it
+            // listens, before it has loaded its data and serves sessions; a
+            // ClickHouse server started then fails its handshake and exits.
             let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-            s.write_all(b"ruok").await?;
+            s.write_all(b"srvr").await?;
             let mut answer = String::new();
             s.read_to_string(&mut answer).await?;
-            anyhow::ensure!(answer == "imok", "ZooKeeper answered {answer:?}");
+            anyhow::ensure!(answer.contains("\nMode: "), "ZooKeeper answered {answer:?}");
             Ok(())
         };
         if probe().await.is_ok() {
@@ -683,7 +686,7 @@ impl Stack {
             root.join("zoo.cfg"),
             format!(
                 "tickTime=2000\ndataDir={r}/data\nclientPort={port}\nclientPortAddress=127.0.0.1\n\
-                 admin.enableServer=false\n4lw.commands.whitelist=ruok\n"
+                 admin.enableServer=false\n4lw.commands.whitelist=srvr\n"
             ),
         )?;
         let mut cmd = Command::new(java);
