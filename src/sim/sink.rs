@@ -1,7 +1,8 @@
 //! Simulated ClickHouse: a `ReplacingMergeTree` by key keeping the highest
 //! version (copies visible until a merge; `FINAL` shows each key's highest
 //! version, the later insert on a tie, and leaves deleted keys out), inserts
-//! that fail or whose response is lost after they landed, and the stored
+//! that fail, whose response is lost after they landed, or that landed on
+//! one shard of two and failed on the other, and the stored
 //! consumer positions (largest offset wins, as in the real positions table).
 
 use std::cell::RefCell;
@@ -84,6 +85,15 @@ impl Sink for SimSink {
         yield_now().await;
         if self.chaos.fails("ch.insert") {
             anyhow::bail!("simulated: insert failed");
+        }
+        if self.chaos.outcome_lost("ch.insert.shard") {
+            // A sharded cluster's insert: one shard's rows landed, the
+            // other shard's insert failed, and so did the write.
+            let mut table = self.table.borrow_mut();
+            let schema = table.schema.clone();
+            let landed = rows.iter().filter(|c| checksum::shard(&schema, &c.values, 2) == 0).cloned().collect();
+            table.parts.push(landed);
+            anyhow::bail!("simulated: one shard's insert failed after the other's landed");
         }
         self.table.borrow_mut().parts.push(rows.to_vec());
         self.chaos.note(&("insert", rows.len()));
