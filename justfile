@@ -24,5 +24,5 @@ test *ARGS: setup
 
 # Criterion benchmarks.
 bench: setup
-    scripts/stack.sh up
+    PG2CH_STACK_CHDB=off scripts/stack.sh up
     source target/stack.env && cargo bench

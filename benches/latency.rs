@@ -149,7 +149,9 @@ fn split(rows: &[Seen], published: &HashMap<i64, i64>) -> ((Duration, Duration),
 
 /// CPU time (user and system, in clock ticks) used so far by every process,
 /// by pid, with its name, from `/proc`.
-fn cpu_by_process() -> HashMap<u32, (String, u64)> {
+/// Per process: its name, CPU time used (ticks) and time its threads spent
+/// runnable but waiting for a CPU (ns, from each thread's `schedstat`).
+fn cpu_by_process() -> HashMap<u32, (String, u64, u64)> {
     let mut by = HashMap::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
@@ -157,31 +159,43 @@ fn cpu_by_process() -> HashMap<u32, (String, u64)> {
         let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
         let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
         let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+        let waited: u64 = std::fs::read_dir(entry.path().join("task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().nth(1).and_then(|w| w.parse::<u64>().ok()))
+            .sum();
         // Fields 14 and 15 of stat (utime, stime), counted after the name.
-        by.insert(pid, (stat[open + 1..close].to_owned(), ticks(11) + ticks(12)));
+        by.insert(pid, (stat[open + 1..close].to_owned(), ticks(11) + ticks(12), waited));
     }
     by
 }
 
 /// Each process name's share of one core between two samples (summed over
-/// its processes; kernel workers as one), largest first. A process that
-/// started between the samples counts from zero; one that ended, not at all.
+/// its processes; kernel workers as one), largest first, with how long its
+/// threads waited for a CPU per second (ms). A process that started between
+/// the samples counts from zero; one that ended, not at all.
 fn cpu_share(
-    before: &HashMap<u32, (String, u64)>,
-    after: &HashMap<u32, (String, u64)>,
+    before: &HashMap<u32, (String, u64, u64)>,
+    after: &HashMap<u32, (String, u64, u64)>,
     over: Duration,
-) -> Vec<(String, f64)> {
+) -> Vec<(String, f64, f64)> {
     // Linux reports these in USER_HZ, 100 a second on every common build.
     const TICKS_PER_SECOND: f64 = 100.0;
-    let mut by_name: HashMap<String, u64> = HashMap::new();
-    for (pid, (name, t)) in after {
+    let mut by_name: HashMap<String, (u64, u64)> = HashMap::new();
+    for (pid, (name, t, w)) in after {
         let name = if name.starts_with("kworker") { "kernel workers".to_owned() } else { name.clone() };
-        *by_name.entry(name).or_default() += t.saturating_sub(before.get(pid).map_or(0, |(_, b)| *b));
+        let (bt, bw) = before.get(pid).map_or((0, 0), |(_, t, w)| (*t, *w));
+        let e = by_name.entry(name).or_default();
+        e.0 += t.saturating_sub(bt);
+        e.1 += w.saturating_sub(bw);
     }
-    let mut shares: Vec<(String, f64)> = by_name
+    let secs = over.as_secs_f64();
+    let mut shares: Vec<(String, f64, f64)> = by_name
         .into_iter()
-        .map(|(name, used)| (name, used as f64 / TICKS_PER_SECOND / over.as_secs_f64() * 100.0))
-        .filter(|(_, pct)| *pct >= 1.0)
+        .map(|(name, (used, waited))| (name, used as f64 / TICKS_PER_SECOND / secs * 100.0, waited as f64 / 1e6 / secs))
+        .filter(|(_, pct, _)| *pct >= 1.0)
         .collect();
     shares.sort_by(|a, b| b.1.total_cmp(&a.1));
     shares
@@ -226,8 +240,11 @@ fn main() {
         let log = pg2ch::kafka::KafkaLog::open(&client, &topic, Duration::from_secs(10)).await.unwrap();
         let record = || vec![LogRecord { key: b"1".to_vec(), value: br#"{"id":1}"#.to_vec() }];
         let produce = floor(200, async || log.append(0, record()).await.unwrap()).await;
+        // The records are there, so the broker answers at once whatever the
+        // wait; a wait too short for a busy nisshi to reach its first look
+        // at the partition would answer empty (its loop runs while time is left).
         let fetch = floor(200, async || {
-            assert!(!log.fetch(0, 0, Duration::from_millis(1)).await.unwrap().records.is_empty());
+            assert!(!log.fetch(0, 0, Duration::from_millis(500)).await.unwrap().records.is_empty());
         })
         .await;
         let insert = floor(200, async || {
@@ -303,10 +320,17 @@ fn main() {
                 "| {rate} rows/s | {n} | {p50:.1?} | {p99:.1?} | {max:.1?} | {pp50:.0?} / {pp99:.0?} | {cp50:.0?} / {cp99:.0?} |"
             );
         }
-        println!("\nCPU while each rate ran (one core = 100%; this machine has 2):\n");
+        println!(
+            "\nCPU while each rate ran (one core = 100%; this machine has 2), and how long each process's \
+             threads waited, runnable, for a CPU (ms per second):\n"
+        );
         for (rate, shares) in &cpu {
-            let top: Vec<String> = shares.iter().take(6).map(|(name, pct)| format!("{name} {pct:.0}%")).collect();
-            let total: f64 = shares.iter().map(|(_, p)| p).sum();
+            let top: Vec<String> = shares
+                .iter()
+                .take(6)
+                .map(|(name, pct, waited)| format!("{name} {pct:.0}% (waited {waited:.0} ms/s)"))
+                .collect();
+            let total: f64 = shares.iter().map(|(_, p, _)| p).sum();
             println!("- {rate} rows/s: {} (all processes: {total:.0}%)", top.join(", "));
         }
         for (rate, _, p99, ..) in &results {

@@ -82,7 +82,9 @@ chdb_down() {
 cargo build --release --quiet --bin pg2ch
 if [ "$action" = up ]; then
   target/release/pg2ch stack up "${@:2}" > target/stack.env
-  chdb_up
+  # PG2CH_STACK_CHDB=off (benchmarks): no chdb front end, whose background
+  # work would compete for the CPU with the services being measured.
+  if [ "${PG2CH_STACK_CHDB:-on}" = off ]; then chdb_down; else chdb_up; fi
   echo "stack: environment in target/stack.env (source it)" >&2
 else
   chdb_down

@@ -566,11 +566,12 @@ pub struct Consumer<L, K, G = Unleased> {
     unstored: BTreeMap<i32, Position>,
 }
 
-/// Whether a consumer step stores its positions in the sink after writing,
-/// or leaves that to a later step (or [`Consumer::store_positions`]). Rows
-/// are always written before their positions are stored; storing later only
-/// means that a crash in between replays more records, which the sink
-/// collapses (same key and version). It saves one sink write per step.
+/// Whether a consumer step stores the positions of rows earlier steps wrote
+/// (while it fetches), or leaves that to a later step (or
+/// [`Consumer::store_positions`]). Rows are always written before their
+/// positions are stored; storing later only means that a crash in between
+/// replays more records, which the sink collapses (same key and version).
+/// It saves one sink write per step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Store {
     Now,
@@ -683,17 +684,23 @@ impl<L: EventLog, K: Sink, G: Leases> Consumer<L, K, G> {
     /// Fetches one partition from `position` and makes sure the records
     /// continue the log this consumer read so far: the record before
     /// `position` must still be the one whose fingerprint was stored with it.
-    async fn fetch_checked(&self, p: i32, position: Position, max_wait: Duration) -> anyhow::Result<Fetched> {
+    async fn fetch_checked(
+        log: &L,
+        config: &ConsumerConfig,
+        p: i32,
+        position: Position,
+        max_wait: Duration,
+    ) -> anyhow::Result<Fetched> {
+        let _ = config;
         let start = position.next;
-        let mut batch = self
-            .log
+        let mut batch = log
             .fetch(p, start, max_wait)
             .await
             .map_err(|e| e.context(format!("fetching partition {p} at offset {start}")))?;
         within_log(p, &position, batch.high_watermark)?;
         // Brokers return whole batches: drop what lies before our position.
         #[cfg(any(test, feature = "broken-orderings"))]
-        let first = start + i64::from(self.config.ordering == Ordering::SkipRecordAtPosition);
+        let first = start + i64::from(config.ordering == Ordering::SkipRecordAtPosition);
         #[cfg(not(any(test, feature = "broken-orderings")))]
         let first = start;
         batch.records.retain(|r| r.offset >= first);
@@ -706,8 +713,7 @@ impl<L: EventLog, K: Sink, G: Leases> Consumer<L, K, G> {
             // failed fetch.
             let mut before = None;
             for _ in 0..3 {
-                before = self
-                    .log
+                before = log
                     .record_at(p, start - 1)
                     .await
                     .map_err(|e| e.context(format!("reading partition {p} at offset {}", start - 1)))?;
@@ -734,13 +740,50 @@ impl<L: EventLog, K: Sink, G: Leases> Consumer<L, K, G> {
     /// One fetch, write, remember cycle over all assigned partitions. A
     /// partition whose fetch fails does not hold up the others: their rows
     /// are written and their positions stored, then the failure is returned.
+    ///
+    /// With [`Store::Now`], the positions of rows written by earlier steps
+    /// are stored while the fetches wait for the broker, rather than after
+    /// this step's write: a store then holds no row back (storing after the
+    /// write stalled every row that arrived meanwhile, once a second, by a
+    /// sink insert, which made the tail of the latency).
     pub async fn step(&mut self, faults: &dyn Faults, max_wait: Duration, store: Store) -> anyhow::Result<ConsumeStep> {
         let from = self.positions().await?.clone();
-        let this = &*self;
-        let results = futures::future::join_all(
-            from.iter().map(|(&p, &position)| async move { (p, this.fetch_checked(p, position, max_wait).await) }),
-        )
-        .await;
+        let unstored = match store {
+            Store::Now => std::mem::take(&mut self.unstored),
+            Store::Later => BTreeMap::new(),
+        };
+        let (log, config, sink, leases) = (&self.log, &self.config, &mut self.sink, &mut self.leases);
+        let fetches =
+            futures::future::join_all(from.iter().map(|(&p, &position)| async move {
+                (p, Self::fetch_checked(log, config, p, position, max_wait).await)
+            }));
+        let storing = async {
+            if unstored.is_empty() {
+                return Ok(None);
+            }
+            // Only partitions still ours: see `store_positions`.
+            let held = leases.held().await?;
+            let mine: BTreeMap<i32, Position> =
+                unstored.iter().filter(|(p, _)| held.contains(p)).map(|(p, position)| (*p, *position)).collect();
+            if !mine.is_empty() {
+                sink.store_positions(&mine).await?;
+            }
+            anyhow::Ok(Some(held))
+        };
+        let (results, stored) = futures::future::join(fetches, storing).await;
+        match stored {
+            Err(e) => {
+                // Stored again by a later step; what was fetched is fetched
+                // again, as after any failed step.
+                self.unstored.extend(unstored);
+                return Err(e);
+            }
+            Ok(Some(held)) => {
+                self.forget_lost(&held);
+                faults.at(CrashPoint::AfterStorePosition)?;
+            }
+            Ok(None) => {}
+        }
         let mut fetched = Vec::with_capacity(results.len());
         let mut failed: Option<anyhow::Error> = None;
         for (p, result) in results {
@@ -797,9 +840,6 @@ impl<L: EventLog, K: Sink, G: Leases> Consumer<L, K, G> {
             }
         }
         if next.is_empty() {
-            if store == Store::Now {
-                self.store_positions(faults).await?;
-            }
             return failed.map_or(Ok(step), Err);
         }
 
@@ -829,9 +869,6 @@ impl<L: EventLog, K: Sink, G: Leases> Consumer<L, K, G> {
         }
         faults.at(CrashPoint::AfterWrite)?;
         self.unstored.extend(next.iter().map(|(p, position)| (*p, *position)));
-        if store == Store::Now {
-            self.store_positions(faults).await?;
-        }
         metrics::counter!("pg2ch_rows_written_total").increment(rows.len() as u64);
         metrics::counter!("pg2ch_dead_letters_total").increment(step.dead_letters as u64);
         metrics::histogram!("pg2ch_consume_batch_seconds").record(started.elapsed().as_secs_f64());
@@ -902,13 +939,15 @@ impl<L: EventLog, K: Sink, G: Leases> Consumer<L, K, G> {
         positions.iter().all(|(p, pos)| targets.get(p).is_some_and(|t| pos.next >= *t))
     }
 
-    /// Consumes until every assigned partition reached its end as it stands now.
+    /// Consumes until every assigned partition reached its end as it stands
+    /// now, and stores the positions.
     pub async fn drain(&mut self, faults: &dyn Faults, max_wait: Duration) -> anyhow::Result<usize> {
         let targets = self.high_watermarks().await?;
         let mut records = 0;
         while !self.reached(&targets) {
             records += self.step(faults, max_wait, Store::Now).await?.records;
         }
+        self.store_positions(faults).await?;
         Ok(records)
     }
 }
