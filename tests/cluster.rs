@@ -31,6 +31,17 @@ fn stop(mut child: Child) {
     assert!(status.success(), "a pg2ch process stopped on SIGTERM with {status}");
 }
 
+/// The engine of a table of the test's ClickHouse database.
+async fn engine_of(env: &TestEnv, table: &str) -> String {
+    let ch = env.ch().await;
+    ch.client
+        .query("SELECT engine FROM system.tables WHERE database = currentDatabase() AND name = ?")
+        .bind(table)
+        .fetch_one()
+        .await
+        .unwrap()
+}
+
 /// The same namespace, seen through one replica alone (its HTTP port).
 fn on_replica(env: &TestEnv, port: u16) -> TestEnv {
     let ch = pg2ch::config::ChConfig { port, cluster: None, ..env.settings.ch.clone() };
@@ -43,13 +54,7 @@ async fn three_consumers_over_two_replicas_survive_a_killed_consumer_and_a_stopp
     let env = TestEnv::on(private.settings.clone(), "cluster").await;
     env.ok(&["init", "--partitions", "3"]);
     env.ok(&["seed", "--rows", "20000"]);
-    let ch = env.ch().await;
-    let engine: String = ch
-        .client
-        .query("SELECT engine FROM system.tables WHERE database = currentDatabase() AND name = 'user_logins'")
-        .fetch_one()
-        .await
-        .unwrap();
+    let engine = engine_of(&env, "user_logins").await;
     assert_eq!(engine, "ReplicatedReplacingMergeTree", "init --ch-cluster makes replicated tables");
 
     let stop_rows = Arc::new(AtomicBool::new(false));
@@ -129,14 +134,9 @@ async fn a_sharded_cluster_gets_each_key_on_the_shard_that_owns_it() {
     let tables = ["--table", "user_logins", "--table", "public.orders"];
     env.ok(&[&["init"][..], &tables].concat());
     env.ok(&["seed", "--rows", "20000"]);
-    let ch = env.ch().await;
-    let distributed: String = ch
-        .client
-        .query("SELECT engine FROM system.tables WHERE database = currentDatabase() AND name = 'orders_distributed'")
-        .fetch_one()
-        .await
-        .unwrap();
+    let distributed = engine_of(&env, "orders_distributed").await;
     assert_eq!(distributed, "Distributed", "init offers a Distributed table for reading");
+    let ch = env.ch().await;
 
     let run = [&["run", "--batch-rows", "500", "--insert-rows", "700", "--poll-ms", "20"][..], &tables].concat();
     let start = || env.command(&run).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
