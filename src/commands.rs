@@ -578,7 +578,8 @@ pub async fn run(s: &Settings, o: &RunOptions, shutdown: Shutdown) -> anyhow::Re
 /// PostgreSQL lacks. A progress bar shows on a terminal.
 pub async fn verify(s: &Settings, repair: bool) -> anyhow::Result<Vec<Report>> {
     let pool = postgres::connect(&s.pg, 1, s.timeouts.call).await?;
-    verify_on(s, &pool, &s.ch, repair, None).await
+    let ch = ClickHouse::connect(&s.ch, s.timeouts.call).await?;
+    verify_on(s, &pool, &ch, repair, None).await
 }
 
 /// [`verify`] against the configured ClickHouse, then against each replica
@@ -591,22 +592,16 @@ pub async fn verify_each_replica(s: &Settings, repair: bool) -> anyhow::Result<V
         "--each-replica needs the replicas' HTTP addresses in CH_REPLICAS (host:port,host:port)"
     );
     let pool = postgres::connect(&s.pg, 1, s.timeouts.call).await?;
-    let mut reports = verify_on(s, &pool, &s.ch, repair, None).await?;
     let main = ClickHouse::connect(&s.ch, s.timeouts.call).await?;
+    let mut reports = verify_on(s, &pool, &main, repair, None).await?;
     let sharded = main.cluster.as_ref().filter(|c| c.shards() > 1);
     for replica in &s.ch.replicas {
-        let ch = s.ch.at(replica)?;
+        let ch = ClickHouse::connect(&s.ch.at(replica)?, s.timeouts.call).await?;
         let (shard, label) = match sharded {
             None => (None, format!("replica {replica}")),
             Some(c) => {
-                let conn = ClickHouse::connect(&ch, s.timeouts.call).await?;
-                let n = crate::clickhouse::local_shard(&conn.client, &c.name, s.timeouts.call)
-                    .await?
-                    .with_context(|| format!("replica {replica} (CH_REPLICAS) is not in cluster {:?}", c.name))?;
-                let index = (n as usize).checked_sub(1).filter(|i| *i < c.shards());
-                let index =
-                    index.with_context(|| format!("replica {replica} says it is shard {n} of {}", c.shards()))?;
-                (Some((index, c.shards())), format!("replica {replica} (shard {n})"))
+                let index = c.shard_of(&ch.client, replica, s.timeouts.call).await?;
+                (Some((index, c.shards())), format!("replica {replica} (shard {})", index + 1))
             }
         };
         for mut report in verify_on(s, &pool, &ch, false, shard).await.with_context(|| label.clone())? {
@@ -622,11 +617,10 @@ pub async fn verify_each_replica(s: &Settings, repair: bool) -> anyhow::Result<V
 async fn verify_on(
     s: &Settings,
     pool: &PgPool,
-    ch: &ChConfig,
+    ch: &ClickHouse,
     repair: bool,
     shard: Option<(usize, usize)>,
 ) -> anyhow::Result<Vec<Report>> {
-    let ch = ClickHouse::connect(ch, s.timeouts.call).await?;
     let mut reports = Vec::new();
     for table in tables(s, pool, false).await? {
         ch.check_table(&table.schema).await?;

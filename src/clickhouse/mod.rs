@@ -146,6 +146,17 @@ impl Cluster {
     pub fn shards(&self) -> usize {
         self.replicas.len()
     }
+
+    /// The shard (index from 0) of the server `probe` talks to, which
+    /// `CH_REPLICAS` lists as `addr`: it must be in this cluster.
+    pub async fn shard_of(&self, probe: &Client, addr: &str, timeout: Duration) -> anyhow::Result<usize> {
+        let shard = local_shard(probe, &self.name, timeout)
+            .await
+            .with_context(|| format!("asking replica {addr} (CH_REPLICAS) for its shard"))?
+            .with_context(|| format!("replica {addr} (CH_REPLICAS) is not in cluster {:?}", self.name))?;
+        let index = (shard as usize).checked_sub(1).filter(|i| *i < self.shards());
+        index.with_context(|| format!("replica {addr} says it is shard {shard} of {}", self.shards()))
+    }
 }
 
 /// A client over an HTTP client like the crate's default, but with
@@ -258,12 +269,7 @@ impl ClickHouse {
         for addr in &cfg.replicas {
             let replica = cfg.at(addr)?;
             let probe = base_client(&replica).with_compression(Compression::None);
-            let shard = local_shard(&probe, &cluster.name, timeout)
-                .await
-                .with_context(|| format!("asking replica {addr} (CH_REPLICAS) for its shard"))?
-                .with_context(|| format!("replica {addr} (CH_REPLICAS) is not in cluster {:?}", cluster.name))?;
-            let i = shard.checked_sub(1).map(|i| i as usize).filter(|i| *i < at.len());
-            let i = i.with_context(|| format!("replica {addr} says it is shard {shard} of {}", cluster.shards()))?;
+            let i = cluster.shard_of(&probe, addr, timeout).await?;
             if at[i].is_none() {
                 at[i] = Some(with_quorum(client.clone().with_url(replica.url()), cluster.replicas[i], timeout));
             }
@@ -319,7 +325,7 @@ impl ClickHouse {
 
 /// The shard (`shard_num`, from 1) of cluster `name` that the server
 /// `probe` talks to belongs to, if it is in the cluster.
-pub async fn local_shard(probe: &Client, name: &str, timeout: Duration) -> anyhow::Result<Option<u32>> {
+async fn local_shard(probe: &Client, name: &str, timeout: Duration) -> anyhow::Result<Option<u32>> {
     bounded(|| format!("reading cluster {name:?}"), timeout, async {
         probe
             .query("SELECT shard_num FROM system.clusters WHERE cluster = ? AND is_local = 1 LIMIT 1")
