@@ -758,17 +758,10 @@ impl<L: EventLog, K: Sink, G: Leases> Consumer<L, K, G> {
                 (p, Self::fetch_checked(log, config, p, position, max_wait).await)
             }));
         let storing = async {
-            if unstored.is_empty() {
-                return Ok(None);
+            match unstored.is_empty() {
+                true => Ok(None),
+                false => Self::store_held(leases, sink, &unstored).await.map(Some),
             }
-            // Only partitions still ours: see `store_positions`.
-            let held = leases.held().await?;
-            let mine: BTreeMap<i32, Position> =
-                unstored.iter().filter(|(p, _)| held.contains(p)).map(|(p, position)| (*p, *position)).collect();
-            if !mine.is_empty() {
-                sink.store_positions(&mine).await?;
-            }
-            anyhow::Ok(Some(held))
         };
         let (results, stored) = futures::future::join(fetches, storing).await;
         match stored {
@@ -778,9 +771,11 @@ impl<L: EventLog, K: Sink, G: Leases> Consumer<L, K, G> {
                 self.unstored.extend(unstored);
                 return Err(e);
             }
-            Ok(Some(held)) => {
+            Ok(Some((held, any))) => {
                 self.forget_lost(&held);
-                faults.at(CrashPoint::AfterStorePosition)?;
+                if any {
+                    faults.at(CrashPoint::AfterStorePosition)?;
+                }
             }
             Ok(None) => {}
         }
@@ -893,15 +888,32 @@ impl<L: EventLog, K: Sink, G: Leases> Consumer<L, K, G> {
         if self.unstored.is_empty() {
             return Ok(());
         }
-        let held = self.leases.held().await?;
+        let (held, any) = Self::store_held(&mut self.leases, &mut self.sink, &self.unstored).await?;
         self.forget_lost(&held);
-        if self.unstored.is_empty() {
-            return Ok(());
-        }
-        self.sink.store_positions(&self.unstored).await?;
         self.unstored.clear();
-        faults.at(CrashPoint::AfterStorePosition)?;
+        if any {
+            faults.at(CrashPoint::AfterStorePosition)?;
+        }
         Ok(())
+    }
+
+    /// Stores those of `positions` whose partitions this member still
+    /// holds, the leases checked first (a member that stopped renewing them
+    /// may have lost some to another). Returns the partitions held, and
+    /// whether anything was stored. Takes the fields it uses, so that a step
+    /// can store while it fetches.
+    async fn store_held(
+        leases: &mut G,
+        sink: &mut K,
+        positions: &BTreeMap<i32, Position>,
+    ) -> anyhow::Result<(BTreeSet<i32>, bool)> {
+        let held = leases.held().await?;
+        let mine: BTreeMap<i32, Position> =
+            positions.iter().filter(|(p, _)| held.contains(p)).map(|(p, position)| (*p, *position)).collect();
+        if !mine.is_empty() {
+            sink.store_positions(&mine).await?;
+        }
+        Ok((held, !mine.is_empty()))
     }
 
     async fn write(&mut self, rows: &[Change], faults: &dyn Faults) -> anyhow::Result<()> {
