@@ -336,9 +336,11 @@ impl Drop for TestEnv {
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
             rt.block_on(async {
-                drop_ch_database(&settings.ch, &settings.ch.database).await;
-                if owns == Owns::Both {
-                    drop_pg_database(&settings.pg, &settings.pg.database).await;
+                if let Some(ch) = ch_admin(&settings.ch).await {
+                    drop_ch_database(&ch, &settings.ch.database).await;
+                }
+                if let (Owns::Both, Some(admin)) = (owns, pg_admin(&settings.pg).await) {
+                    drop_pg_database(&admin, &settings.pg.database).await;
                 }
             })
         })
@@ -346,21 +348,28 @@ impl Drop for TestEnv {
     }
 }
 
-/// Drops a test's ClickHouse database, quietly: cleaning up is best effort.
-async fn drop_ch_database(cfg: &ChConfig, name: &str) {
+/// A ClickHouse client on database `default`, if the server answers:
+/// cleaning up is best effort.
+async fn ch_admin(cfg: &ChConfig) -> Option<pg2ch::clickhouse::ClickHouse> {
     let cfg = ChConfig { database: "default".into(), ..cfg.clone() };
-    if let Ok(ch) = pg2ch::clickhouse::ClickHouse::connect(&cfg, Duration::from_secs(5)).await {
-        // Test names are generated from [a-z0-9_].
-        let _ = ch.run("drop a test database", &format!("DROP DATABASE IF EXISTS {name}")).await;
-    }
+    pg2ch::clickhouse::ClickHouse::connect(&cfg, Duration::from_secs(10)).await.ok()
+}
+
+/// A PostgreSQL session on database `postgres`, if the server answers.
+async fn pg_admin(cfg: &PgConfig) -> Option<PgPool> {
+    let cfg = PgConfig { database: "postgres".into(), ..cfg.clone() };
+    pg2ch::postgres::connect(&cfg, 1, Duration::from_secs(10)).await.ok()
+}
+
+/// Drops a test's ClickHouse database, quietly.
+async fn drop_ch_database(ch: &pg2ch::clickhouse::ClickHouse, name: &str) {
+    // Test names are generated from [a-z0-9_].
+    let _ = ch.run("drop a test database", &format!("DROP DATABASE IF EXISTS {name}")).await;
 }
 
 /// Drops a test's PostgreSQL database (and ends sessions left on it), quietly.
-async fn drop_pg_database(cfg: &PgConfig, name: &str) {
-    let cfg = PgConfig { database: "postgres".into(), ..cfg.clone() };
-    if let Ok(admin) = pg2ch::postgres::connect(&cfg, 1, Duration::from_secs(5)).await {
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&admin).await;
-    }
+async fn drop_pg_database(admin: &PgPool, name: &str) {
+    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(admin).await;
 }
 
 /// Drops the namespaces earlier runs left behind: test databases whose
@@ -368,29 +377,29 @@ async fn drop_pg_database(cfg: &PgConfig, name: &str) {
 /// databases are listed first, so one created by a running test always has
 /// its PostgreSQL database in the list read after.
 async fn sweep(settings: &Settings) {
-    let ch_cfg = ChConfig { database: "default".into(), ..settings.ch.clone() };
-    let ch_names: Vec<String> = match pg2ch::clickhouse::ClickHouse::connect(&ch_cfg, Duration::from_secs(10)).await {
-        Ok(ch) => ch
+    let ch = ch_admin(&settings.ch).await;
+    let ch_names: Vec<String> = match &ch {
+        Some(ch) => ch
             .client
             .query("SELECT name FROM system.databases WHERE startsWith(name, 't_')")
             .fetch_all::<String>()
             .await
             .unwrap_or_default(),
-        Err(_) => vec![],
+        None => vec![],
     };
-    let pg_cfg = PgConfig { database: "postgres".into(), ..settings.pg.clone() };
-    let Ok(admin) = pg2ch::postgres::connect(&pg_cfg, 1, Duration::from_secs(10)).await else { return };
+    let Some(admin) = pg_admin(&settings.pg).await else { return };
     let pg_names: Vec<String> = sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 't\\_%'")
         .fetch_all(&admin)
         .await
         .unwrap_or_default();
     let (gone, live): (Vec<String>, Vec<String>) = pg_names.into_iter().partition(|n| !process_alive(n));
     for name in &gone {
-        drop_pg_database(&settings.pg, name).await;
+        drop_pg_database(&admin, name).await;
     }
+    let Some(ch) = ch else { return };
     for name in ch_names {
         if !live.iter().any(|l| name == *l || name.starts_with(&format!("{l}_"))) {
-            drop_ch_database(&settings.ch, &name).await;
+            drop_ch_database(&ch, &name).await;
         }
     }
 }
