@@ -16,7 +16,6 @@
 //! always did; any other key to Kafka's default partition for its bytes
 //! (`murmur2(key) mod N`), so another Kafka producer puts it in the same place.
 
-use std::collections::HashSet;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
@@ -190,7 +189,7 @@ pub fn decode(schema: &TableSchema, value: Option<&[u8]>) -> Result<Change, Deco
     if let Some(column) = fields.unknown.first() {
         // A change of this table in every other way, with a column more:
         // the table grew. Anything else with a foreign field is not ours.
-        let whole = fields.version.is_some() && schema.key.iter().all(|i| fields.seen.contains(i));
+        let whole = fields.version.is_some() && schema.key.iter().all(|&i| fields.seen[i]);
         return Err(if whole {
             DecodeError::UnknownColumn { table: schema.to_string(), column: column.clone() }
         } else {
@@ -205,7 +204,7 @@ pub fn decode(schema: &TableSchema, value: Option<&[u8]>) -> Result<Change, Deco
             continue;
         }
         let required = !column.nullable || in_key;
-        if !seen.contains(&i) && required {
+        if !seen[i] && required {
             return Err(json_error(format!("column {:?} is missing", column.name)));
         }
         if values[i].is_null() && required {
@@ -222,7 +221,8 @@ struct MessageSeed<'a>(&'a TableSchema);
 
 struct Fields {
     values: Vec<Value>,
-    seen: HashSet<usize>,
+    /// Which columns the message named, by index.
+    seen: Vec<bool>,
     version: Option<u64>,
     deleted: bool,
     /// Fields that name no column of the table.
@@ -248,20 +248,26 @@ impl<'de> Visitor<'de> for MessageSeed<'_> {
         let schema = self.0;
         let mut fields = Fields {
             values: vec![Value::Null; schema.columns.len()],
-            seen: HashSet::with_capacity(schema.columns.len()),
+            seen: vec![false; schema.columns.len()],
             version: None,
             deleted: false,
             unknown: Vec::new(),
         };
+        // `encode` writes the columns in the table's order: the column after
+        // the last one read is tried first, before the lookup by name.
+        let mut next = 0;
         while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             if name == CH_VERSION {
                 fields.version = Some(map.next_value()?);
             } else if name == CH_DELETED {
                 fields.deleted = map.next_value()?;
-            } else if let Some(i) = schema.column_index(&name) {
-                if !fields.seen.insert(i) {
+            } else if let Some(i) =
+                schema.columns.get(next).filter(|c| c.name == name).map(|_| next).or_else(|| schema.column_index(&name))
+            {
+                if std::mem::replace(&mut fields.seen[i], true) {
                     return Err(de::Error::custom(format!("column {name:?} appears twice")));
                 }
+                next = i + 1;
                 fields.values[i] = map.next_value_seed(ValueSeed(&schema.columns[i].ty))?;
             } else {
                 map.next_value::<de::IgnoredAny>()?;
@@ -355,6 +361,22 @@ pub(crate) mod tests {
             String::from_utf8(encode(&s, &gone)).unwrap(),
             r#"{"id":42,"_pg2ch_version":9,"_pg2ch_deleted":true}"#
         );
+    }
+
+    #[test]
+    fn fields_in_any_order_read_alike_and_a_repeated_column_is_refused() {
+        let s = logins();
+        let in_order = br#"{"id":1,"username":"a","event_time":"2024-01-01T00:00:00.000000Z","_pg2ch_version":3}"#;
+        let shuffled = br#"{"_pg2ch_version":3,"event_time":"2024-01-01T00:00:00.000000Z","username":"a","id":1}"#;
+        assert_eq!(decode(&s, Some(shuffled)).unwrap(), decode(&s, Some(in_order)).unwrap());
+        for twice in [
+            &br#"{"id":1,"id":2,"username":"a","event_time":"2024-01-01T00:00:00.000000Z"}"#[..],
+            br#"{"id":1,"username":"a","event_time":"2024-01-01T00:00:00.000000Z","username":"b"}"#,
+            br#"{"username":"a","id":1,"username":"b","event_time":"2024-01-01T00:00:00.000000Z"}"#,
+        ] {
+            let e = decode(&s, Some(twice)).unwrap_err().to_string();
+            assert!(e.contains("appears twice"), "{e}");
+        }
     }
 
     #[test]

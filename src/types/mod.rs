@@ -424,13 +424,31 @@ pub fn key_text(key: &[KeyPart]) -> String {
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    let mut s = String::with_capacity(2 * bytes.len());
+    for b in bytes {
+        push_hex(&mut s, *b);
+    }
+    s
+}
+
+/// A byte as two lower-case hex digits (without `format!`: every UUID of
+/// every message goes through here).
+fn push_hex(s: &mut String, b: u8) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    s.push(char::from(DIGITS[usize::from(b >> 4)]));
+    s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
 }
 
 /// A UUID's canonical text: lower-case hex, 8-4-4-4-12.
 pub fn uuid_text(u: &[u8; 16]) -> String {
-    let h = hex(u);
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    let mut s = String::with_capacity(36);
+    for (i, b) in u.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            s.push('-');
+        }
+        push_hex(&mut s, *b);
+    }
+    s
 }
 
 /// Reads a UUID in its canonical text (upper case too), `None` otherwise.
@@ -498,5 +516,17 @@ mod tests {
         assert!(parse_uuid("61f0c404x5cb3-11e7-907b-a6006ad3dba0").is_none());
         assert!(parse_uuid("g1f0c404-5cb3-11e7-907b-a6006ad3dba0").is_none());
         assert!(parse_uuid("61f0c404-5cb3-11e7-907b-a6006ad3db-0").is_none(), "a dash too many");
+    }
+
+    proptest::proptest! {
+        /// The hand-written hex is what `format!` writes, and reads back.
+        #[test]
+        fn uuid_and_hex_text_are_formats_and_read_back(u in proptest::prelude::any::<[u8; 16]>()) {
+            let reference: String = u.iter().map(|b| format!("{b:02x}")).collect();
+            proptest::prop_assert_eq!(hex(&u), reference.clone());
+            let dashed = format!("{}-{}-{}-{}-{}", &reference[0..8], &reference[8..12], &reference[12..16], &reference[16..20], &reference[20..32]);
+            proptest::prop_assert_eq!(uuid_text(&u), dashed);
+            proptest::prop_assert_eq!(parse_uuid(&uuid_text(&u)), Some(u));
+        }
     }
 }
