@@ -10,7 +10,8 @@
 //! Rows per benchmark: `PG2CH_BENCH_ROWS` (default 1,000,000). Each timed
 //! iteration starts from the same state (flags reset and the table rewritten
 //! in id order, untimed); every end-to-end run must end with `verify` OK.
-//! `PG2CH_BENCH_ONLY=consumers` runs only one versus two consumer processes.
+//! `PG2CH_BENCH_ONLY=consumers` runs only one versus two consumer processes;
+//! `PG2CH_BENCH_ONLY=wide` only the 20-column drain.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -342,6 +343,10 @@ fn end_to_end(c: &mut Criterion, rt: &Runtime, env: &TestEnv, n: u64, wide: u64)
         b.iter_custom(|iters| (0..iters).map(|i| drain(rt, env, "user_logins", n, i, &[], DRAIN_SHARED)).sum())
     });
     g.finish();
+    end_to_end_wide(c, rt, env, wide);
+}
+
+fn end_to_end_wide(c: &mut Criterion, rt: &Runtime, env: &TestEnv, wide: u64) {
     let mut g = group(c, "end_to_end_wide", wide);
     g.bench_function("drain backlog of 20-column rows (pg2ch run --once --table wide)", |b| {
         b.iter_custom(|iters| (0..iters).map(|i| drain(rt, env, "wide", wide, i, &[], DRAIN_WIDE)).sum())
@@ -518,6 +523,15 @@ fn main() {
         return;
     }
     let mut c = Criterion::default().configure_from_args();
+    if std::env::var("PG2CH_BENCH_ONLY").as_deref() == Ok("wide") {
+        // Just the 20-column drain against its paired bulk UPDATEs.
+        end_to_end_wide(&mut c, &rt, &env, wide);
+        let (ratio, low, high, pairs) = paired_ratio(DRAIN_WIDE);
+        println!(
+            "{wide} 20-column rows: drain / bulk UPDATE just before it {ratio:.2} ({low:.2} to {high:.2}, {pairs} pairs)"
+        );
+        return;
+    }
     let schema = rt.block_on(env.logins());
     postgres_stages(&mut c, &rt, &env, n);
     broker_and_clickhouse_stages(&mut c, &rt, &env, &schema, n);
