@@ -12,7 +12,8 @@
 //! costs ClickHouse 2 to 3 ms of CPU, which the pipeline would lose), and a
 //! row it returns counts as readable when the query was sent (ClickHouse
 //! reads the parts that exist when a query starts), so a figure is late by
-//! up to 10 ms, never early. `PG2CH_BENCH_LATENCY_SECS` sets each rate's duration
+//! up to 10 ms (and early by no more than a query's way to ClickHouse: the
+//! time is taken as it is sent). `PG2CH_BENCH_LATENCY_SECS` sets each rate's duration
 //! (default 10); `PG2CH_BENCH_POLL_MS` the `--poll-ms` of `run` (default
 //! 200); `PG2CH_BENCH_NO_NOTIFY=1` drops the insert trigger, to compare with
 //! producers that only poll.
