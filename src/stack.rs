@@ -293,7 +293,7 @@ where
 
 /// Starts `cmd` in its own process group, detached from our terminal, with its
 /// output in `log`, and records its pid in `pidfile`.
-fn spawn_detached(mut cmd: Command, log: &Path, pidfile: &Path) -> anyhow::Result<()> {
+fn spawn_detached(mut cmd: Command, log: &Path, pidfile: &Path) -> anyhow::Result<Starting> {
     let out = std::fs::File::create(log)?;
     let child = cmd
         .stdin(Stdio::null())
@@ -303,7 +303,69 @@ fn spawn_detached(mut cmd: Command, log: &Path, pidfile: &Path) -> anyhow::Resul
         .spawn()
         .with_context(|| format!("starting {:?}", cmd.get_program()))?;
     std::fs::write(pidfile, child.id().to_string())?;
-    Ok(())
+    Ok(Starting { child, logs: vec![log.to_path_buf()], secrets: Vec::new() })
+}
+
+/// A service process we just started, watched until it answers.
+struct Starting {
+    child: std::process::Child,
+    /// Where it writes what went wrong; their last lines go into the error.
+    logs: Vec<PathBuf>,
+    /// Text scrubbed from those lines (a password a configuration holds).
+    secrets: Vec<String>,
+}
+
+impl Starting {
+    /// Polls `probe` like [`wait_until`], but fails as soon as the process
+    /// exits, and either failure carries the last lines of its logs: a test's
+    /// private stack directory is removed when the test fails, taking the
+    /// logs with it (a port taken between picking it and the server binding
+    /// it showed up only as "did not answer within 60s").
+    async fn ready<F, Fut>(mut self, what: &str, limit: Duration, mut probe: F) -> anyhow::Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = anyhow::Result<()>>,
+    {
+        let start = Instant::now();
+        loop {
+            let Err(e) = probe().await else { return Ok(()) };
+            let why = match self.child.try_wait()? {
+                Some(status) => format!("{what} exited ({status}) before it answered"),
+                None if start.elapsed() > limit => format!("{what} did not answer within {limit:?}"),
+                None => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            return Err(e.context(format!("{why}; {}", self.log_tails())));
+        }
+    }
+
+    fn log_tails(&self) -> String {
+        const LINES: usize = 8;
+        const WIDTH: usize = 400;
+        let mut out = Vec::new();
+        for log in &self.logs {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            let tail = &lines[lines.len().saturating_sub(LINES)..];
+            let mut shown: Vec<String> = tail
+                .iter()
+                .map(|l| {
+                    let mut l = l.to_string();
+                    for secret in self.secrets.iter().filter(|s| !s.is_empty()) {
+                        l = l.replace(secret.as_str(), "***");
+                    }
+                    l.chars().take(WIDTH).collect()
+                })
+                .collect();
+            if shown.is_empty() {
+                shown.push("(empty)".into());
+            }
+            out.push(format!("{} ends: {}", log.display(), shown.join(" | ")));
+        }
+        out.join("; ")
+    }
 }
 
 /// The pid in `pidfile`, if it is a positive number whose process runs
@@ -609,10 +671,10 @@ impl Stack {
             write_private(&root.join("users.xml"), &users)?;
             let mut cmd = Command::new(bin);
             cmd.arg(format!("--config-file={r}/config.xml")).current_dir(root);
-            spawn_detached(cmd, &root.join("stdout.log"), &root.join("server.pid"))?;
-            wait_until("ClickHouse", Duration::from_secs(60), probe)
-                .await
-                .with_context(|| format!("see {r}/error.log"))?;
+            let mut server = spawn_detached(cmd, &root.join("stdout.log"), &root.join("server.pid"))?;
+            server.logs.push(root.join("error.log"));
+            server.secrets.push(env.ch.password.expose().to_string());
+            server.ready(&format!("ClickHouse on port {http}"), Duration::from_secs(60), probe).await?;
         }
         tracing::info!("ClickHouse ready on 127.0.0.1:{http}");
         Ok(())
@@ -694,8 +756,8 @@ impl Stack {
             .arg("org.apache.zookeeper.server.ZooKeeperServerMain")
             .arg(root.join("zoo.cfg"))
             .current_dir(&root);
-        spawn_detached(cmd, &root.join("zk.log"), &root.join("zk.pid"))?;
-        wait_until("ZooKeeper", Duration::from_secs(60), probe).await.with_context(|| format!("see {r}/zk.log"))?;
+        let zk = spawn_detached(cmd, &root.join("zk.log"), &root.join("zk.pid"))?;
+        zk.ready(&format!("ZooKeeper on port {port}"), Duration::from_secs(60), probe).await?;
         tracing::info!("ZooKeeper ready on 127.0.0.1:{port}");
         Ok(())
     }
@@ -751,10 +813,10 @@ impl Stack {
                     "no Kafka-API broker found: run `just setup` (or cargo install nisshi@0.7.0-pre.2 --locked --features dynostore), or point KAFKA_BOOTSTRAP at a running broker"
                 );
             };
-            spawn_detached(cmd, &root.join("broker.log"), &root.join("broker.pid"))?;
-            wait_until("the Kafka broker", Duration::from_secs(30), probe)
-                .await
-                .with_context(|| format!("see {}/broker.log", root.display()))?;
+            let broker = spawn_detached(cmd, &root.join("broker.log"), &root.join("broker.pid"))?;
+            broker
+                .ready(&format!("the Kafka broker on port {}", self.kafka_port), Duration::from_secs(30), probe)
+                .await?;
         }
         tracing::info!("Kafka broker ready on {}", env.kafka_bootstrap);
         Ok(())

@@ -352,3 +352,30 @@ async fn metrics_are_served_in_prometheus_text() {
     assert!(age > 0.0 && age < 600.0, "{age}");
     stop(child, Duration::from_secs(10));
 }
+
+/// A stack service that cannot start (here ClickHouse, its native port held
+/// by someone else) fails `stack up` as soon as the process exits, not after
+/// the minute it is given to answer, and the error quotes the server's own
+/// log: a test's private stack directory, logs included, is removed when the
+/// test fails, so a bare "see error.log" pointed at nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stack_service_that_cannot_start_fails_at_once_quoting_its_log() {
+    let taken = std::net::TcpListener::bind(("127.0.0.1", common::free_port())).unwrap();
+    let held = taken.local_addr().unwrap().port();
+    let stack = pg2ch::stack::Stack {
+        dir: std::env::temp_dir().join(format!("pg2ch-portheld-{}", std::process::id())),
+        pg_port: common::free_port(),
+        ch_port: common::free_port(),
+        ch_tcp_port: held,
+        kafka_port: common::free_port(),
+        cluster: None,
+    };
+    let result = stack.up().await;
+    let _ = stack.down();
+    let _ = std::fs::remove_dir_all(&stack.dir);
+    let _ = std::fs::remove_dir_all(stack.pg_root());
+    let err = format!("{:#}", result.expect_err("ClickHouse started on a port that was taken"));
+    assert!(err.contains(&format!("ClickHouse on port {} exited", stack.ch_port)), "{err}");
+    assert!(err.contains("error.log ends:") && err.contains(&held.to_string()), "{err}");
+    drop(taken);
+}

@@ -159,9 +159,36 @@ pub fn keep_inserting(
     })
 }
 
-/// A free TCP port on loopback (released before use; good enough for tests).
+/// A free TCP port on loopback for a service a test starts.
+///
+/// The port is released before the service binds it, so it is picked below
+/// the kernel's ephemeral range (`ip_local_port_range`, 32768-60999 by
+/// default): a port from that range can meanwhile become the local end of
+/// any outgoing connection (another test's consumers, say), and a cluster
+/// test lost a ClickHouse replica that way. Ports are handed out in turn from
+/// a start that differs per process, each checked free by binding it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Above the stack's fixed ports (5432, 8123-8124, 9000, 9031-9050, 9092).
+    const LOW: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral_low.saturating_sub(LOW).min(u32::from(u16::MAX) - LOW);
+    if span < 1_000 {
+        // An unusual kernel setting: fall back to any port the kernel picks.
+        return std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    }
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let port = (LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 between {LOW} and {}", LOW + span)
 }
 
 /// Which ClickHouse this test pass runs against: `server` (a clickhouse-server
