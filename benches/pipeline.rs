@@ -506,24 +506,29 @@ fn main() {
     let rt = Runtime::new().unwrap();
     let n = rows();
     let wide = n / 4;
+    let only = std::env::var("PG2CH_BENCH_ONLY").ok();
     let env = rt.block_on(async {
         let env = TestEnv::new("bench").await;
         assert!(env.run(&["init", "--partitions", "4"]).status.success());
         let pool = env.pg().await;
-        pg2ch::postgres::seed(&pool, n, 10_000, |_| {}).await.unwrap();
-        sqlx::query(WIDE).execute(&pool).await.unwrap();
-        sqlx::query(WIDE_ROWS).bind(wide as i64).execute(&pool).await.unwrap();
-        assert!(env.run(&["init", "--table", "wide", "--partitions", "4"]).status.success());
+        if only.as_deref() != Some("wide") {
+            pg2ch::postgres::seed(&pool, n, 10_000, |_| {}).await.unwrap();
+        }
+        if only.as_deref() != Some("consumers") {
+            sqlx::query(WIDE).execute(&pool).await.unwrap();
+            sqlx::query(WIDE_ROWS).bind(wide as i64).execute(&pool).await.unwrap();
+            assert!(env.run(&["init", "--table", "wide", "--partitions", "4"]).status.success());
+        }
         env
     });
-    if std::env::var("PG2CH_BENCH_ONLY").as_deref() == Ok("consumers") {
+    if only.as_deref() == Some("consumers") {
         // Just the consumer scaling figure (a minute or two at 1M rows).
         let (scaling, rounds) = consumer_scaling(&rt, &env, n);
         println!("consumers of one group, two processes' rate over one's on {n} records: {scaling:.2} ({rounds:.1?})");
         return;
     }
     let mut c = Criterion::default().configure_from_args();
-    if std::env::var("PG2CH_BENCH_ONLY").as_deref() == Ok("wide") {
+    if only.as_deref() == Some("wide") {
         // Just the 20-column drain against its paired bulk UPDATEs.
         end_to_end_wide(&mut c, &rt, &env, wide);
         let (ratio, low, high, pairs) = paired_ratio(DRAIN_WIDE);
