@@ -14,7 +14,9 @@
 //! seeding the next, starting from 0: a `NOT NULL` column `c` makes
 //! `h = hash_c(c, h)`; a nullable one `h = hashint8extended(coalesce(hash_c(c, 0), NULL_MARK), h)`,
 //! so that NULL and every value differ. For `user_logins` that is
-//! `timestamp_hash_extended(event_time, hashtextextended(username, hashint8extended(id, 0)))`.
+//! `timestamp_hash_extended(event_time, hashtextextended(username, hashint8extended(id, 0)))`
+//! (computed for a `timestamptz` as `interval_hash_extended` of its distance
+//! from 2000-01-01 UTC: the same number, without a time zone conversion).
 //! The version is not part of it: two claims of an unchanged row may leave
 //! ClickHouse a higher version than the one PostgreSQL recorded, with the
 //! same content (see [`crate::verify`]).
@@ -248,10 +250,15 @@ mod tests {
         let s = crate::change::tests::logins();
         let values = [Value::Int(7), Value::Text("x".into()), Value::Timestamp(123)];
         assert_eq!(row(&s, &values), hash_int8(123, hash_bytes(b"x", hash_int8(7, 0))) as i64);
+        let epoch = "timestamptz '2000-01-01 00:00:00+00'";
         assert_eq!(
             row_sql(&s),
-            "coalesce(timestamp_hash_extended((\"event_time\")::timestamp, \
-             hashtextextended((\"username\")::text COLLATE \"C\", hashint8extended((\"id\")::int8, 0))), 0)"
+            format!(
+                "coalesce(interval_hash_extended(CASE WHEN isfinite(\"event_time\") THEN \"event_time\" - {epoch} \
+                 WHEN \"event_time\" > {epoch} THEN interval '9223372036854775807 microseconds' \
+                 WHEN \"event_time\" < {epoch} THEN interval '-9223372036854775808 microseconds' END, \
+                 hashtextextended((\"username\")::text COLLATE \"C\", hashint8extended((\"id\")::int8, 0))), 0)"
+            )
         );
         assert_eq!(walk(&s, &values), 7);
         assert_eq!(walk_sql(&s), "(\"id\")::int8");

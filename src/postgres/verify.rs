@@ -136,26 +136,33 @@ impl SourceSide for PgVerifySide {
         let sql = format!(
             "SELECT width_bucket(w, $3::int8[]), count(*) FILTER (WHERE rejected IS NULL),
                     count(*) FILTER (WHERE sent AND rejected IS NULL),
-                    coalesce(sum(h) FILTER (WHERE sent AND rejected IS NULL), 0)::text
+                    coalesce(sum(h) FILTER (WHERE sent AND rejected IS NULL), 0)::text,
+                    count(*) FILTER (WHERE rejected IS NOT NULL)
              FROM {from} GROUP BY 1"
         );
         let thresholds: Vec<i64> = ranges.iter().map(|r| r.first).collect();
-        let rows: Vec<(i32, i64, i64, String)> = sqlx::query_as(&sql)
+        let what = || format!("checksumming {} in {}", self.schema, KeyRange { first: first.first, last: last.last });
+        // The planner counts on as many buckets as rows (it cannot know
+        // `width_bucket`'s few), so it would sort every row of the span by
+        // bucket, spilling to disk: three times the CPU of a hash table of
+        // the few buckets there are (10M rows: 15 s against 5 s).
+        let mut tx = sqlx::Connection::begin(&mut *self.conn).await.map_err(classify).with_context(what)?;
+        sqlx::query("SET LOCAL enable_sort = off").execute(&mut *tx).await.map_err(classify).with_context(what)?;
+        let rows: Vec<(i32, i64, i64, String, i64)> = sqlx::query_as(&sql)
             .bind(first.first)
             .bind(last.last)
             .bind(thresholds)
-            .fetch_all(&mut *self.conn)
+            .fetch_all(&mut *tx)
             .await
             .map_err(classify)
-            .with_context(|| {
-                format!("checksumming {} in {}", self.schema, KeyRange { first: first.first, last: last.last })
-            })?;
+            .with_context(what)?;
+        tx.commit().await.map_err(classify).with_context(what)?;
         let mut out = vec![SourceSummary::default(); ranges.len()];
-        for (bucket, rows, sent, checksum) in rows {
+        for (bucket, rows, sent, checksum, rejected) in rows {
             let i =
                 usize::try_from(bucket - 1).ok().filter(|i| *i < ranges.len()).context("a row outside the ranges")?;
             let checksum = checksum.parse().with_context(|| format!("PostgreSQL returned checksum {checksum:?}"))?;
-            out[i] = SourceSummary { rows: rows as u64, sent: sent as u64, checksum };
+            out[i] = SourceSummary { rows: rows as u64, sent: sent as u64, checksum, rejected: rejected as u64 };
         }
         Ok(out)
     }
@@ -202,20 +209,26 @@ impl SourceSide for PgVerifySide {
     }
 
     async fn rejected(&mut self) -> anyhow::Result<Finding> {
-        let count = super::rejected_count(&mut *self.conn, &self.schema).await?;
+        // The count and the first keys in one pass over the table (none
+        // returned: none rejected).
         let sql = format!(
-            "SELECT {} FROM {} WHERE {} IS NOT NULL ORDER BY {} LIMIT $1",
+            "SELECT {}, count(*) OVER () FROM {} WHERE {} IS NOT NULL ORDER BY {} LIMIT $1",
             self.keys(),
-            self.schema.pg_name(),
+            self.rows_of(self.schema.pg_name()),
             pg_ident(REJECTED),
             super::install::order_by(&self.schema, "")
         );
-        let rows = sqlx::query(&sql).bind(SAMPLE as i64).fetch_all(&mut *self.conn).await?;
+        let rows = sqlx::query(&sql)
+            .bind(SAMPLE as i64)
+            .fetch_all(&mut *self.conn)
+            .await
+            .map_err(classify)
+            .with_context(|| format!("counting rejected rows of {}", self.schema))?;
         let mut finding = Finding::default();
         for row in &rows {
             finding.add(&self.schema.key_of_key(&decode_row(row, self.schema.key_columns())?));
+            finding.count = row.try_get::<i64, _>(self.schema.key.len())? as u64;
         }
-        finding.count = count;
         Ok(finding)
     }
 

@@ -507,6 +507,7 @@ impl SourceSide for SimVerifySource {
         for row in table.committed.values() {
             let Some(i) = KeyRange::part_of(ranges, checksum::walk(&table.schema, &row.values)) else { continue };
             if row.rejected.is_some() {
+                out[i].rejected += 1;
                 continue;
             }
             out[i].rows += 1;
