@@ -50,16 +50,31 @@ pub fn row_sql(schema: &TableSchema) -> String {
 
 /// The checksum of a row's values, as [`row_sql`] computes it.
 pub fn row(schema: &TableSchema, values: &[Value]) -> i64 {
+    let Ok(h) = row_with(schema, |i, c, seed| {
+        Ok::<_, std::convert::Infallible>(types::checksum::hash(&c.ty, &values[i], seed))
+    });
+    h
+}
+
+/// The checksum of a row whose column `i` hashes with a seed as
+/// `hash(i, column, seed)` ([`types::checksum::hash`] of its value), asked
+/// once per column in order, even after the chain is already NULL: a
+/// reader hashing values as it reads them must read every one.
+pub fn row_with<E>(
+    schema: &TableSchema,
+    mut hash: impl FnMut(usize, &crate::schema::Column, u64) -> Result<Option<u64>, E>,
+) -> Result<i64, E> {
     let mut h = Some(0u64);
-    for (c, v) in schema.columns.iter().zip(values) {
+    for (i, c) in schema.columns.iter().enumerate() {
         h = if c.nullable {
-            let link = types::checksum::hash(&c.ty, v, 0).map_or(NULL_MARK, |x| x as i64);
+            let link = hash(i, c, 0)?.map_or(NULL_MARK, |x| x as i64);
             h.map(|h| hash_int8(link, h))
         } else {
-            h.and_then(|h| types::checksum::hash(&c.ty, v, h))
+            let x = hash(i, c, h.unwrap_or(0))?;
+            h.and(x)
         };
     }
-    h.map_or(0, |h| h as i64)
+    Ok(h.map_or(0, |h| h as i64))
 }
 
 /// The SQL expression of a row's walk coordinate (bigint).
@@ -73,12 +88,17 @@ pub fn walk_sql(schema: &TableSchema) -> String {
 /// A row's walk coordinate, as [`walk_sql`] computes it.
 pub fn walk(schema: &TableSchema, values: &[Value]) -> i64 {
     if schema.integer_key() {
-        return match values.get(schema.key[0]) {
-            Some(Value::Int(i)) => *i,
-            _ => 0,
-        };
+        return values.get(schema.key[0]).map_or(0, walk_of_key);
     }
     key_hash(schema, values)
+}
+
+/// The walk coordinate of a single integer key's value.
+pub fn walk_of_key(value: &Value) -> i64 {
+    match value {
+        Value::Int(i) => *i,
+        _ => 0,
+    }
 }
 
 /// The SQL expression of the hash of a row's key (bigint): the chain over
