@@ -274,20 +274,39 @@ fn secret_file(file: &Path) -> anyhow::Result<Secret> {
 
 /// Polls `probe` until it succeeds or `limit` passes: how anything that
 /// starts a service waits for it to answer.
-pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut probe: F) -> anyhow::Result<()>
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, probe: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    poll(what, limit, probe, || Ok(None), String::new).await
+}
+
+/// [`wait_until`]'s loop, which also gives up as soon as `exited` reports
+/// the process gone; either failure ends with `detail()`.
+async fn poll<F, Fut>(
+    what: &str,
+    limit: Duration,
+    mut probe: F,
+    mut exited: impl FnMut() -> std::io::Result<Option<std::process::ExitStatus>>,
+    detail: impl FnOnce() -> String,
+) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
     let start = Instant::now();
     loop {
-        match probe().await {
-            Ok(()) => return Ok(()),
-            Err(e) if start.elapsed() > limit => {
-                return Err(e.context(format!("{what} did not answer within {limit:?}")));
+        let Err(e) = probe().await else { return Ok(()) };
+        let why = match exited()? {
+            Some(status) => format!("{what} exited ({status}) before it answered"),
+            None if start.elapsed() > limit => format!("{what} did not answer within {limit:?}"),
+            None => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
+        };
+        return Err(e.context(format!("{why}{}", detail())));
     }
 }
 
@@ -321,51 +340,41 @@ impl Starting {
     /// private stack directory is removed when the test fails, taking the
     /// logs with it (a port taken between picking it and the server binding
     /// it showed up only as "did not answer within 60s").
-    async fn ready<F, Fut>(mut self, what: &str, limit: Duration, mut probe: F) -> anyhow::Result<()>
+    async fn ready<F, Fut>(mut self, what: &str, limit: Duration, probe: F) -> anyhow::Result<()>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = anyhow::Result<()>>,
     {
-        let start = Instant::now();
-        loop {
-            let Err(e) = probe().await else { return Ok(()) };
-            let why = match self.child.try_wait()? {
-                Some(status) => format!("{what} exited ({status}) before it answered"),
-                None if start.elapsed() > limit => format!("{what} did not answer within {limit:?}"),
-                None => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            };
-            return Err(e.context(format!("{why}; {}", self.log_tails())));
-        }
+        let Starting { child, logs, secrets } = &mut self;
+        poll(what, limit, probe, || child.try_wait(), || format!("; {}", log_tails(logs, secrets))).await
     }
+}
 
-    fn log_tails(&self) -> String {
-        const LINES: usize = 8;
-        const WIDTH: usize = 400;
-        let mut out = Vec::new();
-        for log in &self.logs {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-            let tail = &lines[lines.len().saturating_sub(LINES)..];
-            let mut shown: Vec<String> = tail
-                .iter()
-                .map(|l| {
-                    let mut l = l.to_string();
-                    for secret in self.secrets.iter().filter(|s| !s.is_empty()) {
-                        l = l.replace(secret.as_str(), "***");
-                    }
-                    l.chars().take(WIDTH).collect()
-                })
-                .collect();
-            if shown.is_empty() {
-                shown.push("(empty)".into());
-            }
-            out.push(format!("{} ends: {}", log.display(), shown.join(" | ")));
+/// The last lines of each of `logs`, `secrets` scrubbed, for an error.
+fn log_tails(logs: &[PathBuf], secrets: &[String]) -> String {
+    const LINES: usize = 8;
+    const WIDTH: usize = 400;
+    let mut out = Vec::new();
+    for log in logs {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        let tail = &lines[lines.len().saturating_sub(LINES)..];
+        let mut shown: Vec<String> = tail
+            .iter()
+            .map(|l| {
+                let mut l = l.to_string();
+                for secret in secrets.iter().filter(|s| !s.is_empty()) {
+                    l = l.replace(secret.as_str(), "***");
+                }
+                l.chars().take(WIDTH).collect()
+            })
+            .collect();
+        if shown.is_empty() {
+            shown.push("(empty)".into());
         }
-        out.join("; ")
+        out.push(format!("{} ends: {}", log.display(), shown.join(" | ")));
     }
+    out.join("; ")
 }
 
 /// The pid in `pidfile`, if it is a positive number whose process runs
