@@ -259,6 +259,27 @@ pub enum ReadError {
     Unexpected(&'static str),
 }
 
+/// Whether [`Reader::value`] reads `ty` as text (the last arm of its
+/// scalars): a `String` column and nothing else.
+fn read_as_text(ty: &PgType) -> bool {
+    !matches!(
+        ty,
+        PgType::Bool
+            | PgType::Int2
+            | PgType::Int4
+            | PgType::Int8
+            | PgType::Float4
+            | PgType::Float8
+            | PgType::Numeric(_)
+            | PgType::Uuid
+            | PgType::Date
+            | PgType::Timestamp
+            | PgType::Timestamptz
+            | PgType::Bytea
+            | PgType::Array(_)
+    )
+}
+
 /// A cursor over `RowBinary` bytes.
 pub struct Reader<'a> {
     pub input: &'a [u8],
@@ -357,45 +378,20 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads a PostgreSQL column's value and returns its checksum hash,
-    /// [`super::checksum::hash`] of what [`Reader::value`] would return,
-    /// without building the value where the type allows (numbers, times,
-    /// UUIDs, text: `verify` hashes every row ClickHouse holds, and a text
-    /// value's allocation and UTF-8 check cost more than its hash).
+    /// [`super::checksum::hash`] of what [`Reader::value`] would return.
+    /// Text is hashed straight from its bytes, valid UTF-8 or not, as its
+    /// value would be: `verify` hashes every row ClickHouse holds, and a
+    /// text value's allocation and UTF-8 check cost more than its hash.
+    /// Other values are built (without allocating, but for arrays, numerics
+    /// and bytea).
     pub fn hash_value(&mut self, ty: &PgType, nullable: bool, seed: u64) -> Result<Option<u64>, ReadError> {
-        use crate::checksum::{hash_bytes, hash_float8, hash_int8};
-        if matches!(ty, PgType::Array(_) | PgType::Numeric(_) | PgType::Bytea) {
+        if !read_as_text(ty) {
             return Ok(super::checksum::hash(ty, &self.value(ty, nullable)?, seed));
         }
         if nullable && self.u8()? == 1 {
             return Ok(None);
         }
-        Ok(Some(match ty {
-            PgType::Bool => hash_int8(i64::from(self.u8()? != 0), seed),
-            PgType::Int2 => hash_int8(i16::from_le_bytes(self.array()?).into(), seed),
-            PgType::Int4 => hash_int8(i32::from_le_bytes(self.array()?).into(), seed),
-            PgType::Int8 => hash_int8(self.i64()?, seed),
-            PgType::Float4 => hash_float8(f32::from_le_bytes(self.array()?).into(), seed),
-            PgType::Float8 => hash_float8(f64::from_le_bytes(self.array()?), seed),
-            PgType::Uuid => hash_bytes(&uuid_wire(&self.array()?), seed),
-            PgType::Date => {
-                let unix = i32::from_le_bytes(self.array()?);
-                let day =
-                    unix.checked_sub(PG_EPOCH_UNIX_DAYS).ok_or(ReadError::Unexpected("a day before -infinity"))?;
-                if day == i32::MAX || day == i32::MIN {
-                    return Ok(None);
-                }
-                hash_int8(day.into(), seed)
-            }
-            PgType::Timestamp | PgType::Timestamptz => {
-                let unix = self.i64()?;
-                hash_int8(
-                    unix.checked_sub(PG_EPOCH_UNIX_US).ok_or(ReadError::Unexpected("a time before -infinity"))?,
-                    seed,
-                )
-            }
-            // Text, valid UTF-8 or not, hashes as its bytes.
-            _ => hash_bytes(self.bytes()?, seed),
-        }))
+        Ok(Some(crate::checksum::hash_bytes(self.bytes()?, seed)))
     }
 
     /// Reads a PostgreSQL column's value from its physical columns.
