@@ -227,6 +227,8 @@ impl SourceSide for PgVerifySide {
         let mut finding = Finding::default();
         for row in &rows {
             finding.add(&self.schema.key_of_key(&decode_row(row, self.schema.key_columns())?));
+        }
+        if let Some(row) = rows.first() {
             finding.count = row.try_get::<i64, _>(self.schema.key.len())? as u64;
         }
         Ok(finding)
