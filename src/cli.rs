@@ -139,6 +139,11 @@ struct RunArgs {
     /// Milliseconds to wait for new rows or records when idle.
     #[arg(long, default_value_t = RunOptions::default().poll.as_millis() as u64)]
     poll_ms: u64,
+    /// Milliseconds a busy producer gathers changes between passes: a row
+    /// changed many times a second is published at most once per window,
+    /// at the cost of up to this much more time to ClickHouse under load.
+    #[arg(long, default_value_t = RunOptions::default().coalesce.as_millis() as u64)]
+    coalesce_ms: u64,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9187), at /metrics.
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
@@ -265,6 +270,7 @@ impl RunArgs {
             compression: self.compression.into(),
             partitions: self.partitions.clone(),
             poll: Duration::from_millis(self.poll_ms),
+            coalesce: Duration::from_millis(self.coalesce_ms),
         }
     }
 }

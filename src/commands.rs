@@ -23,6 +23,7 @@ use crate::config::{ChConfig, KafkaConfig, PgConfig, Timeouts, pg_ident};
 use crate::kafka::{self, KafkaLog};
 use crate::pipeline::{Consumer, ConsumerConfig, NoFaults, Producer, ProducerConfig, loops};
 use crate::postgres::lease::{self, PgLeases};
+use crate::postgres::source::IdleRegistry;
 use crate::postgres::{self, PgSource, ProducerLease, RowsCommitted};
 use crate::schema::{DEFAULT_TABLE, SENT, TableSchema};
 use crate::stores::{ClaimMode, EventLog};
@@ -62,6 +63,8 @@ pub struct RunOptions {
     pub partitions: Option<Vec<i32>>,
     /// How long to wait when there is nothing to do.
     pub poll: Duration,
+    /// How long a busy producer gathers changes between passes.
+    pub coalesce: Duration,
 }
 
 impl Default for RunOptions {
@@ -77,6 +80,7 @@ impl Default for RunOptions {
             compression: kafka::Compression::NoCompression,
             partitions: None,
             poll: loops::DEFAULT_POLL,
+            coalesce: loops::DEFAULT_COALESCE,
         }
     }
 }
@@ -138,7 +142,8 @@ pub async fn tables(s: &Settings, pool: &PgPool, create_default: bool) -> anyhow
 
 pub async fn init(s: &Settings, partitions: i32) -> anyhow::Result<()> {
     anyhow::ensure!(partitions >= 1, "--partitions must be at least 1, got {partitions}");
-    let pool = postgres::connect(&s.pg, 1, s.timeouts.call).await?;
+    // Two sessions: one builds an index while the other reads its progress.
+    let pool = postgres::connect(&s.pg, 2, s.timeouts.call).await?;
     let ch = ClickHouse::connect(&s.ch, s.timeouts.call).await?;
     let client = kafka::connect(&s.kafka, s.timeouts.call).await?;
     let tables = tables(s, &pool, true).await?;
@@ -387,14 +392,15 @@ async fn pause(d: Duration, shutdown: &mut Shutdown) {
 /// process: tokio's timers, SIGINT/SIGTERM, and PostgreSQL's notifications.
 struct RealWaits {
     poll: Duration,
-    wake: Option<watch::Receiver<u64>>,
+    wake: Option<(watch::Receiver<u64>, Arc<IdleRegistry>)>,
     shutdown: Shutdown,
     origin: Instant,
 }
 
 impl RealWaits {
     fn new(poll: Duration, wake: Option<&RowsCommitted>, shutdown: Shutdown) -> Self {
-        RealWaits { poll, wake: wake.map(|w| w.count.clone()), shutdown, origin: Instant::now() }
+        let wake = wake.map(|w| (w.count.clone(), w.registry.clone()));
+        RealWaits { poll, wake, shutdown, origin: Instant::now() }
     }
 }
 
@@ -406,7 +412,7 @@ impl loops::Waits for RealWaits {
     async fn step<T>(&mut self, step: impl Future<Output = T>) -> Option<T> {
         // Notifications from here on wake the idle wait after this step,
         // even those that arrive while it runs.
-        if let Some(w) = self.wake.as_mut() {
+        if let Some((w, _)) = self.wake.as_mut() {
             w.borrow_and_update();
         }
         tokio::select! {
@@ -415,16 +421,32 @@ impl loops::Waits for RealWaits {
         }
     }
 
-    /// Until PostgreSQL notifies that rows changed, the poll interval passes
+    /// Registers idle and returns, for one more look; registered, waits
+    /// until PostgreSQL notifies that rows changed, the poll interval passes
     /// (the fallback for lost notifications), or shutdown.
     async fn idle(&mut self) {
-        let Some(wake) = self.wake.as_mut() else { return pause(self.poll, &mut self.shutdown).await };
+        let Some((wake, registry)) = self.wake.as_mut() else { return pause(self.poll, &mut self.shutdown).await };
+        if !registry.waiting() {
+            match registry.register().await {
+                Ok(()) => return,
+                Err(e) => tracing::debug!("{e:#}; waiting the poll interval instead"),
+            }
+        }
         let mut sleeping = self.shutdown.clone();
         tokio::select! {
             changed = wake.changed() => if changed.is_err() {
                 pause(self.poll, &mut self.shutdown).await;
             },
             () = pause(self.poll, &mut sleeping) => {}
+        }
+    }
+
+    async fn busy(&mut self) {
+        if let Some((_, registry)) = self.wake.as_ref()
+            && registry.waiting()
+            && let Err(e) = registry.unregister().await
+        {
+            tracing::debug!("{e:#}");
         }
     }
 
@@ -442,13 +464,13 @@ async fn produce_lanes<L: crate::stores::EventLog>(
     producers: &mut [Producer<PgSource, L>],
     what: &str,
     once: bool,
-    poll: Duration,
+    (poll, coalesce): (Duration, Duration),
     wake: Option<&RowsCommitted>,
     shutdown: &Shutdown,
 ) -> anyhow::Result<usize> {
     let moved = futures::future::try_join_all(producers.iter_mut().map(|p| async {
         let mut waits = RealWaits::new(poll, wake, shutdown.clone());
-        loops::produce(p, &NoFaults, format!("{what} producer"), once, &mut waits).await
+        loops::produce(p, &NoFaults, format!("{what} producer"), once, coalesce, &mut waits).await
     }))
     .await?;
     Ok(moved.into_iter().sum())
@@ -493,13 +515,15 @@ async fn table_pipeline(
     let wake = stores.wakeups(o).await?;
     let mut producers = stores.producers();
     let result = match consumer.as_mut() {
-        None => produce_lanes(&mut producers, &what, o.once, o.poll, wake.as_ref(), &shutdown).await.map(|n| (n, 0)),
+        None => produce_lanes(&mut producers, &what, o.once, (o.poll, o.coalesce), wake.as_ref(), &shutdown)
+            .await
+            .map(|n| (n, 0)),
         Some(c) if o.once => {
             // Either half failing for good ends both: the other is abandoned
             // where it stands, as a crash would leave it.
             let done: Cell<Option<bool>> = Cell::new(None);
             let produce = async {
-                let r = produce_lanes(&mut producers, &what, true, o.poll, None, &shutdown).await;
+                let r = produce_lanes(&mut producers, &what, true, (o.poll, o.coalesce), None, &shutdown).await;
                 done.set(Some(r.is_ok()));
                 r
             };
@@ -510,7 +534,7 @@ async fn table_pipeline(
         Some(c) => {
             let mut waits = RealWaits::new(o.poll, None, shutdown.clone());
             tokio::try_join!(
-                produce_lanes(&mut producers, &what, false, o.poll, wake.as_ref(), &shutdown),
+                produce_lanes(&mut producers, &what, false, (o.poll, o.coalesce), wake.as_ref(), &shutdown),
                 loops::consume(c, &NoFaults, format!("{what} consumer"), None, o.poll, &mut waits)
             )
         }

@@ -25,8 +25,13 @@ pub trait Waits {
     /// Runs one step; `None` when it was abandoned (shutdown's grace passed,
     /// or the simulation's step budget ran out).
     async fn step<T>(&mut self, step: impl Future<Output = T>) -> Option<T>;
-    /// An idle producer's wait for new rows.
+    /// An idle producer's wait for new rows. The real one registers the
+    /// producer idle on its first call after work (so that changes notify)
+    /// and returns at once, for the producer to look once more: changes
+    /// committed before the registration did not notify.
     async fn idle(&mut self);
+    /// A producer found rows again: changes need not notify any more.
+    async fn busy(&mut self);
     /// The wait before a retry.
     async fn pause(&mut self, d: Duration);
     /// Monotonic time since some fixed origin.
@@ -81,34 +86,53 @@ fn fatal(e: &anyhow::Error) -> bool {
 
 /// Runs a producer until shutdown, a fatal error, or (with `once`) the end
 /// of one pass over the table. Returns the rows it moved.
+///
+/// A pass that ended with rows is followed by the next no sooner than
+/// `coalesce` after the step began: under a steady load, claims come at
+/// most that often, so a row changed many times a second (a hot counter)
+/// is published and flagged at most once per `coalesce`, and each claim
+/// carries what the window gathered. A backlog is not slowed: a full claim
+/// does not end its pass, and the next claim follows at once.
 pub async fn produce<S: SourceTable, L: EventLog, W: Waits>(
     p: &mut Producer<S, L>,
     faults: &dyn Faults,
     what: String,
     once: bool,
+    coalesce: Duration,
     waits: &mut W,
 ) -> anyhow::Result<usize> {
     let mut moved = 0;
     let mut backoff = Backoff::new(what);
     while !waits.stopping() {
         let passes = p.passes();
+        let began = waits.now();
         let Some(step) = waits.step(p.step(faults)).await else { break };
         match step {
             Ok(ProduceStep::Moved(n)) => {
                 backoff.ok();
                 moved += n;
                 tracing::debug!("published and flagged {n} rows");
+                if n > 0 {
+                    waits.busy().await;
+                }
                 // One pass finds every change committed before it began; a
                 // second would only rescan what the first left behind.
                 if once && p.passes() > 0 {
                     break;
                 }
-                // A pass ended: what was committed since it began notified
-                // (the wait returns at once if that happened during the
-                // step), or the poll finds it. Claiming again at once would
-                // mostly find nothing, at the cost of a claim.
                 if p.passes() > passes {
-                    waits.idle().await;
+                    if n > 0 {
+                        // The load goes on, most likely: gather its changes
+                        // for the window, then claim them at once.
+                        let rest = coalesce.saturating_sub(waits.now().saturating_sub(began));
+                        if !rest.is_zero() {
+                            waits.pause(rest).await;
+                        }
+                    } else {
+                        // A pass ended empty-handed: what is committed from
+                        // now on notifies, or the poll finds it.
+                        waits.idle().await;
+                    }
                 }
             }
             Ok(ProduceStep::Idle) => {
@@ -156,6 +180,12 @@ pub const RENEW_EVERY: Duration = Duration::from_secs(1);
 /// How long an idle producer waits for a notification before it looks
 /// anyway, unless told otherwise (`--poll-ms`).
 pub const DEFAULT_POLL: Duration = Duration::from_millis(200);
+
+/// The window a busy producer gathers changes over between two passes,
+/// unless told otherwise (`--coalesce-ms`): a row changed many times a
+/// second is published at most once per window, at the cost of up to this
+/// much more time from commit to ClickHouse under load.
+pub const DEFAULT_COALESCE: Duration = Duration::from_millis(100);
 
 /// A fetch's wait, given when records last came (on [`Waits::now`]'s clock).
 pub fn fetch_wait(poll: Duration, now: Duration, last_records: Option<Duration>) -> Duration {

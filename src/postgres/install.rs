@@ -13,10 +13,29 @@
 //! - `pg2ch_deleted`, `AFTER DELETE`, and `pg2ch_rekeyed`, `AFTER UPDATE OF`
 //!   the key when it changed, per row: the old key goes into the table's
 //!   outbox (`_pg2ch."schema.table"`), which producers drain like the table;
-//! - `pg2ch_notify`, per statement (not pg2ch's own), wakes idle producers on commit.
+//! - `pg2ch_notify`, per statement (not pg2ch's own): wakes producers that
+//!   wait idle, and only those: it notifies only while a producer of the
+//!   table is registered in `_pg2ch.waiting`, so a busy database does not
+//!   pay for a notification in every transaction (PostgreSQL serialises the
+//!   commits of transactions that notify).
+//!
+//! The functions that write or read pg2ch's own tables run with the rights
+//! of the role that ran `init` (`SECURITY DEFINER`, with a fixed
+//! `search_path`), so an application role with nothing but DML rights on
+//! the table keeps every DML after `init`.
+//!
+//! Online: `init` never makes the table's writers wait for long. pg2ch's
+//! own objects come first (they lock nothing of the user's); the columns and
+//! triggers are added in one short transaction under a `lock_timeout`,
+//! retried when a long transaction holds the table, so that `init` never
+//! queues the table's queries behind it; the partial index is built
+//! `CONCURRENTLY` (partition by partition for a partitioned table), and an
+//! invalid one left by an interrupted build is dropped and built again.
 //!
 //! Row triggers go on every inheritance child too (a declaratively
 //! partitioned table passes its own to its partitions).
+
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use sqlx::PgPool;
@@ -102,10 +121,49 @@ fn trigger_statements(schema: &TableSchema, relation: &str, statement_level: boo
     out
 }
 
+/// How long one attempt at a step that locks the user's table may wait for
+/// its lock. Queries of the table that come meanwhile queue behind the
+/// waiting step, so this bounds how long `init` can make them wait.
+pub const LOCK_TIMEOUT_MS: u64 = 100;
+
+/// How long `init` (or a start) keeps retrying a step whose lock a long
+/// transaction holds, before it gives up naming the sessions that hold it.
+pub const LOCK_PATIENCE: Duration = Duration::from_secs(300);
+
+/// The registry of idle producers that `pg2ch_notify` reads: one row per
+/// listening session of a producer process that waits for changes.
+/// Unlogged: it is lost with a crash of the server, which only makes
+/// producers fall back on their poll interval until they register again.
+pub const WAITING: &str = "CREATE UNLOGGED TABLE IF NOT EXISTS _pg2ch.waiting (
+     channel text NOT NULL, pid int NOT NULL, since timestamptz NOT NULL DEFAULT now(),
+     PRIMARY KEY (channel, pid))";
+
+/// `SECURITY DEFINER` with a `search_path` no caller can change.
+const DEFINER: &str = "SECURITY DEFINER SET search_path = pg_catalog, pg_temp";
+
+/// The functions every table's triggers share.
+fn shared_functions() -> [String; 2] {
+    [
+        // Touches only the row: no rights needed, no SET (which would cost a
+        // configuration save and restore in every row of every UPDATE).
+        "CREATE OR REPLACE FUNCTION _pg2ch.unsent() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN NEW.sent_to_kafka := false; NEW.pg2ch_rejected := NULL; NEW.pg2ch_changed_at := pg_catalog.now(); \
+         RETURN NEW; END $$"
+            .to_owned(),
+        // One notification per statement (PostgreSQL folds a transaction's
+        // equal ones into one, delivered at commit), and only while a
+        // producer of the table waits idle.
+        format!(
+            "CREATE OR REPLACE FUNCTION _pg2ch.notify() RETURNS trigger LANGUAGE plpgsql {DEFINER} AS $$ \
+             BEGIN IF EXISTS (SELECT 1 FROM _pg2ch.waiting WHERE channel = TG_ARGV[0]) THEN \
+             PERFORM pg_notify(TG_ARGV[0], ''); END IF; RETURN NULL; END $$"
+        ),
+    ]
+}
+
 /// Installs pg2ch on the table with this oid (see the module comment).
 pub async fn install(pool: &PgPool, oid: u32, schema: &TableSchema) -> anyhow::Result<()> {
     let t = schema.pg_name();
-    let index = pg_ident(&format!("{}_unsent_idx", schema.name).chars().take(63).collect::<String>());
     let key_types: Vec<(String, String)> = sqlx::query_as(
         "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute
          WHERE attrelid = $1 AND attname = ANY($2) ORDER BY attnum",
@@ -124,20 +182,13 @@ pub async fn install(pool: &PgPool, oid: u32, schema: &TableSchema) -> anyhow::R
         schema.key_columns().map(|c| format!("OLD.{}", pg_ident(&c.name))).collect::<Vec<_>>().join(", ")
     );
     let tag = dollar_tag(&record_body);
-    let mut statements = vec![
+    // pg2ch's own objects: nothing here locks the user's table.
+    let mut own = vec![
         "CREATE SCHEMA IF NOT EXISTS _pg2ch".to_owned(),
         "CREATE SEQUENCE IF NOT EXISTS _pg2ch.versions".to_owned(),
         // The consumer groups whose partition leases live here.
         super::lease::REGISTRY.to_owned(),
-        format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {} BOOLEAN NOT NULL DEFAULT FALSE", pg_ident(SENT)),
-        // Why a row could not be sent; such rows are skipped by claims and reported.
-        format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {} TEXT", pg_ident(REJECTED)),
-        // The version a row was last sent as (claims give versions).
-        format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {} BIGINT NOT NULL DEFAULT 0", pg_ident(VERSION)),
-        // When the row last changed, for the lag in time (`status`). now()
-        // is stable, so existing rows take init's time without a rewrite.
-        format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {} TIMESTAMPTZ NOT NULL DEFAULT now()", pg_ident(CHANGED_AT)),
-        format!("CREATE INDEX IF NOT EXISTS {index} ON {t} ({}) WHERE NOT {}", order_by(schema, ""), pg_ident(SENT)),
+        WAITING.to_owned(),
         format!(
             "CREATE TABLE IF NOT EXISTS {} ({}, deleted_at timestamptz NOT NULL DEFAULT clock_timestamp(), PRIMARY KEY ({keys}))",
             outbox(schema),
@@ -149,27 +200,305 @@ pub async fn install(pool: &PgPool, oid: u32, schema: &TableSchema) -> anyhow::R
             outbox(schema),
             order_by(schema, "")
         ),
-        "CREATE OR REPLACE FUNCTION _pg2ch.unsent() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN NEW.sent_to_kafka := false; NEW.pg2ch_rejected := NULL; NEW.pg2ch_changed_at := now(); RETURN NEW; END $$"
-            .to_owned(),
-        // One notification per statement (and PostgreSQL folds a
-        // transaction's equal ones into one), delivered at commit.
-        "CREATE OR REPLACE FUNCTION _pg2ch.notify() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN PERFORM pg_notify(TG_ARGV[0], ''); RETURN NULL; END $$"
-            .to_owned(),
-        format!(
-            "CREATE OR REPLACE FUNCTION _pg2ch.{}() RETURNS trigger LANGUAGE plpgsql AS {tag} {record_body} {tag}",
-            pg_ident(&own_name(schema, ""))
-        ),
     ];
-    statements.extend(triggers(pool, oid, schema).await?);
-    for sql in &statements {
+    own.extend(shared_functions());
+    own.push(format!(
+        "CREATE OR REPLACE FUNCTION _pg2ch.{}() RETURNS trigger LANGUAGE plpgsql {DEFINER} AS {tag} {record_body} {tag}",
+        pg_ident(&own_name(schema, ""))
+    ));
+    for sql in &own {
         sqlx::query(sql)
             .execute(pool)
             .await
             .with_context(|| format!("PostgreSQL init of {schema}: {}", sql.lines().next().unwrap_or(sql)))?;
     }
+    // The columns and triggers: one short step under a lock timeout.
+    let present = columns(pool, oid, schema).await?;
+    let added = [
+        format!("{} BOOLEAN NOT NULL DEFAULT FALSE", pg_ident(SENT)),
+        // Why a row could not be sent; such rows are skipped by claims and reported.
+        format!("{} TEXT", pg_ident(REJECTED)),
+        // The version a row was last sent as (claims give versions).
+        format!("{} BIGINT NOT NULL DEFAULT 0", pg_ident(VERSION)),
+        // When the row last changed, for the lag in time (`status`). now()
+        // is stable, so existing rows take init's time without a rewrite.
+        format!("{} TIMESTAMPTZ NOT NULL DEFAULT now()", pg_ident(CHANGED_AT)),
+    ];
+    let missing: Vec<String> = OWN_COLUMNS
+        .into_iter()
+        .zip(added)
+        .filter(|(name, _)| !present.iter().any(|p| p == name))
+        .map(|(_, definition)| format!("ADD COLUMN IF NOT EXISTS {definition}"))
+        .collect();
+    let mut locked = Vec::new();
+    if !missing.is_empty() {
+        locked.push(format!("ALTER TABLE {t} {}", missing.join(", ")));
+    }
+    locked.extend(triggers(pool, oid, schema).await?);
+    briefly_locked(pool, oid, schema, "adding pg2ch's columns and triggers", &locked).await?;
+    unsent_index(pool, oid, schema).await
+}
+
+/// The names of the table's columns.
+async fn columns(pool: &PgPool, oid: u32, schema: &TableSchema) -> anyhow::Result<Vec<String>> {
+    sqlx::query_scalar("SELECT attname::text FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped")
+        .bind(sqlx::postgres::types::Oid(oid))
+        .fetch_all(pool)
+        .await
+        .with_context(|| format!("reading the columns of {schema}"))
+}
+
+/// Whether a PostgreSQL error is a lock that was not granted in time.
+fn lock_not_available(e: &sqlx::Error) -> bool {
+    e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "55P03")
+}
+
+/// Runs `statements` in one transaction that waits at most
+/// [`LOCK_TIMEOUT_MS`] for each lock, so that queries of the table never
+/// queue behind it for longer; when a lock is not granted in time (a long
+/// transaction holds the table), the transaction is rolled back and tried
+/// again after a growing pause, for up to [`LOCK_PATIENCE`].
+pub async fn briefly_locked(
+    pool: &PgPool,
+    oid: u32,
+    schema: &TableSchema,
+    what: &str,
+    statements: &[String],
+) -> anyhow::Result<()> {
+    if statements.is_empty() {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(50);
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let mut tx = pool.begin().await.with_context(|| format!("{what} on {schema}: opening a transaction"))?;
+        sqlx::query(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT_MS}ms'"))
+            .execute(&mut *tx)
+            .await
+            .with_context(|| format!("{what} on {schema}: setting a lock timeout"))?;
+        let mut failed = None;
+        for sql in statements {
+            if let Err(e) = sqlx::query(sql).execute(&mut *tx).await {
+                failed = Some((sql, e));
+                break;
+            }
+        }
+        match failed {
+            None => {
+                tx.commit().await.with_context(|| format!("{what} on {schema}: committing"))?;
+                if attempts > 1 {
+                    tracing::info!("{schema}: {what}: done after {attempts} attempts");
+                }
+                return Ok(());
+            }
+            Some((_, e)) if lock_not_available(&e) => {
+                let _ = tx.rollback().await;
+                let holders: Vec<i32> = sqlx::query_scalar(
+                    "SELECT DISTINCT pid FROM pg_locks WHERE relation = $1 AND granted AND pid <> pg_backend_pid() ORDER BY pid",
+                )
+                .bind(sqlx::postgres::types::Oid(oid))
+                .fetch_all(pool)
+                .await
+                .unwrap_or_default();
+                if started.elapsed() >= LOCK_PATIENCE {
+                    anyhow::bail!(
+                        "{what} on {schema}: the table stayed locked by other sessions (pids {holders:?}) for {:?}; \
+                         pg2ch waited at most {LOCK_TIMEOUT_MS} ms at a time so as not to hold up their queries; \
+                         run it again when they are done",
+                        LOCK_PATIENCE
+                    );
+                }
+                if attempts == 1 {
+                    tracing::info!(
+                        "{schema}: {what}: the table is locked by other sessions (pids {holders:?}); retrying, \
+                         waiting at most {LOCK_TIMEOUT_MS} ms at a time so that their queries are not held up"
+                    );
+                }
+                let jitter = Duration::from_millis(rand::random_range(0..=pause.as_millis() as u64 / 2));
+                tokio::time::sleep(pause + jitter).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            Some((sql, e)) => {
+                return Err(anyhow::Error::new(e))
+                    .with_context(|| format!("PostgreSQL init of {schema}: {}", sql.lines().next().unwrap_or(sql)));
+            }
+        }
+    }
+}
+
+/// The name of a relation's partial index of unsent rows (in its schema).
+fn index_name(relation: &str) -> String {
+    format!("{relation}_unsent_idx").chars().take(63).collect()
+}
+
+/// One relation of a table's partition tree (the table itself at level 0).
+#[derive(Debug)]
+struct Node {
+    oid: sqlx::postgres::types::Oid,
+    parent: Option<sqlx::postgres::types::Oid>,
+    leaf: bool,
+    level: i32,
+    namespace: String,
+    name: String,
+}
+
+/// Builds the partial index of unsent rows without blocking the table's
+/// writers: `CREATE INDEX CONCURRENTLY` on a table; on a partitioned one,
+/// an index `ON ONLY` each partitioned level, one built concurrently on each
+/// leaf, attached level by level from the bottom (a partitioned table
+/// cannot build its index concurrently). What is already there and valid
+/// is kept; an invalid index (an interrupted build) is dropped and built again.
+async fn unsent_index(pool: &PgPool, oid: u32, schema: &TableSchema) -> anyhow::Result<()> {
+    type Row = (sqlx::postgres::types::Oid, Option<sqlx::postgres::types::Oid>, bool, i32, String, String);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT t.relid AS oid, t.parentrelid AS parent, t.isleaf AS leaf, t.level, n.nspname::text AS namespace,
+                c.relname::text AS name
+         FROM pg_partition_tree($1) t JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.relkind IN ('r', 'p') ORDER BY t.level, t.relid",
+    )
+    .bind(sqlx::postgres::types::Oid(oid))
+    .fetch_all(pool)
+    .await
+    .with_context(|| format!("reading the partitions of {schema}"))?;
+    let mut tree: Vec<Node> = rows
+        .into_iter()
+        .map(|(oid, parent, leaf, level, namespace, name)| Node { oid, parent, leaf, level, namespace, name })
+        .collect();
+    if tree.is_empty() {
+        // Not a partition tree member (pg_partition_tree answers nothing for
+        // some relations): the table alone.
+        tree.push(Node {
+            oid: sqlx::postgres::types::Oid(oid),
+            parent: None,
+            leaf: true,
+            level: 0,
+            namespace: schema.namespace.clone(),
+            name: schema.name.clone(),
+        });
+    }
+    let predicate = format!("WHERE NOT {}", pg_ident(SENT));
+    let columns = order_by(schema, "");
+    let qualified = |n: &Node| format!("{}.{}", pg_ident(&n.namespace), pg_ident(&index_name(&n.name)));
+    let relation = |n: &Node| format!("{}.{}", pg_ident(&n.namespace), pg_ident(&n.name));
+    let root = &tree[0];
+    if index_valid(pool, &qualified(root)).await? == Some(true) {
+        return Ok(());
+    }
+    // Partitioned levels first, top down: an index of their own only.
+    for node in tree.iter().filter(|n| !n.leaf) {
+        if index_valid(pool, &qualified(node)).await?.is_none() {
+            let sql = format!(
+                "CREATE INDEX IF NOT EXISTS {} ON ONLY {} ({columns}) {predicate}",
+                pg_ident(&index_name(&node.name)),
+                relation(node)
+            );
+            briefly_locked(pool, oid, schema, "creating the index of a partitioned level", &[sql]).await?;
+        }
+    }
+    // Then each leaf's, concurrently, and attached from the bottom up.
+    let mut by_level: Vec<&Node> = tree.iter().collect();
+    by_level.sort_by_key(|n| std::cmp::Reverse(n.level));
+    for node in by_level {
+        if node.leaf {
+            let attached = match node.parent {
+                Some(parent) => attached_index(pool, &tree, parent, node).await?,
+                None => false,
+            };
+            if !attached {
+                build_concurrently(pool, node.oid.0, &qualified(node), &relation(node), &columns, &predicate, schema)
+                    .await?;
+            }
+        }
+        let Some(parent) = node.parent.and_then(|p| tree.iter().find(|n| n.oid == p)) else { continue };
+        if !attached_index(pool, &tree, parent.oid, node).await? {
+            let sql = format!("ALTER INDEX {} ATTACH PARTITION {}", qualified(parent), qualified(node));
+            briefly_locked(pool, oid, schema, "attaching a partition's index", &[sql]).await?;
+        }
+    }
     Ok(())
+}
+
+/// Whether an index `name` exists, and is valid; `None` when absent.
+async fn index_valid(pool: &PgPool, name: &str) -> anyhow::Result<Option<bool>> {
+    sqlx::query_scalar("SELECT x.indisvalid FROM pg_index x WHERE x.indexrelid = to_regclass($1)")
+        .bind(name)
+        .fetch_optional(pool)
+        .await
+        .with_context(|| format!("looking up index {name}"))
+}
+
+/// Whether the index of `parent` (pg2ch's, by name) has an index of
+/// `node` attached: then `node` is covered, whatever that index's name.
+async fn attached_index(
+    pool: &PgPool,
+    tree: &[Node],
+    parent: sqlx::postgres::types::Oid,
+    node: &Node,
+) -> anyhow::Result<bool> {
+    let Some(parent) = tree.iter().find(|n| n.oid == parent) else { return Ok(false) };
+    let parent_index = format!("{}.{}", pg_ident(&parent.namespace), pg_ident(&index_name(&parent.name)));
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_index x ON x.indexrelid = i.inhrelid
+                        WHERE i.inhparent = to_regclass($1) AND x.indrelid = $2)",
+    )
+    .bind(parent_index)
+    .bind(node.oid)
+    .fetch_one(pool)
+    .await
+    .context("looking up a partition's index")
+}
+
+/// `CREATE INDEX CONCURRENTLY` on one table, after dropping an invalid
+/// index of the same name; logs its progress while it runs.
+async fn build_concurrently(
+    pool: &PgPool,
+    table_oid: u32,
+    index: &str,
+    relation: &str,
+    columns: &str,
+    predicate: &str,
+    schema: &TableSchema,
+) -> anyhow::Result<()> {
+    match index_valid(pool, index).await? {
+        Some(true) => return Ok(()),
+        Some(false) => {
+            tracing::info!("{schema}: index {index} is invalid (an interrupted build); dropping and building it again");
+            sqlx::raw_sql(&format!("DROP INDEX CONCURRENTLY IF EXISTS {index}"))
+                .execute(pool)
+                .await
+                .with_context(|| format!("dropping the invalid index {index}"))?;
+        }
+        None => {}
+    }
+    let name = index.rsplit_once('.').map_or(index, |(_, n)| n);
+    let sql = format!("CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {relation} ({columns}) {predicate}");
+    let build = sqlx::raw_sql(&sql).execute(pool);
+    tokio::pin!(build);
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            done = &mut build => {
+                done.with_context(|| format!("PostgreSQL init of {schema}: building index {index} concurrently"))?;
+                return Ok(());
+            }
+            _ = tick.tick() => {
+                let progress: Option<(String, i64, i64)> = sqlx::query_as(
+                    "SELECT phase, blocks_done, blocks_total FROM pg_stat_progress_create_index WHERE relid = $1",
+                )
+                .bind(sqlx::postgres::types::Oid(table_oid))
+                .fetch_optional(pool)
+                .await
+                .unwrap_or(None);
+                if let Some((phase, done, total)) = progress {
+                    let share = if total > 0 { format!(", {}%", done * 100 / total) } else { String::new() };
+                    tracing::info!("{schema}: building index {index}: {phase}{share}");
+                }
+            }
+        }
+    }
 }
 
 /// The trigger statements for the table and its inheritance children.
@@ -190,24 +519,21 @@ async fn triggers(pool: &PgPool, oid: u32, schema: &TableSchema) -> anyhow::Resu
 /// on the table; brings the triggers up to date when the table gained
 /// columns (or inheritance children) since.
 pub async fn check_installed(pool: &PgPool, oid: u32, schema: &TableSchema) -> anyhow::Result<()> {
-    let present: Vec<String> = sqlx::query_scalar(
-        "SELECT attname::text FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
-    )
-    .bind(sqlx::postgres::types::Oid(oid))
-    .fetch_all(pool)
-    .await
-    .with_context(|| format!("reading the columns of {schema}"))?;
+    let present = columns(pool, oid, schema).await?;
     let missing: Vec<&str> = OWN_COLUMNS.into_iter().filter(|c| !present.iter().any(|p| p == c)).collect();
-    let outbox_exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-        .bind(outbox(schema))
-        .fetch_one(pool)
-        .await
-        .context("looking up the outbox of deleted keys")?;
-    if !missing.is_empty() || !outbox_exists {
-        let what = if missing.is_empty() {
+    let (outbox_exists, waiting_exists): (bool, bool) =
+        sqlx::query_as("SELECT to_regclass($1) IS NOT NULL, to_regclass('_pg2ch.waiting') IS NOT NULL")
+            .bind(outbox(schema))
+            .fetch_one(pool)
+            .await
+            .context("looking up the outbox of deleted keys")?;
+    if !missing.is_empty() || !outbox_exists || !waiting_exists {
+        let what = if !missing.is_empty() {
+            format!("column(s) {}", missing.join(", "))
+        } else if !outbox_exists {
             "its outbox of deleted keys".to_owned()
         } else {
-            format!("column(s) {}", missing.join(", "))
+            "the registry of idle producers that an older pg2ch did not install".to_owned()
         };
         anyhow::bail!("PostgreSQL table {schema} lacks {what} (run `pg2ch init --table {schema}`)");
     }
@@ -228,11 +554,8 @@ pub async fn check_installed(pool: &PgPool, oid: u32, schema: &TableSchema) -> a
         tracing::info!(
             "{schema}: a table holding its rows lacks pg2ch's triggers (a child made since init); adding them"
         );
-        for sql in triggers(pool, oid, schema).await? {
-            sqlx::query(&sql).execute(pool).await.with_context(|| {
-                format!("updating pg2ch's triggers on {schema} (run `pg2ch init` as the table's owner)")
-            })?;
-        }
+        let statements = triggers(pool, oid, schema).await?;
+        briefly_locked(pool, oid, schema, "adding pg2ch's triggers (as the table's owner)", &statements).await?;
     }
     Ok(())
 }

@@ -492,8 +492,15 @@ impl World {
         let budget = 1_000 + 20 * (self.table.borrow().committed.len() + self.log.borrow().values().count());
         let mut p = self.producer(3, modes, producer);
         let mut waits = SimWaits::bounded(budget);
-        futures::executor::block_on(loops::produce(&mut p, &NoFaults, "producer".into(), true, &mut waits))
-            .map_err(|e| format!("final produce: {e:#}"))?;
+        futures::executor::block_on(loops::produce(
+            &mut p,
+            &NoFaults,
+            "producer".into(),
+            true,
+            loops::DEFAULT_COALESCE,
+            &mut waits,
+        ))
+        .map_err(|e| format!("final produce: {e:#}"))?;
         // What one pass left unsent, [`World::check_quiescent`] reports.
         if waits.exhausted() {
             return Err(format!("the final --once produce pass did not end in {budget} steps"));
@@ -676,6 +683,8 @@ impl crate::pipeline::loops::Waits for SimWaits {
         yield_now().await;
     }
 
+    async fn busy(&mut self) {}
+
     async fn pause(&mut self, _: Duration) {
         yield_now().await;
     }
@@ -694,7 +703,15 @@ fn producer_task(world: &World, session: u32, mode: ClaimMode, config: ProducerC
     }
     let faults = world.faults();
     async move {
-        let ended = loops::produce(&mut producer, &faults, "producer".into(), false, &mut SimWaits::unbounded()).await;
+        let ended = loops::produce(
+            &mut producer,
+            &faults,
+            "producer".into(),
+            false,
+            loops::DEFAULT_COALESCE,
+            &mut SimWaits::unbounded(),
+        )
+        .await;
         ended.err().unwrap_or_else(|| anyhow::anyhow!("the producer loop stopped without shutdown"))
     }
     .boxed_local()

@@ -1,0 +1,273 @@
+//! What pg2ch costs a busy source database: pgbench's TPC-B-like script on
+//! two databases of one PostgreSQL, one whose three keyed tables
+//! (`pgbench_accounts`, `pgbench_branches`, `pgbench_tellers`) a running
+//! `pg2ch run` carries, one without pg2ch, run in alternating pairs
+//! (without, then with). PostgreSQL, pgbench and every PostgreSQL session
+//! run on CPU 0; pg2ch, the broker, ClickHouse and this program on CPU 1, so
+//! the figures are the database's own cost, not a fight for cores.
+//!
+//! Per run: transactions per second and average latency (pgbench's own
+//! figures), WAL per transaction (the cluster's WAL position before and
+//! after, over the transactions pgbench counted). Over all runs: how much
+//! the tables (with indexes, and pg2ch's outboxes) grew. The ratios (with
+//! pg2ch over without) are the medians of the pairs. Freshness under that
+//! load: every 100 ms during the runs with pg2ch, a marker is written into a
+//! teller's `filler`, and ClickHouse is asked every 10 ms which marker it
+//! holds; a marker's time is from its commit to the first answer holding it.
+//! At the end, `pg2ch verify` must exit 0.
+//!
+//! Knobs: `PG2CH_BENCH_SCALE` (pgbench's scale, default 5),
+//! `PG2CH_BENCH_PGBENCH_SECS` (each run, default 15), `PG2CH_BENCH_PAIRS`
+//! (default 3), `PG2CH_BENCH_RUN_ARGS` (more arguments to `pg2ch run`, e.g.
+//! `--coalesce-ms 50`).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::TestEnv;
+use sqlx::PgPool;
+use tokio::runtime::Runtime;
+
+const TABLES: [&str; 3] = ["pgbench_accounts", "pgbench_branches", "pgbench_tellers"];
+
+fn knob(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Pins every thread of `pid` to `cpus`.
+fn pin(pid: u32, cpus: &str) {
+    let ok = Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "taskset could not pin process {pid} (util-linux's taskset is needed)");
+}
+
+/// Pids of the processes whose command name is `name`.
+fn pids(name: &str) -> Vec<u32> {
+    let out = Command::new("pgrep").args(["-x", name]).output().expect("pgrep");
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+/// PostgreSQL on CPU 0 (its postmaster first: new sessions inherit it);
+/// the rest of the stack and this program on CPU 1.
+fn pin_stack(cpus_pg: &str, cpus_rest: &str) {
+    for pid in pids("postgres") {
+        pin(pid, cpus_pg);
+    }
+    for name in ["clickhouse-serv", "clickhouse-server", "nisshi", "java"] {
+        for pid in pids(name) {
+            pin(pid, cpus_rest);
+        }
+    }
+    pin(std::process::id(), cpus_rest);
+}
+
+/// One pgbench run's figures.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    tps: f64,
+    latency_ms: f64,
+    wal_per_tx: f64,
+}
+
+async fn wal_lsn(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::int8").fetch_one(pool).await.unwrap()
+}
+
+/// The tables' size with their indexes (and, where pg2ch runs, its own tables).
+async fn size(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT (SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c
+                 WHERE c.relname = ANY($1) AND c.relkind = 'r')::int8
+              + coalesce((SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c JOIN pg_namespace n
+                          ON n.oid = c.relnamespace WHERE n.nspname = '_pg2ch' AND c.relkind = 'r'), 0)::int8",
+    )
+    .bind(&TABLES[..])
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+fn pgbench(env: &TestEnv, args: &[&str]) -> String {
+    let pg = &env.settings.pg;
+    let out = Command::new("taskset")
+        .args(["-c", "0", "pgbench", "-h", &pg.host, "-p", &pg.port.to_string(), "-U", &pg.user])
+        .args(args)
+        .arg(&pg.database)
+        .env("PGPASSWORD", pg.password.expose())
+        .output()
+        .expect("pgbench (it ships with PostgreSQL)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
+    text
+}
+
+/// The number after `label` on the line that holds it.
+fn figure(text: &str, label: &str) -> f64 {
+    let line = text.lines().find(|l| l.contains(label)).unwrap_or_else(|| panic!("no {label:?} in:\n{text}"));
+    let rest = &line[line.find(label).unwrap() + label.len()..];
+    rest.split_whitespace().next().and_then(|w| w.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+}
+
+async fn one_run(env: &TestEnv, pool: &PgPool, secs: u64) -> Run {
+    let before = wal_lsn(pool).await;
+    let env2 = env.view(env.settings.clone());
+    let secs_s = secs.to_string();
+    let text = tokio::task::spawn_blocking(move || pgbench(&env2, &["-n", "-c", "4", "-j", "1", "-T", &secs_s]))
+        .await
+        .unwrap();
+    let after = wal_lsn(pool).await;
+    let failed = text.lines().find(|l| l.contains("number of failed transactions")).map(|l| figure(l, ":"));
+    assert!(failed.is_none_or(|f| f == 0.0), "pgbench transactions failed:\n{text}");
+    let done = figure(&text, "number of transactions actually processed:");
+    Run {
+        tps: figure(&text, "tps = "),
+        latency_ms: figure(&text, "latency average = "),
+        wal_per_tx: (after - before) as f64 / done.max(1.0),
+    }
+}
+
+/// Markers written into a teller's filler every 100 ms until `stop`, and
+/// each one's time from commit to readable in ClickHouse.
+async fn freshness(env: &TestEnv, pool: &PgPool, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Vec<Duration> {
+    let ch = env.ch().await;
+    let mut pending: Vec<(i64, Instant)> = Vec::new();
+    let mut out = Vec::new();
+    let mut next = 0i64;
+    let mut last_write = Instant::now() - Duration::from_secs(1);
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let started = Instant::now();
+    loop {
+        let stopping = stop.load(std::sync::atomic::Ordering::SeqCst);
+        if stopping && (pending.is_empty() || started.elapsed() > Duration::from_secs(600)) {
+            break;
+        }
+        tick.tick().await;
+        if !stopping && last_write.elapsed() >= Duration::from_millis(100) {
+            next += 1;
+            sqlx::query("UPDATE pgbench_tellers SET filler = $1 WHERE tid = 1")
+                .bind(format!("m{next}"))
+                .execute(pool)
+                .await
+                .unwrap();
+            pending.push((next, Instant::now()));
+            last_write = Instant::now();
+        }
+        let asked = Instant::now();
+        let seen: String = ch
+            .client
+            .query("SELECT filler FROM pgbench_tellers FINAL WHERE tid = 1")
+            .fetch_one::<String>()
+            .await
+            .unwrap_or_default();
+        let seen: i64 = seen.trim().strip_prefix('m').and_then(|n| n.parse().ok()).unwrap_or(0);
+        pending.retain(|(n, at)| {
+            if *n <= seen {
+                out.push(asked.saturating_duration_since(*at));
+                false
+            } else {
+                true
+            }
+        });
+    }
+    assert!(pending.is_empty(), "{} markers never reached ClickHouse", pending.len());
+    out
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let rt = Runtime::new().unwrap();
+    let scale = knob("PG2CH_BENCH_SCALE", 5);
+    let secs = knob("PG2CH_BENCH_PGBENCH_SECS", 15);
+    let pairs = knob("PG2CH_BENCH_PAIRS", 3) as usize;
+    let extra: Vec<String> =
+        std::env::var("PG2CH_BENCH_RUN_ARGS").unwrap_or_default().split_whitespace().map(str::to_owned).collect();
+    rt.block_on(async {
+        let with = TestEnv::new("costwith").await;
+        let without = TestEnv::new("costwithout").await;
+        let scale_s = scale.to_string();
+        for env in [&with, &without] {
+            pgbench(env, &["-i", "-q", "-s", &scale_s]);
+        }
+        let mut table_args = Vec::new();
+        for t in TABLES {
+            table_args.extend(["--table", t]);
+        }
+        let init: Vec<&str> = ["init"].into_iter().chain(table_args.iter().copied()).collect();
+        with.ok(&init);
+        let once: Vec<&str> = ["run", "--once"].into_iter().chain(table_args.iter().copied()).collect();
+        with.ok(&once);
+        let (pool_with, pool_without) = (with.pg().await, without.pg().await);
+        for pool in [&pool_with, &pool_without] {
+            sqlx::query("VACUUM ANALYZE").execute(pool).await.unwrap();
+        }
+        sqlx::query("CHECKPOINT").execute(&pool_with).await.unwrap();
+        pin_stack("0", "1");
+        // pg2ch on CPU 1, started through taskset so that every thread is there.
+        let mut run = Command::new("taskset");
+        run.args(["-c", "1", env!("CARGO_BIN_EXE_pg2ch"), "run"]).args(&table_args).args(&extra);
+        for (k, v) in with.vars() {
+            run.env(k, v);
+        }
+        run.env_remove("PG_PASS_FILE").env_remove("CH_PASS_FILE").stderr(Stdio::null());
+        let mut child = run.spawn().expect("pg2ch run");
+        let sizes_before = (size(&pool_with).await, size(&pool_without).await);
+        let mut rounds = Vec::new();
+        let mut fresh = Vec::new();
+        for _ in 0..pairs {
+            let base = one_run(&without, &pool_without, secs).await;
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let probe = freshness(&with, &pool_with, stop.clone());
+            let measured = async {
+                let r = one_run(&with, &pool_with, secs).await;
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                r
+            };
+            let (carried, times) = tokio::join!(measured, probe);
+            fresh.extend(times);
+            println!(
+                "pair: without {:.0} tps {:.2} ms {:.0} B WAL/tx | with {:.0} tps {:.2} ms {:.0} B WAL/tx",
+                base.tps, base.latency_ms, base.wal_per_tx, carried.tps, carried.latency_ms, carried.wal_per_tx
+            );
+            rounds.push((base, carried));
+        }
+        let sizes_after = (size(&pool_with).await, size(&pool_without).await);
+        let _ = Command::new("kill").arg(child.id().to_string()).status();
+        let _ = child.wait();
+        pin_stack("0-1", "0-1");
+        with.ok(&once);
+        let verify: Vec<&str> = ["verify"].into_iter().chain(table_args.iter().copied()).collect();
+        with.ok(&verify);
+
+        let ratio = |f: fn(&Run) -> f64| median(rounds.iter().map(|(b, c)| f(c) / f(b)).collect());
+        fresh.sort();
+        let p = |q: f64| fresh[((fresh.len() as f64 * q) as usize).min(fresh.len() - 1)];
+        let growth_with = (sizes_after.0 - sizes_before.0) as f64;
+        let growth_without = (sizes_after.1 - sizes_before.1).max(1) as f64;
+        println!("source cost, pgbench TPC-B-like, scale {scale}, 4 clients, {secs} s runs, {pairs} pairs:");
+        println!("  transactions per second: {:.2}x of the database without pg2ch", ratio(|r| r.tps));
+        println!("  average latency:         {:.2}x", ratio(|r| r.latency_ms));
+        println!("  WAL per transaction:     {:.2}x", ratio(|r| r.wal_per_tx));
+        println!(
+            "  table growth:            {:.2}x ({:.1} MB with, {:.1} MB without)",
+            growth_with / growth_without,
+            growth_with / 1e6,
+            growth_without / 1e6
+        );
+        println!(
+            "  freshness under load:    p50 {:?}, p99 {:?} ({} markers, commit to readable in ClickHouse)",
+            p(0.5),
+            p(0.99),
+            fresh.len()
+        );
+    });
+}

@@ -1,0 +1,204 @@
+//! What pg2ch costs the source database's users, against real services:
+//! an application role with nothing but DML rights keeps every DML after
+//! `init`; `init` never queues the table's writers behind a long
+//! transaction and rebuilds an index an interrupted build left invalid;
+//! statements notify only while a producer waits idle, and such a producer
+//! is woken by them.
+
+mod common;
+
+use std::io::BufRead;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{TestEnv, eventually};
+use sqlx::{Connection, PgPool};
+
+async fn exec(pool: &PgPool, sql: &str) {
+    sqlx::query(sql).execute(pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+async fn scalar(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// The table the tests carry: a key, a value, a few hundred rows.
+async fn accounts(env: &TestEnv, name: &str) -> PgPool {
+    let pool = env.pg().await;
+    exec(&pool, &format!("CREATE TABLE {name} (id int PRIMARY KEY, balance int NOT NULL)")).await;
+    exec(&pool, &format!("INSERT INTO {name} SELECT g, g * 10 FROM generate_series(1, 300) g")).await;
+    pool
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_application_role_with_only_dml_rights_keeps_every_dml_after_init() {
+    let env = TestEnv::new("dmlrole").await;
+    let pool = accounts(&env, "accounts").await;
+    env.ok(&["init", "--table", "accounts"]);
+    // A role with DML on the table and nothing else: no right on `_pg2ch`.
+    let role = format!("{}_app", env.name);
+    exec(&pool, &format!("CREATE ROLE {role} NOLOGIN")).await;
+    exec(&pool, &format!("GRANT SELECT, INSERT, UPDATE, DELETE ON accounts TO {role}")).await;
+    let mut app = pool.acquire().await.unwrap();
+    sqlx::query(&format!("SET ROLE {role}")).execute(&mut *app).await.unwrap();
+    for sql in [
+        "INSERT INTO accounts VALUES (1001, 5)",
+        "UPDATE accounts SET balance = balance + 1 WHERE id <= 50",
+        // The key changes: the old key goes to pg2ch's outbox.
+        "UPDATE accounts SET id = id + 2000 WHERE id BETWEEN 51 AND 60",
+        "DELETE FROM accounts WHERE id BETWEEN 61 AND 80",
+    ] {
+        sqlx::query(sql)
+            .execute(&mut *app)
+            .await
+            .unwrap_or_else(|e| panic!("the application role's {sql:?} failed after init: {e}"));
+    }
+    sqlx::query("RESET ROLE").execute(&mut *app).await.unwrap();
+    drop(app);
+    let outbox = scalar(&pool, "SELECT count(*) FROM _pg2ch.\"public.accounts\"").await;
+    assert_eq!(outbox, 30, "the deleted and re-keyed keys are in the outbox");
+    env.ok(&["run", "--once", "--table", "accounts"]);
+    env.ok(&["verify", "--table", "accounts"]);
+    let schema = env.table("accounts").await;
+    env.assert_same_rows(&schema, "after the application role's changes").await;
+    exec(&pool, &format!("REVOKE ALL ON accounts FROM {role}")).await;
+    exec(&pool, &format!("DROP ROLE {role}")).await;
+}
+
+/// Lines a child process writes to stderr, collected as they come.
+fn stderr_lines(child: &mut std::process::Child) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let stderr = child.stderr.take().expect("stderr piped");
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn init_behind_a_long_transaction_never_queues_the_tables_writers() {
+    let env = TestEnv::new("onlineinit").await;
+    let pool = accounts(&env, "busy").await;
+    // A long reader: its lock conflicts with every ALTER TABLE and CREATE TRIGGER.
+    let mut long = sqlx::PgConnection::connect_with(&pool.connect_options()).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut long).await.unwrap();
+    sqlx::query("SELECT count(*) FROM busy").execute(&mut long).await.unwrap();
+    let mut init =
+        env.command(&["init", "--table", "busy"]).stderr(std::process::Stdio::piped()).spawn().expect("pg2ch init");
+    let log = stderr_lines(&mut init);
+    eventually("init says the table is locked and retries", Duration::from_secs(60), || {
+        let found = log.lock().unwrap().iter().any(|l| l.contains("locked by other sessions"));
+        async move { found }
+    })
+    .await;
+    // Writers go on: none waits behind init for longer than a second
+    // (without a lock timeout, init's ALTER would queue every one of them
+    // behind the long transaction).
+    let mut writer = pool.acquire().await.unwrap();
+    sqlx::query("SET lock_timeout = '1s'").execute(&mut *writer).await.unwrap();
+    for i in 0..20 {
+        sqlx::query("UPDATE busy SET balance = balance + 1 WHERE id = $1")
+            .bind(i % 300 + 1)
+            .execute(&mut *writer)
+            .await
+            .unwrap_or_else(|e| panic!("a writer queued behind init: {e}"));
+    }
+    sqlx::query("COMMIT").execute(&mut long).await.unwrap();
+    let status = tokio::task::spawn_blocking(move || init.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "init failed once the long transaction ended:\n{}", log.lock().unwrap().join("\n"));
+    let valid =
+        scalar(&pool, "SELECT count(*) FROM pg_index WHERE indexrelid = 'busy_unsent_idx'::regclass AND indisvalid")
+            .await;
+    assert_eq!(valid, 1, "the partial index of unsent rows is built and valid");
+    env.ok(&["run", "--once", "--table", "busy"]);
+    env.ok(&["verify", "--table", "busy"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_index_left_invalid_by_an_interrupted_build_is_built_again() {
+    let env = TestEnv::new("invalididx").await;
+    let pool = accounts(&env, "ledger").await;
+    exec(&pool, "UPDATE ledger SET balance = 7 WHERE id <= 2").await;
+    // A concurrent build that fails leaves its index behind, invalid, under
+    // the name pg2ch uses.
+    let failed =
+        sqlx::raw_sql("CREATE UNIQUE INDEX CONCURRENTLY ledger_unsent_idx ON ledger (balance)").execute(&pool).await;
+    assert!(failed.is_err(), "the unique build fails on duplicate balances");
+    assert_eq!(
+        scalar(
+            &pool,
+            "SELECT count(*) FROM pg_index WHERE indexrelid = 'ledger_unsent_idx'::regclass AND NOT indisvalid"
+        )
+        .await,
+        1
+    );
+    env.ok(&["init", "--table", "ledger"]);
+    let definition: String = sqlx::query_scalar(
+        "SELECT pg_get_indexdef(x.indexrelid) FROM pg_index x
+         WHERE x.indexrelid = 'ledger_unsent_idx'::regclass AND x.indisvalid",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("a valid index after init");
+    assert!(
+        definition.contains("(id)") && definition.contains("WHERE (NOT sent_to_kafka)"),
+        "the index is pg2ch's: {definition}"
+    );
+    env.ok(&["run", "--once", "--table", "ledger"]);
+    env.ok(&["verify", "--table", "ledger"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn statements_notify_only_while_a_producer_waits_idle() {
+    let env = TestEnv::new("notifyidle").await;
+    env.ok(&["init"]);
+    let pool = env.pg().await;
+    let mut session = sqlx::postgres::PgListener::connect_with(&pool).await.unwrap();
+    session.listen("pg2ch_user_logins").await.unwrap();
+    // A notification to the session's own channel is delivered with its
+    // commit, before the statement's answer: buffered or not, it is decided.
+    let insert = "INSERT INTO user_logins (username) VALUES ('n')";
+    sqlx::query(insert).execute(&mut session).await.unwrap();
+    assert!(session.next_buffered().is_none(), "no producer waits: no notification");
+    sqlx::query("INSERT INTO _pg2ch.waiting (channel, pid) VALUES ('pg2ch_user_logins', pg_backend_pid())")
+        .execute(&mut session)
+        .await
+        .unwrap();
+    sqlx::query(insert).execute(&mut session).await.unwrap();
+    let woken = session.next_buffered().expect("a producer waits: the statement notifies");
+    assert_eq!(woken.channel(), "pg2ch_user_logins");
+    // Another table's producer waiting does not make this one notify.
+    sqlx::query("UPDATE _pg2ch.waiting SET channel = 'pg2ch_other'").execute(&mut session).await.unwrap();
+    sqlx::query(insert).execute(&mut session).await.unwrap();
+    assert!(session.next_buffered().is_none(), "only the table's own producers are woken");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_producer_registers_and_is_woken_by_the_next_change() {
+    let env = TestEnv::new("wakeidle").await;
+    env.ok(&["init"]);
+    let pool = env.pg().await;
+    // A poll interval far longer than the test waits: only a notification
+    // can bring the row over in time.
+    let mut run =
+        env.command(&["run", "--poll-ms", "600000"]).stderr(std::process::Stdio::null()).spawn().expect("pg2ch run");
+    eventually("the idle producer registers", Duration::from_secs(60), || {
+        let pool = pool.clone();
+        async move { scalar(&pool, "SELECT count(*) FROM _pg2ch.waiting").await == 1 }
+    })
+    .await;
+    exec(&pool, "INSERT INTO user_logins (username) VALUES ('wake up')").await;
+    let ch = env.ch().await;
+    let schema = env.logins().await;
+    eventually("the row reaches ClickHouse", Duration::from_secs(60), || {
+        let (ch, schema) = (&ch, &schema);
+        async move { ch.final_count(schema).await.unwrap_or(0) == 1 }
+    })
+    .await;
+    let _ = std::process::Command::new("kill").arg(run.id().to_string()).status();
+    let _ = run.wait();
+    assert_eq!(scalar(&pool, "SELECT count(*) FROM user_logins WHERE NOT sent_to_kafka").await, 0);
+}
