@@ -26,7 +26,7 @@ use pg2ch::change::{self, Change};
 use pg2ch::kafka::Compression;
 use pg2ch::pipeline::{NoFaults, Producer, ProducerConfig};
 use pg2ch::schema::TableSchema;
-use pg2ch::stores::{ClaimMode, EventLog, Fetched, LogRecord, Sink};
+use pg2ch::stores::{EventLog, Fetched, LogRecord, Sink};
 use pg2ch::types::Value;
 use tokio::runtime::Runtime;
 
@@ -165,14 +165,8 @@ fn postgres_stages(c: &mut Criterion, rt: &Runtime, env: &TestEnv, n: u64) {
             )
         })
     });
-    for (mode, bench, name) in [
-        (ClaimMode::Shared, "claim_and_mark (10k batches, 1 lane, no broker)", "PostgreSQL claim + mark, 10k batches"),
-        (
-            ClaimMode::Exclusive,
-            "claim_and_mark exclusive (10k batches, 1 lane, no broker)",
-            "PostgreSQL claim + mark, 10k batches, exclusive (no row locks)",
-        ),
-    ] {
+    // Claims take no row locks in either mode: one figure.
+    for (bench, name) in [("claim_and_mark (10k batches, 1 lane, no broker)", "PostgreSQL claim + mark, 10k batches")] {
         g.bench_function(bench, |b| {
             b.iter_custom(|iters| {
                 timed(
@@ -190,7 +184,6 @@ fn postgres_stages(c: &mut Criterion, rt: &Runtime, env: &TestEnv, n: u64) {
                             table.oid,
                             options,
                             Duration::from_secs(60),
-                            mode,
                             table.fingerprint.clone(),
                         );
                         Producer::new(table.schema, source, NullLog, ProducerConfig::default())

@@ -170,6 +170,10 @@ enum Command {
         /// Partitions of the topic, when it is created.
         #[arg(long, default_value_t = 4)]
         partitions: i32,
+        /// Grant this role what `run`, `produce`, `consume`, `status` and
+        /// `verify` need on the tables, and nothing more (repeatable).
+        #[arg(long, value_name = "ROLE")]
+        grant: Vec<String>,
     },
     /// Insert N synthetic login events into user_logins.
     Seed {
@@ -399,7 +403,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         commands::check_names(&s)?;
     }
     match cli.command {
-        Command::Init { partitions } => commands::init(&s, partitions).await?,
+        Command::Init { partitions, grant } => commands::init(&s, partitions, &grant).await?,
         Command::Seed { rows } => commands::seed(&s, rows).await?,
         Command::Produce(a) => {
             a.serve_metrics()?;

@@ -140,7 +140,7 @@ pub async fn tables(s: &Settings, pool: &PgPool, create_default: bool) -> anyhow
     Ok(out)
 }
 
-pub async fn init(s: &Settings, partitions: i32) -> anyhow::Result<()> {
+pub async fn init(s: &Settings, partitions: i32, grant: &[String]) -> anyhow::Result<()> {
     anyhow::ensure!(partitions >= 1, "--partitions must be at least 1, got {partitions}");
     // Two sessions: one builds an index while the other reads its progress.
     let pool = postgres::connect(&s.pg, 2, s.timeouts.call).await?;
@@ -154,6 +154,9 @@ pub async fn init(s: &Settings, partitions: i32) -> anyhow::Result<()> {
     ch.init().await?;
     for t in &tables {
         postgres::install::install(&pool, t.oid, &t.schema).await?;
+        for role in grant {
+            postgres::install::grant(&pool, &t.schema, role).await?;
+        }
         kafka::ensure_topic(&client, &t.topic, partitions, s.timeouts.call).await?;
         kafka::ensure_topic(&client, &kafka::dead_letter_topic(&t.topic), 1, s.timeouts.call).await?;
         ch.create_table(&t.schema).await?;
@@ -233,7 +236,6 @@ impl ProducerStores {
                     table.oid,
                     options.clone(),
                     s.timeouts.call,
-                    o.claim_mode,
                     table.fingerprint.clone(),
                 )
             })

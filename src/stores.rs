@@ -13,20 +13,22 @@ use std::time::Duration;
 use crate::change::Change;
 use crate::types::{Key, Value};
 
-/// How a producer's claims keep clear of other producers' claims.
+/// Whether other producer processes may work on a table beside this one.
+/// Claims take no row lock in either mode, and hold nothing (no lock, no
+/// snapshot) while their rows are published: a user's transaction never
+/// waits for the broker. A process's lanes keep apart through their shared
+/// cursor. Correctness rests on neither mode: a row changed between claim
+/// and flag is left unsent (it goes again), and a row published twice is
+/// collapsed by key and version in the sink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ClaimMode {
-    /// Claims lock their rows (`FOR UPDATE SKIP LOCKED`), so several
-    /// producers can work side by side, each skipping what others hold.
+    /// Several producer processes may run side by side. Two of them may
+    /// claim the same rows at once and publish them twice (harmless, but
+    /// double work): one process with several lanes is the efficient shape.
     #[default]
     Shared,
-    /// Claims read without locking: this process is the only producer at
-    /// work (the real adapter holds an advisory lock to make sure), and its
-    /// lanes keep apart through their shared cursor. PostgreSQL is spared
-    /// writing a lock into every row it hands out. Correctness does not rest
-    /// on the exclusivity: a row changed by someone else between claim and
-    /// mark makes the mark fail (a serialization failure), and a row
-    /// published twice is collapsed by id in the sink.
+    /// This process is the only producer at work (the real adapter holds
+    /// an advisory lock to make sure): no work is done twice.
     Exclusive,
 }
 
@@ -96,24 +98,28 @@ fn tagged<T: std::error::Error + Send + Sync + 'static>(e: &anyhow::Error) -> bo
 /// crashed process would.
 #[allow(async_fn_in_trait)]
 pub trait SourceTable {
-    /// Opens a transaction and claims up to `limit` unsent, unrejected rows
-    /// and deleted keys with a key above `after` (all of them from the
-    /// start when `None`), in key order, and gives them one version, higher
-    /// than that of any claim before. In [`ClaimMode::Shared`] it locks them
-    /// and skips what another session holds. A row that cannot be
-    /// represented downstream comes back with the reason instead of a change.
+    /// Claims up to `limit` unsent, unrejected rows and deleted keys with a
+    /// key above `after` (all of them from the start when `None`), in key
+    /// order, as of one snapshot, and gives them one version, higher than
+    /// that of any claim before. It locks nothing and, once it returns,
+    /// holds nothing on the server. A row that cannot be represented
+    /// downstream comes back with the reason instead of a change.
     async fn claim(&mut self, after: Option<&Key>, limit: usize) -> anyhow::Result<Claim>;
-    /// Inside the open claim (not yet visible to others), flags these items
-    /// of it sent: a row only if it is still the version claimed, a deleted
-    /// key by removing it from the outbox. Fails, changing nothing, if
-    /// another session changed one of them since the claim.
+    /// In the claim's flag transaction (opened here, not yet visible to
+    /// others), flags these items sent: each row only if it is still the
+    /// row version claimed (its address and the transaction that wrote
+    /// it), each deleted key by removing its outbox entry if that is still
+    /// the one claimed. An item changed since the claim, or held by another
+    /// session's lock, is skipped and stays unsent: it goes again. Never
+    /// waits for a user's lock.
     async fn mark_sent(&mut self, items: &[usize]) -> anyhow::Result<()>;
-    /// Flags these items of the open claim rejected, with the reason.
-    /// Rejected rows are never claimed again until their content changes.
+    /// Flags these items of the open claim rejected, with the reason, under
+    /// the same rule. Rejected rows are never claimed again until their
+    /// content changes.
     async fn reject(&mut self, items: &[(usize, String)]) -> anyhow::Result<()>;
-    /// Commits the open claim. An error may mean the commit happened anyway.
+    /// Commits the flag transaction. An error may mean it happened anyway.
     async fn commit(&mut self) -> anyhow::Result<()>;
-    /// Abandons the open claim, if any: locks go, nothing is flagged.
+    /// Abandons the open claim, if any: nothing is flagged.
     async fn rollback(&mut self) -> anyhow::Result<()>;
 }
 
@@ -125,9 +131,8 @@ pub struct Claim {
     pub items: Vec<Claimed>,
     /// Where the claim's pass goes on: `Some(k)` when a list came back full,
     /// and then the claim holds every unsent change from its first key up
-    /// to `k` that no other session had locked (it may hold more past `k`:
-    /// those it locked); the next claim starts after `k`. `None`: nothing
-    /// unsent lies past the claim, and the pass is over.
+    /// to `k`, and nothing past it; the next claim starts after `k`.
+    /// `None`: nothing unsent lies past the claim, and the pass is over.
     pub horizon: Option<Key>,
 }
 
@@ -167,12 +172,11 @@ impl Claim {
         lists.into_iter().filter(|(n, _)| *n >= limit).filter_map(|(_, last)| last).min().cloned()
     }
 
-    /// Whether a claim in `mode` with `horizon` keeps an item at `key` its
-    /// lists returned. Without row locks it is cut at the horizon (what lies
-    /// past it is the next claim's); with them it keeps what it locked,
-    /// since a sibling's claim, skipping locked rows, would pass them by.
-    pub fn keeps(mode: ClaimMode, horizon: Option<&Key>, key: &Key) -> bool {
-        mode == ClaimMode::Shared || horizon.is_none_or(|h| key <= h)
+    /// Whether a claim with `horizon` keeps an item at `key` its lists
+    /// returned: it is cut at the horizon (what lies past it is the next
+    /// claim's).
+    pub fn keeps(horizon: Option<&Key>, key: &Key) -> bool {
+        horizon.is_none_or(|h| key <= h)
     }
 }
 

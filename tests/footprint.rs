@@ -202,3 +202,45 @@ async fn an_idle_producer_registers_and_is_woken_by_the_next_change() {
     let _ = run.wait();
     assert_eq!(scalar(&pool, "SELECT count(*) FROM user_logins WHERE NOT sent_to_kafka").await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pipeline_runs_as_a_role_holding_only_the_grants_init_gives() {
+    let env = TestEnv::new("leastpriv").await;
+    let pool = accounts(&env, "accounts").await;
+    let role = format!("{}_runner", env.name);
+    let password = format!("pw{}", rand::random::<u64>());
+    // PostgreSQL quotes the name and the password itself.
+    let create: String = sqlx::query_scalar("SELECT format('CREATE ROLE %I LOGIN PASSWORD %L', $1::text, $2::text)")
+        .bind(&role)
+        .bind(&password)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    exec(&pool, &create).await;
+    env.ok(&["init", "--table", "accounts", "--grant", &role]);
+    let as_runner = |args: &[&str]| {
+        let out = env.command(args).env("PG_USER", &role).env("PG_PASS", &password).output().unwrap();
+        assert!(
+            out.status.success(),
+            "pg2ch {args:?} as the least-privileged role failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    as_runner(&["run", "--once", "--table", "accounts"]);
+    exec(&pool, "UPDATE accounts SET balance = balance - 1 WHERE id % 7 = 0").await;
+    exec(&pool, "DELETE FROM accounts WHERE id % 11 = 0").await;
+    as_runner(&["run", "--once", "--table", "accounts"]);
+    as_runner(&["verify", "--table", "accounts"]);
+    as_runner(&["status", "--table", "accounts"]);
+    // The role holds nothing beyond the grants: it cannot change the table's rows.
+    let mut runner = pool.acquire().await.unwrap();
+    sqlx::query(&format!("SET ROLE {role}")).execute(&mut *runner).await.unwrap();
+    let refused = sqlx::query("UPDATE accounts SET balance = 0 WHERE id = 1").execute(&mut *runner).await;
+    assert!(refused.is_err(), "the runner may write pg2ch's columns only");
+    sqlx::query("RESET ROLE").execute(&mut *runner).await.unwrap();
+    drop(runner);
+    let schema = env.table("accounts").await;
+    env.assert_same_rows(&schema, "carried by the least-privileged role").await;
+    exec(&pool, &format!("DROP OWNED BY {role}")).await;
+    exec(&pool, &format!("DROP ROLE {role}")).await;
+}

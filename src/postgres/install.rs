@@ -501,6 +501,39 @@ async fn build_concurrently(
     }
 }
 
+/// What a role needs to run pg2ch on this table (`run`, `produce`,
+/// `consume`, `status`, `verify`, `verify --repair`) once `init` installed
+/// it, and nothing more: read the table and write pg2ch's three columns of
+/// it; draw versions; read and write the table's outbox, the registry of
+/// idle producers and the consumer groups' registry.
+pub fn grants(schema: &TableSchema, role: &str) -> Vec<String> {
+    let r = pg_ident(role);
+    vec![
+        format!("GRANT USAGE ON SCHEMA {} TO {r}", pg_ident(&schema.namespace)),
+        format!(
+            "GRANT SELECT, UPDATE ({}, {}, {}) ON {} TO {r}",
+            pg_ident(SENT),
+            pg_ident(REJECTED),
+            pg_ident(VERSION),
+            schema.pg_name()
+        ),
+        format!("GRANT USAGE ON SCHEMA _pg2ch TO {r}"),
+        format!("GRANT USAGE, SELECT ON SEQUENCE _pg2ch.versions TO {r}"),
+        format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON _pg2ch.waiting, _pg2ch.consumer_groups, {} TO {r}",
+            outbox(schema)
+        ),
+    ]
+}
+
+/// Grants `role` what [`grants`] lists.
+pub async fn grant(pool: &PgPool, schema: &TableSchema, role: &str) -> anyhow::Result<()> {
+    for sql in grants(schema, role) {
+        sqlx::query(&sql).execute(pool).await.with_context(|| format!("granting {role} what pg2ch needs: {sql}"))?;
+    }
+    Ok(())
+}
+
 /// The trigger statements for the table and its inheritance children.
 async fn triggers(pool: &PgPool, oid: u32, schema: &TableSchema) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::new();
@@ -585,6 +618,9 @@ mod tests {
         assert!(sql[2].contains("WHEN (OLD.\"k\"\"1\" IS DISTINCT FROM NEW.\"k\"\"1\")"), "{}", sql[2]);
         assert!(sql[3].contains("_pg2ch.notify('pg2ch_Odd \"T\"')"), "{}", sql[3]);
         assert_eq!(literal("it's"), "'it''s'");
+        let grants = grants(&schema, "app \"x\"");
+        assert!(grants.iter().all(|g| g.ends_with("TO \"app \"\"x\"\"\"")), "{grants:?}");
+        assert!(grants[1].starts_with("GRANT SELECT, UPDATE (\"sent_to_kafka\""), "{}", grants[1]);
         assert_eq!(dollar_tag("a $pg2ch0$ b"), "$pg2ch1$");
     }
 }

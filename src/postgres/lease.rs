@@ -141,9 +141,17 @@ pub async fn group_number(conn: &mut PgConnection, group: &str, topic: &str) -> 
     if let Some(id) = registered(conn, group, topic).await? {
         return Ok(i64::from(id));
     }
-    sqlx::query(REGISTRY).execute(&mut *conn).await.context(
-        "creating _pg2ch.consumer_groups (run `pg2ch init` as the owner of schema _pg2ch, or grant this user CREATE on it)",
-    )?;
+    // Created only where missing: a role with the grants `init --grant`
+    // gives may not create, even with IF NOT EXISTS.
+    let registry: bool = sqlx::query_scalar("SELECT to_regclass('_pg2ch.consumer_groups') IS NOT NULL")
+        .fetch_one(&mut *conn)
+        .await
+        .context("looking up _pg2ch.consumer_groups")?;
+    if !registry {
+        sqlx::query(REGISTRY).execute(&mut *conn).await.context(
+            "creating _pg2ch.consumer_groups (run `pg2ch init` as the owner of schema _pg2ch, or grant this user CREATE on it)",
+        )?;
+    }
     sqlx::query("INSERT INTO _pg2ch.consumer_groups (consumer_group, topic) VALUES ($1, $2) ON CONFLICT DO NOTHING")
         .bind(group)
         .bind(topic)

@@ -217,7 +217,7 @@ pub async fn rejected_count<'c>(db: impl sqlx::PgExecutor<'c>, schema: &TableSch
 /// A row's physical address, PostgreSQL's `tid`, in its binary wire form
 /// (block number, line pointer), so claiming and flagging by ctid costs no
 /// text formatting or parsing on either side.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Tid {
     block: u32,
     offset: u16,

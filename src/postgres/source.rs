@@ -1,15 +1,18 @@
 //! The [`SourceTable`] adapter: a producer lane's session on a table.
 //!
-//! A claim, on the lane's own connection:
+//! A claim, on the lane's own connection, holds nothing once it returns:
 //!
-//! 1. takes the table's *claim lock*, a session-level advisory lock held only
-//!    for the next three steps, so that claims of one table happen one after
-//!    another in every process;
-//! 2. opens the transaction (REPEATABLE READ for an exclusive claim) and
-//!    claims unsent rows and deleted keys above the cursor, in key order
-//!    (text in the `C` collation), with `FOR UPDATE SKIP LOCKED` when shared;
-//! 3. draws the claim's version from `_pg2ch.versions`, lets go of the lock,
-//!    and reads the columns' fingerprint.
+//! 1. it takes the table's *claim lock*, a session-level advisory lock held
+//!    only for the next three steps, so that claims of one table happen one
+//!    after another in every process;
+//! 2. in one REPEATABLE READ transaction, it reads unsent rows and deleted
+//!    keys above the cursor, in key order (text in the `C` collation), with
+//!    each row's address and version (`tableoid`, `ctid`, `xmin`), and
+//!    which deleted keys exist again;
+//! 3. it draws the claim's version from `_pg2ch.versions`, lets go of the
+//!    lock, reads the columns' fingerprint, and commits. No row lock and no
+//!    snapshot is kept while the rows travel to the broker: a user's
+//!    `UPDATE` or `DELETE` never waits for pg2ch's network calls.
 //!
 //! Claim order is then snapshot order and version order: a later claim sees
 //! every change an earlier one saw, and gives it a higher version. That is
@@ -18,13 +21,18 @@
 //! its key does not exist (else it is dropped, superseded by the row), and
 //! a row inserted after that claim is claimed later, with a higher version.
 //!
-//! Rows are flagged by their physical address in their own partition,
-//! `(tableoid, ctid)`: a shared claim holds the row locks, and an exclusive
-//! claim's snapshot keeps VACUUM from freeing the slot of any row version it
-//! saw; a row changed since (a new version at another address) makes the
-//! flag update fail rather than flag content that was not published.
-//! Deleted keys leave the outbox the same way. Any error ends the session
-//! (its transaction and its lock go with it); the next claim reconnects.
+//! Once the broker acknowledged, a short flag transaction locks the claimed
+//! tuples that are still there with `FOR NO KEY UPDATE SKIP LOCKED` and
+//! flags those whose `xmin` is still the one claimed: the tuple at an
+//! address is the version published only if the transaction that wrote it
+//! is the same (once a row is updated or deleted and VACUUM frees its slot,
+//! another row can take that `ctid`, never with an `xmin` a claim saw
+//! committed). A row changed since its claim, or locked by a user at that
+//! moment, is skipped and stays unsent: it goes again with the next claim,
+//! and the rest of the batch is flagged. pg2ch never waits for a user's
+//! lock, so it never deadlocks with one. Deleted keys leave the outbox the
+//! same way. Any error ends the session (its transaction goes with it); the
+//! next claim reconnects.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -56,25 +64,27 @@ struct Statements {
     claim_rows: [String; 2],
     claim_deletes: [String; 2],
     live_deletes: String,
+    lock_rows: String,
     mark_rows: String,
     reject_row: String,
+    lock_deletes: String,
     drop_deletes: String,
 }
 
 impl Statements {
-    fn new(schema: &TableSchema, mode: ClaimMode) -> Self {
+    fn new(schema: &TableSchema) -> Self {
         let t = schema.pg_name();
         let columns: Vec<String> =
             schema.columns.iter().map(|c| select_expr(&format!("s.{}", pg_ident(&c.name)), &c.ty)).collect();
         let keys: Vec<String> =
             schema.key_columns().map(|c| select_expr(&format!("d.{}", pg_ident(&c.name)), &c.ty)).collect();
-        let lock = if mode == ClaimMode::Shared { " FOR UPDATE SKIP LOCKED" } else { "" };
         let n = schema.key.len();
         let params = (0..n).map(|i| format!("${}", i + 2)).collect::<Vec<_>>().join(", ");
         let after = |alias: &str| format!(" AND ({}) > ({params})", order_by(schema, &format!("{alias}.")));
         let rows = |cursor: &str| {
             format!(
-                "SELECT {}, s.tableoid, s.ctid, s.{} FROM {t} s WHERE NOT s.{} AND s.{} IS NULL{cursor} ORDER BY {} LIMIT $1{lock}",
+                "SELECT {}, s.tableoid, s.ctid, s.{}, s.xmin::text::int8 FROM {t} s WHERE NOT s.{} AND s.{} IS NULL{cursor} \
+                 ORDER BY {} LIMIT $1",
                 columns.join(", "),
                 pg_ident(CHANGED_AT),
                 pg_ident(SENT),
@@ -87,7 +97,7 @@ impl Statements {
         let deletes = |cursor: &str| {
             let cursor = cursor.strip_prefix(" AND").map(|c| format!(" WHERE{c}")).unwrap_or_default();
             format!(
-                "SELECT {}, d.ctid, d.deleted_at FROM {} d{cursor} ORDER BY {} LIMIT $1{lock}",
+                "SELECT {}, d.ctid, d.deleted_at, d.xmin::text::int8 FROM {} d{cursor} ORDER BY {} LIMIT $1",
                 keys.join(", "),
                 outbox(schema),
                 order_by(schema, "d.")
@@ -100,22 +110,30 @@ impl Statements {
                 "SELECT d.ctid FROM {} d WHERE d.ctid = ANY($1) AND EXISTS (SELECT 1 FROM {t} s WHERE {live})",
                 outbox(schema)
             ),
+            lock_rows: format!(
+                "SELECT ctid, xmin::text::int8 FROM {t} WHERE tableoid = $1 AND ctid = ANY($2) FOR NO KEY UPDATE SKIP LOCKED"
+            ),
             mark_rows: format!(
                 "UPDATE {t} SET {} = TRUE, {} = $3 WHERE tableoid = $1 AND ctid = ANY($2)",
                 pg_ident(SENT),
                 pg_ident(VERSION)
             ),
             reject_row: format!("UPDATE {t} SET {} = $3 WHERE tableoid = $1 AND ctid = $2", pg_ident(REJECTED)),
+            lock_deletes: format!(
+                "SELECT ctid, xmin::text::int8 FROM {} WHERE ctid = ANY($1) FOR UPDATE SKIP LOCKED",
+                outbox(schema)
+            ),
             drop_deletes: format!("DELETE FROM {} WHERE ctid = ANY($1)", outbox(schema)),
         }
     }
 }
 
-/// Where a claimed item lives, for its flag update.
+/// Where a claimed item lives and which version of it was claimed (the
+/// `xmin` of its tuple), for its flag update.
 #[derive(Debug, Clone, Copy)]
 enum Address {
-    Row(u32, Tid),
-    Deleted(Tid),
+    Row(u32, Tid, i64),
+    Deleted(Tid, i64),
 }
 
 /// A producer lane's session on one table.
@@ -124,7 +142,6 @@ pub struct PgSource {
     oid: u32,
     options: PgConnectOptions,
     timeout: Duration,
-    mode: ClaimMode,
     statements: Statements,
     /// The columns' fingerprint when the pipeline started.
     fingerprint: String,
@@ -132,6 +149,8 @@ pub struct PgSource {
     conn: Option<PgConnection>,
     /// The open claim's version and each item's address; `None` without one.
     open: Option<(u64, Vec<Address>)>,
+    /// Whether the claim's flag transaction is open on `conn`.
+    flagging: bool,
 }
 
 impl PgSource {
@@ -140,11 +159,10 @@ impl PgSource {
         oid: u32,
         options: PgConnectOptions,
         timeout: Duration,
-        mode: ClaimMode,
         fingerprint: String,
     ) -> Self {
-        let statements = Statements::new(&schema, mode);
-        PgSource { schema, oid, options, timeout, mode, statements, fingerprint, conn: None, open: None }
+        let statements = Statements::new(&schema);
+        PgSource { schema, oid, options, timeout, statements, fingerprint, conn: None, open: None, flagging: false }
     }
 }
 
@@ -197,12 +215,12 @@ fn version_sql() -> String {
 impl SourceTable for PgSource {
     async fn claim(&mut self, after: Option<&Key>, limit: usize) -> anyhow::Result<Claim> {
         if self.open.take().is_some() {
-            // An earlier claim of this session was abandoned: end it.
+            // An earlier claim of this session was abandoned: end its flags.
             let _ = self.rollback_session().await;
         }
         let which = usize::from(after.is_some());
         let k = self.schema.key.len();
-        let (oid, mode, schema, statements) = (self.oid, self.mode, &self.schema, &self.statements);
+        let (oid, schema, statements) = (self.oid, &self.schema, &self.statements);
         let (rows, deletes, version, now) =
             on_session(&mut self.conn, &self.options, self.timeout, "claiming unsent rows", async |conn| {
                 sqlx::query("SELECT pg_advisory_lock($1, $2)")
@@ -210,11 +228,7 @@ impl SourceTable for PgSource {
                     .bind(oid as i32)
                     .execute(&mut *conn)
                     .await?;
-                let begin = match mode {
-                    ClaimMode::Shared => "BEGIN",
-                    ClaimMode::Exclusive => "BEGIN ISOLATION LEVEL REPEATABLE READ",
-                };
-                sqlx::query(begin).execute(&mut *conn).await?;
+                sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ").execute(&mut *conn).await?;
                 let rows = bind_cursor(sqlx::query(&statements.claim_rows[which]).bind(limit as i64), schema, after)
                     .fetch_all(&mut *conn)
                     .await
@@ -224,8 +238,7 @@ impl SourceTable for PgSource {
                         .fetch_all(&mut *conn)
                         .await
                         .map_err(classify)?;
-                // Which deleted keys are live again, read by a statement of
-                // its own, after the deletions are locked (see `build`).
+                // Which deleted keys are live again, in the same snapshot.
                 let live: Vec<Tid> = if deletes.is_empty() {
                     Vec::new()
                 } else {
@@ -244,6 +257,8 @@ impl SourceTable for PgSource {
                     .fetch_one(&mut *conn)
                     .await
                     .map_err(classify)?;
+                // Nothing is held while the rows travel.
+                sqlx::query("COMMIT").execute(&mut *conn).await?;
                 Ok((rows, (deletes, live), version as u64, now))
             })
             .await?;
@@ -256,7 +271,7 @@ impl SourceTable for PgSource {
                 describe_change(&self.fingerprint, &now)
             )));
         }
-        let claim = self.build(rows, deletes, version, limit, mode);
+        let claim = self.build(rows, deletes, version, limit);
         if claim.is_err() {
             self.conn = None;
         }
@@ -265,50 +280,43 @@ impl SourceTable for PgSource {
 
     async fn mark_sent(&mut self, items: &[usize]) -> anyhow::Result<()> {
         let (version, addresses) = self.open.clone().context("flagging rows sent without an open claim")?;
-        let mut rows: BTreeMap<u32, Vec<Tid>> = BTreeMap::new();
-        let mut deleted = Vec::new();
-        for i in items {
-            match addresses.get(*i).context("flagging an item the claim does not hold")? {
-                Address::Row(table, tid) => rows.entry(*table).or_default().push(*tid),
-                Address::Deleted(tid) => deleted.push(*tid),
-            }
-        }
+        let (rows, deleted) = split(&addresses, items.iter().copied())?;
         let statements = &self.statements;
+        let flagging = &mut self.flagging;
         let result = on_session(&mut self.conn, &self.options, self.timeout, "flagging rows sent", async |conn| {
-            for (table, tids) in rows {
-                let expected = tids.len() as u64;
+            begin_flags(conn, flagging).await?;
+            let mut skipped = 0;
+            for (table, claimed) in rows {
+                let still = lock_unchanged(conn, &statements.lock_rows, Some(table), &claimed).await?;
+                skipped += claimed.len() - still.len();
+                if still.is_empty() {
+                    continue;
+                }
+                let expected = still.len() as u64;
                 let flagged = sqlx::query(&statements.mark_rows)
                     .bind(Oid(table))
-                    .bind(tids)
+                    .bind(still)
                     .bind(version as i64)
                     .execute(&mut *conn)
                     .await
                     .map_err(classify)?
                     .rows_affected();
-                if flagged != expected {
-                    anyhow::bail!(
-                        "flagging rows sent changed {flagged} rows, not the {expected} claimed (rows changed since \
-                         the claim); nothing was committed"
-                    );
-                }
+                anyhow::ensure!(flagged == expected, "flagging rows sent changed {flagged} rows, not the {expected} locked");
             }
             if !deleted.is_empty() {
-                let expected = deleted.len() as u64;
-                let done =
-                    sqlx::query(&statements.drop_deletes).bind(deleted).execute(&mut *conn).await.map_err(classify)?;
-                if done.rows_affected() != expected {
-                    anyhow::bail!(
-                        "clearing sent deletions removed {} of the {expected} claimed (deleted again since the \
-                         claim); nothing was committed",
-                        done.rows_affected()
-                    );
+                let still = lock_unchanged(conn, &statements.lock_deletes, None, &deleted).await?;
+                skipped += deleted.len() - still.len();
+                if !still.is_empty() {
+                    sqlx::query(&statements.drop_deletes).bind(still).execute(&mut *conn).await.map_err(classify)?;
                 }
             }
+            metrics::counter!("pg2ch_rows_changed_since_claim_total").increment(skipped as u64);
             Ok(())
         })
         .await;
         if result.is_err() {
             self.open = None;
+            self.flagging = false;
         }
         result
     }
@@ -316,28 +324,28 @@ impl SourceTable for PgSource {
     async fn reject(&mut self, items: &[(usize, String)]) -> anyhow::Result<()> {
         let (_, addresses) = self.open.clone().context("flagging rows rejected without an open claim")?;
         let statements = &self.statements;
+        let flagging = &mut self.flagging;
         let result = on_session(&mut self.conn, &self.options, self.timeout, "flagging rows rejected", async |conn| {
+            begin_flags(conn, flagging).await?;
             for (i, reason) in items {
-                match addresses.get(*i).context("rejecting an item the claim does not hold")? {
-                    Address::Row(table, tid) => {
+                let (rows, deleted) = split(&addresses, [*i])?;
+                for (table, claimed) in rows {
+                    for tid in lock_unchanged(conn, &statements.lock_rows, Some(table), &claimed).await? {
                         sqlx::query(&statements.reject_row)
-                            .bind(Oid(*table))
-                            .bind(*tid)
+                            .bind(Oid(table))
+                            .bind(tid)
                             .bind(reason)
                             .execute(&mut *conn)
                             .await
                             .map_err(classify)?;
                     }
-                    // A deletion that cannot travel: no row of its key ever
-                    // could (the key is the same), so there is nothing in
-                    // ClickHouse to delete. It goes.
-                    Address::Deleted(tid) => {
-                        sqlx::query(&statements.drop_deletes)
-                            .bind(vec![*tid])
-                            .execute(&mut *conn)
-                            .await
-                            .map_err(classify)?;
-                    }
+                }
+                // A deletion that cannot travel: no row of its key ever
+                // could (the key is the same), so there is nothing in
+                // ClickHouse to delete. It goes.
+                if !deleted.is_empty() {
+                    let still = lock_unchanged(conn, &statements.lock_deletes, None, &deleted).await?;
+                    sqlx::query(&statements.drop_deletes).bind(still).execute(&mut *conn).await.map_err(classify)?;
                 }
             }
             Ok(())
@@ -345,12 +353,16 @@ impl SourceTable for PgSource {
         .await;
         if result.is_err() {
             self.open = None;
+            self.flagging = false;
         }
         result
     }
 
     async fn commit(&mut self) -> anyhow::Result<()> {
         self.open.take().context("commit without an open claim")?;
+        if !std::mem::take(&mut self.flagging) {
+            return Ok(());
+        }
         on_session(&mut self.conn, &self.options, self.timeout, "committing", async |conn| {
             Ok(sqlx::query("COMMIT").execute(&mut *conn).await.map(|_| ())?)
         })
@@ -365,9 +377,55 @@ impl SourceTable for PgSource {
     }
 }
 
+/// The claimed rows (by partition) and deleted keys among `items`, each
+/// with the `xmin` it was claimed at.
+#[allow(clippy::type_complexity)]
+fn split(
+    addresses: &[Address],
+    items: impl IntoIterator<Item = usize>,
+) -> anyhow::Result<(BTreeMap<u32, Vec<(Tid, i64)>>, Vec<(Tid, i64)>)> {
+    let mut rows: BTreeMap<u32, Vec<(Tid, i64)>> = BTreeMap::new();
+    let mut deleted = Vec::new();
+    for i in items {
+        match addresses.get(i).context("flagging an item the claim does not hold")? {
+            Address::Row(table, tid, xmin) => rows.entry(*table).or_default().push((*tid, *xmin)),
+            Address::Deleted(tid, xmin) => deleted.push((*tid, *xmin)),
+        }
+    }
+    Ok((rows, deleted))
+}
+
+/// Opens the claim's flag transaction unless it is open.
+async fn begin_flags(conn: &mut PgConnection, flagging: &mut bool) -> anyhow::Result<()> {
+    if !*flagging {
+        sqlx::query("BEGIN").execute(&mut *conn).await?;
+        *flagging = true;
+    }
+    Ok(())
+}
+
+/// Locks the claimed tuples that are still there and that no other session
+/// holds (`SKIP LOCKED`), and returns the addresses of those still at the
+/// version claimed: same `ctid`, same `xmin`.
+async fn lock_unchanged(
+    conn: &mut PgConnection,
+    sql: &str,
+    table: Option<u32>,
+    claimed: &[(Tid, i64)],
+) -> anyhow::Result<Vec<Tid>> {
+    let tids: Vec<Tid> = claimed.iter().map(|(t, _)| *t).collect();
+    let query = sqlx::query_as::<_, (Tid, i64)>(sql);
+    let query = match table {
+        Some(table) => query.bind(Oid(table)).bind(tids),
+        None => query.bind(tids),
+    };
+    let locked: BTreeMap<Tid, i64> = query.fetch_all(&mut *conn).await.map_err(classify)?.into_iter().collect();
+    Ok(claimed.iter().filter(|(tid, xmin)| locked.get(tid) == Some(xmin)).map(|(tid, _)| *tid).collect())
+}
+
 impl PgSource {
     async fn rollback_session(&mut self) -> anyhow::Result<()> {
-        if self.conn.is_none() {
+        if self.conn.is_none() || !std::mem::take(&mut self.flagging) {
             return Ok(());
         }
         on_session(&mut self.conn, &self.options, self.timeout, "rolling back", async |conn| {
@@ -377,24 +435,16 @@ impl PgSource {
     }
 
     /// The claim from its two lists (each in key order): merged, a row
-    /// before a deletion of the same key, with its horizon and what it keeps
-    /// past it as [`Claim::horizon_of`] and [`Claim::keeps`] say.
-    ///
-    /// A deletion whose key is `live` again (the row is inserted again) is
-    /// superseded: the row goes instead. Whether the key is live is read
-    /// after the deletion is locked, by a statement of its own, so by a
-    /// snapshot that has every change to the deletion committed before the
-    /// lock. Judged by the claiming statement's own snapshot, a `DELETE`
-    /// committing between that snapshot and the lock (which rewrites the
-    /// pending deletion, and the lock follows the rewrite) would find the
-    /// key live, drop the deletion, and leave the key in ClickHouse.
+    /// before a deletion of the same key, cut at its horizon as
+    /// [`Claim::horizon_of`] and [`Claim::keeps`] say. A deletion whose key
+    /// is `live` again (the row was inserted again) is superseded: the row
+    /// goes instead. Both lists and the liveness come from one snapshot.
     fn build(
         &mut self,
         rows: Vec<PgRow>,
         (deletes, live): (Vec<PgRow>, Vec<Tid>),
         version: u64,
         limit: usize,
-        mode: ClaimMode,
     ) -> anyhow::Result<Claim> {
         let schema = &self.schema;
         let n = schema.columns.len();
@@ -403,7 +453,8 @@ impl PgSource {
         let mut oldest = i64::MAX;
         for row in &rows {
             let values = decode_row(row, schema.columns.iter())?;
-            let address = Address::Row(row.try_get::<Oid, _>(n)?.0, row.try_get::<Tid, _>(n + 1)?);
+            let address =
+                Address::Row(row.try_get::<Oid, _>(n)?.0, row.try_get::<Tid, _>(n + 1)?, row.try_get::<i64, _>(n + 3)?);
             oldest = oldest.min(row.try_get::<PgTimestamp, _>(n + 2)?.0);
             let key = schema.key_of(&values);
             let outcome = match schema.check_row(&values) {
@@ -417,7 +468,7 @@ impl PgSource {
         for row in &deletes {
             let key_values = decode_row(row, schema.key_columns())?;
             let tid = row.try_get::<Tid, _>(k)?;
-            let address = Address::Deleted(tid);
+            let address = Address::Deleted(tid, row.try_get::<i64, _>(k + 2)?);
             oldest = oldest.min(row.try_get::<PgTimestamp, _>(k + 1)?.0);
             let key = schema.key_of_key(&key_values);
             let outcome = if live.contains(&tid) {
@@ -435,9 +486,9 @@ impl PgSource {
         );
         items.extend(tombs);
         items.sort_by(|a, b| {
-            a.0.cmp(&b.0).then(matches!(a.2, Address::Deleted(_)).cmp(&matches!(b.2, Address::Deleted(_))))
+            a.0.cmp(&b.0).then(matches!(a.2, Address::Deleted(..)).cmp(&matches!(b.2, Address::Deleted(..))))
         });
-        items.retain(|(k, _, _)| Claim::keeps(mode, horizon.as_ref(), k));
+        items.retain(|(k, _, _)| Claim::keeps(horizon.as_ref(), k));
         let mut claim = Claim { version, items: Vec::with_capacity(items.len()), horizon };
         let mut addresses = Vec::with_capacity(items.len());
         for (key, outcome, address) in items {
@@ -654,19 +705,15 @@ mod tests {
     #[test]
     fn claims_select_in_key_order_and_bind_the_cursor_after_the_limit() {
         let schema = crate::change::tests::logins();
-        let s = Statements::new(&schema, ClaimMode::Shared);
-        assert!(
-            s.claim_rows[1].contains("AND (s.\"id\") > ($2) ORDER BY s.\"id\" LIMIT $1 FOR UPDATE SKIP LOCKED"),
-            "{}",
-            s.claim_rows[1]
-        );
+        let s = Statements::new(&schema);
+        assert!(s.claim_rows[1].contains("AND (s.\"id\") > ($2) ORDER BY s.\"id\" LIMIT $1"), "{}", s.claim_rows[1]);
+        assert!(!s.claim_rows[0].contains("FOR UPDATE"), "claims lock nothing: {}", s.claim_rows[0]);
+        assert!(s.lock_rows.ends_with("FOR NO KEY UPDATE SKIP LOCKED"), "{}", s.lock_rows);
         assert!(
             s.claim_deletes[0].contains("FROM _pg2ch.\"public.user_logins\" d ORDER BY d.\"id\" LIMIT $1"),
             "{}",
             s.claim_deletes[0]
         );
         assert!(s.claim_deletes[1].contains("d WHERE (d.\"id\") > ($2) ORDER BY"), "{}", s.claim_deletes[1]);
-        let exclusive = Statements::new(&schema, ClaimMode::Exclusive);
-        assert!(!exclusive.claim_rows[0].contains("FOR UPDATE"));
     }
 }

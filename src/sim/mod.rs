@@ -236,12 +236,13 @@ impl World {
         }
     }
 
-    pub fn source(&self, session: u32, mode: ClaimMode) -> source::SimSource {
+    /// A producer's session; claims behave alike in both modes (the mode
+    /// only decides whether other producer processes may run beside it).
+    pub fn source(&self, session: u32, _mode: ClaimMode) -> source::SimSource {
         source::SimSource {
             chaos: self.chaos.clone(),
             table: self.table.clone(),
             session,
-            mode,
             open: None,
             marked: Vec::new(),
             rejected: Vec::new(),
@@ -617,6 +618,7 @@ pub struct Orderings {
     pub consumer: Ordering,
     pub blind_flags: bool,
     pub flags_by_key: bool,
+    pub flags_by_slot: bool,
 }
 
 /// What a finished run looked like.
@@ -745,6 +747,7 @@ pub fn run(s: &Scenario, orderings: Orderings) -> Result<Outcome, String> {
         let mut table = world.table.borrow_mut();
         table.blind_flags = orderings.blind_flags;
         table.flags_by_key = orderings.flags_by_key;
+        table.flags_by_slot = orderings.flags_by_slot;
     }
     let producer_config =
         ProducerConfig { batch_rows: s.batch_rows, batch_bytes: s.batch_bytes, ordering: orderings.producer };

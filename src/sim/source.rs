@@ -1,19 +1,26 @@
 //! Simulated PostgreSQL table: committed rows by key with their sent flag,
-//! rejection and published version; the outbox of deleted keys; row locks
-//! with SKIP LOCKED; claims without locks whose flag update fails when a row
-//! changed since (REPEATABLE READ); inserts committed later and out of
-//! order; updates, deletes, key changes and re-inserts of deleted keys;
-//! commits that fail or whose outcome is lost.
+//! rejection and published version; the outbox of deleted keys; claims that
+//! take no lock and hold nothing once they return; flag updates that lock
+//! what they flag, skip what a user holds, and flag only the row version
+//! that was claimed (a row changed since is left unsent); inserts committed
+//! later and out of order; updates, deletes, key changes and re-inserts of
+//! deleted keys; commits that fail or whose outcome is lost.
 //!
-//! Every write makes a new tuple at a new address (partition, slot), as
-//! PostgreSQL does (a `ctid` changes on UPDATE), and slots repeat across
-//! partitions. Flags are set by address, like the real adapter's
-//! `(tableoid, ctid)`; two test-only variants flag by slot alone
-//! ([`Table::blind_flags`], the code before partitions were handled) and by
-//! key whatever the row's version ([`Table::flags_by_key`], a flag update
-//! that does not check the row is still the one published), to show the
-//! property search catches both. A claim reads and draws its version in one
-//! step, as the real adapter does under its claim lock.
+//! Every write makes a new tuple at an address (partition, slot, xmin), as
+//! PostgreSQL does (a `ctid` changes on UPDATE, and `xmin` names the
+//! transaction that wrote the tuple). A slot is free again as soon as no
+//! live tuple holds it, and the lowest free one is taken first: VACUUM may
+//! reuse a slot whenever no snapshot needs its dead tuple, and a claim keeps
+//! none. Slots repeat across partitions; the outbox is a relation of its
+//! own. Flags are set by the whole address, like the real adapter's
+//! `(tableoid, ctid, xmin)`; three test-only variants flag by slot alone
+//! ([`Table::blind_flags`], the code before partitions were handled), by
+//! `(partition, slot)` without the version ([`Table::flags_by_slot`], which
+//! flags whatever row took a freed slot), and by key whatever the row's
+//! version ([`Table::flags_by_key`], a flag update that does not check the
+//! row is still the one published), to show the property search catches
+//! each. A claim reads and draws its version in one step, as the real
+//! adapter does under its claim lock.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -25,12 +32,16 @@ use super::{Chaos, yield_now};
 use crate::change::Change;
 use crate::checksum;
 use crate::schema::TableSchema;
-use crate::stores::{Claim, ClaimMode, Claimed, Outcome, OutcomeUnknown, SourceTable};
+use crate::stores::{Claim, Claimed, Outcome, OutcomeUnknown, SourceTable};
 use crate::types::{Key, Value};
 use crate::verify::{Finding, KeyRange, RowState, SAMPLE, SourceRow, SourceSide, SourceSummary};
 
-/// A tuple's physical address: (partition, slot within the partition).
-pub type Addr = (i64, u64);
+/// A tuple's physical address and version: (partition, slot within the
+/// partition, the writing transaction). The outbox is partition -1.
+pub type Addr = (i64, u64, u64);
+
+/// The outbox's "partition": a relation of its own.
+const OUTBOX: i64 = -1;
 
 /// A committed row.
 #[derive(Debug, Clone)]
@@ -53,7 +64,7 @@ pub struct Tomb {
 
 /// What a lock is on: a row of the table, or a key in the outbox.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-enum Lockable {
+pub(super) enum Lockable {
     Row(Key),
     Tomb(Key),
 }
@@ -70,7 +81,8 @@ pub struct Table {
     pub pending: Vec<Vec<Value>>,
     /// Partitions of the table (1: a plain table).
     pub partitions: i64,
-    slots: BTreeMap<i64, u64>,
+    /// The last transaction id given to a tuple.
+    xids: u64,
     /// The last version a claim drew.
     last_version: u64,
     /// What every claim handed out as a change: (key, version) → the
@@ -80,6 +92,8 @@ pub struct Table {
     pub blind_flags: bool,
     /// Test only: flag rows by key, whatever happened to them since the claim.
     pub flags_by_key: bool,
+    /// Test only: flag rows by (partition, slot), without their version.
+    pub flags_by_slot: bool,
 }
 
 impl Table {
@@ -91,11 +105,12 @@ impl Table {
             locks: BTreeMap::new(),
             pending: Vec::new(),
             partitions: partitions.max(1),
-            slots: BTreeMap::new(),
+            xids: 0,
             last_version: 0,
             claimed: BTreeMap::new(),
             blind_flags: false,
             flags_by_key: false,
+            flags_by_slot: false,
         }
     }
 
@@ -105,14 +120,28 @@ impl Table {
         self.last_version += n;
     }
 
-    /// A fresh address for a new tuple of `key`.
+    /// The address of a new tuple of `key` in the table.
     fn new_addr(&mut self, key: &Key) -> Addr {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         key.hash(&mut h);
-        let partition = (h.finish() % self.partitions as u64) as i64;
-        let slot = self.slots.entry(partition).or_insert(0);
-        *slot += 1;
-        (partition, *slot)
+        self.new_addr_in((h.finish() % self.partitions as u64) as i64)
+    }
+
+    /// The address of a new tuple in `partition`: the lowest slot no live
+    /// tuple holds (the tuple being replaced still holds its own), and a
+    /// new transaction id.
+    fn new_addr_in(&mut self, partition: i64) -> Addr {
+        let used: std::collections::BTreeSet<u64> = self
+            .committed
+            .values()
+            .map(|r| r.addr)
+            .chain(self.deletes.values().map(|t| t.addr))
+            .filter(|a| a.0 == partition)
+            .map(|a| a.1)
+            .collect();
+        let slot = (1..).find(|s| !used.contains(s)).expect("a free slot");
+        self.xids += 1;
+        (partition, slot, self.xids)
     }
 
     fn locked(&self, what: &Lockable) -> bool {
@@ -174,7 +203,7 @@ impl Table {
     /// The trigger's upsert into the outbox (a new tuple either way).
     fn record_delete(&mut self, key: &Key, values: &[Value]) {
         let key_values = self.schema.key.iter().map(|i| values[*i].clone()).collect();
-        let addr = self.new_addr(key);
+        let addr = self.new_addr_in(OUTBOX);
         self.deletes.insert(key.clone(), Tomb { key: key_values, addr });
     }
 
@@ -182,21 +211,20 @@ impl Table {
         self.locks.retain(|_, holder| *holder != session);
     }
 
-    /// Flags rows sent with `version`, by address, as the flag update does.
-    fn flag(&mut self, addrs: &[Addr], version: u64) {
-        let blind = self.blind_flags;
-        let keys: Vec<Key> = self
-            .committed
-            .iter()
-            .filter(|(_, row)| addrs.iter().any(|a| if blind { a.1 == row.addr.1 } else { *a == row.addr }))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in keys {
-            let addr = self.new_addr(&key);
-            let row = self.committed.get_mut(&key).expect("just listed");
-            row.sent = true;
-            row.version = version;
-            row.addr = addr;
+    /// The rows a flag update of the claimed row `key` at `addr` finds: the
+    /// row if it is still that version, or what a test-only variant finds.
+    fn flag_targets(&self, key: &Key, addr: Addr) -> Vec<Key> {
+        let find = |matches: &dyn Fn(Addr) -> bool| -> Vec<Key> {
+            self.committed.iter().filter(|(_, r)| matches(r.addr)).map(|(k, _)| k.clone()).collect()
+        };
+        if self.flags_by_key {
+            self.committed.contains_key(key).then(|| key.clone()).into_iter().collect()
+        } else if self.blind_flags {
+            find(&|a| a.1 == addr.1)
+        } else if self.flags_by_slot {
+            find(&|a| (a.0, a.1) == (addr.0, addr.1))
+        } else {
+            self.committed.get(key).filter(|r| r.addr == addr).map(|_| key.clone()).into_iter().collect()
         }
     }
 
@@ -221,12 +249,12 @@ pub struct SimSource {
     pub(super) chaos: Rc<Chaos>,
     pub(super) table: Rc<RefCell<Table>>,
     pub(super) session: u32,
-    pub(super) mode: ClaimMode,
     /// The open claim: its version and items; `None` without one.
     pub(super) open: Option<(u64, Vec<Item>)>,
-    /// Items flagged sent and rejected in the open claim, applied at commit.
-    pub(super) marked: Vec<usize>,
-    pub(super) rejected: Vec<(usize, String)>,
+    /// What the flag transaction locked to flag sent, applied at commit.
+    pub(super) marked: Vec<Lockable>,
+    /// What it locked to flag rejected, with the reason.
+    pub(super) rejected: Vec<(Lockable, String)>,
 }
 
 impl SimSource {
@@ -237,78 +265,65 @@ impl SimSource {
         self.table.borrow_mut().release(self.session);
     }
 
-    /// Locks an item for its flag update, as PostgreSQL's UPDATE (or the
-    /// outbox's DELETE) does. A shared claim locked it already. After an
-    /// exclusive claim, an item changed since it was read fails the update
-    /// (a serialization failure); one locked by another session would make
-    /// PostgreSQL wait, and here that wait times out.
-    fn lock_for_update(&mut self, items: &[usize]) -> anyhow::Result<()> {
+    /// The flag transaction's `SELECT … FOR NO KEY UPDATE SKIP LOCKED` of
+    /// these items: each one that is still the version claimed and that no
+    /// other session holds is locked and returned; the rest are skipped (a
+    /// row changed since its claim stays unsent and goes again). It never
+    /// waits and never fails.
+    fn lock_for_update(&mut self, items: &[usize]) -> anyhow::Result<Vec<Lockable>> {
         let Some((_, claimed)) = &self.open else { anyhow::bail!("simulated: flag update without a claim") };
-        let refused = {
-            let mut table = self.table.borrow_mut();
-            items.iter().find_map(|i| {
-                let (lockable, addr) = match &claimed[*i] {
-                    Item::Row { key, addr } => (Lockable::Row(key.clone()), *addr),
-                    Item::Tomb { key, addr } => (Lockable::Tomb(key.clone()), *addr),
-                };
-                match table.locks.get(&lockable) {
-                    Some(holder) if *holder == self.session => return None,
-                    Some(_) => return Some(format!("{lockable:?} is locked by another session; lock wait timed out")),
-                    None => {}
+        let mut table = self.table.borrow_mut();
+        let mut locked = Vec::new();
+        for i in items {
+            let targets = match &claimed[*i] {
+                Item::Row { key, addr } => table.flag_targets(key, *addr).into_iter().map(Lockable::Row).collect(),
+                Item::Tomb { key, addr } => match table.deletes.get(key) {
+                    Some(t) if t.addr == *addr => vec![Lockable::Tomb(key.clone())],
+                    _ => vec![],
+                },
+            };
+            for target in targets {
+                match table.locks.get(&target) {
+                    Some(holder) if *holder != self.session => continue,
+                    Some(_) => {}
+                    None => {
+                        table.locks.insert(target.clone(), self.session);
+                    }
                 }
-                assert_eq!(self.mode, ClaimMode::Exclusive, "the pipeline flagged an item it had not locked");
-                let now = match &lockable {
-                    Lockable::Row(key) => table.committed.get(key).map(|r| r.addr),
-                    Lockable::Tomb(key) => table.deletes.get(key).map(|t| t.addr),
-                };
-                let changed = now != Some(addr);
-                let by_key = table.flags_by_key && now.is_some() && matches!(lockable, Lockable::Row(_));
-                if changed && !by_key {
-                    return Some(format!("could not serialize access to {lockable:?} due to concurrent update"));
+                if !locked.contains(&target) {
+                    locked.push(target);
                 }
-                table.locks.insert(lockable, self.session);
-                None
-            })
-        };
-        match refused {
-            // As in PostgreSQL, the failed statement ends the transaction.
-            Some(why) => {
-                self.abort();
-                anyhow::bail!("simulated: {why}")
             }
-            None => Ok(()),
         }
+        Ok(locked)
     }
 
     /// The claim's queries: unsent rows and deleted keys above `after` as
-    /// of now, in key order, locked in shared mode, all given one new version.
+    /// of now, in key order, all given one new version. Nothing is locked.
     fn read_claim(&mut self, after: Option<&Key>, limit: usize) -> Claim {
         let mut table = self.table.borrow_mut();
         table.last_version += 1;
         let version = table.last_version;
         let schema = table.schema.clone();
         let above = |k: &Key| after.is_none_or(|a| k > a);
-        let free = |table: &Table, l: Lockable| self.mode == ClaimMode::Exclusive || !table.locked(&l);
         let rows: Vec<(Key, SimRow)> = table
             .committed
             .iter()
-            .filter(|(k, r)| above(k) && !r.sent && r.rejected.is_none() && free(&table, Lockable::Row((*k).clone())))
+            .filter(|(k, r)| above(k) && !r.sent && r.rejected.is_none())
             .take(limit)
             .map(|(k, r)| (k.clone(), r.clone()))
             .collect();
         let tombs: Vec<(Key, Tomb)> = table
             .deletes
             .iter()
-            .filter(|(k, _)| above(k) && free(&table, Lockable::Tomb((*k).clone())))
+            .filter(|(k, _)| above(k))
             .take(limit)
             .map(|(k, t)| (k.clone(), t.clone()))
             .collect();
         // As the real claim: a list that came back full ends where it does
         // (keys past its last are the next claim's), and the rest is merged
         // in key order, a row before a deletion of the same key (so a claim
-        // may hold `limit` rows and one deletion more). Without row locks
-        // the claim is cut at the horizon; with them it keeps (and locks)
-        // everything both lists returned.
+        // may hold `limit` rows and one deletion more), cut at the horizon.
         let horizon = Claim::horizon_of(
             limit,
             [(rows.len(), rows.last().map(|(k, _)| k)), (tombs.len(), tombs.last().map(|(k, _)| k))],
@@ -316,15 +331,12 @@ impl SimSource {
         let mut merged: Vec<(Key, Result<SimRow, Tomb>)> =
             rows.into_iter().map(|(k, r)| (k, Ok(r))).chain(tombs.into_iter().map(|(k, t)| (k, Err(t)))).collect();
         merged.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.is_err().cmp(&b.1.is_err())));
-        merged.retain(|(k, _)| Claim::keeps(self.mode, horizon.as_ref(), k));
+        merged.retain(|(k, _)| Claim::keeps(horizon.as_ref(), k));
         let mut claim = Claim { version, items: Vec::new(), horizon };
         let mut items = Vec::new();
         for (key, what) in merged {
             match what {
                 Ok(row) => {
-                    if self.mode == ClaimMode::Shared {
-                        table.locks.insert(Lockable::Row(key.clone()), self.session);
-                    }
                     let outcome = match schema.check_row(&row.values) {
                         Ok(()) => Outcome::Send(Change::upsert(row.values.clone(), version)),
                         Err(reason) => {
@@ -339,9 +351,6 @@ impl SimSource {
                     claim.items.push(Claimed { key, outcome });
                 }
                 Err(tomb) => {
-                    if self.mode == ClaimMode::Shared {
-                        table.locks.insert(Lockable::Tomb(key.clone()), self.session);
-                    }
                     let outcome = if table.committed.contains_key(&key) {
                         Outcome::Superseded
                     } else {
@@ -391,8 +400,8 @@ impl SourceTable for SimSource {
             self.abort();
             anyhow::bail!("simulated: update failed");
         }
-        self.lock_for_update(items)?;
-        self.marked = items.to_vec();
+        let locked = self.lock_for_update(items)?;
+        self.marked.extend(locked);
         Ok(())
     }
 
@@ -405,15 +414,16 @@ impl SourceTable for SimSource {
             self.abort();
             anyhow::bail!("simulated: update failed");
         }
-        let which: Vec<usize> = items.iter().map(|(i, _)| *i).collect();
-        self.lock_for_update(&which)?;
-        self.rejected = items.to_vec();
+        for (i, reason) in items {
+            let locked = self.lock_for_update(&[*i])?;
+            self.rejected.extend(locked.into_iter().map(|l| (l, reason.clone())));
+        }
         Ok(())
     }
 
     async fn commit(&mut self) -> anyhow::Result<()> {
         yield_now().await;
-        let Some((version, items)) = self.open.take() else { anyhow::bail!("simulated: commit without a claim") };
+        let Some((version, _)) = self.open.take() else { anyhow::bail!("simulated: commit without a claim") };
         if self.chaos.fails("pg.commit") {
             self.abort();
             anyhow::bail!("simulated: commit failed");
@@ -422,39 +432,34 @@ impl SourceTable for SimSource {
         let rejected = std::mem::take(&mut self.rejected);
         {
             let mut table = self.table.borrow_mut();
-            let by_key = table.flags_by_key;
-            let mut addrs = Vec::new();
-            for i in &marked {
-                match &items[*i] {
-                    Item::Row { key, addr } => {
-                        if by_key {
-                            if let Some(row) = table.committed.get(key) {
-                                addrs.push(row.addr);
-                            }
-                        } else {
-                            addrs.push(*addr);
+            // Each target is locked by this session: unchanged since it was.
+            for target in &marked {
+                match target {
+                    Lockable::Row(key) => {
+                        let addr = table.new_addr(key);
+                        if let Some(row) = table.committed.get_mut(key) {
+                            row.sent = true;
+                            row.version = version;
+                            row.addr = addr;
                         }
                     }
-                    Item::Tomb { key, addr } => {
-                        if table.deletes.get(key).is_some_and(|t| t.addr == *addr) {
-                            table.deletes.remove(key);
-                        }
+                    Lockable::Tomb(key) => {
+                        table.deletes.remove(key);
                     }
                 }
             }
-            table.flag(&addrs, version);
-            for (i, reason) in &rejected {
-                match &items[*i] {
-                    Item::Row { key, addr } => {
+            for (target, reason) in &rejected {
+                match target {
+                    Lockable::Row(key) => {
                         let fresh = table.new_addr(key);
-                        if let Some(row) = table.committed.get_mut(key).filter(|r| r.addr == *addr) {
+                        if let Some(row) = table.committed.get_mut(key) {
                             row.rejected = Some(reason.clone());
                             row.addr = fresh;
                         }
                     }
                     // A deletion that cannot be sent cannot have been
                     // preceded by a row that was: it goes.
-                    Item::Tomb { key, .. } => {
+                    Lockable::Tomb(key) => {
                         table.deletes.remove(key);
                     }
                 }
@@ -585,7 +590,7 @@ impl SourceSide for SimVerifySource {
             if table.committed.contains_key(&key) || table.locked(&Lockable::Tomb(key.clone())) {
                 continue;
             }
-            let addr = table.new_addr(&key);
+            let addr = table.new_addr_in(OUTBOX);
             table.deletes.insert(key.clone(), Tomb { key: values.clone(), addr });
             recorded.push(key);
         }
