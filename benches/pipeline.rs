@@ -166,7 +166,8 @@ fn postgres_stages(c: &mut Criterion, rt: &Runtime, env: &TestEnv, n: u64) {
         })
     });
     // Claims take no row locks in either mode: one figure.
-    for (bench, name) in [("claim_and_mark (10k batches, 1 lane, no broker)", "PostgreSQL claim + mark, 10k batches")] {
+    let (bench, name) = ("claim_and_mark (10k batches, 1 lane, no broker)", "PostgreSQL claim + mark, 10k batches");
+    {
         g.bench_function(bench, |b| {
             b.iter_custom(|iters| {
                 timed(

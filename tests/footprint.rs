@@ -244,3 +244,74 @@ async fn the_pipeline_runs_as_a_role_holding_only_the_grants_init_gives() {
     exec(&pool, &format!("DROP OWNED BY {role}")).await;
     exec(&pool, &format!("DROP ROLE {role}")).await;
 }
+
+/// `pgbench` (it ships with PostgreSQL) on the test's database.
+fn pgbench(env: &TestEnv, args: &[&str]) -> std::process::Command {
+    let pg = &env.settings.pg;
+    let mut cmd = std::process::Command::new("pgbench");
+    cmd.args(["-h", &pg.host, "-p", &pg.port.to_string(), "-U", &pg.user])
+        .args(args)
+        .arg(&pg.database)
+        .env("PGPASSWORD", pg.password.expose());
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pgbench_runs_while_the_pipeline_is_killed_and_clickhouse_ends_with_postgres_balances() {
+    let env = TestEnv::new("pgbench").await;
+    let init = pgbench(&env, &["-i", "-q", "-s", "1"]).output().expect("pgbench (it ships with PostgreSQL)");
+    assert!(init.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&init.stderr));
+    let tables = ["--table", "pgbench_accounts", "--table", "pgbench_branches", "--table", "pgbench_tellers"];
+    env.ok(&[&["init"][..], &tables].concat());
+    let run = [&["run"][..], &tables].concat();
+    let start = || env.command(&run).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn();
+    let mut pipeline = start().expect("pg2ch run");
+    let workload = pgbench(&env, &["-n", "-c", "4", "-j", "2", "-T", "12"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("pgbench");
+    let pool = env.pg().await;
+    let ch = env.ch().await;
+    let tellers = env.table("pgbench_tellers").await;
+    // Killed once the load's changes are flowing into ClickHouse.
+    eventually("pgbench's changes reach ClickHouse", Duration::from_secs(60), || {
+        let (ch, tellers) = (&ch, &tellers);
+        async move {
+            let moved: i64 = ch
+                .client
+                .query(&format!("SELECT toInt64(count()) FROM {} WHERE tbalance <> 0", tellers.name))
+                .fetch_one()
+                .await
+                .unwrap_or(0);
+            moved > 0
+        }
+    })
+    .await;
+    pipeline.kill().unwrap();
+    pipeline.wait().unwrap();
+    let mut pipeline = start().expect("pg2ch run again");
+    let out = tokio::task::spawn_blocking(move || workload.wait_with_output()).await.unwrap().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "pgbench failed:\n{report}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !report.lines().any(|l| l.starts_with("number of failed transactions") && !l.contains(": 0 ")),
+        "no pgbench transaction fails:\n{report}"
+    );
+    let _ = std::process::Command::new("kill").arg(pipeline.id().to_string()).status();
+    pipeline.wait().unwrap();
+    env.ok(&[&["run", "--once"][..], &tables].concat());
+    env.ok(&[&["verify"][..], &tables].concat());
+    for (table, column) in
+        [("pgbench_accounts", "abalance"), ("pgbench_branches", "bbalance"), ("pgbench_tellers", "tbalance")]
+    {
+        let pg = scalar(&pool, &format!("SELECT coalesce(sum({column}), 0)::int8 FROM {table}")).await;
+        let clickhouse: i64 = ch
+            .client
+            .query(&format!("SELECT toInt64(ifNull(sum({column}), 0)) FROM {table} FINAL WHERE _pg2ch_deleted = 0"))
+            .fetch_one()
+            .await
+            .unwrap();
+        assert_eq!(clickhouse, pg, "{table}: ClickHouse's balances are PostgreSQL's");
+    }
+}

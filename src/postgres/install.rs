@@ -353,7 +353,7 @@ struct Node {
 async fn unsent_index(pool: &PgPool, oid: u32, schema: &TableSchema) -> anyhow::Result<()> {
     type Row = (sqlx::postgres::types::Oid, Option<sqlx::postgres::types::Oid>, bool, i32, String, String);
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT t.relid AS oid, t.parentrelid AS parent, t.isleaf AS leaf, t.level, n.nspname::text AS namespace,
+        "SELECT t.relid::oid AS oid, t.parentrelid::oid AS parent, t.isleaf AS leaf, t.level, n.nspname::text AS namespace,
                 c.relname::text AS name
          FROM pg_partition_tree($1) t JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE c.relkind IN ('r', 'p') ORDER BY t.level, t.relid",

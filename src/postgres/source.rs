@@ -301,7 +301,10 @@ impl SourceTable for PgSource {
                     .await
                     .map_err(classify)?
                     .rows_affected();
-                anyhow::ensure!(flagged == expected, "flagging rows sent changed {flagged} rows, not the {expected} locked");
+                anyhow::ensure!(
+                    flagged == expected,
+                    "flagging rows sent changed {flagged} rows, not the {expected} locked"
+                );
             }
             if !deleted.is_empty() {
                 let still = lock_unchanged(conn, &statements.lock_deletes, None, &deleted).await?;

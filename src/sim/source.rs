@@ -313,13 +313,8 @@ impl SimSource {
             .take(limit)
             .map(|(k, r)| (k.clone(), r.clone()))
             .collect();
-        let tombs: Vec<(Key, Tomb)> = table
-            .deletes
-            .iter()
-            .filter(|(k, _)| above(k))
-            .take(limit)
-            .map(|(k, t)| (k.clone(), t.clone()))
-            .collect();
+        let tombs: Vec<(Key, Tomb)> =
+            table.deletes.iter().filter(|(k, _)| above(k)).take(limit).map(|(k, t)| (k.clone(), t.clone())).collect();
         // As the real claim: a list that came back full ends where it does
         // (keys past its last are the next claim's), and the rest is merged
         // in key order, a row before a deletion of the same key (so a claim
