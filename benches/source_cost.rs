@@ -14,7 +14,9 @@
 //! load: every 100 ms during the runs with pg2ch, a marker is written into a
 //! teller's `filler`, and ClickHouse is asked every 10 ms which marker it
 //! holds; a marker's time is from its commit to the first answer holding it.
-//! At the end, `pg2ch verify` must exit 0.
+//! Also printed: the share of the tables' updates that were HOT (no new
+//! index entries), with pg2ch (its flag updates included) and without. At
+//! the end, `pg2ch verify` must exit 0.
 //!
 //! Knobs: `PG2CH_BENCH_SCALE` (pgbench's scale, default 5),
 //! `PG2CH_BENCH_PGBENCH_SECS` (each run, default 15), `PG2CH_BENCH_PAIRS`
@@ -179,6 +181,19 @@ async fn freshness(env: &TestEnv, pool: &PgPool, stop: std::sync::Arc<std::sync:
     out
 }
 
+/// Updates of the three tables since the statistics were reset, and how
+/// many of them were HOT (no new index entries).
+async fn hot_updates(pool: &PgPool) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT coalesce(sum(n_tup_upd), 0)::int8, coalesce(sum(n_tup_hot_upd), 0)::int8
+         FROM pg_stat_user_tables WHERE relname = ANY($1)",
+    )
+    .bind(&TABLES[..])
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -221,6 +236,9 @@ fn main() {
         run.env_remove("PG_PASS_FILE").env_remove("CH_PASS_FILE").stderr(Stdio::null());
         let mut child = run.spawn().expect("pg2ch run");
         let sizes_before = (size(&pool_with).await, size(&pool_without).await);
+        for pool in [&pool_with, &pool_without] {
+            sqlx::query("SELECT pg_stat_reset()").execute(pool).await.unwrap();
+        }
         let mut rounds = Vec::new();
         let mut fresh = Vec::new();
         for _ in 0..pairs {
@@ -243,6 +261,9 @@ fn main() {
         let sizes_after = (size(&pool_with).await, size(&pool_without).await);
         let _ = Command::new("kill").arg(child.id().to_string()).status();
         let _ = child.wait();
+        // Counted once pg2ch's sessions have ended (a session reports its
+        // statistics when it ends, if not before).
+        let hot = (hot_updates(&pool_with).await, hot_updates(&pool_without).await);
         pin_stack("0-1", "0-1");
         with.ok(&once);
         let verify: Vec<&str> = ["verify"].into_iter().chain(table_args.iter().copied()).collect();
@@ -262,6 +283,14 @@ fn main() {
             growth_with / growth_without,
             growth_with / 1e6,
             growth_without / 1e6
+        );
+        let share = |(all, hot): (i64, i64)| hot as f64 * 100.0 / all.max(1) as f64;
+        println!(
+            "  HOT updates:             {:.0}% of {} updates with pg2ch (its flags included), {:.0}% of {} without",
+            share(hot.0),
+            hot.0.0,
+            share(hot.1),
+            hot.1.0
         );
         println!(
             "  freshness under load:    p50 {:?}, p99 {:?} ({} markers, commit to readable in ClickHouse)",

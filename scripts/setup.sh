@@ -18,6 +18,13 @@ if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb 
   packages+=(postgresql)
 fi
 command -v psql >/dev/null 2>&1 || packages+=(postgresql-client)
+# pgbench drives the source-cost test and bench (it ships with PostgreSQL's
+# server package); taskset and pgrep pin the bench's processes.
+if ! command -v pgbench >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/pgbench >/dev/null 2>&1; then
+  packages+=(postgresql)
+fi
+command -v taskset >/dev/null 2>&1 || packages+=(util-linux)
+command -v pgrep >/dev/null 2>&1 || packages+=(procps)
 # ZooKeeper for a replicated ClickHouse (`stack up --ch-replicas 2`, tests/cluster.rs).
 [ -f /usr/share/java/zookeeper.jar ] || packages+=(zookeeper)
 if [ ${#packages[@]} -gt 0 ]; then
