@@ -322,7 +322,7 @@ pub async fn briefly_locked(
             }
             Some((sql, e)) => {
                 return Err(anyhow::Error::new(e))
-                    .with_context(|| format!("PostgreSQL init of {schema}: {}", sql.lines().next().unwrap_or(sql)));
+                    .with_context(|| format!("{what} on {schema}: {}", sql.lines().next().unwrap_or(sql)));
             }
         }
     }
@@ -342,6 +342,18 @@ struct Node {
     level: i32,
     namespace: String,
     name: String,
+}
+
+impl Node {
+    /// The relation, schema-qualified and quoted.
+    fn relation(&self) -> String {
+        format!("{}.{}", pg_ident(&self.namespace), pg_ident(&self.name))
+    }
+
+    /// Its partial index of unsent rows, schema-qualified and quoted.
+    fn index(&self) -> String {
+        format!("{}.{}", pg_ident(&self.namespace), pg_ident(&index_name(&self.name)))
+    }
 }
 
 /// Builds the partial index of unsent rows without blocking the table's
@@ -380,40 +392,39 @@ async fn unsent_index(pool: &PgPool, oid: u32, schema: &TableSchema) -> anyhow::
     }
     let predicate = format!("WHERE NOT {}", pg_ident(SENT));
     let columns = order_by(schema, "");
-    let qualified = |n: &Node| format!("{}.{}", pg_ident(&n.namespace), pg_ident(&index_name(&n.name)));
-    let relation = |n: &Node| format!("{}.{}", pg_ident(&n.namespace), pg_ident(&n.name));
-    let root = &tree[0];
-    if index_valid(pool, &qualified(root)).await? == Some(true) {
+    if index_valid(pool, &tree[0].index()).await? == Some(true) {
         return Ok(());
     }
     // Partitioned levels first, top down: an index of their own only.
     for node in tree.iter().filter(|n| !n.leaf) {
-        if index_valid(pool, &qualified(node)).await?.is_none() {
+        if index_valid(pool, &node.index()).await?.is_none() {
             let sql = format!(
                 "CREATE INDEX IF NOT EXISTS {} ON ONLY {} ({columns}) {predicate}",
                 pg_ident(&index_name(&node.name)),
-                relation(node)
+                node.relation()
             );
             briefly_locked(pool, oid, schema, "creating the index of a partitioned level", &[sql]).await?;
         }
     }
-    // Then each leaf's, concurrently, and attached from the bottom up.
+    // Then each leaf's, concurrently, and attached from the bottom up. A
+    // relation whose parent's index already has one of its indexes attached
+    // (whatever its name) is covered.
     let mut by_level: Vec<&Node> = tree.iter().collect();
     by_level.sort_by_key(|n| std::cmp::Reverse(n.level));
     for node in by_level {
-        if node.leaf {
-            let attached = match node.parent {
-                Some(parent) => attached_index(pool, &tree, parent, node).await?,
-                None => false,
-            };
-            if !attached {
-                build_concurrently(pool, node.oid.0, &qualified(node), &relation(node), &columns, &predicate, schema)
-                    .await?;
-            }
+        let parent = node.parent.and_then(|p| tree.iter().find(|n| n.oid == p));
+        let attached = match parent {
+            Some(parent) => attached_index(pool, parent, node).await?,
+            None => false,
+        };
+        if attached {
+            continue;
         }
-        let Some(parent) = node.parent.and_then(|p| tree.iter().find(|n| n.oid == p)) else { continue };
-        if !attached_index(pool, &tree, parent.oid, node).await? {
-            let sql = format!("ALTER INDEX {} ATTACH PARTITION {}", qualified(parent), qualified(node));
+        if node.leaf {
+            build_concurrently(pool, node, &columns, &predicate, schema).await?;
+        }
+        if let Some(parent) = parent {
+            let sql = format!("ALTER INDEX {} ATTACH PARTITION {}", parent.index(), node.index());
             briefly_locked(pool, oid, schema, "attaching a partition's index", &[sql]).await?;
         }
     }
@@ -429,21 +440,13 @@ async fn index_valid(pool: &PgPool, name: &str) -> anyhow::Result<Option<bool>> 
         .with_context(|| format!("looking up index {name}"))
 }
 
-/// Whether the index of `parent` (pg2ch's, by name) has an index of
-/// `node` attached: then `node` is covered, whatever that index's name.
-async fn attached_index(
-    pool: &PgPool,
-    tree: &[Node],
-    parent: sqlx::postgres::types::Oid,
-    node: &Node,
-) -> anyhow::Result<bool> {
-    let Some(parent) = tree.iter().find(|n| n.oid == parent) else { return Ok(false) };
-    let parent_index = format!("{}.{}", pg_ident(&parent.namespace), pg_ident(&index_name(&parent.name)));
+/// Whether pg2ch's index of `parent` has an index of `node` attached.
+async fn attached_index(pool: &PgPool, parent: &Node, node: &Node) -> anyhow::Result<bool> {
     sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_index x ON x.indexrelid = i.inhrelid
                         WHERE i.inhparent = to_regclass($1) AND x.indrelid = $2)",
     )
-    .bind(parent_index)
+    .bind(parent.index())
     .bind(node.oid)
     .fetch_one(pool)
     .await
@@ -454,14 +457,13 @@ async fn attached_index(
 /// index of the same name; logs its progress while it runs.
 async fn build_concurrently(
     pool: &PgPool,
-    table_oid: u32,
-    index: &str,
-    relation: &str,
+    node: &Node,
     columns: &str,
     predicate: &str,
     schema: &TableSchema,
 ) -> anyhow::Result<()> {
-    match index_valid(pool, index).await? {
+    let index = node.index();
+    match index_valid(pool, &index).await? {
         Some(true) => return Ok(()),
         Some(false) => {
             tracing::info!("{schema}: index {index} is invalid (an interrupted build); dropping and building it again");
@@ -472,8 +474,11 @@ async fn build_concurrently(
         }
         None => {}
     }
-    let name = index.rsplit_once('.').map_or(index, |(_, n)| n);
-    let sql = format!("CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {relation} ({columns}) {predicate}");
+    let sql = format!(
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} ({columns}) {predicate}",
+        pg_ident(&index_name(&node.name)),
+        node.relation()
+    );
     let build = sqlx::raw_sql(&sql).execute(pool);
     tokio::pin!(build);
     let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -488,7 +493,7 @@ async fn build_concurrently(
                 let progress: Option<(String, i64, i64)> = sqlx::query_as(
                     "SELECT phase, blocks_done, blocks_total FROM pg_stat_progress_create_index WHERE relid = $1",
                 )
-                .bind(sqlx::postgres::types::Oid(table_oid))
+                .bind(node.oid)
                 .fetch_optional(pool)
                 .await
                 .unwrap_or(None);
@@ -588,7 +593,8 @@ pub async fn check_installed(pool: &PgPool, oid: u32, schema: &TableSchema) -> a
             "{schema}: a table holding its rows lacks pg2ch's triggers (a child made since init); adding them"
         );
         let statements = triggers(pool, oid, schema).await?;
-        briefly_locked(pool, oid, schema, "adding pg2ch's triggers (as the table's owner)", &statements).await?;
+        let what = "adding pg2ch's triggers to a child made since init (run `pg2ch init` as the table's owner)";
+        briefly_locked(pool, oid, schema, what, &statements).await?;
     }
     Ok(())
 }

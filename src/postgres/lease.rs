@@ -78,13 +78,17 @@ pub fn session_name(role: &str) -> String {
     format!("pg2ch {role} {}:{}", host.trim(), std::process::id())
 }
 
-/// The number of a consumer group on a topic, if it was ever registered.
-async fn registered(conn: &mut PgConnection, group: &str, topic: &str) -> anyhow::Result<Option<i32>> {
-    let registry: bool = sqlx::query_scalar("SELECT to_regclass('_pg2ch.consumer_groups') IS NOT NULL")
+/// Whether the registry of consumer groups exists.
+async fn registry_exists(conn: &mut PgConnection) -> anyhow::Result<bool> {
+    sqlx::query_scalar("SELECT to_regclass('_pg2ch.consumer_groups') IS NOT NULL")
         .fetch_one(&mut *conn)
         .await
-        .context("looking up _pg2ch.consumer_groups")?;
-    if !registry {
+        .context("looking up _pg2ch.consumer_groups")
+}
+
+/// The number of a consumer group on a topic, if it was ever registered.
+async fn registered(conn: &mut PgConnection, group: &str, topic: &str) -> anyhow::Result<Option<i32>> {
+    if !registry_exists(conn).await? {
         return Ok(None);
     }
     sqlx::query_scalar("SELECT id FROM _pg2ch.consumer_groups WHERE consumer_group = $1 AND topic = $2")
@@ -143,11 +147,7 @@ pub async fn group_number(conn: &mut PgConnection, group: &str, topic: &str) -> 
     }
     // Created only where missing: a role with the grants `init --grant`
     // gives may not create, even with IF NOT EXISTS.
-    let registry: bool = sqlx::query_scalar("SELECT to_regclass('_pg2ch.consumer_groups') IS NOT NULL")
-        .fetch_one(&mut *conn)
-        .await
-        .context("looking up _pg2ch.consumer_groups")?;
-    if !registry {
+    if !registry_exists(conn).await? {
         sqlx::query(REGISTRY).execute(&mut *conn).await.context(
             "creating _pg2ch.consumer_groups (run `pg2ch init` as the owner of schema _pg2ch, or grant this user CREATE on it)",
         )?;

@@ -348,7 +348,13 @@ impl SourceTable for PgSource {
                 // ClickHouse to delete. It goes.
                 if !deleted.is_empty() {
                     let still = lock_unchanged(conn, &statements.lock_deletes, None, &deleted).await?;
-                    sqlx::query(&statements.drop_deletes).bind(still).execute(&mut *conn).await.map_err(classify)?;
+                    if !still.is_empty() {
+                        sqlx::query(&statements.drop_deletes)
+                            .bind(still)
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(classify)?;
+                    }
                 }
             }
             Ok(())
