@@ -278,10 +278,11 @@ fn main() {
         .await;
         let floors = flag + produce + fetch + insert;
 
-        let log = std::env::temp_dir().join("pg2ch-latency-run.log");
+        // A new file of this process's own name: never one planted there.
+        let log = std::env::temp_dir().join(format!("pg2ch-latency-run-{}-{}.log", std::process::id(), env.name));
+        let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&log).unwrap();
         let poll = std::env::var("PG2CH_BENCH_POLL_MS").unwrap_or("200".into());
-        let mut child =
-            env.command(&["run", "--poll-ms", &poll]).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+        let mut child = env.command(&["run", "--poll-ms", &poll]).stderr(file).spawn().unwrap();
         let mut runs = Vec::new();
         let mut cpu = Vec::new();
         for rate in [2_000u64, 20_000] {

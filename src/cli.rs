@@ -79,7 +79,8 @@ struct Connection {
     #[arg(long, global = true, env = "KAFKA_GROUP", default_value = "pg2ch")]
     kafka_group: String,
     /// Longest any single call to a service may take, in seconds.
-    #[arg(long, global = true, env = "PG2CH_TIMEOUT_SECS", default_value_t = 30)]
+    #[arg(long, global = true, env = "PG2CH_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=limits::TIMEOUT_SECS))]
     timeout_secs: u64,
 }
 
@@ -107,14 +108,14 @@ struct RunArgs {
     #[arg(long)]
     once: bool,
     /// Most rows claimed, published and flagged per producer batch.
-    #[arg(long, default_value_t = RunOptions::default().batch_rows)]
+    #[arg(long, default_value_t = RunOptions::default().batch_rows, value_parser = within(1, limits::BATCH_ROWS))]
     batch_rows: usize,
     /// About how many bytes of messages one producer batch makes: batches
     /// of wide rows hold fewer rows, which bounds memory whatever the width.
-    #[arg(long, default_value_t = RunOptions::default().batch_bytes)]
+    #[arg(long, default_value_t = RunOptions::default().batch_bytes, value_parser = within(1, limits::BYTES))]
     batch_bytes: usize,
     /// Producer lanes (PostgreSQL sessions) in this process.
-    #[arg(long, default_value_t = RunOptions::default().producers)]
+    #[arg(long, default_value_t = RunOptions::default().producers, value_parser = within(1, limits::LANES))]
     producers: usize,
     /// Be the only producer at work and claim rows without locking them,
     /// which spares PostgreSQL the row locks. Other producers wait while
@@ -122,10 +123,11 @@ struct RunArgs {
     #[arg(long)]
     exclusive: bool,
     /// Most rows per ClickHouse insert.
-    #[arg(long, default_value_t = RunOptions::default().insert_rows)]
+    #[arg(long, default_value_t = RunOptions::default().insert_rows, value_parser = within(1, limits::INSERT_ROWS))]
     insert_rows: usize,
     /// Most bytes fetched per partition per consumer step (bounds memory).
-    #[arg(long, default_value_t = RunOptions::default().fetch_max_bytes)]
+    #[arg(long, default_value_t = RunOptions::default().fetch_max_bytes,
+          value_parser = clap::value_parser!(i32).range(1..=limits::BYTES as i64))]
     fetch_max_bytes: i32,
     /// Compression of produce requests. It saves network and broker disk at
     /// the cost of CPU here; with every service on one machine, none is
@@ -134,15 +136,17 @@ struct RunArgs {
     compression: Codec,
     /// Partitions this consumer reads (comma-separated; default all). There is
     /// no consumer-group protocol: split partitions between consumers here.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(i32).range(0..limits::PARTITIONS))]
     partitions: Option<Vec<i32>>,
     /// Milliseconds to wait for new rows or records when idle.
-    #[arg(long, default_value_t = RunOptions::default().poll.as_millis() as u64)]
+    #[arg(long, default_value_t = RunOptions::default().poll.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..=limits::WAIT_MS))]
     poll_ms: u64,
     /// Milliseconds a busy producer gathers changes between passes: a row
     /// changed many times a second is published at most once per window,
     /// at the cost of up to this much more time to ClickHouse under load.
-    #[arg(long, default_value_t = RunOptions::default().coalesce.as_millis() as u64)]
+    #[arg(long, default_value_t = RunOptions::default().coalesce.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(0..=limits::WAIT_MS))]
     coalesce_ms: u64,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9187), at /metrics.
     #[arg(long)]
@@ -163,12 +167,36 @@ impl RunArgs {
     }
 }
 
+/// The bounds of every numeric setting: a value outside is refused with
+/// one line naming the setting, before anything runs (and before any
+/// arithmetic on it could overflow).
+mod limits {
+    /// A day: longer than any call should take.
+    pub const TIMEOUT_SECS: u64 = 86_400;
+    pub const BATCH_ROWS: u64 = 1_000_000;
+    /// 1 GiB, for byte budgets.
+    pub const BYTES: u64 = 1 << 30;
+    pub const LANES: u64 = 256;
+    pub const INSERT_ROWS: u64 = 10_000_000;
+    /// Partitions of a topic, and partition numbers below it.
+    pub const PARTITIONS: i64 = 100_000;
+    /// An hour, for waits in milliseconds.
+    pub const WAIT_MS: u64 = 3_600_000;
+    pub const SEED_ROWS: u64 = 1_000_000_000;
+    pub const STACK_SERVERS: u64 = 16;
+}
+
+/// A parser of a `usize` setting between `low` and `high`.
+fn within(low: u64, high: u64) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(low..=high)
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Install pg2ch on the tables (flag columns, index, triggers), create their topics and ClickHouse tables (idempotent).
     Init {
         /// Partitions of the topic, when it is created.
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(i32).range(1..=limits::PARTITIONS))]
         partitions: i32,
         /// Grant this role what `run`, `produce`, `consume`, `status` and
         /// `verify` need on the tables, and nothing more (repeatable).
@@ -177,7 +205,7 @@ enum Command {
     },
     /// Insert N synthetic login events into user_logins.
     Seed {
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(0..=limits::SEED_ROWS))]
         rows: u64,
     },
     /// Publish unsent rows to Kafka and flag them sent.
@@ -232,10 +260,10 @@ enum StackAction {
 #[derive(clap::Args, Debug, Clone, Copy)]
 struct ClusterShape {
     /// Replicas of each shard.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = within(1, limits::STACK_SERVERS))]
     ch_replicas: usize,
     /// Shards, each of `--ch-replicas` servers.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = within(1, limits::STACK_SERVERS))]
     ch_shards: usize,
 }
 
@@ -284,6 +312,9 @@ impl RunArgs {
 fn password(file: Option<&std::path::Path>, var: &str) -> anyhow::Result<Secret> {
     match file {
         Some(path) => {
+            if let Some(warning) = std::fs::metadata(path).ok().and_then(|m| open_to_others(path, &m)) {
+                tracing::warn!("{warning}");
+            }
             let text = std::fs::read_to_string(path)
                 .map_err(|e| anyhow::anyhow!("cannot read the password file {}: {e}", path.display()))?;
             Ok(Secret::new(text.strip_suffix('\n').unwrap_or(&text).trim_end_matches('\r')))
@@ -321,6 +352,19 @@ impl Connection {
             timeouts: Timeouts { call: Duration::from_secs(self.timeout_secs.max(1)) },
         })
     }
+}
+
+/// A warning when a password file can be read by its group or others.
+fn open_to_others(path: &std::path::Path, meta: &std::fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = meta.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "the password file {} can be read by others (mode {mode:03o}); make it private: chmod 600 {}",
+            path.display(),
+            path.display()
+        )
+    })
 }
 
 fn init_logging(format: LogFormat) {
@@ -461,6 +505,94 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_password_file_others_can_read_is_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("pg2ch-pwcheck-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pg.pass");
+        crate::stack::write_private(&path, "secret").unwrap();
+        assert_eq!(open_to_others(&path, &std::fs::metadata(&path).unwrap()), None);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let warning = open_to_others(&path, &std::fs::metadata(&path).unwrap()).expect("a warning");
+        assert!(warning.contains("mode 644") && warning.contains("pg.pass"), "{warning}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Every numeric setting, with the command that takes it and its bounds.
+    const NUMERIC: [(&[&str], &str, i128, i128); 14] = [
+        (&["run"], "--timeout-secs", 1, limits::TIMEOUT_SECS as i128),
+        (&["run"], "--batch-rows", 1, limits::BATCH_ROWS as i128),
+        (&["run"], "--batch-bytes", 1, limits::BYTES as i128),
+        (&["run"], "--producers", 1, limits::LANES as i128),
+        (&["run"], "--insert-rows", 1, limits::INSERT_ROWS as i128),
+        (&["run"], "--fetch-max-bytes", 1, limits::BYTES as i128),
+        (&["run"], "--partitions", 0, limits::PARTITIONS as i128 - 1),
+        (&["run"], "--poll-ms", 1, limits::WAIT_MS as i128),
+        (&["run"], "--coalesce-ms", 0, limits::WAIT_MS as i128),
+        (&["init"], "--partitions", 1, limits::PARTITIONS as i128),
+        (&["seed"], "--rows", 0, limits::SEED_ROWS as i128),
+        (&["stack", "up"], "--ch-replicas", 1, limits::STACK_SERVERS as i128),
+        (&["stack", "up"], "--ch-shards", 1, limits::STACK_SERVERS as i128),
+        (&["run"], "--pg-port", 0, u16::MAX as i128),
+    ];
+
+    /// An integer anywhere in the range of any integer type a setting could
+    /// be read as, its ends and the bounds' neighbours often.
+    fn any_integer() -> impl Strategy<Value = i128> {
+        prop_oneof![
+            any::<i128>(),
+            any::<i64>().prop_map(i128::from),
+            any::<u64>().prop_map(i128::from),
+            (-3i128..3),
+            prop::sample::select(vec![
+                i128::from(i32::MAX),
+                i128::from(i32::MAX) + 1,
+                i128::from(i32::MIN),
+                i128::from(u32::MAX),
+                i128::from(i64::MAX),
+                i128::from(u64::MAX),
+                i128::from(u64::MAX) + 1,
+            ]),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(crate::types::strategies::config(512))]
+
+        /// Any integer given to any numeric setting either parses to a value
+        /// within the setting's bounds, from which the settings are built
+        /// without a panic, or is refused with one line naming the setting.
+        #[test]
+        fn every_numeric_setting_takes_its_range_and_refuses_the_rest_by_name(
+            which in 0..NUMERIC.len(),
+            n in any_integer(),
+            near in -2i128..=2,
+        ) {
+            let (command, flag, low, high) = NUMERIC[which];
+            for n in [n, low + near, high + near] {
+                let arg = format!("{flag}={n}");
+                let argv: Vec<&str> = ["pg2ch"].into_iter().chain(command.iter().copied()).chain([arg.as_str()]).collect();
+                match Cli::try_parse_from(&argv) {
+                    Ok(cli) => {
+                        prop_assert!((low..=high).contains(&n), "{argv:?} was taken");
+                        cli.conn.settings(&cli.tables).unwrap();
+                        if let Command::Run(args) = &cli.command {
+                            let o = args.options();
+                            let _ = std::time::Instant::now().checked_add(o.poll + o.coalesce).unwrap();
+                        }
+                    }
+                    Err(e) => {
+                        prop_assert!(!(low..=high).contains(&n), "{argv:?} was refused: {e}");
+                        let first = e.to_string().lines().next().unwrap_or_default().to_owned();
+                        prop_assert!(first.contains(flag), "{argv:?}: the error does not name {flag}: {first}");
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn the_command_line_is_consistent_and_every_command_parses() {

@@ -134,6 +134,9 @@ pub async fn tables(s: &Settings, pool: &PgPool, create_default: bool) -> anyhow
     for (oid, schema) in found {
         let topic = if several { format!("{}.{}", s.kafka.topic, schema.name) } else { s.kafka.topic.clone() };
         crate::config::topic_name(&topic).with_context(|| format!("the topic of table {schema}"))?;
+        if !create_default {
+            postgres::install::check_table(pool, oid, &schema, None).await?;
+        }
         let fingerprint = postgres::catalogue::fingerprint(pool, oid).await?;
         out.push(Table { oid, schema, topic, fingerprint });
     }
@@ -153,14 +156,18 @@ pub async fn init(s: &Settings, partitions: i32, grant: &[String]) -> anyhow::Re
     }
     ch.init().await?;
     for t in &tables {
+        // A ClickHouse table made now is made by the key the table has now.
+        let new_in_clickhouse = !ch.table_exists(&t.schema).await?;
         postgres::install::install(&pool, t.oid, &t.schema).await?;
+        postgres::install::record_table(&pool, t.oid, &t.schema, &t.topic, new_in_clickhouse).await?;
         for role in grant {
-            postgres::install::grant(&pool, &t.schema, role).await?;
+            postgres::install::grant(&pool, t.oid, &t.schema, role).await?;
         }
         kafka::ensure_topic(&client, &t.topic, partitions, s.timeouts.call).await?;
         kafka::ensure_topic(&client, &kafka::dead_letter_topic(&t.topic), 1, s.timeouts.call).await?;
         ch.create_table(&t.schema).await?;
         let added = ch.sync_table(&t.schema).await?;
+        keep_versions_ahead(&pool, &ch, &t.schema).await?;
         resend_for_added_columns(&pool, &t.schema, &added).await?;
         tracing::info!(
             "initialised: PostgreSQL {}, topic {:?} ({partitions} partitions), ClickHouse {}.{} (server {}.{})",
@@ -170,6 +177,23 @@ pub async fn init(s: &Settings, partitions: i32, grant: &[String]) -> anyhow::Re
             t.schema.name,
             ch.caps.version.0,
             ch.caps.version.1
+        );
+    }
+    Ok(())
+}
+
+/// Makes the version sequence exceed every version the table's rows carry
+/// in ClickHouse (all shards), saying so when it had to move it: new
+/// changes must outrank what is there, or they would lose to it.
+async fn keep_versions_ahead(pool: &PgPool, ch: &ClickHouse, schema: &TableSchema) -> anyhow::Result<()> {
+    // A table that is not pg2ch's is refused by name before it is read (a
+    // column PostgreSQL gained and ClickHouse not yet is the consumer's to add).
+    ch.check_engine(schema).await?;
+    let highest = ch.max_version(schema).await?;
+    if let Some(before) = postgres::keep_versions_above(pool, highest).await? {
+        tracing::warn!(
+            "{schema}: the version sequence _pg2ch.versions was at {before}, behind the highest version ClickHouse \
+             holds ({highest}; a restore, a failover or a new init?): moved it past, so that new changes win"
         );
     }
     Ok(())
@@ -226,9 +250,13 @@ pub struct ProducerStores {
 impl ProducerStores {
     pub async fn connect(s: &Settings, o: &RunOptions, pool: &PgPool, table: Table) -> anyhow::Result<Self> {
         postgres::install::check_installed(pool, table.oid, &table.schema).await?;
+        let ch = ClickHouse::connect(&s.ch, s.timeouts.call).await?;
+        keep_versions_ahead(pool, &ch, &table.schema).await?;
         let client = kafka::connect(&s.kafka, s.timeouts.call).await?;
         let log = KafkaLog::open(&client, &table.topic, s.timeouts.call).await?.with_compression(o.compression);
-        let options = postgres::connect_options(&s.pg, &postgres::PRODUCER_SETTINGS);
+        let settings = postgres::producer_settings(s.timeouts.call);
+        let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let options = postgres::connect_options(&s.pg, &settings);
         let sources = (0..o.producers.max(1))
             .map(|_| {
                 PgSource::new(
@@ -327,12 +355,27 @@ pub async fn consumer_of(
     pool: &PgPool,
     table: &Table,
 ) -> anyhow::Result<Consumer<KafkaLog, ChSink>> {
+    open_consumer(s, o, Some(pool), table).await
+}
+
+/// A consumer of one table; with `sync` (the PostgreSQL pool to flag rows
+/// in), the ClickHouse table first gains the columns PostgreSQL added and
+/// their rows are sent again, as a consumer that writes needs; without, it
+/// only reads (`status`).
+async fn open_consumer(
+    s: &Settings,
+    o: &RunOptions,
+    sync: Option<&PgPool>,
+    table: &Table,
+) -> anyhow::Result<Consumer<KafkaLog, ChSink>> {
     let client = kafka::connect(&s.kafka, s.timeouts.call).await?;
     let log = KafkaLog::open(&client, &table.topic, s.timeouts.call).await?.with_fetch_max_bytes(o.fetch_max_bytes);
     let ch = ClickHouse::connect(&s.ch, s.timeouts.call).await?;
-    let added = ch.sync_table(&table.schema).await?;
+    if let Some(pool) = sync {
+        let added = ch.sync_table(&table.schema).await?;
+        resend_for_added_columns(pool, &table.schema, &added).await?;
+    }
     ch.check_positions().await?;
-    resend_for_added_columns(pool, &table.schema, &added).await?;
     let count = crate::stores::EventLog::partitions(&log);
     let mut config = ConsumerConfig::all_partitions(count);
     if let Some(assigned) = &o.partitions {
@@ -478,6 +521,60 @@ async fn produce_lanes<L: crate::stores::EventLog>(
     Ok(moved.into_iter().sum())
 }
 
+/// Shows the table's initial load's progress while it lasts: a bar (rows,
+/// rate, time to go) on a terminal, else a log line every few seconds; and
+/// a line when it is done. Returns then (at once without a load).
+async fn report_load(pool: &PgPool, oid: u32, what: &str) {
+    let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix}: initial load {bar:30} {pos}/{len} {msg}, {elapsed} (eta {eta})",
+        )
+        .expect("a fixed template"),
+    );
+    bar.set_prefix(what.to_owned());
+    let every = if bar.is_hidden() { Duration::from_secs(2) } else { Duration::from_millis(250) };
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    let mut first = true;
+    let mut logged = std::time::Instant::now();
+    loop {
+        match postgres::load_progress(pool, oid).await {
+            Ok(Some(load)) if load.finished => {
+                bar.finish_and_clear();
+                if !first {
+                    tracing::info!("{what}: initial load {}", load.describe());
+                }
+                return;
+            }
+            Ok(Some(load)) if bar.is_hidden() => {
+                if first || logged.elapsed() >= Duration::from_secs(2) {
+                    tracing::info!("{what}: initial load {}", load.describe());
+                    logged = std::time::Instant::now();
+                }
+            }
+            // In rows as PostgreSQL's statistics count them, or in chunks
+            // for a table never analysed.
+            Ok(Some(load)) if load.rows_estimate > 0 => {
+                let rate =
+                    if load.seconds > 0.0 { load.rows_estimate as f64 * load.done() / load.seconds } else { 0.0 };
+                bar.set_message(format!("rows, {rate:.0} rows/s"));
+                bar.set_length(load.rows_estimate as u64);
+                bar.set_position((load.rows_estimate as f64 * load.done()) as u64);
+            }
+            Ok(Some(load)) => {
+                bar.set_message("chunks");
+                bar.set_length(load.chunks.max(0) as u64);
+                bar.set_position((load.chunks - load.chunks_left).max(0) as u64);
+            }
+            Ok(None) => return,
+            Err(e) => tracing::debug!("{e:#}"),
+        }
+        first = false;
+        tick.tick().await;
+    }
+}
+
 /// Which halves of the pipeline a command runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Halves {
@@ -512,34 +609,45 @@ async fn table_pipeline(
             loops::consume(c, &NoFaults, format!("{what} consumer"), done.as_ref(), o.poll, &mut waits).await?,
         ));
     }
+    let table_oid = table.oid;
     let mut stores = ProducerStores::connect(s, o, pool, table).await?;
     let Some(lease) = stores.lease(o, s.timeouts.call, shutdown.clone()).await? else { return Ok((0, 0)) };
     let wake = stores.wakeups(o).await?;
     let mut producers = stores.producers();
-    let result = match consumer.as_mut() {
-        None => produce_lanes(&mut producers, &what, o.once, (o.poll, o.coalesce), wake.as_ref(), &shutdown)
-            .await
-            .map(|n| (n, 0)),
-        Some(c) if o.once => {
-            // Either half failing for good ends both: the other is abandoned
-            // where it stands, as a crash would leave it.
-            let done: Cell<Option<bool>> = Cell::new(None);
-            let produce = async {
-                let r = produce_lanes(&mut producers, &what, true, (o.poll, o.coalesce), None, &shutdown).await;
-                done.set(Some(r.is_ok()));
-                r
-            };
-            let mut waits = RealWaits::new(o.poll, None, shutdown.clone());
-            let consume = loops::consume(c, &NoFaults, format!("{what} consumer"), Some(&done), o.poll, &mut waits);
-            tokio::try_join!(produce, consume)
+    let work = async {
+        match consumer.as_mut() {
+            None => produce_lanes(&mut producers, &what, o.once, (o.poll, o.coalesce), wake.as_ref(), &shutdown)
+                .await
+                .map(|n| (n, 0)),
+            Some(c) if o.once => {
+                // Either half failing for good ends both: the other is abandoned
+                // where it stands, as a crash would leave it.
+                let done: Cell<Option<bool>> = Cell::new(None);
+                let produce = async {
+                    let r = produce_lanes(&mut producers, &what, true, (o.poll, o.coalesce), None, &shutdown).await;
+                    done.set(Some(r.is_ok()));
+                    r
+                };
+                let mut waits = RealWaits::new(o.poll, None, shutdown.clone());
+                let consume = loops::consume(c, &NoFaults, format!("{what} consumer"), Some(&done), o.poll, &mut waits);
+                tokio::try_join!(produce, consume)
+            }
+            Some(c) => {
+                let mut waits = RealWaits::new(o.poll, None, shutdown.clone());
+                tokio::try_join!(
+                    produce_lanes(&mut producers, &what, false, (o.poll, o.coalesce), wake.as_ref(), &shutdown),
+                    loops::consume(c, &NoFaults, format!("{what} consumer"), None, o.poll, &mut waits)
+                )
+            }
         }
-        Some(c) => {
-            let mut waits = RealWaits::new(o.poll, None, shutdown.clone());
-            tokio::try_join!(
-                produce_lanes(&mut producers, &what, false, (o.poll, o.coalesce), wake.as_ref(), &shutdown),
-                loops::consume(c, &NoFaults, format!("{what} consumer"), None, o.poll, &mut waits)
-            )
-        }
+    };
+    let progress = async {
+        report_load(pool, table_oid, &what).await;
+        std::future::pending::<()>().await
+    };
+    let result = tokio::select! {
+        r = work => r,
+        () = progress => unreachable!("the progress report never ends"),
     };
     drop(producers);
     lease.release().await;
@@ -557,7 +665,11 @@ async fn pipelines(s: &Settings, o: &RunOptions, halves: Halves, shutdown: Shutd
         let (pool, shutdown) = (&pool, shutdown.clone());
         async move {
             let name = table.schema.to_string();
-            let result = table_pipeline(s, o, pool, table, halves, shutdown).await;
+            let result = match postgres::install::check_table(pool, table.oid, &table.schema, Some(&table.topic)).await
+            {
+                Ok(()) => table_pipeline(s, o, pool, table, halves, shutdown).await,
+                Err(e) => Err(e),
+            };
             match &result {
                 Ok((moved, written)) => tracing::info!(
                     "{name}: {moved} rows published, {written} records written in {:.1?}",
@@ -608,7 +720,7 @@ pub async fn verify(s: &Settings, repair: bool) -> anyhow::Result<Vec<Report>> {
     verify_on(s, &pool, &ch, repair, None).await
 }
 
-/// [`verify`] against the configured ClickHouse, then against each replica
+/// [`verify()`] against the configured ClickHouse, then against each replica
 /// in `CH_REPLICAS` alone (without repairing), each report naming its
 /// replica. On a sharded cluster a replica is compared with the rows its
 /// shard owns.
@@ -650,6 +762,14 @@ async fn verify_on(
     let mut reports = Vec::new();
     for table in tables(s, pool, false).await? {
         ch.check_table(&table.schema).await?;
+        if repair {
+            // What repair flags goes again, and must outrank what is there.
+            keep_versions_ahead(pool, ch, &table.schema).await?;
+        }
+        let disabled = postgres::disabled_triggers(pool, table.oid).await?;
+        if !disabled.is_empty() {
+            tracing::warn!("{}: {}", table.schema, postgres::disabled_warning(&disabled));
+        }
         let mut pg = postgres::PgVerifySide::open(pool, table.schema.clone()).await?;
         if let Some((index, shards)) = shard {
             pg = pg.only_shard(index, shards);
@@ -712,13 +832,18 @@ pub struct Status {
     pub dead_letters: i64,
     pub clickhouse_rows_final: u64,
     pub clickhouse_rows_stored: u64,
+    /// The initial load of the rows there were at `init`, if there was one.
+    pub initial_load: Option<postgres::LoadProgress>,
+    /// pg2ch's triggers that are disabled (changes made meanwhile are lost).
+    pub disabled_triggers: Vec<String>,
 }
 
 pub async fn status(s: &Settings) -> anyhow::Result<Vec<Status>> {
     let pool = postgres::connect(&s.pg, 2, s.timeouts.call).await?;
     let mut out = Vec::new();
     for table in tables(s, &pool, false).await? {
-        let mut c = consumer_of(s, &RunOptions::default(), &pool, &table).await?;
+        // Read-only: nothing is added to ClickHouse nor flagged here.
+        let mut c = open_consumer(s, &RunOptions::default(), None, &table).await?;
         let positions = c.positions().await?.clone();
         let ends = c.high_watermarks().await?;
         let now_ms =
@@ -749,6 +874,8 @@ pub async fn status(s: &Settings) -> anyhow::Result<Vec<Status>> {
             dead_letters: c.log.dead_letter_count().await?,
             clickhouse_rows_final: c.sink.ch.final_count(&table.schema).await?,
             clickhouse_rows_stored: c.sink.ch.stored_count(&table.schema).await?,
+            initial_load: postgres::load_progress(&pool, table.oid).await?,
+            disabled_triggers: postgres::disabled_triggers(&pool, table.oid).await?,
         });
     }
     Ok(out)
@@ -763,6 +890,12 @@ impl Status {
             "unsent changes in PostgreSQL: {}{waiting} (plus {} rows rejected as not representable)",
             self.unsent_rows, self.rejected_rows
         )?;
+        if !self.disabled_triggers.is_empty() {
+            writeln!(out, "WARNING: {}", postgres::disabled_warning(&self.disabled_triggers))?;
+        }
+        if let Some(load) = &self.initial_load {
+            writeln!(out, "initial load of the rows there were at init: {}", load.describe())?;
+        }
         let producers = if self.producers.is_empty() { "none".to_owned() } else { self.producers.join(", ") };
         writeln!(out, "producers at work: {producers}")?;
         writeln!(

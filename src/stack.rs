@@ -209,7 +209,7 @@ fn chown_to_service_user(path: &Path) -> anyhow::Result<()> {
 /// Writes `contents` to a new file readable by its owner only: created
 /// with mode 0600, so there is no moment when others could read it. An old
 /// file of that name is removed first.
-fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+pub fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let _ = std::fs::remove_file(path);

@@ -105,6 +105,16 @@ pub trait SourceTable {
     /// holds nothing on the server. A row that cannot be represented
     /// downstream comes back with the reason instead of a change.
     async fn claim(&mut self, after: Option<&Key>, limit: usize) -> anyhow::Result<Claim>;
+    /// Takes the next chunk of the table's initial load, if one is left
+    /// that no live session holds: the rows that were in the table when
+    /// `init` added pg2ch (they read `sent_to_kafka = TRUE` without having
+    /// been written) in one range of their physical addresses, as of one
+    /// snapshot, with one version drawn as a claim's is (so a change made
+    /// after the read is claimed later, with a higher version, and wins).
+    /// The chunk is then the open claim: [`mark_sent`](Self::mark_sent) of
+    /// its items writes nothing to their rows, and [`commit`](Self::commit)
+    /// records the chunk as carried. `None` once no chunk is free.
+    async fn load(&mut self) -> anyhow::Result<Option<Claim>>;
     /// In the claim's flag transaction (opened here, not yet visible to
     /// others), flags these items sent: each row only if it is still the
     /// row version claimed (its address and the transaction that wrote

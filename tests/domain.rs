@@ -475,8 +475,9 @@ async fn password_files_and_dot_env_from_the_working_directory_only() {
     std::fs::create_dir_all(&child_dir).unwrap();
     let pg_file = dir.join("pg.pass");
     let ch_file = dir.join("ch.pass");
-    std::fs::write(&pg_file, format!("{}\n", env.settings.pg.password.expose())).unwrap();
-    std::fs::write(&ch_file, env.settings.ch.password.expose()).unwrap();
+    // Private from their first byte, as the stack writes its own.
+    pg2ch::stack::write_private(&pg_file, &format!("{}\n", env.settings.pg.password.expose())).unwrap();
+    pg2ch::stack::write_private(&ch_file, env.settings.ch.password.expose()).unwrap();
     let status = env
         .command(&["status"])
         .env_remove("PG_PASS")

@@ -22,6 +22,28 @@ async fn scalar(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
+/// A new login role of this test, `<test>_<what>`, with a random password.
+async fn login_role(env: &TestEnv, pool: &PgPool, what: &str) -> (String, String) {
+    let role = format!("{}_{what}", env.name);
+    let password = format!("pw{}", rand::random::<u64>());
+    // PostgreSQL quotes the name and the password itself.
+    let create: String = sqlx::query_scalar("SELECT format('CREATE ROLE %I LOGIN PASSWORD %L', $1::text, $2::text)")
+        .bind(&role)
+        .bind(&password)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    exec(pool, &create).await;
+    (role, password)
+}
+
+/// Runs `pg2ch args` as `role` (name, password); it must succeed. Its output.
+fn as_role(env: &TestEnv, (role, password): (&str, &str), args: &[&str]) -> String {
+    let out = env.command(args).env("PG_USER", role).env("PG_PASS", password).output().unwrap();
+    assert!(out.status.success(), "pg2ch {args:?} as role {role} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The table the tests carry: a key, a value, a few hundred rows.
 async fn accounts(env: &TestEnv, name: &str) -> PgPool {
     let pool = env.pg().await;
@@ -207,25 +229,9 @@ async fn an_idle_producer_registers_and_is_woken_by_the_next_change() {
 async fn the_pipeline_runs_as_a_role_holding_only_the_grants_init_gives() {
     let env = TestEnv::new("leastpriv").await;
     let pool = accounts(&env, "accounts").await;
-    let role = format!("{}_runner", env.name);
-    let password = format!("pw{}", rand::random::<u64>());
-    // PostgreSQL quotes the name and the password itself.
-    let create: String = sqlx::query_scalar("SELECT format('CREATE ROLE %I LOGIN PASSWORD %L', $1::text, $2::text)")
-        .bind(&role)
-        .bind(&password)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    exec(&pool, &create).await;
+    let (role, password) = login_role(&env, &pool, "runner").await;
     env.ok(&["init", "--table", "accounts", "--grant", &role]);
-    let as_runner = |args: &[&str]| {
-        let out = env.command(args).env("PG_USER", &role).env("PG_PASS", &password).output().unwrap();
-        assert!(
-            out.status.success(),
-            "pg2ch {args:?} as the least-privileged role failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let as_runner = |args: &[&str]| as_role(&env, (&role, &password), args);
     as_runner(&["run", "--once", "--table", "accounts"]);
     exec(&pool, "UPDATE accounts SET balance = balance - 1 WHERE id % 7 = 0").await;
     exec(&pool, "DELETE FROM accounts WHERE id % 11 = 0").await;
@@ -243,6 +249,96 @@ async fn the_pipeline_runs_as_a_role_holding_only_the_grants_init_gives() {
     env.assert_same_rows(&schema, "carried by the least-privileged role").await;
     exec(&pool, &format!("DROP OWNED BY {role}")).await;
     exec(&pool, &format!("DROP ROLE {role}")).await;
+}
+
+/// `status` and `verify` (without `--repair`) write nothing: they work as a
+/// role that can only read, and `status` neither adds a column PostgreSQL
+/// gained to ClickHouse nor flags the rows holding it unsent (a running
+/// pipeline's start does that).
+#[tokio::test(flavor = "multi_thread")]
+async fn status_and_verify_only_read() {
+    let env = TestEnv::new("readonly").await;
+    let pool = accounts(&env, "accounts").await;
+    env.ok(&["init", "--table", "accounts"]);
+    env.ok(&["run", "--once", "--table", "accounts"]);
+    let (role, password) = login_role(&env, &pool, "reader").await;
+    for sql in [
+        format!("GRANT USAGE ON SCHEMA public, _pg2ch TO {role}"),
+        format!("GRANT SELECT ON accounts TO {role}"),
+        format!("GRANT SELECT ON ALL TABLES IN SCHEMA _pg2ch TO {role}"),
+    ] {
+        exec(&pool, &sql).await;
+    }
+    let as_reader = |args: &[&str]| as_role(&env, (&role, &password), args);
+    assert!(as_reader(&["verify", "--table", "accounts"]).contains("verify: OK"));
+    // A column whose default every row reads: a start would resend them all.
+    exec(&pool, "ALTER TABLE accounts ADD COLUMN extra int DEFAULT 7").await;
+    let status = as_reader(&["status", "--table", "accounts"]);
+    assert!(status.contains("unsent changes in PostgreSQL: 0"), "{status}");
+    let ch = env.ch().await;
+    let columns: u64 = ch
+        .client
+        .query("SELECT count() FROM system.columns WHERE database = currentDatabase() AND table = 'accounts' AND name = 'extra'")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(columns, 0, "status added a column to ClickHouse");
+    assert_eq!(scalar(&pool, "SELECT count(*) FROM accounts WHERE NOT sent_to_kafka").await, 0, "status flagged rows");
+    exec(&pool, &format!("DROP OWNED BY {role}")).await;
+    exec(&pool, &format!("DROP ROLE {role}")).await;
+}
+
+/// A producer whose claim waits behind a user's lock gives up after its
+/// call timeout, and so does the server: the waiting statement ends there
+/// too (a backend waiting for a lock does not notice its client left, and
+/// would wait, and queue others behind it, as long as the lock is held).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_producer_statement_waiting_behind_a_lock_ends_on_the_server_too() {
+    let env = TestEnv::new("stmttimeout").await;
+    let pool = accounts(&env, "held").await;
+    env.ok(&["init", "--table", "held"]);
+    env.ok(&["run", "--once", "--table", "held"]);
+    exec(&pool, "UPDATE held SET balance = balance + 1 WHERE id = 1").await;
+    let mut user = pool.acquire().await.unwrap();
+    sqlx::query("BEGIN").execute(&mut *user).await.unwrap();
+    sqlx::query("LOCK TABLE held IN ACCESS EXCLUSIVE MODE").execute(&mut *user).await.unwrap();
+    let out = env.run(&["produce", "--once", "--table", "held", "--timeout-secs", "1"]);
+    assert!(!out.status.success(), "the claim cannot get past the lock");
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                   AND application_name = 'pg2ch' AND wait_event_type = 'Lock'";
+    eventually("no pg2ch statement waits on the server any more", Duration::from_secs(10), || {
+        let pool = pool.clone();
+        async move { scalar(&pool, waiting).await == 0 }
+    })
+    .await;
+    sqlx::query("ROLLBACK").execute(&mut *user).await.unwrap();
+    drop(user);
+    env.ok(&["run", "--once", "--table", "held"]);
+    env.ok(&["verify", "--table", "held"]);
+}
+
+/// Changes made while pg2ch's triggers are disabled are never sent:
+/// `status` and `verify` say so, naming the triggers, and `verify
+/// --repair` heals what was missed once they are enabled again.
+#[tokio::test(flavor = "multi_thread")]
+async fn disabled_triggers_are_reported() {
+    let env = TestEnv::new("disabledtrg").await;
+    let pool = accounts(&env, "quiet").await;
+    env.ok(&["init", "--table", "quiet"]);
+    env.ok(&["run", "--once", "--table", "quiet"]);
+    assert!(!env.ok(&["status", "--table", "quiet"]).contains("WARNING"));
+    exec(&pool, "ALTER TABLE quiet DISABLE TRIGGER pg2ch_unsent").await;
+    exec(&pool, "UPDATE quiet SET balance = -1 WHERE id = 7").await;
+    let status = env.ok(&["status", "--table", "quiet"]);
+    assert!(status.contains("WARNING: pg2ch's triggers are disabled (quiet.pg2ch_unsent)"), "{status}");
+    let out = env.run(&["verify", "--table", "quiet"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pg2ch's triggers are disabled (quiet.pg2ch_unsent)"), "{err}");
+    assert_eq!(out.status.code(), Some(1), "the missed change is a difference: {err}");
+    exec(&pool, "ALTER TABLE quiet ENABLE TRIGGER pg2ch_unsent").await;
+    env.run(&["verify", "--table", "quiet", "--repair"]);
+    env.ok(&["run", "--once", "--table", "quiet"]);
+    env.ok(&["verify", "--table", "quiet"]);
 }
 
 /// `pgbench` (it ships with PostgreSQL) on the test's database.

@@ -493,6 +493,179 @@ async fn assert_converged(env: &TestEnv, table: &str, what: &str) {
     env.assert_same_rows(&schema, what).await;
 }
 
+/// Changes rows of `everything` until `stop`: one step at a time, drawn
+/// from a seeded RNG, updates (content, or key), deletes and inserts again.
+/// Returns the steps made.
+fn churn(
+    pool: sqlx::PgPool,
+    mut live: Vec<(String, i32)>,
+    seed: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<u32> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+    tokio::spawn(async move {
+        let mut gone: Vec<(String, i32)> = Vec::new();
+        let mut steps = 0u32;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let pick = rng.random_range(0..live.len().max(1));
+            match rng.random_range(0..10) {
+                0..=4 if !live.is_empty() => {
+                    let (id, part) = &live[pick];
+                    let value = scalar_text(&mut rng, "text");
+                    sqlx::query("UPDATE everything SET t = $3, i4 = coalesce(i4, 0) / 2, tz = now() WHERE id = $1::uuid AND part = $2")
+                        .bind(id)
+                        .bind(part)
+                        .bind(value)
+                        .execute(&pool)
+                        .await
+                        .unwrap();
+                }
+                5 if !live.is_empty() => {
+                    let (id, part) = live.swap_remove(pick);
+                    let moved = part.wrapping_add(1_000_000);
+                    let done = sqlx::query("UPDATE everything SET part = $3 WHERE id = $1::uuid AND part = $2")
+                        .bind(&id)
+                        .bind(part)
+                        .bind(moved)
+                        .execute(&pool)
+                        .await;
+                    if done.is_ok() {
+                        gone.retain(|k| *k != (id.clone(), moved));
+                        gone.push((id.clone(), part));
+                        live.push((id, moved));
+                    } else {
+                        live.push((id, part));
+                    }
+                }
+                6 | 7 if !live.is_empty() => {
+                    let (id, part) = live.swap_remove(pick);
+                    sqlx::query("DELETE FROM everything WHERE id = $1::uuid AND part = $2")
+                        .bind(&id)
+                        .bind(part)
+                        .execute(&pool)
+                        .await
+                        .unwrap();
+                    gone.push((id, part));
+                }
+                _ if !gone.is_empty() => {
+                    let (id, part) = gone.swap_remove(rng.random_range(0..gone.len()));
+                    insert(&pool, &id, part, &draw_row(&mut rng)).await;
+                    live.push((id, part));
+                }
+                _ => {}
+            }
+            steps += 1;
+            tokio::task::yield_now().await;
+        }
+        steps
+    })
+}
+
+/// Starts `pg2ch run` on `everything` and SIGKILLs it at an arbitrary
+/// moment, `rounds` times.
+async fn kill_rounds(env: &TestEnv, seed: u64, rounds: u32) {
+    let mut kill_rng = StdRng::seed_from_u64(seed ^ 0xdead);
+    for round in 0..rounds {
+        let mut child = env
+            .command(&["run", "--table", "everything", "--batch-rows", "50", "--insert-rows", "70", "--poll-ms", "20"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Not synchronisation: the point is to kill at an arbitrary moment.
+        tokio::time::sleep(Duration::from_millis(kill_rng.random_range(100..1500))).await;
+        assert!(child.try_wait().unwrap().is_none(), "seed {seed} round {round}: pg2ch run exited on its own");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+/// The rows a table holds when `init` adds pg2ch are carried by the
+/// initial load without a write to any of them: their `xmin` is unchanged,
+/// the table and its indexes do not grow, no chunk is left, and `verify`
+/// agrees.
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_there_at_init_are_loaded_without_writing_to_them() {
+    let env = TestEnv::new("initquiet").await;
+    let pool = env.pg().await;
+    exec(
+        &pool,
+        "CREATE TABLE quiet (id bigint PRIMARY KEY, n int NOT NULL, v text);
+         INSERT INTO quiet SELECT g, g % 1000, md5(g::text) FROM generate_series(1, 100000) g;
+         CREATE INDEX ON quiet (n);
+         CREATE TABLE quiet_at_init AS SELECT id, xmin::text::int8 AS x FROM quiet",
+    )
+    .await;
+    exec(&pool, "VACUUM ANALYZE quiet").await;
+    let size = || scalar(&pool, "SELECT pg_total_relation_size('quiet')");
+    let before = size().await;
+    env.ok(&["init", "--table", "quiet"]);
+    let chunks = scalar(&pool, "SELECT count(*) FROM _pg2ch.load_chunks").await;
+    assert!(chunks > 1, "100,000 rows make {chunks} chunk(s); the test needs several");
+    let status = env.ok(&["status", "--table", "quiet"]);
+    assert!(status.contains(&format!("{chunks} of {chunks} chunks left")), "{status}");
+    env.ok(&["run", "--once", "--table", "quiet"]);
+    let rewritten = "SELECT count(*) FROM quiet q JOIN quiet_at_init i USING (id) WHERE q.xmin::text::int8 <> i.x";
+    assert_eq!(scalar(&pool, rewritten).await, 0, "the load wrote to rows of the table");
+    let after = size().await;
+    assert!(after as f64 <= before as f64 * 1.05, "the table and its indexes grew from {before} to {after} bytes");
+    assert_eq!(scalar(&pool, "SELECT count(*) FROM _pg2ch.load_chunks").await, 0, "no chunk is left");
+    let status = env.ok(&["status", "--table", "quiet"]);
+    assert!(status.contains("initial load of the rows there were at init: [####################] done"), "{status}");
+    let report = env.ok(&["verify", "--table", "quiet"]);
+    assert!(report.contains("verify: OK") && report.contains("100000 flagged sent"), "{report}");
+    let ch = env.ch().await;
+    let live: u64 =
+        ch.client.query("SELECT count() FROM quiet FINAL WHERE _pg2ch_deleted = 0").fetch_one().await.unwrap();
+    assert_eq!(live, 100_000);
+}
+
+/// The rows of every type there at `init` are carried by the initial load
+/// while they are updated (content and key), deleted and inserted again
+/// and `pg2ch run` is SIGKILLed mid-load; at the end `verify` and direct
+/// queries agree, and no chunk is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_there_at_init_are_loaded_while_they_change_and_run_is_killed() {
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let env = TestEnv::new("initload").await;
+    let pool = env.pg().await;
+    exec(&pool, EVERYTHING).await;
+    let mut live: Vec<(String, i32)> = Vec::new();
+    for i in 0..300 {
+        let key = (uuid(&mut rng), i);
+        insert(&pool, &key.0, key.1, &draw_row(&mut rng)).await;
+        live.push(key);
+    }
+    // Copies under other keys, so that the load has several chunks.
+    exec(
+        &pool,
+        "INSERT INTO everything SELECT gen_random_uuid(), part + 1000 * g, b, i2, i4, i8, pos, f4, f8, n, nbig, nu, t, vc,
+             ch, by, u, d, ts, tz, tm, iv, js, jb, ip, net, m, ai, atx, an, atz, ad, au, ajb, aip, \"We\"\"ird col\"
+         FROM everything, generate_series(1, 40) g",
+    )
+    .await;
+    exec(&pool, "VACUUM ANALYZE everything").await;
+    let rows = scalar(&pool, "SELECT count(*) FROM everything").await;
+    env.ok(&["init", "--table", "everything", "--partitions", "3"]);
+    let chunks = scalar(&pool, "SELECT count(*) FROM _pg2ch.load_chunks").await;
+    assert!(chunks > 1, "seed {seed}: {rows} rows make {chunks} chunk(s); the test needs several");
+    assert_eq!(scalar(&pool, "SELECT count(*) FROM everything WHERE NOT sent_to_kafka").await, 0, "they read sent");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = churn(pool.clone(), live, seed, stop.clone());
+    kill_rounds(&env, seed, 4).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let steps = writer.await.unwrap();
+    assert!(steps > 20, "seed {seed}: the writer made {steps} changes");
+    assert_converged(&env, "everything", &format!("seed {seed}")).await;
+    assert_eq!(scalar(&pool, "SELECT count(*) FROM _pg2ch.load_chunks").await, 0, "seed {seed}: chunks left");
+    let ch = env.ch().await;
+    let live_ch: u64 =
+        ch.client.query("SELECT count() FROM everything FINAL WHERE _pg2ch_deleted = 0").fetch_one().await.unwrap();
+    let live_pg = scalar(&pool, "SELECT count(*) FROM everything WHERE pg2ch_rejected IS NULL").await;
+    assert_eq!(live_ch as i64, live_pg, "seed {seed}");
+}
+
 /// Rows of every type updated (content and key), deleted and inserted
 /// again while `pg2ch run` is SIGKILLed at random moments and restarted.
 #[tokio::test(flavor = "multi_thread")]
@@ -512,81 +685,8 @@ async fn updates_deletes_and_reinserts_of_every_type_survive_sigkill() {
 
     // The writer: one change per step, drawn from a seeded RNG.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let (stop, pool) = (stop.clone(), pool.clone());
-        let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
-        tokio::spawn(async move {
-            let mut gone: Vec<(String, i32)> = Vec::new();
-            let mut steps = 0u32;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let pick = rng.random_range(0..live.len().max(1));
-                match rng.random_range(0..10) {
-                    0..=4 if !live.is_empty() => {
-                        let (id, part) = &live[pick];
-                        let value = scalar_text(&mut rng, "text");
-                        sqlx::query("UPDATE everything SET t = $3, i4 = coalesce(i4, 0) / 2, tz = now() WHERE id = $1::uuid AND part = $2")
-                            .bind(id)
-                            .bind(part)
-                            .bind(value)
-                            .execute(&pool)
-                            .await
-                            .unwrap();
-                    }
-                    5 if !live.is_empty() => {
-                        let (id, part) = live.swap_remove(pick);
-                        let moved = part.wrapping_add(1_000_000);
-                        let done = sqlx::query("UPDATE everything SET part = $3 WHERE id = $1::uuid AND part = $2")
-                            .bind(&id)
-                            .bind(part)
-                            .bind(moved)
-                            .execute(&pool)
-                            .await;
-                        if done.is_ok() {
-                            gone.retain(|k| *k != (id.clone(), moved));
-                            gone.push((id.clone(), part));
-                            live.push((id, moved));
-                        } else {
-                            live.push((id, part));
-                        }
-                    }
-                    6 | 7 if !live.is_empty() => {
-                        let (id, part) = live.swap_remove(pick);
-                        sqlx::query("DELETE FROM everything WHERE id = $1::uuid AND part = $2")
-                            .bind(&id)
-                            .bind(part)
-                            .execute(&pool)
-                            .await
-                            .unwrap();
-                        gone.push((id, part));
-                    }
-                    _ if !gone.is_empty() => {
-                        let (id, part) = gone.swap_remove(rng.random_range(0..gone.len()));
-                        insert(&pool, &id, part, &draw_row(&mut rng)).await;
-                        live.push((id, part));
-                    }
-                    _ => {}
-                }
-                steps += 1;
-                tokio::task::yield_now().await;
-            }
-            steps
-        })
-    };
-
-    let mut kill_rng = StdRng::seed_from_u64(seed ^ 0xdead);
-    for round in 0..8 {
-        let mut child = env
-            .command(&["run", "--table", "everything", "--batch-rows", "50", "--insert-rows", "70", "--poll-ms", "20"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        // Not synchronisation: the point is to kill at an arbitrary moment.
-        tokio::time::sleep(Duration::from_millis(kill_rng.random_range(100..1500))).await;
-        assert!(child.try_wait().unwrap().is_none(), "seed {seed} round {round}: pg2ch run exited on its own");
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
+    let writer = churn(pool.clone(), live, seed, stop.clone());
+    kill_rounds(&env, seed, 8).await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let steps = writer.await.unwrap();
     assert!(steps > 50, "seed {seed}: the writer made {steps} changes");
@@ -780,4 +880,132 @@ async fn one_pass_moves_every_change_whatever_the_claims_cut() {
         let schema = env.table("pairs").await;
         env.assert_same_rows(&schema, &format!("round {round}")).await;
     }
+}
+
+/// Two tables whose names join into one with a dot (`"a.b".c` and
+/// `a."b.c"`) get outboxes and record functions of their own: a deletion in
+/// one is published for that one only.
+#[tokio::test(flavor = "multi_thread")]
+async fn tables_whose_dotted_names_read_alike_keep_their_deletions_apart() {
+    let env = TestEnv::new("dotted").await;
+    let pool = env.pg().await;
+    exec(
+        &pool,
+        r#"CREATE SCHEMA "a.b"; CREATE SCHEMA a;
+           CREATE TABLE "a.b".c (id int PRIMARY KEY, v text); CREATE TABLE a."b.c" (id int PRIMARY KEY, v text);
+           INSERT INTO "a.b".c SELECT g, 'one' FROM generate_series(1, 3) g;
+           INSERT INTO a."b.c" SELECT g, 'two' FROM generate_series(1, 3) g;"#,
+    )
+    .await;
+    let tables = ["--table", r#""a.b".c"#, "--table", r#"a."b.c""#];
+    env.ok(&[&["init"][..], &tables].concat());
+    let outboxes =
+        scalar(&pool, "SELECT count(*) FROM pg_tables WHERE schemaname = '_pg2ch' AND tablename LIKE 'a.b.c%'").await;
+    assert_eq!(outboxes, 2, "one outbox each");
+    env.ok(&[&["run", "--once"][..], &tables].concat());
+    exec(&pool, r#"DELETE FROM "a.b".c WHERE id = 2"#).await;
+    env.ok(&[&["run", "--once"][..], &tables].concat());
+    let report = env.ok(&[&["verify"][..], &tables].concat());
+    assert!(report.matches("verify: OK").count() >= 1 && !report.contains("FAILED"), "{report}");
+    let ch = env.ch().await;
+    let ids = |table: &'static str| {
+        let ch = ch.clone();
+        async move {
+            ch.client
+                .query(&format!("SELECT id FROM `{table}` FINAL WHERE _pg2ch_deleted = 0 ORDER BY id"))
+                .fetch_all::<i32>()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(ids("c").await, [1, 3], "the deletion reached its own table");
+    assert_eq!(ids("b.c").await, [1, 2, 3], "and not the other");
+}
+
+/// A primary key changed in PostgreSQL (ClickHouse keeps one row per the
+/// old key): a running pipeline stops that table at its next claim, and a
+/// start refuses it, each with one line naming the old key and the new.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_primary_key_stops_its_table_by_name() {
+    let env = TestEnv::new("pkchange").await;
+    let pool = env.pg().await;
+    exec(
+        &pool,
+        "CREATE TABLE keyed (id int PRIMARY KEY, v text NOT NULL); INSERT INTO keyed VALUES (1, 'a'), (2, 'b')",
+    )
+    .await;
+    env.ok(&["init", "--table", "keyed"]);
+    let mut running = env
+        .command(&["run", "--table", "keyed", "--poll-ms", "20"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ch = env.ch().await;
+    eventually("the rows reach ClickHouse", Duration::from_secs(30), || {
+        let ch = ch.clone();
+        async move { ch.client.query("SELECT count() FROM keyed FINAL").fetch_one::<u64>().await.unwrap_or(0) == 2 }
+    })
+    .await;
+    exec(
+        &pool,
+        "ALTER TABLE keyed DROP CONSTRAINT keyed_pkey, ADD PRIMARY KEY (id, v); UPDATE keyed SET v = 'c' WHERE id = 1",
+    )
+    .await;
+    let out = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        loop {
+            if running.try_wait().unwrap().is_some() || started.elapsed() > Duration::from_secs(60) {
+                let _ = running.kill();
+                return running.wait_with_output().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "run stops the table:\n{err}");
+    assert!(err.contains("primary key changed from (id) to (id,v)"), "{err}");
+    let out = env.run(&["run", "--once", "--table", "keyed"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("the primary key of PostgreSQL table public.keyed changed from (id) to (id, v)"), "{err}");
+}
+
+/// A table's topic depends on how many tables run together, so a run of
+/// another set than `init`'s would carry a table on another topic (and its
+/// consumers would read another log): such a run is refused for that
+/// table, naming both topics; `init` with the new set moves it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_that_would_move_a_table_to_another_topic_is_refused() {
+    let env = TestEnv::new("topicset").await;
+    let pool = env.pg().await;
+    exec(
+        &pool,
+        "CREATE TABLE one (id int PRIMARY KEY); CREATE TABLE two (id int PRIMARY KEY); INSERT INTO one VALUES (1)",
+    )
+    .await;
+    env.ok(&["init", "--table", "one", "--table", "two"]);
+    let out = env.run(&["run", "--once", "--table", "one"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let topic = &env.settings.kafka.topic;
+    assert!(
+        err.contains(&format!(
+            "set up by `pg2ch init` on topic \"{topic}.one\", but this run would carry it on topic \"{topic}\""
+        )),
+        "{err}"
+    );
+    // verify of one table of the set reads no topic: allowed.
+    env.ok(&["run", "--once", "--table", "one", "--table", "two"]);
+    assert!(env.ok(&["verify", "--table", "one"]).contains("verify: OK"));
+    // init with the new set moves the table, saying so.
+    let out = env.run(&["init", "--table", "one"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("moves from topic"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.ok(&["run", "--once", "--table", "one"]);
 }

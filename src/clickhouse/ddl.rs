@@ -265,11 +265,19 @@ impl ClickHouse {
 
     /// [`sync_table`](Self::sync_table) without changing anything: a
     /// column still to be added is an error too.
+    /// Whether the table exists in ClickHouse.
+    pub async fn table_exists(&self, schema: &TableSchema) -> anyhow::Result<bool> {
+        Ok(self.engine(&schema.name).await?.is_some())
+    }
+
     pub async fn check_table(&self, schema: &TableSchema) -> anyhow::Result<()> {
         self.compare_table(schema, false).await.map(|_| ())
     }
 
-    async fn compare_table(&self, schema: &TableSchema, add: bool) -> anyhow::Result<Vec<String>> {
+    /// Fails, naming the table, unless it exists and keeps one row per key,
+    /// the highest `_pg2ch_version` (its columns are not compared: see
+    /// [`check_table`](Self::check_table)).
+    pub async fn check_engine(&self, schema: &TableSchema) -> anyhow::Result<()> {
         let name = &schema.name;
         let db = &self.database;
         let Some((engine, full)) = self.engine(name).await? else {
@@ -290,6 +298,13 @@ impl ClickHouse {
                  and `verify --repair`)"
             )));
         }
+        Ok(())
+    }
+
+    async fn compare_table(&self, schema: &TableSchema, add: bool) -> anyhow::Result<Vec<String>> {
+        let name = &schema.name;
+        let db = &self.database;
+        self.check_engine(schema).await?;
         let existing = self.columns(name).await?;
         // Every check first; columns are added only when all pass.
         let mut to_add: Vec<(String, Vec<ChColumn>)> = Vec::new();

@@ -142,6 +142,16 @@ impl ClickHouse {
         self.scalar(&format!("SELECT count() FROM {}", self.readable(&schema.name))).await
     }
 
+    /// The highest version any row of the table carries (0 when empty).
+    pub async fn max_version(&self, schema: &TableSchema) -> anyhow::Result<u64> {
+        self.scalar(&format!(
+            "SELECT toUInt64(max({})) FROM {}",
+            crate::config::ch_ident(crate::schema::CH_VERSION),
+            self.readable(&schema.name)
+        ))
+        .await
+    }
+
     /// Live keys, as `FINAL` shows them.
     pub async fn final_count(&self, schema: &TableSchema) -> anyhow::Result<u64> {
         self.scalar(&format!(

@@ -93,6 +93,11 @@ fn fatal(e: &anyhow::Error) -> bool {
 /// is published and flagged at most once per `coalesce`, and each claim
 /// carries what the window gathered. A backlog is not slowed: a full claim
 /// does not end its pass, and the next claim follows at once.
+///
+/// While the table's initial load lasts, the producer carries its chunks
+/// between claims: after each claim, chunks until the window is over, then
+/// the next claim. Changes made meanwhile keep flowing at the usual pace,
+/// and `once` goes on until the load is over and a pass found nothing more.
 pub async fn produce<S: SourceTable, L: EventLog, W: Waits>(
     p: &mut Producer<S, L>,
     faults: &dyn Faults,
@@ -103,9 +108,36 @@ pub async fn produce<S: SourceTable, L: EventLog, W: Waits>(
 ) -> anyhow::Result<usize> {
     let mut moved = 0;
     let mut backoff = Backoff::new(what);
+    // When the last claim began, and whether the last step was a claim:
+    // while an initial load lasts, chunks fill the windows between claims
+    // (one chunk at least after each claim).
+    let mut last_claim: Option<Duration> = None;
+    let mut claimed_last = false;
     while !waits.stopping() {
         let passes = p.passes();
         let began = waits.now();
+        let window = last_claim.is_some_and(|at| claimed_last || began.saturating_sub(at) < coalesce);
+        if p.loading() && window {
+            claimed_last = false;
+            let Some(step) = waits.step(p.load_step(faults)).await else { break };
+            match step {
+                Ok(loaded) => {
+                    backoff.ok();
+                    moved += loaded.unwrap_or(0);
+                    if loaded.is_some_and(|n| n > 0) {
+                        waits.busy().await;
+                    }
+                }
+                Err(e) if once || fatal(&e) => return Err(e),
+                Err(e) => {
+                    let d = backoff.failed(&e);
+                    waits.pause(d).await;
+                }
+            }
+            continue;
+        }
+        last_claim = Some(began);
+        claimed_last = true;
         let Some(step) = waits.step(p.step(faults)).await else { break };
         match step {
             Ok(ProduceStep::Moved(n)) => {
@@ -117,10 +149,10 @@ pub async fn produce<S: SourceTable, L: EventLog, W: Waits>(
                 }
                 // One pass finds every change committed before it began; a
                 // second would only rescan what the first left behind.
-                if once && p.passes() > 0 {
+                if once && p.passes() > 0 && !p.loading() {
                     break;
                 }
-                if p.passes() > passes {
+                if p.passes() > passes && !p.loading() {
                     if n > 0 {
                         // The load goes on, most likely: gather its changes
                         // for the window, then claim them at once.
@@ -135,6 +167,7 @@ pub async fn produce<S: SourceTable, L: EventLog, W: Waits>(
                     }
                 }
             }
+            Ok(ProduceStep::Idle) if p.loading() => backoff.ok(),
             Ok(ProduceStep::Idle) => {
                 backoff.ok();
                 if once {

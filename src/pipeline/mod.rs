@@ -354,6 +354,8 @@ pub struct Producer<S, L> {
     lane: u64,
     /// Rows to claim next (see [`ProducerConfig::batch_bytes`]).
     limit: usize,
+    /// Whether chunks of an initial load may be left.
+    loading: bool,
 }
 
 impl<S: SourceTable, L: EventLog> Producer<S, L> {
@@ -361,7 +363,7 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
         let cursor = Cursor::default();
         let lane = cursor.new_lane();
         let limit = FIRST_CLAIM_ROWS.clamp(1, config.batch_rows.max(1));
-        Producer { source, log, schema, config, cursor, lane, limit }
+        Producer { source, log, schema, config, cursor, lane, limit, loading: true }
     }
 
     /// Passes over the table completed by this producer and those sharing
@@ -424,22 +426,58 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
         let high = claim.horizon.as_ref().map_or(last, |h| h.min(last)).clone();
         let _hold = Hold::new(&self.cursor, self.lane, claim.items[*first].key.clone(), high);
         drop(turn);
+        let moved = self.carry(claim, &mine, Some(limit), faults).await?;
+        metrics::histogram!("pg2ch_produce_batch_seconds").record(started.elapsed().as_secs_f64());
+        Ok(ProduceStep::Moved(moved))
+    }
+
+    /// Whether chunks of the table's initial load may still be left (true
+    /// until a [`load_step`](Self::load_step) finds none).
+    pub fn loading(&self) -> bool {
+        self.loading
+    }
+
+    /// Carries one chunk of the table's initial load: reads it, publishes
+    /// it, records it carried. Returns the rows published, or `None` when
+    /// no chunk is left to take (and [`loading`](Self::loading) turns false).
+    pub async fn load_step(&mut self, faults: &dyn Faults) -> anyhow::Result<Option<usize>> {
+        let Some(chunk) = self.source.load().await? else {
+            self.loading = false;
+            return Ok(None);
+        };
+        metrics::counter!("pg2ch_rows_loaded_total").increment(chunk.len() as u64);
+        let all: Vec<usize> = (0..chunk.len()).collect();
+        self.carry(chunk, &all, None, faults).await.map(Some)
+    }
+
+    /// Publishes the items `mine` of the open claim (or chunk), then flags
+    /// them and commits; a claim's `limit` sizes the next claim. Returns the
+    /// items published.
+    async fn carry(
+        &mut self,
+        claim: crate::stores::Claim,
+        mine: &[usize],
+        limit: Option<usize>,
+        faults: &dyn Faults,
+    ) -> anyhow::Result<usize> {
         faults.at(CrashPoint::AfterClaim)?;
         let Encoded { keys, published, rejected, records, bytes } =
-            encode(&self.schema, claim, &mine, self.log.partitions());
-        self.limit = self.config.next_limit(limit, mine.len(), bytes);
+            encode(&self.schema, claim, mine, self.log.partitions());
+        if let Some(limit) = limit {
+            self.limit = self.config.next_limit(limit, mine.len(), bytes);
+        }
 
         #[cfg(any(test, feature = "broken-orderings"))]
         if self.config.ordering == Ordering::MarkBeforePublish {
             self.mark_and_commit(&keys, &published, &rejected, faults).await?;
             self.publish(records, faults).await?;
-            return Ok(ProduceStep::Moved(published.len()));
+            return Ok(published.len());
         }
 
         if let Err(e) = self.publish(records, faults).await {
             if !is_crash(&e) {
-                // Not acknowledged (or unknown): release the locks, keep
-                // the rows unsent. They go again on the next step.
+                // Not acknowledged (or unknown): end the claim, keep the
+                // rows unsent. They go again on the next step.
                 let _ = self.source.rollback().await;
             }
             return Err(e);
@@ -447,8 +485,7 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
         metrics::counter!("pg2ch_rows_published_total").increment(published.len() as u64);
         faults.at(CrashPoint::AfterAck)?;
         self.mark_and_commit(&keys, &published, &rejected, faults).await?;
-        metrics::histogram!("pg2ch_produce_batch_seconds").record(started.elapsed().as_secs_f64());
-        Ok(ProduceStep::Moved(published.len()))
+        Ok(published.len())
     }
 
     /// Flags the published items sent and the unrepresentable ones
@@ -499,9 +536,13 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
         Ok(())
     }
 
-    /// Runs steps until the table is drained. Returns the rows moved.
+    /// Carries the initial load's chunks, then runs steps until the table
+    /// is drained. Returns the rows moved.
     pub async fn drain(&mut self, faults: &dyn Faults) -> anyhow::Result<usize> {
         let mut moved = 0;
+        while let Some(n) = self.load_step(faults).await? {
+            moved += n;
+        }
         while let ProduceStep::Moved(n) = self.step(faults).await? {
             moved += n;
         }

@@ -75,8 +75,24 @@ async fn column_type(pool: &PgPool, oid: u32, typmod: i32, name: String) -> anyh
 /// The catalogue's fingerprint of a table's columns (pg2ch's own left out):
 /// what must not change under a running pipeline.
 pub const FINGERPRINT: &str = "SELECT coalesce(string_agg(attname || ':' || atttypid || ':' || atttypmod || ':' || attnotnull, ',' \
-     ORDER BY attnum), '') FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped \
-     AND attname <> ALL($2)";
+     ORDER BY attnum), '') || ';key=' || coalesce((SELECT string_agg(a.attname, ',' ORDER BY k.n) \
+     FROM pg_index x CROSS JOIN LATERAL unnest(x.indkey) WITH ORDINALITY k(attnum, n) \
+     JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.attnum \
+     WHERE x.indrelid = $1 AND x.indisprimary), '') FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 \
+     AND NOT attisdropped AND attname <> ALL($2)";
+
+/// The primary key's columns, in order, as the table has them now.
+pub async fn primary_key(pool: &PgPool, oid: u32) -> anyhow::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT a.attname::text FROM pg_index x CROSS JOIN LATERAL unnest(x.indkey) WITH ORDINALITY k(attnum, n)
+         JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.attnum
+         WHERE x.indrelid = $1 AND x.indisprimary ORDER BY k.n",
+    )
+    .bind(sqlx::postgres::types::Oid(oid))
+    .fetch_all(pool)
+    .await
+    .context("reading the primary key")
+}
 
 pub async fn fingerprint<'c>(db: impl sqlx::PgExecutor<'c>, oid: u32) -> anyhow::Result<String> {
     sqlx::query_scalar(FINGERPRINT)

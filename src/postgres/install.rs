@@ -62,7 +62,7 @@ pub async fn create_default(pool: &PgPool) -> anyhow::Result<()> {
 }
 
 /// A string literal for SQL text (standard-conforming: only quotes double).
-fn literal(s: &str) -> String {
+pub fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
@@ -138,6 +138,135 @@ pub const WAITING: &str = "CREATE UNLOGGED TABLE IF NOT EXISTS _pg2ch.waiting (
      channel text NOT NULL, pid int NOT NULL, since timestamptz NOT NULL DEFAULT now(),
      PRIMARY KEY (channel, pid))";
 
+/// The initial loads: one row per table whose existing rows are still
+/// being carried (`tab`, the table's oid), with what the progress figures
+/// need (`began`: when a producer took its first chunk); and the chunks left to carry, each a range of one relation's
+/// physical addresses (`first` to before `stop`) in the file it had when
+/// the chunk was made (`filenode`: a rewrite moves every row), held by the
+/// backend process carrying it (`taker`) until it is done.
+pub const LOADS: [&str; 2] = [
+    "CREATE TABLE IF NOT EXISTS _pg2ch.loads (
+         tab oid PRIMARY KEY, rows_estimate int8 NOT NULL, chunks int8 NOT NULL,
+         registered timestamptz NOT NULL DEFAULT now(), began timestamptz, finished timestamptz)",
+    "CREATE TABLE IF NOT EXISTS _pg2ch.load_chunks (
+         tab oid NOT NULL, relid oid NOT NULL, filenode oid NOT NULL, first tid NOT NULL, stop tid NOT NULL,
+         taker int, PRIMARY KEY (tab, relid, first))",
+];
+
+/// What `init` last set each table up with: its primary key (ClickHouse
+/// keeps one row per that key, its `ORDER BY`) and its topic. A start
+/// refuses a table whose key changed since, or that it would carry on
+/// another topic (one table runs on `KAFKA_TOPIC`, several each on
+/// `<KAFKA_TOPIC>.<table>`: a run of another set of tables would move it).
+pub const TABLES: &str =
+    "CREATE TABLE IF NOT EXISTS _pg2ch.tables (tab oid PRIMARY KEY, key text[] NOT NULL, topic text NOT NULL)";
+
+/// Records, at `init`, the table's primary key and topic: the key when
+/// none is recorded, or, with `new_sink` (its ClickHouse table is made
+/// now), whatever was; the topic always (saying so when it moves); then
+/// checks the record ([`check_table`]).
+pub async fn record_table(
+    pool: &PgPool,
+    oid: u32,
+    schema: &TableSchema,
+    topic: &str,
+    new_sink: bool,
+) -> anyhow::Result<()> {
+    let key = super::catalogue::primary_key(pool, oid).await?;
+    let before: Option<String> = sqlx::query_scalar("SELECT topic FROM _pg2ch.tables WHERE tab = $1")
+        .bind(sqlx::postgres::types::Oid(oid))
+        .fetch_optional(pool)
+        .await
+        .with_context(|| format!("reading what init recorded of {schema}"))?;
+    if let Some(before) = before.filter(|b| b != topic) {
+        tracing::warn!(
+            "{schema}: moves from topic {before:?} to {topic:?}; records of the old topic not yet written to \
+             ClickHouse are not read any more (drain it with `run --once` first)"
+        );
+    }
+    let sql = if new_sink {
+        "INSERT INTO _pg2ch.tables VALUES ($1, $2, $3) ON CONFLICT (tab) DO UPDATE SET key = EXCLUDED.key, topic = EXCLUDED.topic"
+    } else {
+        "INSERT INTO _pg2ch.tables VALUES ($1, $2, $3) ON CONFLICT (tab) DO UPDATE SET topic = EXCLUDED.topic"
+    };
+    sqlx::query(sql)
+        .bind(sqlx::postgres::types::Oid(oid))
+        .bind(&key)
+        .bind(topic)
+        .execute(pool)
+        .await
+        .with_context(|| format!("recording the primary key and topic of {schema}"))?;
+    check_table(pool, oid, schema, Some(topic)).await
+}
+
+/// Fails, for good and naming both, when the table's primary key is not
+/// the one `init` recorded, or `topic` (when given: a run that carries the
+/// table) not its topic (an install before the record: nothing to check).
+pub async fn check_table(pool: &PgPool, oid: u32, schema: &TableSchema, topic: Option<&str>) -> anyhow::Result<()> {
+    let registry: bool = sqlx::query_scalar("SELECT to_regclass('_pg2ch.tables') IS NOT NULL")
+        .fetch_one(pool)
+        .await
+        .context("looking up what init recorded")?;
+    if !registry {
+        return Ok(());
+    }
+    let recorded: Option<(Vec<String>, String)> = sqlx::query_as("SELECT key, topic FROM _pg2ch.tables WHERE tab = $1")
+        .bind(sqlx::postgres::types::Oid(oid))
+        .fetch_optional(pool)
+        .await
+        .context("reading what init recorded")?;
+    let Some((was, recorded_topic)) = recorded else { return Ok(()) };
+    let now = super::catalogue::primary_key(pool, oid).await?;
+    if was != now {
+        return Err(crate::stores::Permanent::error(format!(
+            "the primary key of PostgreSQL table {schema} changed from ({}) to ({}) since `pg2ch init`; ClickHouse \
+             keeps one row per the old key, so pg2ch stops this table: drop its ClickHouse table, run `pg2ch init` \
+             (which makes it anew by the new key) and `pg2ch verify --repair` (which sends every row again)",
+            was.join(", "),
+            now.join(", ")
+        )));
+    }
+    if let Some(topic) = topic.filter(|t| *t != recorded_topic) {
+        return Err(crate::stores::Permanent::error(format!(
+            "PostgreSQL table {schema} was set up by `pg2ch init` on topic {recorded_topic:?}, but this run would \
+             carry it on topic {topic:?} (one table runs on KAFKA_TOPIC, several each on <KAFKA_TOPIC>.<table>): \
+             run the tables `init` was given, or `pg2ch init` this set (after `run --once` drained the old topic)"
+        )));
+    }
+    Ok(())
+}
+
+/// Heap blocks per chunk of an initial load (2 MB of table).
+pub const CHUNK_BLOCKS: i64 = 256;
+
+/// Makes the chunks of the table `$1`'s initial load that cover every block
+/// of its relations holding rows (the table, its partitions, its inheritance
+/// children), or of the one relation `$3` when it is not NULL; `$2` blocks
+/// each, fewer where values stored out of line (TOAST) make the rows of a
+/// block bigger, so that a chunk holds about `$2` blocks of data. Run under
+/// a lock that keeps rows where they are (the `ALTER TABLE` of `init`), or
+/// when a relation's file was replaced (its rows may be anywhere now: all
+/// of it is carried again).
+pub const MAKE_CHUNKS: &str = concat!(
+    table_tree!(),
+    "INSERT INTO _pg2ch.load_chunks (tab, relid, filenode, first, stop)
+     SELECT $1, t.relid, pg_relation_filenode(t.relid), format('(%s,0)', b)::tid, format('(%s,0)', b + s.step)::tid
+     FROM tree t JOIN pg_class c ON c.oid = t.relid AND c.relkind = 'r'
+     CROSS JOIN LATERAL (SELECT pg_relation_size(t.relid) AS heap,
+                                coalesce(pg_relation_size(nullif(c.reltoastrelid, 0)), 0) AS toast) z
+     CROSS JOIN LATERAL (SELECT greatest(1, ($2 * z.heap / greatest(z.heap + z.toast, 1)))::int8 AS step) s
+     CROSS JOIN LATERAL generate_series(0::int8, z.heap / current_setting('block_size')::int8 - 1, s.step) b
+     WHERE $3::oid IS NULL OR t.relid = $3
+     ON CONFLICT DO NOTHING"
+);
+
+/// Registers the table `$1`'s initial load once its chunks are made.
+const REGISTER_LOAD: &str = "INSERT INTO _pg2ch.loads (tab, rows_estimate, chunks)
+     SELECT $1, coalesce((SELECT sum(greatest(c.reltuples, 0))::int8 FROM pg_class c
+                          WHERE c.oid IN (SELECT relid FROM _pg2ch.load_chunks WHERE tab = $1)), 0),
+            (SELECT count(*) FROM _pg2ch.load_chunks WHERE tab = $1)
+     ON CONFLICT (tab) DO NOTHING";
+
 /// `SECURITY DEFINER` with a `search_path` no caller can change.
 const DEFINER: &str = "SECURITY DEFINER SET search_path = pg_catalog, pg_temp";
 
@@ -182,6 +311,7 @@ pub async fn install(pool: &PgPool, oid: u32, schema: &TableSchema) -> anyhow::R
         schema.key_columns().map(|c| format!("OLD.{}", pg_ident(&c.name))).collect::<Vec<_>>().join(", ")
     );
     let tag = dollar_tag(&record_body);
+    rename_legacy_objects(pool, schema).await?;
     // pg2ch's own objects: nothing here locks the user's table.
     let mut own = vec![
         "CREATE SCHEMA IF NOT EXISTS _pg2ch".to_owned(),
@@ -189,6 +319,9 @@ pub async fn install(pool: &PgPool, oid: u32, schema: &TableSchema) -> anyhow::R
         // The consumer groups whose partition leases live here.
         super::lease::REGISTRY.to_owned(),
         WAITING.to_owned(),
+        LOADS[0].to_owned(),
+        LOADS[1].to_owned(),
+        TABLES.to_owned(),
         format!(
             "CREATE TABLE IF NOT EXISTS {} ({}, deleted_at timestamptz NOT NULL DEFAULT clock_timestamp(), PRIMARY KEY ({keys}))",
             outbox(schema),
@@ -215,7 +348,10 @@ pub async fn install(pool: &PgPool, oid: u32, schema: &TableSchema) -> anyhow::R
     // The columns and triggers: one short step under a lock timeout.
     let present = columns(pool, oid, schema).await?;
     let added = [
-        format!("{} BOOLEAN NOT NULL DEFAULT FALSE", pg_ident(SENT)),
+        // The rows already there read sent without being written (a
+        // catalogue-only default); the initial load carries them. Rows
+        // written from now on take the default set below: unsent.
+        format!("{} BOOLEAN NOT NULL DEFAULT TRUE", pg_ident(SENT)),
         // Why a row could not be sent; such rows are skipped by claims and reported.
         format!("{} TEXT", pg_ident(REJECTED)),
         // The version a row was last sent as (claims give versions).
@@ -230,13 +366,86 @@ pub async fn install(pool: &PgPool, oid: u32, schema: &TableSchema) -> anyhow::R
         .filter(|(name, _)| !present.iter().any(|p| p == name))
         .map(|(_, definition)| format!("ADD COLUMN IF NOT EXISTS {definition}"))
         .collect();
+    let loads = !present.iter().any(|p| p == SENT);
     let mut locked = Vec::new();
     if !missing.is_empty() {
-        locked.push(format!("ALTER TABLE {t} {}", missing.join(", ")));
+        locked.push(Step::Sql(format!("ALTER TABLE {t} {}", missing.join(", "))));
     }
-    locked.extend(triggers(pool, oid, schema).await?);
-    briefly_locked(pool, oid, schema, "adding pg2ch's columns and triggers", &locked).await?;
+    if loads {
+        locked.push(Step::Sql(format!("ALTER TABLE {t} ALTER COLUMN {} SET DEFAULT FALSE", pg_ident(SENT))));
+        locked.push(Step::Load);
+    }
+    locked.extend(triggers(pool, oid, schema).await?.into_iter().map(Step::Sql));
+    briefly_locked_steps(pool, oid, schema, "adding pg2ch's columns and triggers", &locked).await?;
+    if loads {
+        tracing::info!(
+            "{schema}: the rows already there are carried by the initial load of the next `run` or `produce`"
+        );
+    }
+    drop_legacy_function(pool, schema).await?;
     unsent_index(pool, oid, schema).await
+}
+
+/// One statement of a [`briefly_locked`] transaction.
+pub enum Step {
+    Sql(String),
+    /// Makes and registers the table's initial load (its rows stay put
+    /// while the transaction holds the table).
+    Load,
+}
+
+/// Makes the chunks of the table's initial load and registers it.
+async fn make_load(tx: &mut sqlx::PgConnection, oid: u32) -> Result<(), sqlx::Error> {
+    let oid = sqlx::postgres::types::Oid(oid);
+    sqlx::query(MAKE_CHUNKS)
+        .bind(oid)
+        .bind(CHUNK_BLOCKS)
+        .bind(None::<sqlx::postgres::types::Oid>)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(REGISTER_LOAD).bind(oid).execute(&mut *tx).await?;
+    Ok(())
+}
+
+/// Gives the objects an older pg2ch named differently (a long table name
+/// hashed with `DefaultHasher`) today's names: the outbox (with the
+/// deletions waiting in it) and its index. The old record function is
+/// dropped once the triggers call the new one ([`drop_legacy_function`]).
+async fn rename_legacy_objects(pool: &PgPool, schema: &TableSchema) -> anyhow::Result<()> {
+    let (Some(old), Some(old_keys)) = (super::legacy_own_name(schema, ""), super::legacy_own_name(schema, "_keys"))
+    else {
+        return Ok(());
+    };
+    let (old_table, new_table) = (format!("_pg2ch.{}", pg_ident(&old)), outbox(schema));
+    let (exists, taken): (bool, bool) =
+        sqlx::query_as("SELECT to_regclass($1) IS NOT NULL, to_regclass($2) IS NOT NULL")
+            .bind(&old_table)
+            .bind(&new_table)
+            .fetch_one(pool)
+            .await
+            .context("looking up an outbox an older pg2ch named")?;
+    if !exists || taken {
+        return Ok(());
+    }
+    tracing::info!("{schema}: renaming the outbox {old_table} an older pg2ch made to {new_table}");
+    let new_keys = pg_ident(&own_name(schema, "_keys"));
+    for sql in [
+        format!("ALTER TABLE {old_table} RENAME TO {}", pg_ident(&own_name(schema, ""))),
+        format!("ALTER INDEX IF EXISTS _pg2ch.{} RENAME TO {new_keys}", pg_ident(&old_keys)),
+    ] {
+        sqlx::query(&sql).execute(pool).await.with_context(|| format!("PostgreSQL init of {schema}: {sql}"))?;
+    }
+    Ok(())
+}
+
+/// Drops the record function an older pg2ch named differently, once no
+/// trigger calls it.
+async fn drop_legacy_function(pool: &PgPool, schema: &TableSchema) -> anyhow::Result<()> {
+    if let Some(old) = super::legacy_own_name(schema, "") {
+        let sql = format!("DROP FUNCTION IF EXISTS _pg2ch.{}()", pg_ident(&old));
+        sqlx::query(&sql).execute(pool).await.with_context(|| format!("PostgreSQL init of {schema}: {sql}"))?;
+    }
+    Ok(())
 }
 
 /// The names of the table's columns.
@@ -265,6 +474,18 @@ pub async fn briefly_locked(
     what: &str,
     statements: &[String],
 ) -> anyhow::Result<()> {
+    let steps: Vec<Step> = statements.iter().cloned().map(Step::Sql).collect();
+    briefly_locked_steps(pool, oid, schema, what, &steps).await
+}
+
+/// [`briefly_locked`] with steps that may make an initial load.
+pub async fn briefly_locked_steps(
+    pool: &PgPool,
+    oid: u32,
+    schema: &TableSchema,
+    what: &str,
+    statements: &[Step],
+) -> anyhow::Result<()> {
     if statements.is_empty() {
         return Ok(());
     }
@@ -279,9 +500,13 @@ pub async fn briefly_locked(
             .await
             .with_context(|| format!("{what} on {schema}: setting a lock timeout"))?;
         let mut failed = None;
-        for sql in statements {
-            if let Err(e) = sqlx::query(sql).execute(&mut *tx).await {
-                failed = Some((sql, e));
+        for step in statements {
+            let done = match step {
+                Step::Sql(sql) => sqlx::query(sql).execute(&mut *tx).await.map(|_| ()),
+                Step::Load => make_load(&mut tx, oid).await,
+            };
+            if let Err(e) = done {
+                failed = Some((step, e));
                 break;
             }
         }
@@ -320,7 +545,11 @@ pub async fn briefly_locked(
                 tokio::time::sleep(pause + jitter).await;
                 pause = (pause * 2).min(Duration::from_secs(2));
             }
-            Some((sql, e)) => {
+            Some((step, e)) => {
+                let sql = match step {
+                    Step::Sql(sql) => sql.as_str(),
+                    Step::Load => "making the initial load's chunks",
+                };
                 return Err(anyhow::Error::new(e))
                     .with_context(|| format!("{what} on {schema}: {}", sql.lines().next().unwrap_or(sql)));
             }
@@ -328,9 +557,27 @@ pub async fn briefly_locked(
     }
 }
 
-/// The name of a relation's partial index of unsent rows (in its schema).
+/// The name of a relation's partial index of unsent rows (in its schema):
+/// `<relation>_unsent_idx`, or, when that would pass 63 bytes, the
+/// relation's name cut and a stable hash of it (cut alone, two long names
+/// with one beginning would share an index name, and the second table's
+/// index would never be built).
 fn index_name(relation: &str) -> String {
-    format!("{relation}_unsent_idx").chars().take(63).collect()
+    let plain = format!("{relation}_unsent_idx");
+    if plain.len() <= 63 {
+        return plain;
+    }
+    let mut end = 30;
+    while !relation.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}_{:016x}_unsent_idx", &relation[..end], super::stable_hash(relation))
+}
+
+/// The name an older pg2ch gave a long relation's index: cut at 63 characters.
+fn legacy_index_name(relation: &str) -> Option<String> {
+    let legacy: String = format!("{relation}_unsent_idx").chars().take(63).collect();
+    (legacy != index_name(relation)).then_some(legacy)
 }
 
 /// One relation of a table's partition tree (the table itself at level 0).
@@ -463,6 +710,21 @@ async fn build_concurrently(
     schema: &TableSchema,
 ) -> anyhow::Result<()> {
     let index = node.index();
+    if let Some(legacy) = legacy_index_name(&node.name) {
+        let legacy = format!("{}.{}", pg_ident(&node.namespace), pg_ident(&legacy));
+        let ours: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_index x WHERE x.indexrelid = to_regclass($1) AND x.indrelid = $2)",
+        )
+        .bind(&legacy)
+        .bind(node.oid)
+        .fetch_one(pool)
+        .await
+        .context("looking up an index an older pg2ch named")?;
+        if ours && index_valid(pool, &index).await?.is_none() {
+            let sql = format!("ALTER INDEX {legacy} RENAME TO {}", pg_ident(&index_name(&node.name)));
+            briefly_locked(pool, node.oid.0, schema, "renaming the index an older pg2ch named", &[sql]).await?;
+        }
+    }
     match index_valid(pool, &index).await? {
         Some(true) => return Ok(()),
         Some(false) => {
@@ -523,17 +785,35 @@ pub fn grants(schema: &TableSchema, role: &str) -> Vec<String> {
             schema.pg_name()
         ),
         format!("GRANT USAGE ON SCHEMA _pg2ch TO {r}"),
-        format!("GRANT USAGE, SELECT ON SEQUENCE _pg2ch.versions TO {r}"),
+        // UPDATE: a start moves the sequence past ClickHouse's versions when behind.
+        format!("GRANT USAGE, SELECT, UPDATE ON SEQUENCE _pg2ch.versions TO {r}"),
         format!(
-            "GRANT SELECT, INSERT, UPDATE, DELETE ON _pg2ch.waiting, _pg2ch.consumer_groups, {} TO {r}",
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON _pg2ch.waiting, _pg2ch.consumer_groups, _pg2ch.loads, \
+             _pg2ch.load_chunks, {} TO {r}",
             outbox(schema)
         ),
+        format!("GRANT SELECT ON _pg2ch.tables TO {r}"),
     ]
 }
 
-/// Grants `role` what [`grants`] lists.
-pub async fn grant(pool: &PgPool, schema: &TableSchema, role: &str) -> anyhow::Result<()> {
-    for sql in grants(schema, role) {
+/// Grants `role` what [`grants`] lists, and reading the relations that
+/// hold the table's rows (its partitions, its inheritance children), which
+/// the initial load reads one by one.
+pub async fn grant(pool: &PgPool, oid: u32, schema: &TableSchema, role: &str) -> anyhow::Result<()> {
+    let mut statements = grants(schema, role);
+    let holders: Vec<String> = sqlx::query_scalar(concat!(
+        table_tree!(),
+        "SELECT t.relid::regclass::text FROM tree t JOIN pg_class c ON c.oid = t.relid
+         WHERE c.relkind = 'r' AND t.relid <> $1 ORDER BY t.relid"
+    ))
+    .bind(sqlx::postgres::types::Oid(oid))
+    .fetch_all(pool)
+    .await
+    .context("reading the partitions")?;
+    for name in holders {
+        statements.push(format!("GRANT SELECT ON {name} TO {}", pg_ident(role)));
+    }
+    for sql in statements {
         sqlx::query(&sql).execute(pool).await.with_context(|| format!("granting {role} what pg2ch needs: {sql}"))?;
     }
     Ok(())
@@ -559,19 +839,21 @@ async fn triggers(pool: &PgPool, oid: u32, schema: &TableSchema) -> anyhow::Resu
 pub async fn check_installed(pool: &PgPool, oid: u32, schema: &TableSchema) -> anyhow::Result<()> {
     let present = columns(pool, oid, schema).await?;
     let missing: Vec<&str> = OWN_COLUMNS.into_iter().filter(|c| !present.iter().any(|p| p == c)).collect();
-    let (outbox_exists, waiting_exists): (bool, bool) =
-        sqlx::query_as("SELECT to_regclass($1) IS NOT NULL, to_regclass('_pg2ch.waiting') IS NOT NULL")
-            .bind(outbox(schema))
-            .fetch_one(pool)
-            .await
-            .context("looking up the outbox of deleted keys")?;
+    let (outbox_exists, waiting_exists): (bool, bool) = sqlx::query_as(
+        "SELECT to_regclass($1) IS NOT NULL,
+                    to_regclass('_pg2ch.waiting') IS NOT NULL AND to_regclass('_pg2ch.load_chunks') IS NOT NULL",
+    )
+    .bind(outbox(schema))
+    .fetch_one(pool)
+    .await
+    .context("looking up the outbox of deleted keys")?;
     if !missing.is_empty() || !outbox_exists || !waiting_exists {
         let what = if !missing.is_empty() {
             format!("column(s) {}", missing.join(", "))
         } else if !outbox_exists {
             "its outbox of deleted keys".to_owned()
         } else {
-            "the registry of idle producers that an older pg2ch did not install".to_owned()
+            "the registries of idle producers and initial loads that an older pg2ch did not install".to_owned()
         };
         anyhow::bail!("PostgreSQL table {schema} lacks {what} (run `pg2ch init --table {schema}`)");
     }
@@ -628,5 +910,15 @@ mod tests {
         assert!(grants.iter().all(|g| g.ends_with("TO \"app \"\"x\"\"\"")), "{grants:?}");
         assert!(grants[1].starts_with("GRANT SELECT, UPDATE (\"sent_to_kafka\""), "{}", grants[1]);
         assert_eq!(dollar_tag("a $pg2ch0$ b"), "$pg2ch1$");
+    }
+
+    #[test]
+    fn long_relations_get_index_names_of_their_own() {
+        let (a, b) = (format!("{}_a", "p".repeat(60)), format!("{}_b", "p".repeat(60)));
+        assert_ne!(index_name(&a), index_name(&b), "a cut alone would make them one");
+        assert!(index_name(&a).len() <= 63);
+        assert_eq!(index_name("orders"), "orders_unsent_idx");
+        assert_eq!(legacy_index_name("orders"), None);
+        assert_eq!(legacy_index_name(&a).map(|n| n.len()), Some(63));
     }
 }

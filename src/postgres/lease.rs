@@ -44,7 +44,7 @@ pub const REGISTRY: &str = "CREATE TABLE IF NOT EXISTS _pg2ch.consumer_groups (
 
 /// The settings of a lease session: a peer gone from the network is noticed
 /// within seconds. (Its idle timeout is set once connected, by
-/// [`connect_session`]: servers before 14 do not know it.)
+/// `connect_session`: servers before 14 do not know it.)
 pub const SESSION_SETTINGS: [(&str, &str); 3] =
     [("tcp_keepalives_idle", "2"), ("tcp_keepalives_interval", "1"), ("tcp_keepalives_count", "3")];
 

@@ -10,6 +10,16 @@
 //! draw versions from, the trigger functions, and per source table an outbox
 //! of deleted keys.
 
+/// The SQL of a CTE `tree(relid)`: the table `$1` and every relation below
+/// it (partitions at any depth, inheritance children), for the queries
+/// about the relations that hold a table's rows.
+macro_rules! table_tree {
+    () => {
+        "WITH RECURSIVE tree(relid) AS (
+             SELECT $1::oid UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree t ON i.inhparent = t.relid) "
+    };
+}
+
 pub mod catalogue;
 pub mod install;
 pub mod lease;
@@ -40,6 +50,12 @@ pub fn connect_options(cfg: &PgConfig, settings: &[(&str, &str)]) -> PgConnectOp
         .database(&cfg.database)
         .application_name("pg2ch")
         .options([
+            // A peer gone from the network is noticed by the server within
+            // about half a minute, not the kernel's two hours: its locks and
+            // its transaction go then.
+            ("tcp_keepalives_idle", "15"),
+            ("tcp_keepalives_interval", "5"),
+            ("tcp_keepalives_count", "3"),
             // Timestamps without a zone are read as UTC, whatever the server's default.
             ("timezone", "UTC"),
             // An interval's text (how it travels) is ISO 8601.
@@ -66,6 +82,19 @@ pub fn connect_options(cfg: &PgConfig, settings: &[(&str, &str)]) -> PgConnectOp
 /// Without sequential scans the plans are the partial index and TID scans
 /// whatever the table's size when they were made.
 pub const PRODUCER_SETTINGS: [(&str, &str); 1] = [("enable_seqscan", "off")];
+
+/// [`PRODUCER_SETTINGS`], and server-side bounds of `timeout` (the call
+/// timeout): a producer's statement (a claim waiting behind a user's lock,
+/// say) and an open transaction left idle end on the server too, not only
+/// in pg2ch, which gives up on the call and drops the connection: a server
+/// backend waiting for a lock does not notice its client is gone.
+pub fn producer_settings(timeout: Duration) -> Vec<(&'static str, String)> {
+    let ms = timeout.as_millis().max(1).to_string();
+    let mut out: Vec<(&'static str, String)> = PRODUCER_SETTINGS.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
+    out.push(("statement_timeout", ms.clone()));
+    out.push(("idle_in_transaction_session_timeout", ms));
+    out
+}
 
 /// Opens a pool and proves the server answers and the password is right.
 pub async fn connect(cfg: &PgConfig, max_connections: u32, timeout: Duration) -> anyhow::Result<PgPool> {
@@ -103,23 +132,51 @@ pub fn classify(e: sqlx::Error) -> anyhow::Error {
 /// The schema holding pg2ch's own objects.
 pub const OWN_SCHEMA: &str = "_pg2ch";
 
-/// A name in schema `_pg2ch` derived from a source table: `schema.table`,
-/// cut and suffixed with a hash when it would pass PostgreSQL's 63 bytes
-/// (with `suffix`, which sets objects of one table apart).
+/// A stable 64-bit hash of a name: XXH64 with seed 0, whose values its
+/// specification fixes (pinned in a test), unlike the standard library's
+/// `DefaultHasher`, which may change between Rust releases.
+pub fn stable_hash(text: &str) -> u64 {
+    twox_hash::XxHash64::oneshot(0, text.as_bytes())
+}
+
+/// `text` cut to at most `bytes` bytes, at a character boundary.
+fn cut(text: &str, bytes: usize) -> &str {
+    let mut end = bytes.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// A name in schema `_pg2ch` derived from a source table: `schema.table`
+/// (with `suffix`, which sets objects of one table apart). When that would
+/// pass PostgreSQL's 63 bytes, or be ambiguous (a dot in the schema's or
+/// the table's name: `"a.b".c` and `a."b.c"` would both read `a.b.c`), it is
+/// cut and suffixed with a stable hash of the quoted, unambiguous name.
 pub fn own_name(schema: &TableSchema, suffix: &str) -> String {
     let base = format!("{}.{}", schema.namespace, schema.name);
-    let name = if base.len() + suffix.len() <= 63 {
+    let dotted = schema.namespace.contains('.') || schema.name.contains('.');
+    let name = if !dotted && base.len() + suffix.len() <= 63 {
         base
     } else {
-        let mut cut = 40;
-        while !base.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        std::hash::Hash::hash(&base, &mut h);
-        format!("{}_{:016x}", &base[..cut], std::hash::Hasher::finish(&h))
+        let quoted = format!("{}.{}", pg_ident(&schema.namespace), pg_ident(&schema.name));
+        format!("{}_{:016x}", cut(&base, 40), stable_hash(&quoted))
     };
     format!("{name}{suffix}")
+}
+
+/// The name an older pg2ch gave a table's objects when `schema.table` was
+/// too long (hashed with `DefaultHasher`), when it differs from today's:
+/// `init` renames what it finds under it.
+pub fn legacy_own_name(schema: &TableSchema, suffix: &str) -> Option<String> {
+    let base = format!("{}.{}", schema.namespace, schema.name);
+    if base.len() + suffix.len() <= 63 {
+        return None;
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(&base, &mut h);
+    let legacy = format!("{}_{:016x}{suffix}", cut(&base, 40), std::hash::Hasher::finish(&h));
+    (legacy != own_name(schema, suffix)).then_some(legacy)
 }
 
 /// The outbox of a table's deleted keys, quoted: `_pg2ch."public.orders"`.
@@ -201,6 +258,136 @@ pub async fn unsent(pool: &PgPool, schema: &TableSchema) -> anyhow::Result<Unsen
     Ok(Unsent { changes: rows.0 + deletes.0, oldest_seconds: oldest })
 }
 
+/// How far past a version seen downstream the version sequence is moved
+/// when it is behind: more than any number of versions claims could draw
+/// between reading the sequence and moving it, so that no version is
+/// handed out twice.
+pub const VERSION_MARGIN: i64 = 1_000_000;
+
+/// Makes the next version drawn exceed `highest` (the highest version a
+/// table's rows carry downstream): when the sequence is behind it (`DROP
+/// SCHEMA _pg2ch` and `init` again, a point-in-time restore, a failover
+/// that lost the sequence's last WAL, a logical-replication upgrade, which
+/// does not copy sequences), it is moved to [`VERSION_MARGIN`] past it, and
+/// the value before is returned.
+pub async fn keep_versions_above(pool: &PgPool, highest: u64) -> anyhow::Result<Option<i64>> {
+    let highest = i64::try_from(highest).context("ClickHouse holds a version beyond PostgreSQL's bigint")?;
+    let target = highest.checked_add(VERSION_MARGIN).context("ClickHouse holds a version at the end of bigint")?;
+    let moved: Option<(i64, i64)> =
+        sqlx::query_as("SELECT last_value, setval('_pg2ch.versions', $2) FROM _pg2ch.versions WHERE last_value < $1")
+            .bind(highest)
+            .bind(target)
+            .fetch_optional(pool)
+            .await
+            .context("moving the version sequence past the versions ClickHouse holds")?;
+    Ok(moved.map(|(before, _)| before))
+}
+
+/// How far a table's initial load is (the rows that were there when `init`
+/// added pg2ch, carried in chunks).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct LoadProgress {
+    /// The rows there were at `init`, as PostgreSQL's statistics estimated them.
+    pub rows_estimate: i64,
+    pub chunks: i64,
+    pub chunks_left: i64,
+    /// Seconds since a producer took its first chunk (to the end, once it
+    /// is finished); 0 before.
+    pub seconds: f64,
+    pub finished: bool,
+}
+
+impl LoadProgress {
+    /// The share of the chunks carried (0 to 1).
+    pub fn done(&self) -> f64 {
+        if self.chunks == 0 { 1.0 } else { (self.chunks - self.chunks_left) as f64 / self.chunks as f64 }
+    }
+
+    /// The figures in words, with a bar: share, rows, rate and time to go.
+    pub fn describe(&self) -> String {
+        let done = self.done();
+        let rows = (self.rows_estimate as f64 * done) as i64;
+        let rate = if self.seconds > 0.0 { rows as f64 / self.seconds } else { 0.0 };
+        let filled = (done * 20.0).round() as usize;
+        let bar = format!("[{}{}]", "#".repeat(filled), "-".repeat(20 - filled.min(20)));
+        if self.rows_estimate <= 0 {
+            // A table never analysed: no row count to go by.
+            return match self.finished {
+                true => format!("{bar} done: {} chunks in {:.1} s", self.chunks, self.seconds),
+                false => format!("{bar} {:.0}%: {} of {} chunks left", done * 100.0, self.chunks_left, self.chunks),
+            };
+        }
+        if self.finished {
+            return format!("{bar} done: about {} rows in {:.1} s", self.rows_estimate, self.seconds);
+        }
+        let eta = if rate > 0.0 {
+            format!(", about {:.0} s to go", (self.rows_estimate - rows).max(0) as f64 / rate)
+        } else {
+            String::new()
+        };
+        format!(
+            "{bar} {:.0}%: about {rows} of {} rows, {} of {} chunks left, {rate:.0} rows/s{eta}",
+            done * 100.0,
+            self.rows_estimate,
+            self.chunks_left,
+            self.chunks
+        )
+    }
+}
+
+/// The table's initial load, if `init` registered one.
+pub async fn load_progress(pool: &PgPool, oid: u32) -> anyhow::Result<Option<LoadProgress>> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('_pg2ch.loads') IS NOT NULL")
+        .fetch_one(pool)
+        .await
+        .context("looking up the initial loads")?;
+    if !exists {
+        return Ok(None);
+    }
+    let row: Option<(i64, i64, i64, f64, bool)> = sqlx::query_as(
+        "SELECT l.rows_estimate, l.chunks, (SELECT count(*) FROM _pg2ch.load_chunks c WHERE c.tab = l.tab),
+                coalesce(extract(epoch FROM coalesce(l.finished, now()) - l.began)::float8, 0),
+                l.finished IS NOT NULL
+         FROM _pg2ch.loads l WHERE l.tab = $1",
+    )
+    .bind(sqlx::postgres::types::Oid(oid))
+    .fetch_optional(pool)
+    .await
+    .context("reading the initial load's progress")?;
+    Ok(row.map(|(rows_estimate, chunks, chunks_left, seconds, finished)| LoadProgress {
+        rows_estimate,
+        chunks,
+        chunks_left,
+        seconds: seconds.max(0.0),
+        // No chunk left is done, whether or not a producer recorded it yet.
+        finished: finished || chunks_left == 0,
+    }))
+}
+
+/// pg2ch's row triggers that are disabled on the table or its inheritance
+/// children (`ALTER TABLE … DISABLE TRIGGER`): changes made meanwhile are
+/// never sent. As `relation.trigger`.
+pub async fn disabled_triggers(pool: &PgPool, oid: u32) -> anyhow::Result<Vec<String>> {
+    sqlx::query_scalar(concat!(
+        table_tree!(),
+        "SELECT t.relid::regclass::text || '.' || g.tgname FROM tree t JOIN pg_trigger g ON g.tgrelid = t.relid
+         WHERE g.tgname LIKE 'pg2ch\\_%' AND g.tgenabled = 'D' ORDER BY 1"
+    ))
+    .bind(sqlx::postgres::types::Oid(oid))
+    .fetch_all(pool)
+    .await
+    .context("reading whether pg2ch's triggers are enabled")
+}
+
+/// What to tell about `disabled` triggers ([`disabled_triggers`]).
+pub fn disabled_warning(disabled: &[String]) -> String {
+    format!(
+        "pg2ch's triggers are disabled ({}): changes made while they are are never sent; enable them, then \
+         `pg2ch verify --repair`",
+        disabled.join(", ")
+    )
+}
+
 /// How many rows are flagged rejected.
 pub async fn rejected_count<'c>(db: impl sqlx::PgExecutor<'c>, schema: &TableSchema) -> anyhow::Result<u64> {
     let count: i64 = sqlx::query_scalar(&format!(
@@ -275,5 +462,29 @@ mod tests {
         let b = own_name(&t("sales", &long), "_keys");
         assert!(a.len() <= 63 && b.len() <= 63 && a != b, "{a} {b}");
         assert_eq!(channel(&t("public", "user_logins")), "pg2ch_user_logins");
+        // Names a dot would make one: apart, and still short ones stay as they were.
+        let (x, y) = (own_name(&t("a.b", "c"), ""), own_name(&t("a", "b.c"), ""));
+        assert!(x != y && x.starts_with("a.b.c_") && y.starts_with("a.b.c_"), "{x} {y}");
+        assert_eq!(own_name(&t("public", "orders"), "_keys"), "public.orders_keys");
+        // Multi-byte characters are cut at a boundary.
+        let wide = own_name(&t("public", &"é".repeat(40)), "");
+        assert!(wide.len() <= 63, "{wide}");
     }
+
+    #[test]
+    fn the_hash_in_long_names_is_pinned() {
+        // Deletions wait in an outbox named with this hash: it must never
+        // change, whatever the toolchain. XXH64's reference values:
+        assert_eq!(stable_hash(""), 0xef46_db37_51d8_e999);
+        let t = TableSchema::new(
+            "public",
+            "x".repeat(60),
+            vec![Column { name: "id".into(), ty: PgType::Int8, nullable: false }],
+            vec![0],
+        );
+        assert_eq!(own_name(&t, ""), format!("public.{}_{:016x}", "x".repeat(33), PINNED_LONG));
+    }
+
+    /// The hash of `"public"."xxx…"` (60 x), as pg2ch names its objects.
+    const PINNED_LONG: u64 = 0x1085_cfe8_95d4_b762;
 }

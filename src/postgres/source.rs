@@ -69,6 +69,37 @@ struct Statements {
     reject_row: String,
     lock_deletes: String,
     drop_deletes: String,
+    read_chunk: String,
+}
+
+/// Takes the table `$1`'s next chunk of its initial load that no live
+/// session holds (one this session holds first: a chunk it rolled back).
+/// The first take also records when the load began, for its rate.
+const TAKE_CHUNK: &str = "WITH began AS (UPDATE _pg2ch.loads SET began = now() WHERE tab = $1 AND began IS NULL)
+     UPDATE _pg2ch.load_chunks c SET taker = pg_backend_pid()
+     FROM (SELECT x.relid, x.first FROM _pg2ch.load_chunks x
+           WHERE x.tab = $1 AND (x.taker IS NULL OR x.taker = pg_backend_pid()
+                 OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = x.taker))
+           ORDER BY x.taker IS NOT DISTINCT FROM pg_backend_pid() DESC, x.relid, x.first
+           LIMIT 1 FOR UPDATE SKIP LOCKED) f
+     WHERE c.tab = $1 AND c.relid = f.relid AND c.first = f.first
+     RETURNING c.relid, c.filenode, c.first, c.stop";
+
+/// Records a chunk carried (if this session still holds it).
+const FINISH_CHUNK: &str =
+    "DELETE FROM _pg2ch.load_chunks WHERE tab = $1 AND relid = $2 AND first = $3 AND taker = pg_backend_pid()";
+
+/// Records the load finished once no chunk is left: run when a take found
+/// none, after the session's own last chunk committed (a chunk another
+/// session is finishing is still there; that session's next take records it).
+const FINISHED: &str = "UPDATE _pg2ch.loads SET finished = now()
+     WHERE tab = $1 AND finished IS NULL AND NOT EXISTS (SELECT 1 FROM _pg2ch.load_chunks WHERE tab = $1)";
+
+/// A chunk of the initial load being carried: its relation and first address.
+#[derive(Debug, Clone, Copy)]
+struct Chunk {
+    relid: u32,
+    first: Tid,
 }
 
 impl Statements {
@@ -118,12 +149,24 @@ impl Statements {
                 pg_ident(SENT),
                 pg_ident(VERSION)
             ),
-            reject_row: format!("UPDATE {t} SET {} = $3 WHERE tableoid = $1 AND ctid = $2", pg_ident(REJECTED)),
+            reject_row: format!(
+                "UPDATE {t} SET {} = FALSE, {} = $3 WHERE tableoid = $1 AND ctid = $2",
+                pg_ident(SENT),
+                pg_ident(REJECTED)
+            ),
             lock_deletes: format!(
                 "SELECT ctid, xmin::text::int8 FROM {} WHERE ctid = ANY($1) FOR UPDATE SKIP LOCKED",
                 outbox(schema)
             ),
             drop_deletes: format!("DELETE FROM {} WHERE ctid = ANY($1)", outbox(schema)),
+            // Every row in the chunk's addresses, whatever its flag: the
+            // rows already there read sent without having been carried.
+            read_chunk: format!(
+                "SELECT {}, s.tableoid, s.ctid, s.{}, s.xmin::text::int8 FROM ONLY {{relation}} s \
+                 WHERE s.ctid >= $1 AND s.ctid < $2",
+                columns.join(", "),
+                pg_ident(CHANGED_AT),
+            ),
         }
     }
 }
@@ -151,6 +194,8 @@ pub struct PgSource {
     open: Option<(u64, Vec<Address>)>,
     /// Whether the claim's flag transaction is open on `conn`.
     flagging: bool,
+    /// The chunk of the initial load the open claim is, if it is one.
+    chunk: Option<Chunk>,
 }
 
 impl PgSource {
@@ -162,7 +207,18 @@ impl PgSource {
         fingerprint: String,
     ) -> Self {
         let statements = Statements::new(&schema);
-        PgSource { schema, oid, options, timeout, statements, fingerprint, conn: None, open: None, flagging: false }
+        PgSource {
+            schema,
+            oid,
+            options,
+            timeout,
+            statements,
+            fingerprint,
+            conn: None,
+            open: None,
+            flagging: false,
+            chunk: None,
+        }
     }
 }
 
@@ -212,23 +268,133 @@ fn version_sql() -> String {
     )
 }
 
+/// Takes the table's claim lock and opens the claim's snapshot (the lock
+/// comes first: claims' snapshots follow the order of their versions).
+async fn begin_claim(conn: &mut PgConnection, oid: u32) -> anyhow::Result<()> {
+    sqlx::query("SELECT pg_advisory_lock($1, $2)").bind(CLAIM_LOCK_CLASS).bind(oid as i32).execute(&mut *conn).await?;
+    sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ").execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// [`version_sql`] on the claim's session: the version and the fingerprint.
+async fn draw_version(conn: &mut PgConnection, oid: u32) -> anyhow::Result<(i64, String)> {
+    let (version, _, now): (i64, bool, String) = sqlx::query_as(&version_sql())
+        .bind(CLAIM_LOCK_CLASS)
+        .bind(oid as i32)
+        .bind(Oid(oid))
+        .bind(&OWN_COLUMNS[..])
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(classify)?;
+    Ok((version, now))
+}
+
 impl SourceTable for PgSource {
+    async fn load(&mut self) -> anyhow::Result<Option<Claim>> {
+        if self.open.take().is_some() {
+            let _ = self.rollback_session().await;
+        }
+        self.chunk = None;
+        let (oid, statements, schema) = (self.oid, &self.statements, &self.schema);
+        let read = on_session(
+            &mut self.conn,
+            &self.options,
+            self.timeout,
+            "reading a chunk of the initial load",
+            async |conn| {
+                loop {
+                    let taken: Option<(Oid, Oid, Tid, Tid)> =
+                        sqlx::query_as(TAKE_CHUNK).bind(Oid(oid)).fetch_optional(&mut *conn).await.map_err(classify)?;
+                    let Some((relid, filenode, first, stop)) = taken else {
+                        sqlx::query(FINISHED).bind(Oid(oid)).execute(&mut *conn).await.map_err(classify)?;
+                        return Ok(None);
+                    };
+                    begin_claim(conn, oid).await?;
+                    // The relation that holds the chunk's rows, read alone (a
+                    // partitioned table's other partitions would each be scanned
+                    // over the same addresses: PostgreSQL does not prune by
+                    // `tableoid`).
+                    let relation = if relid.0 == oid {
+                        schema.pg_name()
+                    } else {
+                        sqlx::query_scalar::<_, String>("SELECT $1::regclass::text")
+                            .bind(relid)
+                            .fetch_one(&mut *conn)
+                            .await
+                            .map_err(classify)?
+                    };
+                    let rows = sqlx::query(&statements.read_chunk.replace("{relation}", &relation))
+                        .bind(first)
+                        .bind(stop)
+                        .fetch_all(&mut *conn)
+                        .await
+                        .map_err(classify)?;
+                    // Read under the lock the scan took: the file cannot change
+                    // until the transaction ends.
+                    let now: Option<Oid> = sqlx::query_scalar("SELECT pg_relation_filenode($1)")
+                        .bind(relid)
+                        .fetch_one(&mut *conn)
+                        .await
+                        .map_err(classify)?;
+                    if now != Some(filenode) {
+                        // The relation was rewritten (VACUUM FULL, CLUSTER, an
+                        // ALTER that rewrites): its rows may be anywhere now,
+                        // so all of it is carried again.
+                        sqlx::query("ROLLBACK").execute(&mut *conn).await?;
+                        sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+                            .bind(CLAIM_LOCK_CLASS)
+                            .bind(oid as i32)
+                            .execute(&mut *conn)
+                            .await?;
+                        tracing::info!(
+                            "a relation of the table was rewritten during its initial load; carrying all of it again"
+                        );
+                        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+                        sqlx::query("DELETE FROM _pg2ch.load_chunks WHERE tab = $1 AND relid = $2")
+                            .bind(Oid(oid))
+                            .bind(relid)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(classify)?;
+                        sqlx::query(super::install::MAKE_CHUNKS)
+                            .bind(Oid(oid))
+                            .bind(super::install::CHUNK_BLOCKS)
+                            .bind(relid)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(classify)?;
+                        tx.commit().await?;
+                        continue;
+                    }
+                    let (version, now) = draw_version(conn, oid).await?;
+                    sqlx::query("COMMIT").execute(&mut *conn).await?;
+                    return Ok(Some((rows, version as u64, now, Chunk { relid: relid.0, first })));
+                }
+            },
+        )
+        .await?;
+        let Some((rows, version, now, chunk)) = read else { return Ok(None) };
+        self.check_fingerprint(&now)?;
+        let claim = self.build(rows, (Vec::new(), Vec::new()), version, usize::MAX);
+        match &claim {
+            Ok(_) => self.chunk = Some(chunk),
+            Err(_) => self.conn = None,
+        }
+        claim.map(Some)
+    }
+
     async fn claim(&mut self, after: Option<&Key>, limit: usize) -> anyhow::Result<Claim> {
         if self.open.take().is_some() {
             // An earlier claim of this session was abandoned: end its flags.
             let _ = self.rollback_session().await;
         }
+        self.chunk = None;
         let which = usize::from(after.is_some());
         let k = self.schema.key.len();
         let (oid, schema, statements) = (self.oid, &self.schema, &self.statements);
         let (rows, deletes, version, now) =
             on_session(&mut self.conn, &self.options, self.timeout, "claiming unsent rows", async |conn| {
-                sqlx::query("SELECT pg_advisory_lock($1, $2)")
-                    .bind(CLAIM_LOCK_CLASS)
-                    .bind(oid as i32)
-                    .execute(&mut *conn)
-                    .await?;
-                sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ").execute(&mut *conn).await?;
+                begin_claim(conn, oid).await?;
                 let rows = bind_cursor(sqlx::query(&statements.claim_rows[which]).bind(limit as i64), schema, after)
                     .fetch_all(&mut *conn)
                     .await
@@ -249,28 +415,13 @@ impl SourceTable for PgSource {
                         .await
                         .map_err(classify)?
                 };
-                let (version, _, now): (i64, bool, String) = sqlx::query_as(&version_sql())
-                    .bind(CLAIM_LOCK_CLASS)
-                    .bind(oid as i32)
-                    .bind(Oid(oid))
-                    .bind(&OWN_COLUMNS[..])
-                    .fetch_one(&mut *conn)
-                    .await
-                    .map_err(classify)?;
+                let (version, now) = draw_version(conn, oid).await?;
                 // Nothing is held while the rows travel.
                 sqlx::query("COMMIT").execute(&mut *conn).await?;
                 Ok((rows, (deletes, live), version as u64, now))
             })
             .await?;
-        if now != self.fingerprint {
-            self.conn = None;
-            return Err(Permanent::error(format!(
-                "the columns of PostgreSQL table {} changed while pg2ch ran ({}); restart pg2ch, which adds new \
-                 columns to ClickHouse and refuses other changes by name",
-                self.schema,
-                describe_change(&self.fingerprint, &now)
-            )));
-        }
+        self.check_fingerprint(&now)?;
         let claim = self.build(rows, deletes, version, limit);
         if claim.is_err() {
             self.conn = None;
@@ -279,6 +430,10 @@ impl SourceTable for PgSource {
     }
 
     async fn mark_sent(&mut self, items: &[usize]) -> anyhow::Result<()> {
+        if self.chunk.is_some() && self.open.is_some() {
+            // A chunk's rows already read sent: its commit records it carried.
+            return Ok(());
+        }
         let (version, addresses) = self.open.clone().context("flagging rows sent without an open claim")?;
         let (rows, deleted) = split(&addresses, items.iter().copied())?;
         let statements = &self.statements;
@@ -369,16 +524,30 @@ impl SourceTable for PgSource {
 
     async fn commit(&mut self) -> anyhow::Result<()> {
         self.open.take().context("commit without an open claim")?;
-        if !std::mem::take(&mut self.flagging) {
+        let chunk = self.chunk.take();
+        if !std::mem::take(&mut self.flagging) && chunk.is_none() {
             return Ok(());
         }
+        let (oid, flagging) = (self.oid, &mut self.flagging);
         on_session(&mut self.conn, &self.options, self.timeout, "committing", async |conn| {
+            if let Some(chunk) = chunk {
+                begin_flags(conn, flagging).await?;
+                sqlx::query(FINISH_CHUNK)
+                    .bind(Oid(oid))
+                    .bind(Oid(chunk.relid))
+                    .bind(chunk.first)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(classify)?;
+            }
+            *flagging = false;
             Ok(sqlx::query("COMMIT").execute(&mut *conn).await.map(|_| ())?)
         })
         .await
     }
 
     async fn rollback(&mut self) -> anyhow::Result<()> {
+        self.chunk = None;
         if self.open.take().is_some() {
             self.rollback_session().await?;
         }
@@ -433,6 +602,20 @@ async fn lock_unchanged(
 }
 
 impl PgSource {
+    /// Fails, for good, when the table's columns changed since the start.
+    fn check_fingerprint(&mut self, now: &str) -> anyhow::Result<()> {
+        if now == self.fingerprint {
+            return Ok(());
+        }
+        self.conn = None;
+        Err(Permanent::error(format!(
+            "the columns of PostgreSQL table {} changed while pg2ch ran ({}); restart pg2ch, which adds new \
+             columns to ClickHouse and refuses other changes by name",
+            self.schema,
+            describe_change(&self.fingerprint, now)
+        )))
+    }
+
     async fn rollback_session(&mut self) -> anyhow::Result<()> {
         if self.conn.is_none() || !std::mem::take(&mut self.flagging) {
             return Ok(());
@@ -515,6 +698,11 @@ impl PgSource {
 
 /// What changed between two column fingerprints, in words naming the columns.
 pub fn describe_change(before: &str, after: &str) -> String {
+    let (before, key_before) = before.split_once(";key=").unwrap_or((before, ""));
+    let (after, key_after) = after.split_once(";key=").unwrap_or((after, ""));
+    if key_before != key_after {
+        return format!("its primary key changed from ({key_before}) to ({key_after})");
+    }
     let parse = |s: &str| -> BTreeMap<String, String> {
         s.split(',')
             .filter(|p| !p.is_empty())
@@ -585,7 +773,7 @@ impl ProducerLease {
 /// Counts notifications on a table's channel, for idle producers to wait
 /// on instead of sleeping a whole poll interval. A table's statement
 /// trigger notifies only while a producer is registered idle
-/// ([`RowsCommitted::register`]), so a busy producer costs the database's
+/// ([`IdleRegistry::register`]), so a busy producer costs the database's
 /// commits nothing. Lost notifications (a dropped connection; inserts into
 /// a partition directly, which do not fire the parent's statement trigger;
 /// a transaction whose last write came just before the registration and
@@ -696,6 +884,14 @@ impl RowsCommitted {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_changed_primary_key_is_named() {
+        assert_eq!(
+            describe_change("id:20:-1:true;key=id", "id:20:-1:true;key=id,at"),
+            "its primary key changed from (id) to (id,at)"
+        );
+    }
 
     #[test]
     fn a_changed_table_is_described_by_column() {

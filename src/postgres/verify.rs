@@ -29,6 +29,9 @@ pub struct PgVerifySide {
     schema: Arc<TableSchema>,
     /// Only the rows of one shard (index, shards) of a sharded cluster.
     shard: Option<(usize, usize)>,
+    /// Whether the table's initial load has chunks left: their rows read
+    /// sent without having been carried yet, and count as unsent.
+    loading: bool,
 }
 
 impl PgVerifySide {
@@ -37,7 +40,34 @@ impl PgVerifySide {
         for sql in ["SET plan_cache_mode = force_custom_plan", "SET jit = off"] {
             sqlx::query(sql).execute(&mut *conn).await.with_context(|| format!("PostgreSQL: {sql}"))?;
         }
-        Ok(PgVerifySide { conn, schema, shard: None })
+        let registry: bool = sqlx::query_scalar("SELECT to_regclass('_pg2ch.load_chunks') IS NOT NULL")
+            .fetch_one(&mut *conn)
+            .await
+            .context("PostgreSQL: looking up the initial loads")?;
+        let loading = registry
+            && sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM _pg2ch.load_chunks WHERE tab = to_regclass($1))",
+            )
+            .bind(schema.pg_name())
+            .fetch_one(&mut *conn)
+            .await
+            .context("PostgreSQL: looking up the table's initial load")?;
+        Ok(PgVerifySide { conn, schema, shard: None, loading })
+    }
+
+    /// Whether a row counts as sent, given columns naming its relation and
+    /// address: flagged, and not in a chunk of the initial load still to
+    /// carry.
+    fn sent_sql(&self, relation: &str, address: &str) -> String {
+        let sent = pg_ident(SENT);
+        if !self.loading {
+            return sent;
+        }
+        format!(
+            "({sent} AND NOT EXISTS (SELECT 1 FROM _pg2ch.load_chunks c WHERE c.tab = to_regclass({}) \
+             AND c.relid = {relation} AND {address} >= c.first AND {address} < c.stop))",
+            super::install::literal(&self.schema.pg_name())
+        )
     }
 
     /// The same side restricted to the rows that shard `index` of `shards`
@@ -48,13 +78,22 @@ impl PgVerifySide {
 
     /// `table` (the source table or its outbox), or only the shard's rows of it.
     fn rows_of(&self, table: String) -> String {
+        // While a load lasts, each row's relation and address as columns
+        // (`sent_sql` reads them; a subquery's `*` leaves them out).
+        let address = if self.loading { ", tableoid AS pg2ch_rel, ctid AS pg2ch_tid" } else { "" };
         match self.shard {
+            None if self.loading => format!("(SELECT *{address} FROM {table}) AS s"),
             None => table,
             Some((index, shards)) => format!(
-                "(SELECT * FROM {table} WHERE {} = {index}) AS shard",
+                "(SELECT *{address} FROM {table} WHERE {} = {index}) AS shard",
                 crate::checksum::shard_sql(&self.schema, shards)
             ),
         }
+    }
+
+    /// [`Self::sent_sql`] for rows read from [`Self::rows_of`].
+    fn sent_of_rows(&self) -> String {
+        self.sent_sql("pg2ch_rel", "pg2ch_tid")
     }
 
     fn columns(&self) -> String {
@@ -117,7 +156,7 @@ impl SourceSide for PgVerifySide {
     async fn summaries(&mut self, ranges: &[KeyRange]) -> anyhow::Result<Vec<SourceSummary>> {
         let (Some(first), Some(last)) = (ranges.first(), ranges.last()) else { return Ok(Vec::new()) };
         let t = self.rows_of(self.schema.pg_name());
-        let (sent, rejected) = (pg_ident(SENT), pg_ident(REJECTED));
+        let (sent, rejected) = (self.sent_of_rows(), pg_ident(REJECTED));
         let from = if self.schema.integer_key() {
             format!(
                 "(SELECT {} AS w, {} AS h, {sent} AS sent, {rejected} AS rejected FROM {t} WHERE {} BETWEEN $1 AND $2) x",
@@ -172,7 +211,7 @@ impl SourceSide for PgVerifySide {
         let sql = format!(
             "SELECT {}, {walk}, {}, {} IS NOT NULL, {} FROM {} WHERE {walk} BETWEEN $1 AND $2",
             self.columns(),
-            pg_ident(SENT),
+            self.sent_of_rows(),
             pg_ident(REJECTED),
             pg_ident(VERSION),
             self.rows_of(self.schema.pg_name())
@@ -237,12 +276,13 @@ impl SourceSide for PgVerifySide {
     async fn flag_unsent(&mut self, keys: &[Key]) -> anyhow::Result<Vec<Key>> {
         // SKIP LOCKED: a row a claim holds is left to that claim.
         let sql = format!(
-            "WITH free AS (SELECT tableoid, ctid FROM {t} WHERE {} AND ({sent} OR {rejected} IS NOT NULL)
+            "WITH free AS (SELECT tableoid, ctid FROM {t} WHERE {} AND ({counted} OR {rejected} IS NOT NULL)
                            FOR UPDATE SKIP LOCKED)
              UPDATE {t} u SET {sent} = FALSE, {rejected} = NULL FROM free
              WHERE u.tableoid = free.tableoid AND u.ctid = free.ctid RETURNING 1",
             self.key_match(1),
             t = self.schema.pg_name(),
+            counted = self.sent_sql("tableoid", "ctid"),
             sent = pg_ident(SENT),
             rejected = pg_ident(REJECTED)
         );

@@ -246,6 +246,7 @@ impl World {
             open: None,
             marked: Vec::new(),
             rejected: Vec::new(),
+            chunk: None,
         }
     }
 
@@ -307,6 +308,13 @@ impl World {
             }
         }
         values
+    }
+
+    /// Puts `n` rows in the table as if they were there when `init` ran,
+    /// to be carried by the initial load in chunks of `chunk_slots` slots.
+    pub fn preload(&self, n: usize, chunk_slots: u64) {
+        let rows = (0..n).map(|_| self.new_row()).collect();
+        self.table.borrow_mut().preload(rows, chunk_slots);
     }
 
     /// Inserts a row (not yet committed).
@@ -396,6 +404,22 @@ impl World {
             if let Some(why) = &row.rejected {
                 return Err(format!("row {k} is flagged both sent and rejected ({why})"));
             }
+            if table.pending_load(row.addr) {
+                // Sent by default, its chunk still to carry.
+                continue;
+            }
+            if row.version == 0 {
+                // Never written since init: its chunk published it as it is.
+                let published = table.claimed.iter().any(|((c, v), values)| {
+                    c == key && values.as_ref() == Some(&row.values) && logged.contains(&(key.clone(), *v))
+                });
+                if !published {
+                    return Err(format!(
+                        "row {k} was there at init and its chunk is done, but it is not in the log as it is"
+                    ));
+                }
+                continue;
+            }
             match table.claimed.get(&(key.clone(), row.version)) {
                 Some(Some(values)) if *values == row.values => {}
                 _ => {
@@ -421,6 +445,9 @@ impl World {
         let table = self.table.borrow();
         if let Some(key) = table.deletes.keys().next() {
             return Err(format!("the deletion of key {} is still unsent after draining", key_text(key)));
+        }
+        if let Some((chunk, _)) = table.chunks.iter().next() {
+            return Err(format!("the initial load's chunk at {chunk:?} is still to carry after draining"));
         }
         let mut expected = BTreeMap::new();
         for (key, row) in &table.committed {
@@ -607,6 +634,9 @@ pub struct Scenario {
     pub table: Arc<TableSchema>,
     /// Physical partitions of the source table (slots repeat across them).
     pub physical: i64,
+    /// Rows in the table when `init` ran, carried by the initial load in
+    /// chunks of this many slots.
+    pub preloaded: (usize, u64),
     pub actions: Vec<Action>,
 }
 
@@ -619,6 +649,7 @@ pub struct Orderings {
     pub blind_flags: bool,
     pub flags_by_key: bool,
     pub flags_by_slot: bool,
+    pub load_outranks: bool,
 }
 
 /// What a finished run looked like.
@@ -748,7 +779,9 @@ pub fn run(s: &Scenario, orderings: Orderings) -> Result<Outcome, String> {
         table.blind_flags = orderings.blind_flags;
         table.flags_by_key = orderings.flags_by_key;
         table.flags_by_slot = orderings.flags_by_slot;
+        table.load_outranks = orderings.load_outranks;
     }
+    world.preload(s.preloaded.0, s.preloaded.1);
     let producer_config =
         ProducerConfig { batch_rows: s.batch_rows, batch_bytes: s.batch_bytes, ordering: orderings.producer };
     let mut consumer_config = ConsumerConfig::all_partitions(s.partitions);

@@ -21,6 +21,13 @@
 //! row is still the one published), to show the property search catches
 //! each. A claim reads and draws its version in one step, as the real
 //! adapter does under its claim lock.
+//!
+//! The rows already there when `init` ran read sent without having been
+//! written (the real column's default, `TRUE`, as a catalogue-only change)
+//! and are carried by the initial load: chunks of slot ranges, each read as
+//! of one moment with a version drawn as a claim's, held by the session
+//! that took it until it commits or dies. A test-only variant
+//! ([`Table::load_outranks`]) gives a chunk a version above later claims'.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -94,6 +101,11 @@ pub struct Table {
     pub flags_by_key: bool,
     /// Test only: flag rows by (partition, slot), without their version.
     pub flags_by_slot: bool,
+    /// The initial load's chunks still to carry: (partition, first slot) →
+    /// the slot past the last, and the session holding it.
+    pub chunks: BTreeMap<(i64, u64), (u64, Option<u32>)>,
+    /// Test only: a chunk's version outranks the claims that follow it.
+    pub load_outranks: bool,
 }
 
 impl Table {
@@ -111,6 +123,53 @@ impl Table {
             blind_flags: false,
             flags_by_key: false,
             flags_by_slot: false,
+            chunks: BTreeMap::new(),
+            load_outranks: false,
+        }
+    }
+
+    /// The rows that were there when `init` ran: committed, reading sent
+    /// (version 0, never written), carried by chunks of `chunk_slots` slots
+    /// covering every slot they hold. A key that exists is skipped.
+    pub fn preload(&mut self, rows: Vec<Vec<Value>>, chunk_slots: u64) {
+        for values in rows {
+            let key = self.schema.key_of(&values);
+            if self.committed.contains_key(&key) {
+                continue;
+            }
+            let addr = self.new_addr(&key);
+            self.committed.insert(key, SimRow { values, sent: true, rejected: None, version: 0, addr });
+        }
+        let step = chunk_slots.max(1);
+        for partition in 0..self.partitions {
+            let end = self.committed.values().filter(|r| r.addr.0 == partition).map(|r| r.addr.1 + 1).max();
+            let mut first = 1;
+            while first < end.unwrap_or(0) {
+                self.chunks.insert((partition, first), (first + step, None));
+                first += step;
+            }
+        }
+    }
+
+    /// Whether a tuple at `addr` lies in a chunk still to carry.
+    pub fn pending_load(&self, addr: Addr) -> bool {
+        self.chunks
+            .range(..=(addr.0, addr.1))
+            .next_back()
+            .is_some_and(|((p, _), (end, _))| *p == addr.0 && addr.1 < *end)
+    }
+
+    /// Whether a row counts as sent: flagged, and not waiting for its chunk.
+    pub fn counts_sent(&self, row: &SimRow) -> bool {
+        row.sent && !self.pending_load(row.addr)
+    }
+
+    /// Lets go of the chunks `session` holds (it died, or its connection did).
+    fn free_chunks(&mut self, session: u32) {
+        for (_, taker) in self.chunks.values_mut() {
+            if *taker == Some(session) {
+                *taker = None;
+            }
         }
     }
 
@@ -228,6 +287,28 @@ impl Table {
         }
     }
 
+    /// Hands out a row in a claim (or chunk) at `version`: to send, or to
+    /// reject; and records what the claim publishes for its key (the row,
+    /// or, for a row that cannot travel, here or for its size, its deletion).
+    fn hand_out(
+        &mut self,
+        schema: &TableSchema,
+        key: Key,
+        row: &SimRow,
+        version: u64,
+        claim: &mut Claim,
+        items: &mut Vec<Item>,
+    ) {
+        let outcome = match schema.check_row(&row.values) {
+            Ok(()) => Outcome::Send(Change::upsert(row.values.clone(), version)),
+            Err(reason) => Outcome::Reject { reason, key: schema.key.iter().map(|i| row.values[*i].clone()).collect() },
+        };
+        let sent = Table::travels(schema, &row.values).is_ok().then(|| row.values.clone());
+        self.claimed.insert((key.clone(), version), sent);
+        items.push(Item::Row { key: key.clone(), addr: row.addr });
+        claim.items.push(Claimed { key, outcome });
+    }
+
     /// Whether every row could travel: the shared decision, then the size limit.
     pub fn travels(schema: &TableSchema, values: &[Value]) -> Result<(), String> {
         schema.check_row(values)?;
@@ -255,14 +336,57 @@ pub struct SimSource {
     pub(super) marked: Vec<Lockable>,
     /// What it locked to flag rejected, with the reason.
     pub(super) rejected: Vec<(Lockable, String)>,
+    /// The chunk the open claim is, if it is one.
+    pub(super) chunk: Option<(i64, u64)>,
 }
 
 impl SimSource {
-    fn abort(&mut self) {
+    /// Ends the open claim, if any (a rollback): the session lives on, and
+    /// keeps the chunk it took (its next chunk read takes it again).
+    fn end_claim(&mut self) {
         self.open = None;
+        self.chunk = None;
         self.marked.clear();
         self.rejected.clear();
         self.table.borrow_mut().release(self.session);
+    }
+
+    /// A failed call: the connection ends, and with it the session's locks
+    /// and its hold on a chunk.
+    fn abort(&mut self) {
+        self.end_claim();
+        self.table.borrow_mut().free_chunks(self.session);
+    }
+
+    /// Takes the first chunk no other session holds and reads it as one
+    /// claim: every row whose tuple lies in its slots, whatever its flag.
+    fn read_chunk(&mut self) -> Option<Claim> {
+        let mut table = self.table.borrow_mut();
+        let session = self.session;
+        let (&id, _) = table.chunks.iter().find(|(_, (_, taker))| taker.is_none_or(|t| t == session))?;
+        let end = {
+            let chunk = table.chunks.get_mut(&id).expect("found above");
+            chunk.1 = Some(session);
+            chunk.0
+        };
+        table.last_version += 1;
+        let version = if table.load_outranks { table.last_version + 1_000 } else { table.last_version };
+        let schema = table.schema.clone();
+        let rows: Vec<(Key, SimRow)> = table
+            .committed
+            .iter()
+            .filter(|(_, r)| r.addr.0 == id.0 && (id.1..end).contains(&r.addr.1))
+            .map(|(k, r)| (k.clone(), r.clone()))
+            .collect();
+        let mut claim = Claim { version, items: Vec::new(), horizon: None };
+        let mut items = Vec::new();
+        for (key, row) in rows {
+            table.hand_out(&schema, key, &row, version, &mut claim, &mut items);
+        }
+        self.open = Some((version, items));
+        self.chunk = Some(id);
+        self.chaos.note(&("chunk", self.session, id, claim.len()));
+        Some(claim)
     }
 
     /// The flag transaction's `SELECT … FOR NO KEY UPDATE SKIP LOCKED` of
@@ -331,20 +455,7 @@ impl SimSource {
         let mut items = Vec::new();
         for (key, what) in merged {
             match what {
-                Ok(row) => {
-                    let outcome = match schema.check_row(&row.values) {
-                        Ok(()) => Outcome::Send(Change::upsert(row.values.clone(), version)),
-                        Err(reason) => {
-                            Outcome::Reject { reason, key: schema.key.iter().map(|i| row.values[*i].clone()).collect() }
-                        }
-                    };
-                    // What this claim publishes for the key: the row, or (a
-                    // row that cannot travel, here or for its size) its deletion.
-                    let sent = Table::travels(&schema, &row.values).is_ok().then(|| row.values.clone());
-                    table.claimed.insert((key.clone(), version), sent);
-                    items.push(Item::Row { key: key.clone(), addr: row.addr });
-                    claim.items.push(Claimed { key, outcome });
-                }
+                Ok(row) => table.hand_out(&schema, key, &row, version, &mut claim, &mut items),
                 Err(tomb) => {
                     let outcome = if table.committed.contains_key(&key) {
                         Outcome::Superseded
@@ -365,14 +476,16 @@ impl SimSource {
 
 impl Drop for SimSource {
     fn drop(&mut self) {
-        self.table.borrow_mut().release(self.session);
+        let mut table = self.table.borrow_mut();
+        table.release(self.session);
+        table.free_chunks(self.session);
     }
 }
 
 impl SourceTable for SimSource {
     async fn claim(&mut self, after: Option<&Key>, limit: usize) -> anyhow::Result<Claim> {
         yield_now().await;
-        self.abort();
+        self.end_claim();
         if self.chaos.fails("pg.claim") {
             anyhow::bail!("simulated: claim failed");
         }
@@ -386,6 +499,23 @@ impl SourceTable for SimSource {
         Ok(claim)
     }
 
+    async fn load(&mut self) -> anyhow::Result<Option<Claim>> {
+        yield_now().await;
+        self.end_claim();
+        if self.table.borrow().chunks.is_empty() {
+            return Ok(None);
+        }
+        if self.chaos.fails("pg.load") {
+            self.abort();
+            anyhow::bail!("simulated: chunk read failed");
+        }
+        let chunk = self.read_chunk();
+        for _ in 0..self.chaos.below(8) {
+            yield_now().await;
+        }
+        Ok(chunk)
+    }
+
     async fn mark_sent(&mut self, items: &[usize]) -> anyhow::Result<()> {
         yield_now().await;
         if self.open.is_none() {
@@ -394,6 +524,10 @@ impl SourceTable for SimSource {
         if self.chaos.fails("pg.mark") {
             self.abort();
             anyhow::bail!("simulated: update failed");
+        }
+        if self.chunk.is_some() {
+            // A chunk's rows already read sent: nothing to write to them.
+            return Ok(());
         }
         let locked = self.lock_for_update(items)?;
         self.marked.extend(locked);
@@ -427,6 +561,11 @@ impl SourceTable for SimSource {
         let rejected = std::mem::take(&mut self.rejected);
         {
             let mut table = self.table.borrow_mut();
+            if let Some(id) = self.chunk.take()
+                && table.chunks.get(&id).is_some_and(|(_, taker)| *taker == Some(self.session))
+            {
+                table.chunks.remove(&id);
+            }
             // Each target is locked by this session: unchanged since it was.
             for target in &marked {
                 match target {
@@ -449,6 +588,7 @@ impl SourceTable for SimSource {
                         let fresh = table.new_addr(key);
                         if let Some(row) = table.committed.get_mut(key) {
                             row.rejected = Some(reason.clone());
+                            row.sent = false;
                             row.addr = fresh;
                         }
                     }
@@ -470,7 +610,7 @@ impl SourceTable for SimSource {
 
     async fn rollback(&mut self) -> anyhow::Result<()> {
         yield_now().await;
-        self.abort();
+        self.end_claim();
         Ok(())
     }
 }
@@ -511,7 +651,7 @@ impl SourceSide for SimVerifySource {
                 continue;
             }
             out[i].rows += 1;
-            if row.sent {
+            if table.counts_sent(row) {
                 out[i].sent += 1;
                 out[i].checksum += i128::from(checksum::row(&table.schema, &row.values));
             }
@@ -529,7 +669,7 @@ impl SourceSide for SimVerifySource {
                 walk: checksum::walk(&table.schema, &r.values),
                 key: key.clone(),
                 values: r.values.clone(),
-                state: match (&r.rejected, r.sent) {
+                state: match (&r.rejected, table.counts_sent(r)) {
                     (Some(_), _) => RowState::Rejected,
                     (None, true) => RowState::Sent(r.version),
                     (None, false) => RowState::Pending,
@@ -562,7 +702,7 @@ impl SourceSide for SimVerifySource {
         let mut table = self.0.borrow_mut();
         let mut flagged = Vec::new();
         for key in keys {
-            let done = |r: &SimRow| r.sent || r.rejected.is_some();
+            let done = |r: &SimRow| table.counts_sent(r) || r.rejected.is_some();
             if table.locked(&Lockable::Row(key.clone())) || !table.committed.get(key).is_some_and(done) {
                 continue;
             }

@@ -68,7 +68,7 @@ fn convenience(ty: &PgType, caps: &Capabilities, x: &str) -> (String, String) {
 }
 
 /// The ClickHouse columns of a PostgreSQL column, physical ones first, in
-/// the order [`write`] writes them.
+/// the order [`write()`] writes them.
 pub fn columns(name: &str, ty: &PgType, nullable: bool, caps: &Capabilities) -> Vec<ChColumn> {
     let quoted = crate::config::ch_ident(&value_column(name, ty));
     let mut out = Vec::new();

@@ -399,35 +399,46 @@ async fn drop_pg_database(admin: &PgPool, name: &str) {
     let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(admin).await;
 }
 
+/// The comment that marks a PostgreSQL database as a test's: the sweep
+/// drops no other, whatever its name.
+const TEST_MARK: &str = "pg2ch test database";
+
 /// Drops the namespaces earlier runs left behind: test databases whose
-/// process has gone (a failed test keeps its own until then). ClickHouse
-/// databases are listed first, so one created by a running test always has
-/// its PostgreSQL database in the list read after.
+/// process has gone (a failed test keeps its own until then). Only
+/// PostgreSQL databases a test created and marked ([`TEST_MARK`]) are
+/// dropped, and only the ClickHouse databases of their names (a group's
+/// view adds `_<group>`): a server the environment names that is not a
+/// test server loses nothing it did not get from a test.
 async fn sweep(settings: &Settings) {
-    let ch = ch_admin(&settings.ch).await;
-    let ch_names: Vec<String> = match &ch {
-        Some(ch) => ch
+    let Some(admin) = pg_admin(&settings.pg).await else { return };
+    let gone: Vec<String> = sqlx::query_scalar(
+        "SELECT datname FROM pg_database WHERE datname LIKE 't\\_%' AND shobj_description(oid, 'pg_database') = $1",
+    )
+    .bind(TEST_MARK)
+    .fetch_all(&admin)
+    .await
+    .unwrap_or_default()
+    .into_iter()
+    .filter(|n: &String| !process_alive(n))
+    .collect();
+    if gone.is_empty() {
+        return;
+    }
+    if let Some(ch) = ch_admin(&settings.ch).await {
+        let ch_names: Vec<String> = ch
             .client
             .query("SELECT name FROM system.databases WHERE startsWith(name, 't_')")
             .fetch_all::<String>()
             .await
-            .unwrap_or_default(),
-        None => vec![],
-    };
-    let Some(admin) = pg_admin(&settings.pg).await else { return };
-    let pg_names: Vec<String> = sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 't\\_%'")
-        .fetch_all(&admin)
-        .await
-        .unwrap_or_default();
-    let (gone, live): (Vec<String>, Vec<String>) = pg_names.into_iter().partition(|n| !process_alive(n));
+            .unwrap_or_default();
+        for name in ch_names {
+            if gone.iter().any(|g| name == *g || name.starts_with(&format!("{g}_"))) {
+                drop_ch_database(&ch, &name).await;
+            }
+        }
+    }
     for name in &gone {
         drop_pg_database(&admin, name).await;
-    }
-    let Some(ch) = ch else { return };
-    for name in ch_names {
-        if !live.iter().any(|l| name == *l || name.starts_with(&format!("{l}_"))) {
-            drop_ch_database(&ch, &name).await;
-        }
     }
 }
 
@@ -473,6 +484,10 @@ impl TestEnv {
             .execute(&admin)
             .await
             .expect("creating the test database");
+        sqlx::query(&format!("COMMENT ON DATABASE {name} IS '{TEST_MARK}'"))
+            .execute(&admin)
+            .await
+            .expect("marking the test database");
         let mut settings = base.clone();
         settings.pg.database = name.clone();
         settings.ch.database = name.clone();
