@@ -2,7 +2,7 @@
 //! moment it is readable in ClickHouse, while `pg2ch run` runs and rows are
 //! inserted at a steady rate (2,000 and 20,000 rows/s), and, in the same run,
 //! the floor of each stage a row passes through: one flag update, one produce
-//! round trip, one fetch, one ClickHouse insert. The goal (issue 14): p99 at
+//! round trip, one fetch, one ClickHouse insert. The goal: p99 at
 //! most 50 ms at 2,000 rows/s and 100 ms at 20,000 rows/s, or at most 1.5
 //! times the sum of the floors where they make that impossible.
 //!

@@ -6,7 +6,7 @@
 //! (default 10,000,000) rows and a tenth of that; the peak RSS of every
 //! `verify` process is reported for both sizes.
 //!
-//! Goals (issue 15): at least 2M rows/s at 10M rows when the sides agree,
+//! Goals: at least 2M rows/s at 10M rows when the sides agree,
 //! and at most 64 MB peak RSS at any size.
 
 #[path = "../tests/common/mod.rs"]

@@ -26,6 +26,8 @@
 //! The walk coordinate `verify` splits ranges by ([`walk_sql`]) is the key
 //! itself for a single integer key, else the same chain over the key's columns.
 
+pub use crate::types::checksum::{hash_bytes, hash_float8, hash_int8};
+
 use crate::config::pg_ident;
 use crate::schema::TableSchema;
 use crate::types::{self, Value};
@@ -132,105 +134,6 @@ pub fn shard(schema: &TableSchema, values: &[Value], shards: usize) -> usize {
 pub fn shard_sql(schema: &TableSchema, shards: usize) -> String {
     let n = shards.max(1);
     format!("((({}) % {n}) + {n}) % {n}", key_hash_sql(schema))
-}
-
-/// `hashfloat8extended`: zero (either sign) hashes to the seed itself, every
-/// NaN as one NaN, any other value as its 8 bytes.
-pub fn hash_float8(x: f64, seed: u64) -> u64 {
-    if x == 0.0 {
-        return seed;
-    }
-    let x = if x.is_nan() { f64::NAN } else { x };
-    hash_bytes(&x.to_le_bytes(), seed)
-}
-
-/// `hashint8extended`: folds the high half into the low one (the way
-/// PostgreSQL keeps int2, int4 and int8 hashes equal for equal values) and
-/// hashes that word.
-pub fn hash_int8(value: i64, seed: u64) -> u64 {
-    let high = (value >> 32) as u32;
-    let low = value as u32 ^ if value >= 0 { high } else { !high };
-    let mut s = State::new(4, seed);
-    s.a = s.a.wrapping_add(low);
-    s.finish()
-}
-
-/// `hash_bytes_extended`, which `hashtextextended` applies to a text's bytes.
-pub fn hash_bytes(bytes: &[u8], seed: u64) -> u64 {
-    let mut s = State::new(bytes.len() as u32, seed);
-    let mut blocks = bytes.chunks_exact(12);
-    for block in &mut blocks {
-        s.a = s.a.wrapping_add(le32(&block[0..4]));
-        s.b = s.b.wrapping_add(le32(&block[4..8]));
-        s.c = s.c.wrapping_add(le32(&block[8..12]));
-        s.mix();
-    }
-    // The last 0-11 bytes, zero-padded; the lowest byte of `c` stays free
-    // (lookup3 reserved it for the length).
-    let mut tail = [0u8; 12];
-    let rest = blocks.remainder();
-    tail[..rest.len()].copy_from_slice(rest);
-    s.a = s.a.wrapping_add(le32(&tail[0..4]));
-    s.b = s.b.wrapping_add(le32(&tail[4..8]));
-    s.c = s.c.wrapping_add(le32(&tail[8..12]) << 8);
-    s.finish()
-}
-
-fn le32(b: &[u8]) -> u32 {
-    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
-}
-
-/// lookup3's three-word state.
-struct State {
-    a: u32,
-    b: u32,
-    c: u32,
-}
-
-impl State {
-    fn new(len: u32, seed: u64) -> Self {
-        let init = 0x9e37_79b9u32.wrapping_add(len).wrapping_add(3_923_095);
-        let mut s = State { a: init, b: init, c: init };
-        if seed != 0 {
-            // The seed counts as one more 12-byte block, its last word zero.
-            s.a = s.a.wrapping_add((seed >> 32) as u32);
-            s.b = s.b.wrapping_add(seed as u32);
-            s.mix();
-        }
-        s
-    }
-
-    fn mix(&mut self) {
-        let State { a, b, c } = self;
-        for (r1, r2, r3) in [(4, 6, 8), (16, 19, 4)] {
-            *a = a.wrapping_sub(*c) ^ c.rotate_left(r1);
-            *c = c.wrapping_add(*b);
-            *b = b.wrapping_sub(*a) ^ a.rotate_left(r2);
-            *a = a.wrapping_add(*c);
-            *c = c.wrapping_sub(*b) ^ b.rotate_left(r3);
-            *b = b.wrapping_add(*a);
-        }
-    }
-
-    /// The final mix; the 64-bit result is `b` above `c`.
-    fn finish(mut self) -> u64 {
-        let State { a, b, c } = &mut self;
-        *c ^= *b;
-        *c = c.wrapping_sub(b.rotate_left(14));
-        *a ^= *c;
-        *a = a.wrapping_sub(c.rotate_left(11));
-        *b ^= *a;
-        *b = b.wrapping_sub(a.rotate_left(25));
-        *c ^= *b;
-        *c = c.wrapping_sub(b.rotate_left(16));
-        *a ^= *c;
-        *a = a.wrapping_sub(c.rotate_left(4));
-        *b ^= *a;
-        *b = b.wrapping_sub(a.rotate_left(14));
-        *c ^= *b;
-        *c = c.wrapping_sub(b.rotate_left(24));
-        ((*b as u64) << 32) | *c as u64
-    }
 }
 
 #[cfg(test)]

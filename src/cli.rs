@@ -131,7 +131,7 @@ struct RunArgs {
     fetch_max_bytes: i32,
     /// Compression of produce requests. It saves network and broker disk at
     /// the cost of CPU here; with every service on one machine, none is
-    /// fastest (see README, Performance). The consumer reads every codec.
+    /// fastest (see docs/performance.md). The consumer reads every codec.
     #[arg(long, value_enum, default_value_t = Codec::None)]
     compression: Codec,
     /// Partitions this consumer reads (comma-separated; default all). There is

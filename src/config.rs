@@ -187,7 +187,7 @@ pub async fn bounded<T>(
     match tokio::time::timeout(limit, fut).await {
         Ok(result) => result,
         // The call may have acted before we stopped waiting for it.
-        Err(_) => Err(crate::stores::OutcomeUnknown::error(format!(
+        Err(_) => Err(crate::error::OutcomeUnknown::error(format!(
             "{} timed out after {:?} (outcome unknown)",
             what(),
             limit
@@ -217,7 +217,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_cut_by_its_timeout_has_an_unknown_outcome() {
-        use crate::stores::{ErrorKind, kind};
+        use crate::error::{ErrorKind, kind};
         let cut = bounded(|| "a slow call".into(), Duration::from_millis(1), async {
             tokio::time::sleep(Duration::from_secs(5)).await;
             Ok(())
@@ -232,9 +232,9 @@ mod tests {
         .await
         .unwrap_err();
         assert_eq!(kind(&refused), ErrorKind::Transient);
-        let gone = refused.context(crate::stores::Permanent("column dropped".into()));
+        let gone = refused.context(crate::error::Permanent("column dropped".into()));
         assert_eq!(kind(&gone), ErrorKind::Permanent, "a tag added as context counts");
-        let root = crate::stores::Permanent::error("column dropped").context("while flagging").context("in a step");
+        let root = crate::error::Permanent::error("column dropped").context("while flagging").context("in a step");
         assert_eq!(kind(&root), ErrorKind::Permanent, "context added on the way up keeps the tag");
     }
 

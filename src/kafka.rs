@@ -68,7 +68,7 @@ fn classify(e: rskafka::client::error::Error, topic: &str, partition: i32, offse
         Error::ServerError { protocol_error: ProtocolError::OffsetOutOfRange, .. } => Permanent::error(format!(
             "offset {} is outside partition {partition} of Kafka topic {topic:?} (OffsetOutOfRange): the \
              topic was deleted and created again, the broker lost its data, or retention removed records \
-             not yet read (use another KAFKA_GROUP or topic, see README: Failure modes)",
+             not yet read (use another KAFKA_GROUP or topic, see docs/failure-modes.md)",
             offset.unwrap_or(-1)
         )),
         Error::ServerError { protocol_error: ProtocolError::UnknownTopicOrPartition, .. } => {

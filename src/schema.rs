@@ -11,9 +11,8 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use crate::clickhouse::Capabilities;
 use crate::config::{ch_ident, pg_ident};
-use crate::types::clickhouse::ChColumn;
+use crate::types::clickhouse::{Capabilities, ChColumn};
 use crate::types::{self, Key, KeyPart, PgType, Value};
 
 /// pg2ch's own columns in the source table.

@@ -627,7 +627,7 @@ fn within_log(partition: i32, position: &Position, high_watermark: i64) -> anyho
         return Err(Permanent::error(format!(
             "stored position {} of partition {partition} is past the end of the log ({high_watermark}): \
              the topic was deleted and created again, or the broker lost its data; \
-             nothing was read (use another KAFKA_GROUP or topic, see README: Failure modes)",
+             nothing was read (use another KAFKA_GROUP or topic, see docs/failure-modes.md)",
             position.next
         )));
     }
@@ -770,7 +770,7 @@ impl<L: EventLog, K: Sink, G: Leases> Consumer<L, K, G> {
                     "partition {p} no longer holds, at offset {}, the record this consumer group read there: \
                      the topic was deleted and created again, or the broker lost its data; records of the \
                      new log from offset {start} on were not read (use another KAFKA_GROUP or topic, see \
-                     README: Failure modes)",
+                     docs/failure-modes.md)",
                     start - 1
                 )));
             }

@@ -445,6 +445,26 @@ impl sqlx::Decode<'_, sqlx::Postgres> for Tid {
     }
 }
 
+/// The values of the first columns of `row`, as `columns` type them.
+pub fn decode_row<'a>(
+    row: &sqlx::postgres::PgRow,
+    columns: impl Iterator<Item = &'a crate::schema::Column>,
+) -> anyhow::Result<Vec<crate::types::Value>> {
+    use anyhow::Context;
+    use sqlx::Row;
+    let mut values = Vec::new();
+    for (i, c) in columns.enumerate() {
+        let raw = row.try_get_raw(i)?;
+        let bytes = if sqlx::ValueRef::is_null(&raw) {
+            None
+        } else {
+            Some(raw.as_bytes().map_err(|e| anyhow::anyhow!("column {}: {e}", c.name))?)
+        };
+        values.push(crate::types::postgres::decode(&c.ty, bytes).with_context(|| format!("column {}", c.name))?);
+    }
+    Ok(values)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

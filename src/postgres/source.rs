@@ -43,6 +43,7 @@ use sqlx::postgres::types::Oid;
 use sqlx::postgres::{PgConnectOptions, PgRow};
 use sqlx::{ConnectOptions, Connection, PgConnection, Row};
 
+use super::decode_row;
 use super::install::order_by;
 use super::{Tid, classify, outbox};
 use crate::change::Change;
@@ -50,7 +51,7 @@ use crate::config::{bounded, pg_ident};
 use crate::schema::{CHANGED_AT, OWN_COLUMNS, REJECTED, SENT, TableSchema, VERSION};
 use crate::stores::{Claim, ClaimMode, Claimed, Outcome, Permanent, SourceTable};
 use crate::types::Key;
-use crate::types::postgres::{KeyParam, PgTimestamp, decode_row, select_expr};
+use crate::types::postgres::{KeyParam, PgTimestamp, select_expr};
 
 /// First key of the advisory locks pg2ch takes per table (the second is
 /// the table's oid): "pg2c".

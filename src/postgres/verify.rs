@@ -16,11 +16,12 @@ use sqlx::Postgres;
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
 
+use super::decode_row;
 use super::{classify, outbox};
 use crate::checksum::{row_sql, walk_sql};
 use crate::config::pg_ident;
 use crate::schema::{REJECTED, SENT, TableSchema, VERSION};
-use crate::types::postgres::{KeyParam, decode_row, select_expr};
+use crate::types::postgres::{KeyParam, select_expr};
 use crate::types::{Key, KeyPart, Value};
 use crate::verify::{Finding, KeyRange, RowState, SAMPLE, SourceRow, SourceSide, SourceSummary};
 

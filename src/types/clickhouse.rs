@@ -13,7 +13,50 @@
 
 use super::time::{PG_EPOCH_UNIX_DAYS, PG_EPOCH_UNIX_US};
 use super::{Array, PgType, Value};
-use crate::clickhouse::Capabilities;
+
+/// What the server can do, detected at start from its version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    pub version: (u32, u32),
+    /// `DateTime64` and `fromUnixTimestamp64Micro` (20.5 and later).
+    pub datetime64: bool,
+    /// `RowBinaryWithNamesAndTypes`, which the crate's schema validation needs.
+    pub validation: bool,
+    /// The `async_insert` setting (21.11 and later), pinned off.
+    pub async_insert: bool,
+    /// The `Bool` type (22.1 and later; `UInt8` before).
+    pub bool_type: bool,
+    /// The `Date32` type (21.9 and later; `Date` before).
+    pub date32: bool,
+    /// `ReplacingMergeTree(version, is_deleted)` (23.2 and later).
+    pub is_deleted: bool,
+}
+
+impl Capabilities {
+    pub const fn from_parts(major: u32, minor: u32) -> Self {
+        const fn at_least(version: (u32, u32), major: u32, minor: u32) -> bool {
+            version.0 > major || (version.0 == major && version.1 >= minor)
+        }
+        let v = (major, minor);
+        Capabilities {
+            version: v,
+            datetime64: at_least(v, 20, 5),
+            validation: major >= 24,
+            async_insert: at_least(v, 21, 11),
+            bool_type: at_least(v, 22, 1),
+            date32: at_least(v, 21, 9),
+            is_deleted: at_least(v, 23, 2),
+        }
+    }
+
+    pub fn from_version(text: &str) -> anyhow::Result<Self> {
+        let mut parts = text.trim().split('.').map(|p| p.parse::<u32>());
+        let (Some(Ok(major)), Some(Ok(minor))) = (parts.next(), parts.next()) else {
+            anyhow::bail!("cannot read ClickHouse version {text:?}");
+        };
+        Ok(Self::from_parts(major, minor))
+    }
+}
 
 /// One ClickHouse column: its name, type, and for a MATERIALIZED one the expression.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -391,7 +434,7 @@ impl<'a> Reader<'a> {
         if nullable && self.u8()? == 1 {
             return Ok(None);
         }
-        Ok(Some(crate::checksum::hash_bytes(self.bytes()?, seed)))
+        Ok(Some(super::checksum::hash_bytes(self.bytes()?, seed)))
     }
 
     /// Reads a PostgreSQL column's value from its physical columns.

@@ -5,25 +5,10 @@
 //! both sides ([`checksum`]). Adding a type means adding a [`PgType`]
 //! variant and an arm in each of those.
 //!
-//! | PostgreSQL | [`Value`] | message (JSON) | ClickHouse |
-//! |---|---|---|---|
-//! | `boolean` | `Bool` | `true` | `Bool` (`UInt8` before 22.1) |
-//! | `smallint`, `integer`, `bigint` | `Int` | number | `Int16`, `Int32`, `Int64` |
-//! | `real`, `double precision` | `Float4`, `Float8` | number; `"NaN"`, `"Infinity"`, `"-Infinity"` | `Float32`, `Float64` |
-//! | `numeric(p,s)`, p ≤ 38, 0 ≤ s ≤ p | `Numeric` | string, exact (`"12.50"`) | `Decimal(p,s)` (NaN rejected) |
-//! | `numeric`, other `numeric(p,s)` | `Numeric` | string, exact (`"NaN"`, `"Infinity"` too) | `String` |
-//! | `text`, `varchar(n)`, `char(n)`, `name` | `Text` | string (`char(n)` padded) | `String` |
-//! | `bytea` | `Bytea` | string, base64 | `String` (the bytes) |
-//! | `uuid` | `Uuid` | string | `UUID` |
-//! | `date` | `Date` | `"2024-05-01"` | `<c>_days Int32` (days since 1970) + `<c>` `Date32`/`Date` MATERIALIZED |
-//! | `timestamp`, `timestamptz` | `Timestamp` | `"2024-05-01T12:00:00.123456Z"` | `<c>_us Int64` (µs since 1970) + `<c>` `DateTime64(6, 'UTC')`/`DateTime` MATERIALIZED |
-//! | `time` | `Text` | `"04:05:06.789"` (PostgreSQL's text) | `String` |
-//! | `interval` | `Text` | ISO 8601, `"P1Y2M3DT4H5M6.789S"` | `String` |
-//! | `json`, `jsonb` | `Text` | string holding the document's text | `String` |
-//! | `inet`, `cidr` | `Text` | string (`"10.0.0.0/8"`) | `String` |
-//! | enum types | `Text` | string (the label) | `String` |
-//! | one-dimensional arrays of the above | `Array` | array | `Array(Nullable(T))`; a nullable column adds `<c>_null UInt8` |
-//! | anything else, with `--other-types text` | `Text` | its text form | `String` |
+//! The table of each type's form in the message and in ClickHouse, and of
+//! what cannot travel, is in `docs/types.md`, and only there: a test here
+//! checks that every [`PgType`] has its row in it and that the ClickHouse
+//! types that row names are the ones [`clickhouse::columns`] makes.
 //!
 //! A nullable column is `Nullable(T)` in ClickHouse (arrays: see above).
 //! What cannot travel is rejected per row, with the column and the reason:
@@ -527,6 +512,113 @@ mod tests {
             let dashed = format!("{}-{}-{}-{}-{}", &reference[0..8], &reference[8..12], &reference[12..16], &reference[16..20], &reference[20..32]);
             proptest::prop_assert_eq!(uuid_text(&u), dashed);
             proptest::prop_assert_eq!(parse_uuid(&uuid_text(&u)), Some(u));
+        }
+    }
+}
+
+/// `docs/types.md` checked against the code, so the table cannot drift.
+#[cfg(test)]
+mod docs_table {
+    use super::PgType;
+    use crate::clickhouse::Capabilities;
+
+    /// The first cell of the row of `docs/types.md` that describes `ty`. An
+    /// exhaustive match: a new variant does not compile until it has a row.
+    fn row_of(ty: &PgType) -> &'static str {
+        match ty {
+            PgType::Bool => "`boolean`",
+            PgType::Int2 | PgType::Int4 | PgType::Int8 => "`smallint`, `integer`, `bigint`",
+            PgType::Float4 | PgType::Float8 => "`real`, `double precision`",
+            PgType::Numeric(_) if ty.decimal().is_some() => "`numeric(p,s)`, p ≤ 38, 0 ≤ s ≤ p",
+            PgType::Numeric(_) => "`numeric`, any other `numeric(p,s)`",
+            PgType::Text | PgType::Bpchar => "`text`, `varchar(n)`, `char(n)`, `name`",
+            PgType::Bytea => "`bytea`",
+            PgType::Uuid => "`uuid`",
+            PgType::Date => "`date`",
+            PgType::Timestamp | PgType::Timestamptz => "`timestamp`, `timestamptz`",
+            PgType::Time => "`time`",
+            PgType::Interval => "`interval`",
+            PgType::Json | PgType::Jsonb => "`json`, `jsonb`",
+            PgType::Inet | PgType::Cidr => "`inet`, `cidr`",
+            PgType::Enum => "enum types",
+            PgType::Other(_) => "anything else, with `--other-types text`",
+            PgType::Array(_) => "one-dimensional arrays of the above",
+        }
+    }
+
+    /// One of each variant (both sides of the `Decimal` line for `numeric`).
+    fn samples() -> Vec<PgType> {
+        use PgType::*;
+        let scalars = vec![
+            Bool,
+            Int2,
+            Int4,
+            Int8,
+            Float4,
+            Float8,
+            Numeric(Some((12, 2))),
+            Numeric(Some((60, 2))),
+            Numeric(None),
+            Text,
+            Bpchar,
+            Bytea,
+            Uuid,
+            Date,
+            Timestamp,
+            Timestamptz,
+            Time,
+            Interval,
+            Json,
+            Jsonb,
+            Inet,
+            Cidr,
+            Enum,
+            Other("point".into()),
+        ];
+        let arrays: Vec<PgType> = scalars.iter().map(|t| Array(Box::new(t.clone()))).collect();
+        scalars.into_iter().chain(arrays).collect()
+    }
+
+    /// The table's rows: first cell to last cell.
+    fn rows() -> Vec<(&'static str, &'static str)> {
+        include_str!("../../docs/types.md")
+            .lines()
+            .filter_map(|l| l.strip_prefix("| ")?.strip_suffix(" |"))
+            .filter_map(|l| Some((l.split(" | ").next()?, l.rsplit(" | ").next()?)))
+            .collect()
+    }
+
+    /// A ClickHouse type as the table writes it: an array's element is `T`,
+    /// a decimal's precision and scale `p, s`.
+    fn as_documented(ty: &str) -> String {
+        if ty.starts_with("Array(Nullable(") {
+            return "Array(Nullable(T))".into();
+        }
+        match ty.find("Decimal(") {
+            Some(at) => format!("{}Decimal(p, s){}", &ty[..at], &ty[at + ty[at..].find(')').unwrap() + 1..]),
+            None => ty.to_owned(),
+        }
+    }
+
+    #[test]
+    fn every_type_has_a_row_naming_the_clickhouse_types_pg2ch_makes() {
+        let rows = rows();
+        for ty in samples() {
+            let Some(&(_, ch_cell)) = rows.iter().find(|(first, _)| *first == row_of(&ty)) else {
+                panic!("docs/types.md has no row {:?} for {ty:?}", row_of(&ty));
+            };
+            for caps in [Capabilities::from_parts(18, 16), Capabilities::from_parts(26, 9)] {
+                for column in super::clickhouse::columns("c", &ty, false, &caps) {
+                    let documented = as_documented(&column.ty);
+                    assert!(
+                        ch_cell.contains(&format!("{documented}`"))
+                            || ch_cell.contains(&format!("{documented})`"))
+                            || ch_cell.contains(&format!(" {documented}")),
+                        "docs/types.md's row for {ty:?} does not name {documented} (ClickHouse {:?}): {ch_cell}",
+                        caps.version
+                    );
+                }
+            }
         }
     }
 }

@@ -113,26 +113,6 @@ fn be<const N: usize>(bytes: &[u8], ty: &PgType) -> Result<[u8; N], WireError> {
     bytes.try_into().map_err(|_| wire_error(bytes, ty))
 }
 
-/// The values of the first columns of `row`, as `columns` type them.
-pub fn decode_row<'a>(
-    row: &sqlx::postgres::PgRow,
-    columns: impl Iterator<Item = &'a crate::schema::Column>,
-) -> anyhow::Result<Vec<Value>> {
-    use anyhow::Context;
-    use sqlx::Row;
-    let mut values = Vec::new();
-    for (i, c) in columns.enumerate() {
-        let raw = row.try_get_raw(i)?;
-        let bytes = if sqlx::ValueRef::is_null(&raw) {
-            None
-        } else {
-            Some(raw.as_bytes().map_err(|e| anyhow::anyhow!("column {}: {e}", c.name))?)
-        };
-        values.push(decode(&c.ty, bytes).with_context(|| format!("column {}", c.name))?);
-    }
-    Ok(values)
-}
-
 /// A column's value from its binary wire form (`None`: NULL).
 pub fn decode(ty: &PgType, bytes: Option<&[u8]>) -> Result<Value, WireError> {
     let Some(b) = bytes else { return Ok(Value::Null) };
