@@ -15,6 +15,7 @@ use rskafka::client::partition::{PartitionClient, UnknownTopicHandling};
 use rskafka::client::{Client, ClientBuilder};
 use rskafka::record::Record;
 
+use crate::change::MAX_MESSAGE_BYTES;
 use crate::config::{KafkaConfig, bounded};
 use crate::stores::{DeadLetter, EventLog, Fetched, FetchedRecord, LogRecord, Permanent};
 
@@ -228,7 +229,7 @@ impl EventLog for KafkaLog {
             headers: BTreeMap::new(),
             timestamp: now,
         });
-        self.produce(client, &self.topic, partition, records).await
+        self.produce(client, &self.topic, partition, records, self.compression).await
     }
 
     async fn fetch(&self, partition: i32, offset: i64, max_wait: Duration) -> anyhow::Result<Fetched> {
@@ -251,20 +252,42 @@ impl EventLog for KafkaLog {
             .as_ref()
             .with_context(|| format!("Kafka topic {dlq:?} does not exist (run `pg2ch init`)"))?;
         let now = chrono::Utc::now();
-        let records = letters.into_iter().map(|d| Record {
-            key: d.key,
-            value: d.value,
-            headers: BTreeMap::from([
-                ("pg2ch-reason".to_owned(), d.reason.into_bytes()),
-                ("pg2ch-source-topic".to_owned(), self.topic.clone().into_bytes()),
-                ("pg2ch-source-partition".to_owned(), d.partition.to_string().into_bytes()),
-                ("pg2ch-source-offset".to_owned(), d.offset.to_string().into_bytes()),
-            ]),
-            timestamp: now,
-        });
-        // In bounded requests: a fetch of poison can hold megabytes.
-        self.produce(client, &dlq, 0, records).await
+        let records = letters.into_iter().map(|d| letter_record(d, &self.topic, now));
+        // In bounded requests: a fetch of poison can hold megabytes. lz4
+        // whatever the producers' codec: letters are rare, and a foreign
+        // record can be far bigger than its compressed batch was.
+        self.produce(client, &dlq, 0, records, Compression::Lz4).await
     }
+}
+
+/// A dead letter as a record: its key and value as they came, with headers
+/// naming why and where from. A letter over [`MAX_MESSAGE_BYTES`] (a
+/// foreign record can be much bigger uncompressed than its compressed batch
+/// was, and a broker refuses it for ever) is cut to fit, value first, and
+/// says so in `pg2ch-truncated` with its original sizes.
+fn letter_record(d: DeadLetter, topic: &str, now: chrono::DateTime<chrono::Utc>) -> Record {
+    let mut headers = BTreeMap::from([
+        ("pg2ch-reason".to_owned(), d.reason.into_bytes()),
+        ("pg2ch-source-topic".to_owned(), topic.as_bytes().to_vec()),
+        ("pg2ch-source-partition".to_owned(), d.partition.to_string().into_bytes()),
+        ("pg2ch-source-offset".to_owned(), d.offset.to_string().into_bytes()),
+    ]);
+    let (mut key, mut value) = (d.key, d.value);
+    let len = |b: &Option<Vec<u8>>| b.as_ref().map_or(0, Vec::len);
+    // Room for the headers, the truncation header included.
+    let room = MAX_MESSAGE_BYTES.saturating_sub(headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() + 128);
+    if len(&key) + len(&value) > room {
+        let note = format!("key {} bytes, value {} bytes", len(&key), len(&value));
+        if let Some(k) = key.as_mut() {
+            k.truncate(room);
+        }
+        let left = room - len(&key);
+        if let Some(v) = value.as_mut() {
+            v.truncate(left);
+        }
+        headers.insert("pg2ch-truncated".to_owned(), note.into_bytes());
+    }
+    Record { key, value, headers, timestamp: now }
 }
 
 /// What a record costs in a produce request, near enough to bound it.
@@ -282,10 +305,11 @@ impl KafkaLog {
         topic: &str,
         partition: i32,
         records: impl IntoIterator<Item = Record>,
+        compression: Compression,
     ) -> anyhow::Result<()> {
         for batch in requests(records, record_size) {
             bounded(|| format!("producing to partition {partition} of {topic:?}"), self.timeout, async {
-                client.produce(batch, self.compression).await.map_err(|e| classify(e, topic, partition, None))
+                client.produce(batch, compression).await.map_err(|e| classify(e, topic, partition, None))
             })
             .await?;
         }
@@ -340,5 +364,33 @@ mod tests {
         }
         assert_eq!(split.len(), 5, "{split:?}");
         assert!(requests(Vec::<usize>::new(), |n| *n).is_empty());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::types::strategies::config(64))]
+        /// Whatever its size, a dead letter fits a broker's default limit,
+        /// keeps what fits unchanged, and says when it was cut.
+        #[test]
+        fn a_dead_letter_fits_the_broker_and_says_when_it_was_cut(
+            key_len in proptest::option::of(0usize..1_200_000),
+            value_len in proptest::option::of(0usize..3_000_000),
+            reason in ".{0,300}",
+        ) {
+            let key = key_len.map(|n| vec![b'k'; n]);
+            let value = value_len.map(|n| vec![b'v'; n]);
+            let letter = DeadLetter { partition: 3, offset: 42, key: key.clone(), value: value.clone(), reason };
+            let r = letter_record(letter, "t", chrono::Utc::now());
+            proptest::prop_assert!(record_size(&r) <= MAX_MESSAGE_BYTES + RECORD_OVERHEAD, "{} bytes", record_size(&r));
+            let cut = r.headers.get("pg2ch-truncated");
+            let whole = r.key == key && r.value == value;
+            proptest::prop_assert_eq!(cut.is_none(), whole);
+            proptest::prop_assert_eq!(r.key.is_some(), key.is_some());
+            proptest::prop_assert_eq!(r.value.is_some(), value.is_some());
+            if let Some(note) = cut {
+                let note = String::from_utf8(note.clone()).unwrap();
+                proptest::prop_assert_eq!(note, format!("key {} bytes, value {} bytes", key_len.unwrap_or(0), value_len.unwrap_or(0)));
+            }
+            proptest::prop_assert_eq!(&r.headers["pg2ch-source-offset"], b"42");
+        }
     }
 }

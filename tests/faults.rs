@@ -203,18 +203,34 @@ async fn poison_records_go_to_the_dead_letter_topic_and_good_ones_land() {
         })
         .collect();
     partition.produce(records, Compression::NoCompression).await.unwrap();
+    // A foreign record small in its lz4 batch, 3 MB once read: forwarded as
+    // it came, the broker would refuse it for ever.
+    let huge: Vec<u8> = b"{\"not a row\": true} ".iter().copied().cycle().take(3_000_000).collect();
+    let big = Record {
+        key: Some(b"junk".to_vec()),
+        value: Some(huge.clone()),
+        headers: Default::default(),
+        timestamp: Utc::now(),
+    };
+    partition.produce(vec![big], Compression::Lz4).await.unwrap();
     env.ok(&["seed", "--rows", "100"]); // good records after the poison
     env.ok(&["run", "--once"]);
 
     assert!(env.ok(&["verify"]).contains("verify: OK"), "the good records around the poison landed");
     let status: serde_json::Value = serde_json::from_str(&env.ok(&["status", "--json"])).unwrap();
-    assert_eq!(status["dead_letters"], 5, "{status}");
+    assert_eq!(status["dead_letters"], 6, "{status}");
     assert_eq!(status["partitions"][0]["lag"], 0, "the position moved past the poison: {status}");
 
     let dlq = env.foreign_partition(&pg2ch::kafka::dead_letter_topic(&env.name), 0).await;
     let (letters, _) = dlq.fetch_records(0, 1..1_000_000, 1000).await.unwrap();
-    assert_eq!(letters.len(), 5);
+    assert_eq!(letters.len(), 6);
+    let cut = &letters[5].record;
+    let note = String::from_utf8(cut.headers["pg2ch-truncated"].clone()).unwrap();
+    assert_eq!(note, "key 4 bytes, value 3000000 bytes");
+    let kept = cut.value.as_deref().unwrap();
+    assert!(kept.len() < 900_000 && huge.starts_with(kept), "cut to fit, the start kept: {} bytes", kept.len());
     for (letter, original) in letters.iter().zip(&junk) {
+        assert!(!letter.record.headers.contains_key("pg2ch-truncated"), "a small letter is whole");
         assert_eq!(letter.record.value.as_deref(), *original, "forwarded unchanged");
         assert_eq!(letter.record.key.as_deref(), Some(&b"junk"[..]));
         let header = |k: &str| String::from_utf8(letter.record.headers[k].clone()).unwrap();
