@@ -84,16 +84,16 @@ impl EventLog for NullLog {
     fn partitions(&self) -> i32 {
         4
     }
-    async fn append(&self, _: i32, _: Vec<LogRecord>) -> anyhow::Result<()> {
+    async fn append(&self, _: i32, _: Vec<LogRecord>) -> pg2ch::stores::StoreResult<()> {
         Ok(())
     }
-    async fn fetch(&self, _: i32, _: i64, _: Duration) -> anyhow::Result<Fetched> {
+    async fn fetch(&self, _: i32, _: i64, _: Duration) -> pg2ch::stores::StoreResult<Fetched> {
         Ok(Fetched::default())
     }
-    async fn record_at(&self, _: i32, _: i64) -> anyhow::Result<Option<pg2ch::stores::FetchedRecord>> {
+    async fn record_at(&self, _: i32, _: i64) -> pg2ch::stores::StoreResult<Option<pg2ch::stores::FetchedRecord>> {
         Ok(None)
     }
-    async fn dead_letter(&self, _: Vec<pg2ch::stores::DeadLetter>) -> anyhow::Result<()> {
+    async fn dead_letter(&self, _: Vec<pg2ch::stores::DeadLetter>) -> pg2ch::stores::StoreResult<()> {
         Ok(())
     }
 }

@@ -249,6 +249,9 @@ enum StackAction {
     },
     /// Stop what `up` started.
     Down,
+    /// Stop one service (postgres, clickhouse, broker, zookeeper, replica-N) to see how pg2ch meets an
+    /// outage; `up` starts it again.
+    Stop { service: crate::stack::Service },
     /// Print the environment for the stack.
     Env {
         #[command(flatten)]
@@ -493,6 +496,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                     print!("{}", env.shell_exports());
                 }
                 StackAction::Down => stack.down()?,
+                StackAction::Stop { service } => stack.stop(service)?,
                 StackAction::Env { shape } => {
                     print!("{}", stack.with_cluster(shape.ch_shards, shape.ch_replicas).env().shell_exports())
                 }
@@ -505,6 +509,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stack::Service;
     use proptest::prelude::*;
 
     #[test]
@@ -595,6 +600,23 @@ mod tests {
     }
 
     #[test]
+    fn a_service_to_stop_is_named_or_refused_by_name() {
+        for (name, service) in [
+            ("postgres", Service::Postgres),
+            ("clickhouse", Service::ClickHouse),
+            ("broker", Service::Broker),
+            ("zookeeper", Service::ZooKeeper),
+            ("replica-3", Service::Replica(3)),
+        ] {
+            assert_eq!(name.parse::<Service>(), Ok(service));
+        }
+        for bad in ["", "kafka", "replica-0", "replica-", "replica-x", "Postgres"] {
+            let e = Cli::try_parse_from(["pg2ch", "stack", "stop", bad]).unwrap_err().to_string();
+            assert!(e.contains(&format!("unknown service {bad:?}")), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
     fn the_command_line_is_consistent_and_every_command_parses() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
@@ -607,6 +629,7 @@ mod tests {
             &["pg2ch", "consume", "--exclusive"],
             &["pg2ch", "init", "--partitions", "3"],
             &["pg2ch", "status", "--json"],
+            &["pg2ch", "stack", "stop", "replica-2"],
         ] {
             let cli = Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
             // Reading every value is where a clash between two arguments of one name panics.

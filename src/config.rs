@@ -7,6 +7,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::error::StoreError;
+
 /// A password. Its `Debug` and `Display` never show the value.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret(String);
@@ -177,21 +179,36 @@ impl Default for Timeouts {
 }
 
 /// Runs `fut`, failing with a message naming `what` if it takes longer than `limit`.
-/// Every call to an outside system goes through this: none of the drivers
-/// bounds all of its own calls.
-pub async fn bounded<T>(
+/// Every call to an outside system goes through this or [`bounded_store`]:
+/// none of the drivers bounds all of its own calls. The call may have acted
+/// before we stopped waiting for it: a timeout is an
+/// [`ErrorKind::Unknown`](crate::error::ErrorKind) outcome.
+pub async fn bounded<T, E: From<StoreError>>(
     what: impl FnOnce() -> String,
     limit: Duration,
-    fut: impl Future<Output = anyhow::Result<T>>,
-) -> anyhow::Result<T> {
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    within(what, limit, fut).await
+}
+
+/// [`bounded`], for calls that fail with a [`StoreError`] (a driver's error
+/// converts into one with `?`, classified).
+pub async fn bounded_store<T>(
+    what: impl FnOnce() -> String,
+    limit: Duration,
+    fut: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    within(what, limit, fut).await
+}
+
+async fn within<T, E: From<StoreError>>(
+    what: impl FnOnce() -> String,
+    limit: Duration,
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
     match tokio::time::timeout(limit, fut).await {
         Ok(result) => result,
-        // The call may have acted before we stopped waiting for it.
-        Err(_) => Err(crate::error::OutcomeUnknown::error(format!(
-            "{} timed out after {:?} (outcome unknown)",
-            what(),
-            limit
-        ))),
+        Err(_) => Err(StoreError::unknown(format!("{} timed out after {:?} (outcome unknown)", what(), limit)).into()),
     }
 }
 
@@ -218,7 +235,7 @@ mod tests {
     #[tokio::test]
     async fn a_call_cut_by_its_timeout_has_an_unknown_outcome() {
         use crate::error::{ErrorKind, kind};
-        let cut = bounded(|| "a slow call".into(), Duration::from_millis(1), async {
+        let cut: anyhow::Error = bounded(|| "a slow call".into(), Duration::from_millis(1), async {
             tokio::time::sleep(Duration::from_secs(5)).await;
             Ok(())
         })
@@ -226,16 +243,12 @@ mod tests {
         .unwrap_err();
         assert_eq!(kind(&cut), ErrorKind::Unknown, "{cut:#}");
         assert!(cut.to_string().contains("a slow call timed out"), "{cut:#}");
-        let refused = bounded(|| "a refused call".into(), Duration::from_secs(1), async {
-            Err::<(), _>(anyhow::anyhow!("connection refused"))
+        let refused = bounded_store(|| "a refused call".into(), Duration::from_secs(1), async {
+            Err::<(), _>(StoreError::transient("connection refused"))
         })
         .await
         .unwrap_err();
-        assert_eq!(kind(&refused), ErrorKind::Transient);
-        let gone = refused.context(crate::error::Permanent("column dropped".into()));
-        assert_eq!(kind(&gone), ErrorKind::Permanent, "a tag added as context counts");
-        let root = crate::error::Permanent::error("column dropped").context("while flagging").context("in a step");
-        assert_eq!(kind(&root), ErrorKind::Permanent, "context added on the way up keeps the tag");
+        assert_eq!(refused.kind(), ErrorKind::Transient);
     }
 
     #[test]

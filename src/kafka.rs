@@ -16,8 +16,9 @@ use rskafka::client::{Client, ClientBuilder};
 use rskafka::record::Record;
 
 use crate::change::MAX_MESSAGE_BYTES;
-use crate::config::{KafkaConfig, bounded};
-use crate::stores::{DeadLetter, EventLog, Fetched, FetchedRecord, LogRecord, Permanent};
+use crate::config::{KafkaConfig, bounded, bounded_store};
+use crate::error::{ErrorKind, StoreError, StoreResult};
+use crate::stores::{DeadLetter, EventLog, Fetched, FetchedRecord, LogRecord};
 
 /// How produce requests are compressed. Fetches decode every codec whatever
 /// this says, so producers may change it at any time.
@@ -62,24 +63,32 @@ const RECORD_AT_WAIT: Duration = Duration::from_millis(500);
 /// attributes, header count), rounded up.
 const RECORD_OVERHEAD: usize = 24;
 
-/// Tags what retrying cannot fix as permanent, with its cause in plain words.
-fn classify(e: rskafka::client::error::Error, topic: &str, partition: i32, offset: Option<i64>) -> anyhow::Error {
+/// A driver error's kind: what retrying cannot fix is permanent, with its
+/// cause in plain words; anything else is `otherwise` (a produce that failed
+/// may have been appended, a fetch has no effect).
+fn classify(
+    e: rskafka::client::error::Error,
+    topic: &str,
+    partition: i32,
+    offset: Option<i64>,
+    otherwise: ErrorKind,
+) -> StoreError {
     use rskafka::client::error::{Error, ProtocolError};
     match &e {
-        Error::ServerError { protocol_error: ProtocolError::OffsetOutOfRange, .. } => Permanent::error(format!(
+        Error::ServerError { protocol_error: ProtocolError::OffsetOutOfRange, .. } => StoreError::permanent(format!(
             "offset {} is outside partition {partition} of Kafka topic {topic:?} (OffsetOutOfRange): the \
              topic was deleted and created again, the broker lost its data, or retention removed records \
              not yet read (use another KAFKA_GROUP or topic, see docs/failure-modes.md)",
             offset.unwrap_or(-1)
         )),
-        Error::ServerError { protocol_error: ProtocolError::UnknownTopicOrPartition, .. } => {
-            Permanent::error(format!("Kafka topic {topic:?} (partition {partition}) does not exist (run `pg2ch init`)"))
-        }
+        Error::ServerError { protocol_error: ProtocolError::UnknownTopicOrPartition, .. } => StoreError::permanent(
+            format!("Kafka topic {topic:?} (partition {partition}) does not exist (run `pg2ch init`)"),
+        ),
         Error::ServerError {
             protocol_error: ProtocolError::MessageTooLarge | ProtocolError::RecordListTooLarge,
             ..
-        } => Permanent::error(format!("the broker refused a request to {topic:?} as too large: {e}")),
-        _ => anyhow::Error::new(e),
+        } => StoreError::permanent(format!("the broker refused a request to {topic:?} as too large: {e}")),
+        _ => StoreError::new(otherwise, e),
     }
 }
 
@@ -87,7 +96,7 @@ fn classify(e: rskafka::client::error::Error, topic: &str, partition: i32, offse
 pub async fn connect(cfg: &KafkaConfig, timeout: Duration) -> anyhow::Result<Client> {
     let backoff = BackoffConfig { deadline: Some(timeout), ..BackoffConfig::default() };
     bounded(|| format!("connecting to {}", cfg.describe()), timeout, async {
-        Ok(ClientBuilder::new(cfg.bootstrap.clone()).backoff_config(backoff).build().await?)
+        ClientBuilder::new(cfg.bootstrap.clone()).backoff_config(backoff).build().await.map_err(anyhow::Error::from)
     })
     .await
     .with_context(|| format!("cannot reach {}", cfg.describe()))
@@ -95,7 +104,10 @@ pub async fn connect(cfg: &KafkaConfig, timeout: Duration) -> anyhow::Result<Cli
 
 /// The topic's partition count, or `None` when the topic does not exist.
 pub async fn partition_count(client: &Client, topic: &str, timeout: Duration) -> anyhow::Result<Option<i32>> {
-    let topics = bounded(|| "listing Kafka topics".into(), timeout, async { Ok(client.list_topics().await?) }).await?;
+    let topics = bounded(|| "listing Kafka topics".into(), timeout, async {
+        client.list_topics().await.map_err(anyhow::Error::from)
+    })
+    .await?;
     Ok(topics.into_iter().find(|t| t.name == topic).map(|t| t.partitions.len() as i32))
 }
 
@@ -119,7 +131,7 @@ pub async fn ensure_topic(client: &Client, topic: &str, partitions: i32, timeout
     }
     let controller = client.controller_client()?;
     let created = bounded(|| format!("creating Kafka topic {topic:?}"), timeout, async {
-        Ok(controller.create_topic(topic, partitions, 1, timeout.as_millis() as i32).await?)
+        controller.create_topic(topic, partitions, 1, timeout.as_millis() as i32).await.map_err(anyhow::Error::from)
     })
     .await;
     if let Err(e) = created {
@@ -162,7 +174,7 @@ impl KafkaLog {
         let mut partitions = Vec::with_capacity(count as usize);
         for p in 0..count {
             let pc = bounded(|| format!("opening partition {p} of {topic:?}"), timeout, async {
-                Ok(client.partition_client(topic, p, UnknownTopicHandling::Error).await?)
+                client.partition_client(topic, p, UnknownTopicHandling::Error).await.map_err(anyhow::Error::from)
             })
             .await?;
             partitions.push(pc);
@@ -171,7 +183,10 @@ impl KafkaLog {
         let dead_letters = match partition_count(client, &dlq, timeout).await? {
             Some(_) => Some(
                 bounded(|| format!("opening {dlq:?}"), timeout, async {
-                    Ok(client.partition_client(dlq.as_str(), 0, UnknownTopicHandling::Error).await?)
+                    client
+                        .partition_client(dlq.as_str(), 0, UnknownTopicHandling::Error)
+                        .await
+                        .map_err(anyhow::Error::from)
                 })
                 .await?,
             ),
@@ -204,14 +219,16 @@ impl KafkaLog {
     pub async fn dead_letter_count(&self) -> anyhow::Result<i64> {
         let Some(client) = &self.dead_letters else { return Ok(0) };
         let (_, high_watermark) = bounded(|| "fetching the dead-letter topic".into(), self.timeout, async {
-            Ok(client.fetch_records(0, 1..1024, 1).await?)
+            client.fetch_records(0, 1..1024, 1).await.map_err(anyhow::Error::from)
         })
         .await?;
         Ok(high_watermark)
     }
 
-    fn client(&self, partition: i32) -> anyhow::Result<&PartitionClient> {
-        self.partitions.get(partition as usize).with_context(|| format!("no partition {partition}"))
+    fn client(&self, partition: i32) -> StoreResult<&PartitionClient> {
+        self.partitions
+            .get(partition as usize)
+            .ok_or_else(|| StoreError::permanent(format!("Kafka topic {:?} has no partition {partition}", self.topic)))
     }
 }
 
@@ -220,7 +237,7 @@ impl EventLog for KafkaLog {
         self.partitions.len() as i32
     }
 
-    async fn append(&self, partition: i32, records: Vec<LogRecord>) -> anyhow::Result<()> {
+    async fn append(&self, partition: i32, records: Vec<LogRecord>) -> StoreResult<()> {
         let client = self.client(partition)?;
         let now = chrono::Utc::now();
         let records = records.into_iter().map(|r| Record {
@@ -232,12 +249,12 @@ impl EventLog for KafkaLog {
         self.produce(client, &self.topic, partition, records, self.compression).await
     }
 
-    async fn fetch(&self, partition: i32, offset: i64, max_wait: Duration) -> anyhow::Result<Fetched> {
+    async fn fetch(&self, partition: i32, offset: i64, max_wait: Duration) -> StoreResult<Fetched> {
         let (records, high_watermark) = self.fetch_raw(partition, offset, 1..self.fetch_max_bytes, max_wait).await?;
         Ok(Fetched { records, high_watermark })
     }
 
-    async fn record_at(&self, partition: i32, offset: i64) -> anyhow::Result<Option<FetchedRecord>> {
+    async fn record_at(&self, partition: i32, offset: i64) -> StoreResult<Option<FetchedRecord>> {
         // The broker still sends the whole batch holding `offset`. The wait
         // costs nothing when the record is there (the answer comes at once);
         // with a near-zero one, nisshi sometimes answers empty under load.
@@ -245,12 +262,12 @@ impl EventLog for KafkaLog {
         Ok(records.into_iter().find(|r| r.offset == offset))
     }
 
-    async fn dead_letter(&self, letters: Vec<DeadLetter>) -> anyhow::Result<()> {
+    async fn dead_letter(&self, letters: Vec<DeadLetter>) -> StoreResult<()> {
         let dlq = dead_letter_topic(&self.topic);
         let client = self
             .dead_letters
             .as_ref()
-            .with_context(|| format!("Kafka topic {dlq:?} does not exist (run `pg2ch init`)"))?;
+            .ok_or_else(|| StoreError::permanent(format!("Kafka topic {dlq:?} does not exist (run `pg2ch init`)")))?;
         let now = chrono::Utc::now();
         let records = letters.into_iter().map(|d| letter_record(d, &self.topic, now));
         // In bounded requests: a fetch of poison can hold megabytes. lz4
@@ -306,10 +323,13 @@ impl KafkaLog {
         partition: i32,
         records: impl IntoIterator<Item = Record>,
         compression: Compression,
-    ) -> anyhow::Result<()> {
+    ) -> StoreResult<()> {
         for batch in requests(records, record_size) {
-            bounded(|| format!("producing to partition {partition} of {topic:?}"), self.timeout, async {
-                client.produce(batch, compression).await.map_err(|e| classify(e, topic, partition, None))
+            bounded_store(|| format!("producing to partition {partition} of {topic:?}"), self.timeout, async {
+                client
+                    .produce(batch, compression)
+                    .await
+                    .map_err(|e| classify(e, topic, partition, None, ErrorKind::Unknown))
             })
             .await?;
         }
@@ -323,19 +343,22 @@ impl KafkaLog {
         offset: i64,
         bytes: std::ops::Range<i32>,
         max_wait: Duration,
-    ) -> anyhow::Result<(Vec<FetchedRecord>, i64)> {
+    ) -> StoreResult<(Vec<FetchedRecord>, i64)> {
         let client = self.client(partition)?;
         // Never ask for a zero wait: nisshi answers a fetch with max_wait 0 with
         // no topic at all, which rskafka rejects. One millisecond costs nothing.
         let wait_ms = (max_wait.as_millis() as i32).max(1);
-        let (records, high_watermark) =
-            bounded(|| format!("fetching partition {partition} at offset {offset}"), self.timeout + max_wait, async {
+        let (records, high_watermark) = bounded_store(
+            || format!("fetching partition {partition} at offset {offset}"),
+            self.timeout + max_wait,
+            async {
                 client
                     .fetch_records(offset, bytes, wait_ms)
                     .await
-                    .map_err(|e| classify(e, &self.topic, partition, Some(offset)))
-            })
-            .await?;
+                    .map_err(|e| classify(e, &self.topic, partition, Some(offset), ErrorKind::Transient))
+            },
+        )
+        .await?;
         let records = records
             .into_iter()
             .map(|r| FetchedRecord {

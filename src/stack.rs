@@ -95,6 +95,28 @@ pub enum Service {
     ZooKeeper,
 }
 
+impl std::str::FromStr for Service {
+    type Err = String;
+
+    /// `postgres`, `clickhouse`, `broker`, `zookeeper` or `replica-N`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "postgres" => Service::Postgres,
+            "clickhouse" => Service::ClickHouse,
+            "broker" => Service::Broker,
+            "zookeeper" => Service::ZooKeeper,
+            _ => match s.strip_prefix("replica-").and_then(|n| n.parse::<usize>().ok()).filter(|n| *n >= 1) {
+                Some(n) => Service::Replica(n),
+                None => {
+                    return Err(format!(
+                        "unknown service {s:?}: postgres, clickhouse, broker, zookeeper or replica-N (N from 1)"
+                    ));
+                }
+            },
+        })
+    }
+}
+
 /// How to reach a running stack.
 #[derive(Debug, Clone)]
 pub struct StackEnv {
@@ -178,6 +200,26 @@ fn service_user() -> &'static str {
     if has("postgres") { "postgres" } else { "nobody" }
 }
 
+/// Whether an environment variable's name says it holds a secret
+/// (`PG_PASS`, `CH_PASS`, `PGPASSWORD`, `KAFKA_SASL_PASSWORD`, ...).
+pub fn is_secret_var(name: &str) -> bool {
+    let name = name.to_ascii_uppercase();
+    name.ends_with("PASS") || ["PASSWORD", "SECRET", "TOKEN"].iter().any(|w| name.contains(w))
+}
+
+/// `cmd` without the secrets of our environment: a service started here
+/// needs none of pg2ch's passwords (each reads its own from its
+/// configuration), and a process's environment is readable by its user
+/// and by root through `/proc`.
+fn without_secrets(cmd: &mut Command) -> &mut Command {
+    for (name, _) in std::env::vars_os() {
+        if is_secret_var(&name.to_string_lossy()) {
+            cmd.env_remove(&name);
+        }
+    }
+    cmd
+}
+
 /// Runs `program args` (as the service user when root), failing with its output.
 fn run_as_service_user(program: &Path, args: &[&str], what: &str) -> anyhow::Result<()> {
     let mut cmd = if is_root() {
@@ -187,7 +229,7 @@ fn run_as_service_user(program: &Path, args: &[&str], what: &str) -> anyhow::Res
     } else {
         Command::new(program)
     };
-    let out = cmd
+    let out = without_secrets(&mut cmd)
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -314,7 +356,7 @@ where
 /// output in `log`, and records its pid in `pidfile`.
 fn spawn_detached(mut cmd: Command, log: &Path, pidfile: &Path) -> anyhow::Result<Starting> {
     let out = std::fs::File::create(log)?;
-    let child = cmd
+    let child = without_secrets(&mut cmd)
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
@@ -520,7 +562,8 @@ impl Stack {
         Ok(())
     }
 
-    /// Stops one service of this stack (`up` starts it again). For outage tests.
+    /// Stops one service of this stack (`pg2ch stack stop`; `up` starts it
+    /// again): to see how pg2ch meets an outage.
     pub fn stop(&self, service: Service) -> anyhow::Result<()> {
         match service {
             Service::Postgres => {
@@ -545,17 +588,6 @@ impl Stack {
                 Ok(())
             }
         }
-    }
-
-    /// Freezes (`true`) or thaws the broker process: connections stay open
-    /// and nothing answers, the way a hung server behaves. For tests.
-    pub fn freeze_broker(&self, frozen: bool) -> anyhow::Result<()> {
-        let pid = checked_pid(&self.dir.join("broker/broker.pid"), self.broker_program())
-            .context("no running broker in the broker pid file")?;
-        let signal = if frozen { "-STOP" } else { "-CONT" };
-        let status = Command::new("kill").args([signal, &pid]).status()?;
-        anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
-        Ok(())
     }
 
     async fn postgres_up(&self, env: &StackEnv) -> anyhow::Result<()> {

@@ -2,15 +2,16 @@
 //!
 //! The pipeline ([`crate::pipeline`]) is written against these and nothing else,
 //! so the same decisions run against PostgreSQL, Kafka and ClickHouse
-//! (`postgres.rs`, `kafka.rs`, `clickhouse.rs`) and against the simulated
-//! stores of the crash-replay harness. Every method may fail; a failure may
-//! also mean "outcome unknown" (a timeout after the server acted), and the
-//! pipeline is written so that both readings are safe.
+//! (`postgres/`, `kafka.rs`, `clickhouse/`) and against the simulated
+//! stores of the crash-replay harness. Every method may fail with a
+//! [`StoreError`] whose kind the adapter chose; a failure may also mean
+//! "outcome unknown" (a timeout after the server acted), and the pipeline
+//! is written so that both readings are safe.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-pub use crate::error::{ErrorKind, OutcomeUnknown, Permanent, kind};
+pub use crate::error::{ErrorKind, StoreContext, StoreError, StoreResult, kind};
 
 use crate::change::Change;
 use crate::types::{Key, Value};
@@ -49,7 +50,7 @@ pub trait SourceTable {
     /// that of any claim before. It locks nothing and, once it returns,
     /// holds nothing on the server. A row that cannot be represented
     /// downstream comes back with the reason instead of a change.
-    async fn claim(&mut self, after: Option<&Key>, limit: usize) -> anyhow::Result<Claim>;
+    async fn claim(&mut self, after: Option<&Key>, limit: usize) -> StoreResult<Claim>;
     /// Takes the next chunk of the table's initial load, if one is left
     /// that no live session holds: the rows that were in the table when
     /// `init` added pg2ch (they read `sent_to_kafka = TRUE` without having
@@ -59,7 +60,7 @@ pub trait SourceTable {
     /// The chunk is then the open claim: [`mark_sent`](Self::mark_sent) of
     /// its items writes nothing to their rows, and [`commit`](Self::commit)
     /// records the chunk as carried. `None` once no chunk is free.
-    async fn load(&mut self) -> anyhow::Result<Option<Claim>>;
+    async fn load(&mut self) -> StoreResult<Option<Claim>>;
     /// In the claim's flag transaction (opened here, not yet visible to
     /// others), flags these items sent: each row only if it is still the
     /// row version claimed (its address and the transaction that wrote
@@ -67,15 +68,15 @@ pub trait SourceTable {
     /// the one claimed. An item changed since the claim, or held by another
     /// session's lock, is skipped and stays unsent: it goes again. Never
     /// waits for a user's lock.
-    async fn mark_sent(&mut self, items: &[usize]) -> anyhow::Result<()>;
+    async fn mark_sent(&mut self, items: &[usize]) -> StoreResult<()>;
     /// Flags these items of the open claim rejected, with the reason, under
     /// the same rule. Rejected rows are never claimed again until their
     /// content changes.
-    async fn reject(&mut self, items: &[(usize, String)]) -> anyhow::Result<()>;
+    async fn reject(&mut self, items: &[(usize, String)]) -> StoreResult<()>;
     /// Commits the flag transaction. An error may mean it happened anyway.
-    async fn commit(&mut self) -> anyhow::Result<()>;
+    async fn commit(&mut self) -> StoreResult<()>;
     /// Abandons the open claim, if any: nothing is flagged.
-    async fn rollback(&mut self) -> anyhow::Result<()>;
+    async fn rollback(&mut self) -> StoreResult<()>;
 }
 
 /// What one claim handed out, in key order.
@@ -212,16 +213,16 @@ pub trait EventLog {
     fn partitions(&self) -> i32;
     /// Appends records to one partition and returns once the broker
     /// acknowledged them (acks=all). An error may mean they were appended anyway.
-    async fn append(&self, partition: i32, records: Vec<LogRecord>) -> anyhow::Result<()>;
+    async fn append(&self, partition: i32, records: Vec<LogRecord>) -> StoreResult<()>;
     /// Reads from `offset`, waiting at most `max_wait` for data to arrive.
     /// A position outside the log fails permanently.
-    async fn fetch(&self, partition: i32, offset: i64, max_wait: Duration) -> anyhow::Result<Fetched>;
+    async fn fetch(&self, partition: i32, offset: i64, max_wait: Duration) -> StoreResult<Fetched>;
     /// The record at `offset`, if the log has one there (one small fetch,
     /// no waiting).
-    async fn record_at(&self, partition: i32, offset: i64) -> anyhow::Result<Option<FetchedRecord>>;
+    async fn record_at(&self, partition: i32, offset: i64) -> StoreResult<Option<FetchedRecord>>;
     /// Appends undecodable records to the topic's dead-letter topic
     /// (`<topic>.dlq`). An error may mean they were appended anyway.
-    async fn dead_letter(&self, letters: Vec<DeadLetter>) -> anyhow::Result<()>;
+    async fn dead_letter(&self, letters: Vec<DeadLetter>) -> StoreResult<()>;
 }
 
 /// Several producers in one process share one log.
@@ -229,16 +230,16 @@ impl<T: EventLog> EventLog for &T {
     fn partitions(&self) -> i32 {
         (**self).partitions()
     }
-    async fn append(&self, partition: i32, records: Vec<LogRecord>) -> anyhow::Result<()> {
+    async fn append(&self, partition: i32, records: Vec<LogRecord>) -> StoreResult<()> {
         (**self).append(partition, records).await
     }
-    async fn fetch(&self, partition: i32, offset: i64, max_wait: Duration) -> anyhow::Result<Fetched> {
+    async fn fetch(&self, partition: i32, offset: i64, max_wait: Duration) -> StoreResult<Fetched> {
         (**self).fetch(partition, offset, max_wait).await
     }
-    async fn record_at(&self, partition: i32, offset: i64) -> anyhow::Result<Option<FetchedRecord>> {
+    async fn record_at(&self, partition: i32, offset: i64) -> StoreResult<Option<FetchedRecord>> {
         (**self).record_at(partition, offset).await
     }
-    async fn dead_letter(&self, letters: Vec<DeadLetter>) -> anyhow::Result<()> {
+    async fn dead_letter(&self, letters: Vec<DeadLetter>) -> StoreResult<()> {
         (**self).dead_letter(letters).await
     }
 }
@@ -247,12 +248,12 @@ impl<T: EventLog> EventLog for &T {
 #[allow(async_fn_in_trait)]
 pub trait Sink {
     /// Where this consumer group stands, per partition, as last stored.
-    async fn positions(&mut self) -> anyhow::Result<BTreeMap<i32, Position>>;
+    async fn positions(&mut self) -> StoreResult<BTreeMap<i32, Position>>;
     /// Inserts changes. The table keeps each key's highest version, so
     /// writing a change twice, or an older one after a newer, is harmless.
-    async fn write(&mut self, changes: &[Change]) -> anyhow::Result<()>;
+    async fn write(&mut self, changes: &[Change]) -> StoreResult<()>;
     /// Remembers where the consumer stands in these partitions.
-    async fn store_positions(&mut self, positions: &BTreeMap<i32, Position>) -> anyhow::Result<()>;
+    async fn store_positions(&mut self, positions: &BTreeMap<i32, Position>) -> StoreResult<()>;
 }
 
 /// The members of a consumer group as the leases see them: each live
@@ -283,15 +284,15 @@ impl Members {
 pub trait Leases {
     /// Renews this member's presence, joining the group again if its leases
     /// died, and returns the group's live members.
-    async fn members(&mut self) -> anyhow::Result<Members>;
+    async fn members(&mut self) -> StoreResult<Members>;
     /// Takes partition `p`'s lease if no member holds it; whether this
     /// member holds it now.
-    async fn take(&mut self, p: i32) -> anyhow::Result<bool>;
+    async fn take(&mut self, p: i32) -> StoreResult<bool>;
     /// Lets go of partition `p`'s lease.
-    async fn release(&mut self, p: i32) -> anyhow::Result<()>;
+    async fn release(&mut self, p: i32) -> StoreResult<()>;
     /// The partitions whose leases this member holds now: none once its
     /// leases died, whatever it took before.
-    async fn held(&mut self) -> anyhow::Result<BTreeSet<i32>>;
+    async fn held(&mut self) -> StoreResult<BTreeSet<i32>>;
 }
 
 /// No leases: the consumer holds the partitions it was configured with, for
@@ -300,18 +301,18 @@ pub trait Leases {
 pub struct Unleased(pub BTreeSet<i32>);
 
 impl Leases for Unleased {
-    async fn members(&mut self) -> anyhow::Result<Members> {
+    async fn members(&mut self) -> StoreResult<Members> {
         Ok(Members { me: 0, all: vec![0] })
     }
-    async fn take(&mut self, p: i32) -> anyhow::Result<bool> {
+    async fn take(&mut self, p: i32) -> StoreResult<bool> {
         self.0.insert(p);
         Ok(true)
     }
-    async fn release(&mut self, p: i32) -> anyhow::Result<()> {
+    async fn release(&mut self, p: i32) -> StoreResult<()> {
         self.0.remove(&p);
         Ok(())
     }
-    async fn held(&mut self) -> anyhow::Result<BTreeSet<i32>> {
+    async fn held(&mut self) -> StoreResult<BTreeSet<i32>> {
         Ok(self.0.clone())
     }
 }

@@ -639,3 +639,75 @@ async fn random_rows_from_the_whole_domain_travel_exactly_or_are_rejected() {
     }
     assert!(carried > 50 && rejected > 50, "seed {seed}: the draw covers both outcomes ({carried}, {rejected})");
 }
+
+/// The services `pg2ch stack up` starts get none of the secrets in its
+/// environment (`PG_PASS`, `CH_PASS` from a `.env`, `PGPASSWORD`): each
+/// reads its own password from its configuration, and a process's
+/// environment is readable through `/proc`.
+#[test]
+fn services_the_stack_starts_inherit_no_secret() {
+    let dir = std::env::temp_dir().join(format!("pg2ch-scrub-{}", std::process::id()));
+    let marker = format!("not-for-services-{}", std::process::id());
+    let ports = [
+        ("PG2CH_STACK_PG_PORT", common::free_port()),
+        ("PG2CH_STACK_CH_PORT", common::free_port()),
+        ("PG2CH_STACK_CH_TCP_PORT", common::free_port()),
+        ("PG2CH_STACK_KAFKA_PORT", common::free_port()),
+    ];
+    let stack = |action: &str| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pg2ch"));
+        cmd.args(["stack", action]).env("PG2CH_STACK_DIR", &dir).stdin(Stdio::null());
+        for (name, port) in ports {
+            cmd.env(name, port.to_string());
+        }
+        for name in ["PG_PASS", "CH_PASS", "PGPASSWORD", "KAFKA_SASL_PASSWORD"] {
+            cmd.env(name, &marker);
+        }
+        for name in ["PG_PASS_FILE", "CH_PASS_FILE"] {
+            cmd.env_remove(name);
+        }
+        cmd.output().unwrap()
+    };
+    let up = stack("up");
+    let pg_root = std::path::PathBuf::from(format!("{}-pg", dir.display()));
+    let pids: Vec<(&str, Option<String>)> = vec![
+        ("ClickHouse", std::fs::read_to_string(dir.join("ch/server.pid")).ok()),
+        ("the broker", std::fs::read_to_string(dir.join("broker/broker.pid")).ok()),
+        (
+            "PostgreSQL",
+            std::fs::read_to_string(pg_root.join("data/postmaster.pid"))
+                .ok()
+                .and_then(|t| t.lines().next().map(str::to_owned)),
+        ),
+    ];
+    let environs: Vec<(&str, Result<Vec<u8>, String>)> = pids
+        .iter()
+        .map(|(what, pid)| {
+            let environ = match pid {
+                Some(pid) => std::fs::read(format!("/proc/{}/environ", pid.trim())).map_err(|e| e.to_string()),
+                None => Err("no pid file".to_owned()),
+            };
+            (*what, environ)
+        })
+        .collect();
+    let down = stack("down");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&pg_root);
+    assert!(
+        up.status.success(),
+        "stack up: {}{}",
+        String::from_utf8_lossy(&up.stdout),
+        String::from_utf8_lossy(&up.stderr)
+    );
+    assert!(down.status.success(), "stack down: {}", String::from_utf8_lossy(&down.stderr));
+    for (what, environ) in environs {
+        let environ = environ.unwrap_or_else(|e| panic!("{what}'s environment: {e}"));
+        let leaked: Vec<String> = environ
+            .split(|b| *b == 0)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .filter(|v| v.contains(&marker))
+            .map(|v| v.split('=').next().unwrap_or_default().to_owned())
+            .collect();
+        assert!(leaked.is_empty(), "{what} inherited {leaked:?}");
+    }
+}

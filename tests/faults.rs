@@ -112,10 +112,10 @@ async fn a_hung_broker_is_cut_by_timeouts_and_survived() {
     env.ok(&["seed", "--rows", "30000"]);
     let child = spawn_run(&env);
     eventually("first rows sent", Duration::from_secs(30), || async { sent_count(&env).await > 0 }).await;
-    private.stack.freeze_broker(true).unwrap();
+    private.freeze_broker(true);
     insert_rows(&env, 500).await;
     tokio::time::sleep(Duration::from_secs(5)).await; // longer than --timeout-secs 2: calls must be cut
-    private.stack.freeze_broker(false).unwrap();
+    private.freeze_broker(false);
     eventually("drained after the hang", Duration::from_secs(60), || drained(&env)).await;
     let log = stop(child, Duration::from_secs(10));
     assert!(log.contains("timed out"), "a hung call must be cut by a timeout:\n{log}");

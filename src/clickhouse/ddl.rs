@@ -25,9 +25,9 @@
 use anyhow::Context;
 
 use super::{ClickHouse, classify};
-use crate::config::{bounded, ch_ident};
+use crate::config::{bounded, bounded_store, ch_ident};
+use crate::error::{StoreError, StoreResult};
 use crate::schema::{CH_DELETED, CH_VERSION, TableSchema};
-use crate::stores::Permanent;
 use crate::types::clickhouse::ChColumn;
 
 /// The columns of the positions table, with their types.
@@ -96,7 +96,7 @@ impl ClickHouse {
     pub async fn init(&self) -> anyhow::Result<()> {
         let db = self.db();
         let create_db = format!("CREATE DATABASE IF NOT EXISTS {db}{}", self.on_cluster());
-        bounded(|| "ClickHouse: create database".into(), self.timeout, async {
+        bounded_store(|| "ClickHouse: create database".into(), self.timeout, async {
             Ok(self.client.clone().with_database("default").query(&create_db).execute().await?)
         })
         .await
@@ -191,7 +191,7 @@ impl ClickHouse {
     }
 
     /// The columns of a table of ours, with their types.
-    async fn columns(&self, table: &str) -> anyhow::Result<Vec<Existing>> {
+    async fn columns(&self, table: &str) -> StoreResult<Vec<Existing>> {
         bounded(|| format!("ClickHouse: reading the columns of {table}"), self.timeout, async {
             // Asked from `default`: the configured database may not exist.
             self.client
@@ -208,7 +208,7 @@ impl ClickHouse {
     }
 
     /// The table's engine as `system.tables` shows it in full, if it exists.
-    async fn engine(&self, table: &str) -> anyhow::Result<Option<(String, String)>> {
+    async fn engine(&self, table: &str) -> StoreResult<Option<(String, String)>> {
         bounded(|| "ClickHouse: reading a table's engine".into(), self.timeout, async {
             self.client
                 .clone()
@@ -229,27 +229,35 @@ impl ClickHouse {
         let table = "pg2ch_positions";
         let db = &self.database;
         let Some((engine, _)) = self.engine(table).await? else {
-            return Err(Permanent::error(format!("ClickHouse table {db}.{table} does not exist (run `pg2ch init`)")));
+            return Err(StoreError::permanent(format!(
+                "ClickHouse table {db}.{table} does not exist (run `pg2ch init`)"
+            ))
+            .into());
         };
         if !matches!(engine.as_str(), "ReplacingMergeTree" | "ReplicatedReplacingMergeTree") {
-            return Err(Permanent::error(format!(
+            return Err(StoreError::permanent(format!(
                 "ClickHouse table {db}.{table} has engine {engine}, which does not collapse copies by key; \
                  pg2ch needs a ReplacingMergeTree (drop it and run `pg2ch init`)"
-            )));
+            ))
+            .into());
         }
         let columns = self.columns(table).await?;
         for (name, ty) in POSITIONS_COLUMNS {
             match columns.iter().find(|c| c.name == name) {
                 Some(c) if c.ty == ty => {}
                 Some(c) => {
-                    return Err(Permanent::error(format!(
+                    return Err(StoreError::permanent(format!(
                         "ClickHouse column {db}.{table}.{name} has type {}, pg2ch writes {ty}",
                         c.ty
-                    )));
+                    ))
+                    .into());
                 }
                 None => {
                     let hint = if name == "last_record" { " (run `pg2ch init`)" } else { "" };
-                    return Err(Permanent::error(format!("ClickHouse table {db}.{table} lacks column {name}{hint}")));
+                    return Err(StoreError::permanent(format!(
+                        "ClickHouse table {db}.{table} lacks column {name}{hint}"
+                    ))
+                    .into());
                 }
             }
         }
@@ -281,22 +289,25 @@ impl ClickHouse {
         let name = &schema.name;
         let db = &self.database;
         let Some((engine, full)) = self.engine(name).await? else {
-            return Err(Permanent::error(format!(
+            return Err(StoreError::permanent(format!(
                 "ClickHouse table {db}.{name} does not exist (run `pg2ch init --table {schema}`)"
-            )));
+            ))
+            .into());
         };
         if !matches!(engine.as_str(), "ReplacingMergeTree" | "ReplicatedReplacingMergeTree") {
-            return Err(Permanent::error(format!(
+            return Err(StoreError::permanent(format!(
                 "ClickHouse table {db}.{name} has engine {engine}, which does not keep one row per key; \
                  pg2ch needs a ReplacingMergeTree (drop it and run `pg2ch init`)"
-            )));
+            ))
+            .into());
         }
         if !full.contains(CH_VERSION) {
-            return Err(Permanent::error(format!(
+            return Err(StoreError::permanent(format!(
                 "ClickHouse table {db}.{name} keeps the last row inserted, not the highest {CH_VERSION} (it was \
                  made by an older pg2ch): updates could go back in time; create it anew (rename it, run `pg2ch init`, \
                  and `verify --repair`)"
-            )));
+            ))
+            .into());
         }
         Ok(())
     }
@@ -320,36 +331,40 @@ impl ClickHouse {
         expected.push(ChColumn { name: CH_VERSION.into(), ty: "UInt64".into(), materialized: None });
         expected.push(ChColumn { name: CH_DELETED.into(), ty: "UInt8".into(), materialized: None });
         if let Some(x) = expected.iter().find(|x| !existing.iter().any(|e| e.name == x.name)) {
-            return Err(Permanent::error(format!(
+            return Err(StoreError::permanent(format!(
                 "ClickHouse table {db}.{name} lacks column {} (of type {}), which pg2ch writes; create the column or \
                  the table anew",
                 x.name, x.ty
-            )));
+            ))
+            .into());
         }
         for e in &existing {
             match expected.iter().find(|x| x.name == e.name) {
                 Some(x) if x.ty == e.ty => {}
                 Some(x) => {
-                    return Err(Permanent::error(format!(
+                    return Err(StoreError::permanent(format!(
                         "ClickHouse column {db}.{name}.{} is {}, but its PostgreSQL column now needs {}: the column's \
                          type or nullability changed in PostgreSQL; pg2ch stops rather than rewrite it",
                         e.name, e.ty, x.ty
-                    )));
+                    ))
+                    .into());
                 }
                 None => {
-                    return Err(Permanent::error(format!(
+                    return Err(StoreError::permanent(format!(
                         "ClickHouse column {db}.{name}.{} matches no column of PostgreSQL table {schema}: the column \
                          was dropped or renamed in PostgreSQL; pg2ch stops rather than guess",
                         e.name
-                    )));
+                    ))
+                    .into());
                 }
             }
         }
         if let (false, Some((column, _))) = (add, to_add.first()) {
-            return Err(Permanent::error(format!(
+            return Err(StoreError::permanent(format!(
                 "ClickHouse table {db}.{name} has no column for PostgreSQL column {column:?} yet (run `pg2ch init \
                  --table {schema}`, or start `pg2ch run`, which add it)"
-            )));
+            ))
+            .into());
         }
         let mut added = Vec::new();
         for (column, derived) in to_add {

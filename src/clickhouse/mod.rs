@@ -1,6 +1,6 @@
 //! ClickHouse: the client and what the server can do ([`Capabilities`]),
-//! the tables pg2ch creates and checks ([`ddl`]), the [`Sink`](crate::stores::Sink)
-//! adapter and the consumer positions ([`sink`]), and the rows `verify`
+//! the tables pg2ch creates and checks (`ddl.rs`), the [`Sink`](crate::stores::Sink)
+//! adapter and the consumer positions ([`ChSink`]), and the rows `verify`
 //! reads ([`verify`]).
 //!
 //! Each source table has a `ReplacingMergeTree` of the same name ordered by
@@ -17,8 +17,8 @@
 //! the shard that owns its key ([`crate::checksum::shard`]), through a
 //! client per shard at a replica `CH_REPLICAS` lists for it.
 
-pub mod ddl;
-pub mod sink;
+pub(crate) mod ddl;
+pub(crate) mod sink;
 pub mod verify;
 
 use std::sync::Arc;
@@ -27,8 +27,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clickhouse::{Client, Compression};
 
-use crate::config::{ChConfig, bounded, ch_ident};
-use crate::stores::Permanent;
+use crate::config::{ChConfig, bounded, bounded_store, ch_ident};
+use crate::error::{ErrorKind, StoreError, StoreResult};
 
 pub use crate::types::clickhouse::Capabilities;
 pub use sink::ChSink;
@@ -48,7 +48,7 @@ fn code(e: &clickhouse::error::Error) -> Option<u32> {
 /// errors are returned, classified. The caller bounds the whole in time.
 pub async fn taking_turns<T, F: Future<Output = Result<T, clickhouse::error::Error>>>(
     mut insert: impl FnMut() -> F,
-) -> anyhow::Result<T> {
+) -> StoreResult<T> {
     loop {
         match insert().await {
             Err(e) if code(&e) == Some(286) => {
@@ -61,20 +61,34 @@ pub async fn taking_turns<T, F: Future<Output = Result<T, clickhouse::error::Err
     }
 }
 
-/// Tags server answers that retrying cannot change (a missing table or
-/// column, a type mismatch, a wrong password) as permanent.
-pub fn classify(e: clickhouse::error::Error) -> anyhow::Error {
-    if let clickhouse::error::Error::BadResponse(text) = &e {
-        // UNKNOWN_IDENTIFIER, NO_SUCH_COLUMN_IN_TABLE, TYPE_MISMATCH,
-        // UNKNOWN_TABLE, UNKNOWN_DATABASE, UNKNOWN_USER, AUTHENTICATION_FAILED,
-        // CANNOT_PARSE_INPUT_ASSERTION_FAILED (a row shape the table rejects),
-        // SYNTAX_ERROR, THERE_IS_NO_COLUMN, ILLEGAL_TYPE_OF_ARGUMENT.
-        const PERMANENT: [u32; 12] = [47, 16, 53, 60, 81, 192, 516, 27, 62, 8, 43, 10];
-        if code(&e).is_some_and(|c| PERMANENT.contains(&c)) {
-            return Permanent::error(format!("ClickHouse refused: {}", text.lines().next().unwrap_or(text)));
+/// A driver error's kind: server answers that retrying cannot change (a
+/// missing table or column, a type mismatch, a wrong password) are
+/// permanent; a request whose answer was lost or cut may have acted (an
+/// insert landed); other failures had no effect.
+impl From<clickhouse::error::Error> for StoreError {
+    fn from(e: clickhouse::error::Error) -> Self {
+        use clickhouse::error::Error;
+        if let Error::BadResponse(text) = &e {
+            // UNKNOWN_IDENTIFIER, NO_SUCH_COLUMN_IN_TABLE, TYPE_MISMATCH,
+            // UNKNOWN_TABLE, UNKNOWN_DATABASE, UNKNOWN_USER, AUTHENTICATION_FAILED,
+            // CANNOT_PARSE_INPUT_ASSERTION_FAILED (a row shape the table rejects),
+            // SYNTAX_ERROR, THERE_IS_NO_COLUMN, ILLEGAL_TYPE_OF_ARGUMENT.
+            const PERMANENT: [u32; 12] = [47, 16, 53, 60, 81, 192, 516, 27, 62, 8, 43, 10];
+            if code(&e).is_some_and(|c| PERMANENT.contains(&c)) {
+                return StoreError::permanent(format!("ClickHouse refused: {}", text.lines().next().unwrap_or(text)));
+            }
         }
+        let kind = match &e {
+            Error::Network(_) | Error::TimedOut => ErrorKind::Unknown,
+            _ => ErrorKind::Transient,
+        };
+        StoreError::new(kind, e)
     }
-    anyhow::Error::new(e)
+}
+
+/// [`StoreError::from`] a driver error, for `map_err`.
+pub fn classify(e: clickhouse::error::Error) -> StoreError {
+    e.into()
 }
 
 /// A client for the configured database, with the server's capabilities.
@@ -156,7 +170,7 @@ impl ClickHouse {
     /// Does not require the database to exist (see [`ClickHouse::init`]).
     pub async fn connect(cfg: &ChConfig, timeout: Duration) -> anyhow::Result<Self> {
         let probe = base_client(cfg).with_compression(Compression::None);
-        let version: String = bounded(|| format!("connecting to {}", cfg.describe()), timeout, async {
+        let version: String = bounded_store(|| format!("connecting to {}", cfg.describe()), timeout, async {
             Ok(probe.query("SELECT version()").fetch_one::<String>().await?)
         })
         .await
@@ -192,7 +206,7 @@ impl ClickHouse {
 
     /// Reads the cluster `name` from `system.clusters`: it must exist.
     async fn cluster(probe: &Client, cfg: &ChConfig, name: &str, timeout: Duration) -> anyhow::Result<Cluster> {
-        let shards: Vec<(u32, u64)> = bounded(|| format!("reading cluster {name:?}"), timeout, async {
+        let shards: Vec<(u32, u64)> = bounded_store(|| format!("reading cluster {name:?}"), timeout, async {
             Ok(probe
                 .query(
                     "SELECT shard_num, count() FROM system.clusters WHERE cluster = ? GROUP BY shard_num \
@@ -204,11 +218,12 @@ impl ClickHouse {
         })
         .await?;
         if shards.is_empty() {
-            return Err(Permanent::error(format!(
+            return Err(StoreError::permanent(format!(
                 "ClickHouse cluster {name:?} (CH_CLUSTER) is not in system.clusters of {}: check the name and the \
                  servers' remote_servers",
                 cfg.describe()
-            )));
+            ))
+            .into());
         }
         Ok(Cluster { name: name.to_owned(), replicas: shards.iter().map(|(_, n)| *n as usize).collect() })
     }
@@ -231,11 +246,12 @@ impl ClickHouse {
                 at[i] = Some(with_quorum(client.clone().with_url(replica.url()), cluster.replicas[i], timeout));
             }
         }
-        at.into_iter()
+        Ok(at
+            .into_iter()
             .enumerate()
             .map(|(i, c)| {
                 c.ok_or_else(|| {
-                    Permanent::error(format!(
+                    StoreError::permanent(format!(
                         "ClickHouse cluster {:?} has {} shards and pg2ch writes each row to the shard of its key over \
                          HTTP: list every shard's replicas' HTTP addresses in CH_REPLICAS (--ch-replica-addrs); none \
                          of shard {} is listed",
@@ -245,7 +261,7 @@ impl ClickHouse {
                     ))
                 })
             })
-            .collect()
+            .collect::<StoreResult<_>>()?)
     }
 
     /// Whether rows are spread over several shards.
@@ -272,7 +288,7 @@ impl ClickHouse {
     }
 
     /// A count from a query returning one number.
-    pub async fn scalar(&self, sql: &str) -> anyhow::Result<u64> {
+    pub async fn scalar(&self, sql: &str) -> StoreResult<u64> {
         bounded(|| format!("ClickHouse: {sql}"), self.timeout, async {
             self.client.query(sql).fetch_one::<u64>().await.map_err(classify)
         })
@@ -282,7 +298,7 @@ impl ClickHouse {
 
 /// The shard (`shard_num`, from 1) of cluster `name` that the server
 /// `probe` talks to belongs to, if it is in the cluster.
-async fn local_shard(probe: &Client, name: &str, timeout: Duration) -> anyhow::Result<Option<u32>> {
+async fn local_shard(probe: &Client, name: &str, timeout: Duration) -> StoreResult<Option<u32>> {
     bounded(|| format!("reading cluster {name:?}"), timeout, async {
         probe
             .query("SELECT shard_num FROM system.clusters WHERE cluster = ? AND is_local = 1 LIMIT 1")

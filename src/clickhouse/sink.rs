@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::{ClickHouse, classify, taking_turns};
 use crate::change::Change;
 use crate::config::bounded;
+use crate::error::StoreResult;
 use crate::schema::TableSchema;
 use crate::stores::{Position, Sink};
 
@@ -35,7 +36,7 @@ struct PositionRow {
 
 impl ClickHouse {
     /// Stored positions of one consumer group on one topic.
-    pub async fn positions(&self, group: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, Position>> {
+    pub async fn positions(&self, group: &str, topic: &str) -> StoreResult<BTreeMap<i32, Position>> {
         let rows: Vec<(i32, u64, u64)> = bounded(|| "ClickHouse: reading positions".into(), self.timeout, async {
             self.client
                 .query(
@@ -58,7 +59,7 @@ impl ClickHouse {
     /// Inserts changes of `schema`'s table; on a sharded cluster, each into
     /// the shard that owns its key ([`crate::checksum::shard`]), the shards
     /// at once, returning when every shard has its rows.
-    pub async fn write_changes(&self, schema: &TableSchema, changes: &[Change]) -> anyhow::Result<()> {
+    pub async fn write_changes(&self, schema: &TableSchema, changes: &[Change]) -> StoreResult<()> {
         if !self.sharded() {
             return self.insert_changes(&self.client, schema, changes.iter()).await;
         }
@@ -81,7 +82,7 @@ impl ClickHouse {
         client: &clickhouse::Client,
         schema: &TableSchema,
         changes: impl ExactSizeIterator<Item = &'a Change>,
-    ) -> anyhow::Result<()> {
+    ) -> StoreResult<()> {
         let mut buf = Vec::with_capacity(changes.len() * 48);
         for change in changes {
             for (column, value) in schema.columns.iter().zip(&change.values) {
@@ -110,12 +111,7 @@ impl ClickHouse {
         .await
     }
 
-    async fn store_positions(
-        &self,
-        group: &str,
-        topic: &str,
-        positions: &BTreeMap<i32, Position>,
-    ) -> anyhow::Result<()> {
+    async fn store_positions(&self, group: &str, topic: &str, positions: &BTreeMap<i32, Position>) -> StoreResult<()> {
         bounded(
             || "ClickHouse: inserting into pg2ch_positions".into(),
             self.timeout,
@@ -138,12 +134,12 @@ impl ClickHouse {
     }
 
     /// Rows stored, counting copies not yet merged away.
-    pub async fn stored_count(&self, schema: &TableSchema) -> anyhow::Result<u64> {
+    pub async fn stored_count(&self, schema: &TableSchema) -> StoreResult<u64> {
         self.scalar(&format!("SELECT count() FROM {}", self.readable(&schema.name))).await
     }
 
     /// The highest version any row of the table carries (0 when empty).
-    pub async fn max_version(&self, schema: &TableSchema) -> anyhow::Result<u64> {
+    pub async fn max_version(&self, schema: &TableSchema) -> StoreResult<u64> {
         self.scalar(&format!(
             "SELECT toUInt64(max({})) FROM {}",
             crate::config::ch_ident(crate::schema::CH_VERSION),
@@ -153,7 +149,7 @@ impl ClickHouse {
     }
 
     /// Live keys, as `FINAL` shows them.
-    pub async fn final_count(&self, schema: &TableSchema) -> anyhow::Result<u64> {
+    pub async fn final_count(&self, schema: &TableSchema) -> StoreResult<u64> {
         self.scalar(&format!(
             "SELECT count() FROM {} FINAL WHERE {} = 0",
             self.readable(&schema.name),
@@ -172,15 +168,15 @@ pub struct ChSink {
 }
 
 impl Sink for ChSink {
-    async fn positions(&mut self) -> anyhow::Result<BTreeMap<i32, Position>> {
+    async fn positions(&mut self) -> StoreResult<BTreeMap<i32, Position>> {
         self.ch.positions(&self.group, &self.topic).await
     }
 
-    async fn write(&mut self, changes: &[Change]) -> anyhow::Result<()> {
+    async fn write(&mut self, changes: &[Change]) -> StoreResult<()> {
         self.ch.write_changes(&self.schema, changes).await
     }
 
-    async fn store_positions(&mut self, positions: &BTreeMap<i32, Position>) -> anyhow::Result<()> {
+    async fn store_positions(&mut self, positions: &BTreeMap<i32, Position>) -> StoreResult<()> {
         self.ch.store_positions(&self.group, &self.topic, positions).await
     }
 }

@@ -18,7 +18,7 @@ use crate::change::Change;
 use crate::checksum;
 use crate::config::{bounded, ch_ident};
 use crate::schema::{CH_DELETED, TableSchema};
-use crate::stores::OutcomeUnknown;
+use crate::stores::StoreError;
 use crate::types::clickhouse::{ReadError, Reader, value_column};
 use crate::types::{Key, Value};
 use crate::verify::{Finding, KeyRange, SAMPLE, SinkRow, SinkSide, SinkSummary};
@@ -60,7 +60,7 @@ impl ChVerifySide {
         loop {
             let chunk = tokio::time::timeout(self.ch.timeout(), cursor.next())
                 .await
-                .map_err(|_| OutcomeUnknown::error(format!("no rows within {:?}", self.ch.timeout())))
+                .map_err(|_| StoreError::unknown(format!("no rows within {:?}", self.ch.timeout())))
                 .with_context(what)?
                 .map_err(classify)
                 .with_context(what)?;

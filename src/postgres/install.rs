@@ -218,20 +218,22 @@ pub async fn check_table(pool: &PgPool, oid: u32, schema: &TableSchema, topic: O
     let Some((was, recorded_topic)) = recorded else { return Ok(()) };
     let now = super::catalogue::primary_key(pool, oid).await?;
     if was != now {
-        return Err(crate::stores::Permanent::error(format!(
+        return Err(crate::error::StoreError::permanent(format!(
             "the primary key of PostgreSQL table {schema} changed from ({}) to ({}) since `pg2ch init`; ClickHouse \
              keeps one row per the old key, so pg2ch stops this table: drop its ClickHouse table, run `pg2ch init` \
              (which makes it anew by the new key) and `pg2ch verify --repair` (which sends every row again)",
             was.join(", "),
             now.join(", ")
-        )));
+        ))
+        .into());
     }
     if let Some(topic) = topic.filter(|t| *t != recorded_topic) {
-        return Err(crate::stores::Permanent::error(format!(
+        return Err(crate::error::StoreError::permanent(format!(
             "PostgreSQL table {schema} was set up by `pg2ch init` on topic {recorded_topic:?}, but this run would \
              carry it on topic {topic:?} (one table runs on KAFKA_TOPIC, several each on <KAFKA_TOPIC>.<table>): \
              run the tables `init` was given, or `pg2ch init` this set (after `run --once` drained the old topic)"
-        )));
+        ))
+        .into());
     }
     Ok(())
 }

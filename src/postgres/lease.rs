@@ -25,7 +25,8 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, PgConnection};
 use tokio::sync::Mutex;
 
-use crate::config::bounded;
+use crate::config::{bounded, bounded_store};
+use crate::error::{StoreError, StoreResult};
 use crate::stores::{Leases, Members};
 
 /// How long a lease outlives its holder's last sign of life.
@@ -52,9 +53,10 @@ pub const SESSION_SETTINGS: [(&str, &str); 3] =
 /// A server before PostgreSQL 14 has no `idle_session_timeout`: the session
 /// then lives as long as its connection, so a paused (not exited) process
 /// keeps its partitions until it resumes; said once, in a warning.
-async fn connect_session(options: &PgConnectOptions) -> anyhow::Result<PgConnection> {
+async fn connect_session(options: &PgConnectOptions) -> StoreResult<PgConnection> {
     static WARNED: std::sync::Once = std::sync::Once::new();
-    let mut conn = options.connect().await.context("opening the consumer's lease session")?;
+    let mut conn =
+        options.connect().await.map_err(|e| StoreError::from(e).context("opening the consumer's lease session"))?;
     let set = sqlx::query("SELECT set_config('idle_session_timeout', $1, false)")
         .bind(LEASE_LIFE.as_millis().to_string())
         .execute(&mut conn)
@@ -67,7 +69,7 @@ async fn connect_session(options: &PgConnectOptions) -> anyhow::Result<PgConnect
                  its partitions until it resumes"
             )
         }),
-        Err(e) => return Err(anyhow::Error::new(e).context("setting the lease session's idle timeout")),
+        Err(e) => return Err(StoreError::from(e).context("setting the lease session's idle timeout")),
     }
     Ok(conn)
 }
@@ -232,11 +234,11 @@ impl PgLeases {
     async fn on_session<T>(
         &self,
         what: &str,
-        f: impl AsyncFnOnce(&mut PgConnection, &mut Option<i64>, &mut BTreeSet<i32>) -> anyhow::Result<T>,
-    ) -> anyhow::Result<T> {
+        f: impl AsyncFnOnce(&mut PgConnection, &mut Option<i64>, &mut BTreeSet<i32>) -> StoreResult<T>,
+    ) -> StoreResult<T> {
         let mut s = self.state.lock().await;
         let Session { conn, slot, held } = &mut *s;
-        let result = bounded(|| format!("PostgreSQL: {what}"), self.timeout, async {
+        let result = bounded_store(|| format!("PostgreSQL: {what}"), self.timeout, async {
             if conn.is_none() {
                 *slot = None;
                 held.clear();
@@ -253,14 +255,14 @@ impl PgLeases {
         result
     }
 
-    async fn locks(conn: &mut PgConnection, group: i64) -> anyhow::Result<Vec<i64>> {
+    async fn locks(conn: &mut PgConnection, group: i64) -> StoreResult<Vec<i64>> {
         let rows: Vec<(i64, i32)> = sqlx::query_as(HELD_SQL).bind(group >> 32).fetch_all(&mut *conn).await?;
         Ok(rows.into_iter().map(|(low, _)| low).collect())
     }
 }
 
 impl Leases for PgLeases {
-    async fn members(&mut self) -> anyhow::Result<Members> {
+    async fn members(&mut self) -> StoreResult<Members> {
         let group = self.group;
         self.on_session("renewing the consumer's membership", async |conn, slot, _| {
             if slot.is_none() {
@@ -277,7 +279,8 @@ impl Leases for PgLeases {
                     }
                 }
             }
-            let me = slot.context("no free member slot among the first 64 past those taken")?;
+            let me =
+                slot.ok_or_else(|| StoreError::transient("no free member slot among the first 64 past those taken"))?;
             let mut all: Vec<u32> = Self::locks(conn, group)
                 .await?
                 .into_iter()
@@ -291,7 +294,7 @@ impl Leases for PgLeases {
         .await
     }
 
-    async fn take(&mut self, p: i32) -> anyhow::Result<bool> {
+    async fn take(&mut self, p: i32) -> StoreResult<bool> {
         let key = self.group | i64::from(p);
         self.on_session("taking a partition lease", async |conn, _, held| {
             if held.contains(&p) {
@@ -306,7 +309,7 @@ impl Leases for PgLeases {
         .await
     }
 
-    async fn release(&mut self, p: i32) -> anyhow::Result<()> {
+    async fn release(&mut self, p: i32) -> StoreResult<()> {
         let key = self.group | i64::from(p);
         self.on_session("releasing a partition lease", async |conn, _, held| {
             sqlx::query("SELECT pg_advisory_unlock($1)").bind(key).execute(&mut *conn).await?;
@@ -320,10 +323,10 @@ impl Leases for PgLeases {
     /// proves it): a session that ended (the process was paused past
     /// [`LEASE_LIFE`]) holds nothing, and neither does one that cannot be
     /// reached now.
-    async fn held(&mut self) -> anyhow::Result<BTreeSet<i32>> {
+    async fn held(&mut self) -> StoreResult<BTreeSet<i32>> {
         let mut s = self.state.lock().await;
         let Some(conn) = s.conn.as_mut() else { return Ok(BTreeSet::new()) };
-        let alive = bounded(|| "PostgreSQL: checking the consumer's lease session".into(), self.timeout, async {
+        let alive = bounded_store(|| "PostgreSQL: checking the consumer's lease session".into(), self.timeout, async {
             Ok(conn.ping().await?)
         })
         .await;

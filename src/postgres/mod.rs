@@ -1,7 +1,9 @@
 //! PostgreSQL: the source tables. Reading a table's shape from the
-//! catalogue ([`catalogue`]), what `init` installs ([`install`]), the
+//! catalogue (`catalogue.rs`), what `init` installs (`install.rs`), the
 //! [`SourceTable`](crate::stores::SourceTable) adapter producers claim
-//! through ([`source`]), and the side `verify` reads ([`verify`]).
+//! through ([`PgSource`]), the consumers' leases ([`lease`]), and the side
+//! `verify` reads ([`PgVerifySide`]). Only what the tests and benches reach
+//! is public.
 //!
 //! Every statement binds its values; the SQL text built at run time holds
 //! only identifiers from the catalogue, quoted ([`crate::config::pg_ident`]).
@@ -20,11 +22,11 @@ macro_rules! table_tree {
     };
 }
 
-pub mod catalogue;
-pub mod install;
+pub(crate) mod catalogue;
+pub(crate) mod install;
 pub mod lease;
-pub mod source;
-pub mod verify;
+pub(crate) mod source;
+pub(crate) mod verify;
 
 use std::time::Duration;
 
@@ -33,8 +35,8 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use crate::config::{PgConfig, bounded, pg_ident};
+use crate::error::{ErrorKind, StoreError};
 use crate::schema::{CHANGED_AT, REJECTED, SENT, TableSchema};
-use crate::stores::Permanent;
 
 pub use catalogue::{read_table, resolve};
 pub use source::{PRODUCER_LOCK_CLASS, PgSource, ProducerLease, RowsCommitted};
@@ -114,19 +116,29 @@ pub async fn connect_with(
         .with_context(|| format!("cannot connect to {}", cfg.describe()))
 }
 
-/// Tags what retrying cannot fix (a table or column is gone, no privilege,
-/// a type changed) as permanent; anything else stays retryable.
-pub fn classify(e: sqlx::Error) -> anyhow::Error {
-    let code = e.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned());
-    match code.as_deref() {
-        // undefined_table, undefined_column, insufficient_privilege,
-        // datatype_mismatch, undefined_function, feature_not_supported
-        // ("cached plan must not change result type": the table changed).
-        Some(code @ ("42P01" | "42703" | "42501" | "42804" | "42883" | "0A000")) => {
-            Permanent::error(format!("PostgreSQL refused the statement ({code}): {e}"))
+/// A driver error's kind: what retrying cannot fix (a table or column is
+/// gone, no privilege, a type changed) is permanent; a statement cut by the
+/// server's `statement_timeout` or a connection lost mid-call may have
+/// acted; anything else failed without effect.
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        let code = e.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned());
+        match code.as_deref() {
+            // undefined_table, undefined_column, insufficient_privilege,
+            // datatype_mismatch, undefined_function, feature_not_supported
+            // ("cached plan must not change result type": the table changed).
+            Some(code @ ("42P01" | "42703" | "42501" | "42804" | "42883" | "0A000")) => {
+                StoreError::permanent(format!("PostgreSQL refused the statement ({code}): {e}"))
+            }
+            _ if matches!(e, sqlx::Error::Io(_) | sqlx::Error::Protocol(_)) => StoreError::new(ErrorKind::Unknown, e),
+            _ => StoreError::new(ErrorKind::Transient, e),
         }
-        _ => anyhow::Error::new(e),
     }
+}
+
+/// [`StoreError::from`] a driver error, for `map_err`.
+pub fn classify(e: sqlx::Error) -> StoreError {
+    e.into()
 }
 
 /// The schema holding pg2ch's own objects.
@@ -450,19 +462,24 @@ pub fn decode_row<'a>(
     row: &sqlx::postgres::PgRow,
     columns: impl Iterator<Item = &'a crate::schema::Column>,
 ) -> anyhow::Result<Vec<crate::types::Value>> {
-    use anyhow::Context;
+    columns.enumerate().map(|(i, c)| decode_column(row, i, c).map_err(anyhow::Error::msg)).collect()
+}
+
+/// The value of column `c` at position `i` of `row`, or why it cannot be
+/// read, in words naming the column.
+pub fn decode_column(
+    row: &sqlx::postgres::PgRow,
+    i: usize,
+    c: &crate::schema::Column,
+) -> Result<crate::types::Value, String> {
     use sqlx::Row;
-    let mut values = Vec::new();
-    for (i, c) in columns.enumerate() {
-        let raw = row.try_get_raw(i)?;
-        let bytes = if sqlx::ValueRef::is_null(&raw) {
-            None
-        } else {
-            Some(raw.as_bytes().map_err(|e| anyhow::anyhow!("column {}: {e}", c.name))?)
-        };
-        values.push(crate::types::postgres::decode(&c.ty, bytes).with_context(|| format!("column {}", c.name))?);
-    }
-    Ok(values)
+    let raw = row.try_get_raw(i).map_err(|e| format!("column {}: {e}", c.name))?;
+    let bytes = if sqlx::ValueRef::is_null(&raw) {
+        None
+    } else {
+        Some(raw.as_bytes().map_err(|e| format!("column {}: {e}", c.name))?)
+    };
+    crate::types::postgres::decode(&c.ty, bytes).map_err(|e| format!("column {}: {e}", c.name))
 }
 
 #[cfg(test)]

@@ -43,15 +43,15 @@ use sqlx::postgres::types::Oid;
 use sqlx::postgres::{PgConnectOptions, PgRow};
 use sqlx::{ConnectOptions, Connection, PgConnection, Row};
 
-use super::decode_row;
+use super::decode_column;
 use super::install::order_by;
 use super::{Tid, classify, outbox};
 use crate::change::Change;
-use crate::config::{bounded, pg_ident};
+use crate::config::{bounded, bounded_store, pg_ident};
 use crate::schema::{CHANGED_AT, OWN_COLUMNS, REJECTED, SENT, TableSchema, VERSION};
-use crate::stores::{Claim, ClaimMode, Claimed, Outcome, Permanent, SourceTable};
-use crate::types::Key;
+use crate::stores::{Claim, ClaimMode, Claimed, Outcome, SourceTable, StoreError, StoreResult};
 use crate::types::postgres::{KeyParam, PgTimestamp, select_expr};
+use crate::types::{Key, Value};
 
 /// First key of the advisory locks pg2ch takes per table (the second is
 /// the table's oid): "pg2c".
@@ -231,11 +231,16 @@ async fn on_session<T>(
     options: &PgConnectOptions,
     timeout: Duration,
     what: &str,
-    f: impl AsyncFnOnce(&mut PgConnection) -> anyhow::Result<T>,
-) -> anyhow::Result<T> {
-    let result = bounded(|| format!("{what} in PostgreSQL"), timeout, async {
+    f: impl AsyncFnOnce(&mut PgConnection) -> StoreResult<T>,
+) -> StoreResult<T> {
+    let result = bounded_store(|| format!("{what} in PostgreSQL"), timeout, async {
         if conn.is_none() {
-            *conn = Some(options.connect().await.context("connecting the producer's session")?);
+            *conn = Some(
+                options
+                    .connect()
+                    .await
+                    .map_err(|e| StoreError::from(e).context("connecting the producer's session"))?,
+            );
         }
         f(conn.as_mut().expect("connected above")).await
     })
@@ -271,14 +276,14 @@ fn version_sql() -> String {
 
 /// Takes the table's claim lock and opens the claim's snapshot (the lock
 /// comes first: claims' snapshots follow the order of their versions).
-async fn begin_claim(conn: &mut PgConnection, oid: u32) -> anyhow::Result<()> {
+async fn begin_claim(conn: &mut PgConnection, oid: u32) -> StoreResult<()> {
     sqlx::query("SELECT pg_advisory_lock($1, $2)").bind(CLAIM_LOCK_CLASS).bind(oid as i32).execute(&mut *conn).await?;
     sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ").execute(&mut *conn).await?;
     Ok(())
 }
 
 /// [`version_sql`] on the claim's session: the version and the fingerprint.
-async fn draw_version(conn: &mut PgConnection, oid: u32) -> anyhow::Result<(i64, String)> {
+async fn draw_version(conn: &mut PgConnection, oid: u32) -> StoreResult<(i64, String)> {
     let (version, _, now): (i64, bool, String) = sqlx::query_as(&version_sql())
         .bind(CLAIM_LOCK_CLASS)
         .bind(oid as i32)
@@ -291,7 +296,7 @@ async fn draw_version(conn: &mut PgConnection, oid: u32) -> anyhow::Result<(i64,
 }
 
 impl SourceTable for PgSource {
-    async fn load(&mut self) -> anyhow::Result<Option<Claim>> {
+    async fn load(&mut self) -> StoreResult<Option<Claim>> {
         if self.open.take().is_some() {
             let _ = self.rollback_session().await;
         }
@@ -384,7 +389,7 @@ impl SourceTable for PgSource {
         claim.map(Some)
     }
 
-    async fn claim(&mut self, after: Option<&Key>, limit: usize) -> anyhow::Result<Claim> {
+    async fn claim(&mut self, after: Option<&Key>, limit: usize) -> StoreResult<Claim> {
         if self.open.take().is_some() {
             // An earlier claim of this session was abandoned: end its flags.
             let _ = self.rollback_session().await;
@@ -430,12 +435,13 @@ impl SourceTable for PgSource {
         claim
     }
 
-    async fn mark_sent(&mut self, items: &[usize]) -> anyhow::Result<()> {
+    async fn mark_sent(&mut self, items: &[usize]) -> StoreResult<()> {
         if self.chunk.is_some() && self.open.is_some() {
             // A chunk's rows already read sent: its commit records it carried.
             return Ok(());
         }
-        let (version, addresses) = self.open.clone().context("flagging rows sent without an open claim")?;
+        let (version, addresses) =
+            self.open.clone().ok_or_else(|| StoreError::transient("flagging rows sent without an open claim"))?;
         let (rows, deleted) = split(&addresses, items.iter().copied())?;
         let statements = &self.statements;
         let flagging = &mut self.flagging;
@@ -457,10 +463,11 @@ impl SourceTable for PgSource {
                     .await
                     .map_err(classify)?
                     .rows_affected();
-                anyhow::ensure!(
-                    flagged == expected,
-                    "flagging rows sent changed {flagged} rows, not the {expected} locked"
-                );
+                if flagged != expected {
+                    return Err(StoreError::transient(format!(
+                        "flagging rows sent changed {flagged} rows, not the {expected} locked"
+                    )));
+                }
             }
             if !deleted.is_empty() {
                 let still = lock_unchanged(conn, &statements.lock_deletes, None, &deleted).await?;
@@ -480,8 +487,9 @@ impl SourceTable for PgSource {
         result
     }
 
-    async fn reject(&mut self, items: &[(usize, String)]) -> anyhow::Result<()> {
-        let (_, addresses) = self.open.clone().context("flagging rows rejected without an open claim")?;
+    async fn reject(&mut self, items: &[(usize, String)]) -> StoreResult<()> {
+        let (_, addresses) =
+            self.open.clone().ok_or_else(|| StoreError::transient("flagging rows rejected without an open claim"))?;
         let statements = &self.statements;
         let flagging = &mut self.flagging;
         let result = on_session(&mut self.conn, &self.options, self.timeout, "flagging rows rejected", async |conn| {
@@ -523,8 +531,8 @@ impl SourceTable for PgSource {
         result
     }
 
-    async fn commit(&mut self) -> anyhow::Result<()> {
-        self.open.take().context("commit without an open claim")?;
+    async fn commit(&mut self) -> StoreResult<()> {
+        self.open.take().ok_or_else(|| StoreError::transient("commit without an open claim"))?;
         let chunk = self.chunk.take();
         if !std::mem::take(&mut self.flagging) && chunk.is_none() {
             return Ok(());
@@ -547,7 +555,7 @@ impl SourceTable for PgSource {
         .await
     }
 
-    async fn rollback(&mut self) -> anyhow::Result<()> {
+    async fn rollback(&mut self) -> StoreResult<()> {
         self.chunk = None;
         if self.open.take().is_some() {
             self.rollback_session().await?;
@@ -562,11 +570,11 @@ impl SourceTable for PgSource {
 fn split(
     addresses: &[Address],
     items: impl IntoIterator<Item = usize>,
-) -> anyhow::Result<(BTreeMap<u32, Vec<(Tid, i64)>>, Vec<(Tid, i64)>)> {
+) -> StoreResult<(BTreeMap<u32, Vec<(Tid, i64)>>, Vec<(Tid, i64)>)> {
     let mut rows: BTreeMap<u32, Vec<(Tid, i64)>> = BTreeMap::new();
     let mut deleted = Vec::new();
     for i in items {
-        match addresses.get(i).context("flagging an item the claim does not hold")? {
+        match addresses.get(i).ok_or_else(|| StoreError::transient("flagging an item the claim does not hold"))? {
             Address::Row(table, tid, xmin) => rows.entry(*table).or_default().push((*tid, *xmin)),
             Address::Deleted(tid, xmin) => deleted.push((*tid, *xmin)),
         }
@@ -575,7 +583,7 @@ fn split(
 }
 
 /// Opens the claim's flag transaction unless it is open.
-async fn begin_flags(conn: &mut PgConnection, flagging: &mut bool) -> anyhow::Result<()> {
+async fn begin_flags(conn: &mut PgConnection, flagging: &mut bool) -> StoreResult<()> {
     if !*flagging {
         sqlx::query("BEGIN").execute(&mut *conn).await?;
         *flagging = true;
@@ -591,7 +599,7 @@ async fn lock_unchanged(
     sql: &str,
     table: Option<u32>,
     claimed: &[(Tid, i64)],
-) -> anyhow::Result<Vec<Tid>> {
+) -> StoreResult<Vec<Tid>> {
     let tids: Vec<Tid> = claimed.iter().map(|(t, _)| *t).collect();
     let query = sqlx::query_as::<_, (Tid, i64)>(sql);
     let query = match table {
@@ -604,12 +612,12 @@ async fn lock_unchanged(
 
 impl PgSource {
     /// Fails, for good, when the table's columns changed since the start.
-    fn check_fingerprint(&mut self, now: &str) -> anyhow::Result<()> {
+    fn check_fingerprint(&mut self, now: &str) -> StoreResult<()> {
         if now == self.fingerprint {
             return Ok(());
         }
         self.conn = None;
-        Err(Permanent::error(format!(
+        Err(StoreError::permanent(format!(
             "the columns of PostgreSQL table {} changed while pg2ch ran ({}); restart pg2ch, which adds new \
              columns to ClickHouse and refuses other changes by name",
             self.schema,
@@ -617,7 +625,7 @@ impl PgSource {
         )))
     }
 
-    async fn rollback_session(&mut self) -> anyhow::Result<()> {
+    async fn rollback_session(&mut self) -> StoreResult<()> {
         if self.conn.is_none() || !std::mem::take(&mut self.flagging) {
             return Ok(());
         }
@@ -638,28 +646,28 @@ impl PgSource {
         (deletes, live): (Vec<PgRow>, Vec<Tid>),
         version: u64,
         limit: usize,
-    ) -> anyhow::Result<Claim> {
+    ) -> StoreResult<Claim> {
         let schema = &self.schema;
         let n = schema.columns.len();
         let mut items: Vec<(Key, Outcome, Address)> = Vec::with_capacity(rows.len() + deletes.len());
         // When the oldest change claimed was made (µs since 2000), for the lag metric.
         let mut oldest = i64::MAX;
         for row in &rows {
-            let values = decode_row(row, schema.columns.iter())?;
             let address =
                 Address::Row(row.try_get::<Oid, _>(n)?.0, row.try_get::<Tid, _>(n + 1)?, row.try_get::<i64, _>(n + 3)?);
             oldest = oldest.min(row.try_get::<PgTimestamp, _>(n + 2)?.0);
-            let key = schema.key_of(&values);
-            let outcome = match schema.check_row(&values) {
-                Ok(()) => Outcome::Send(Change::upsert(values, version)),
-                Err(reason) => Outcome::Reject { reason, key: schema.key.iter().map(|i| values[*i].clone()).collect() },
-            };
+            let (key, outcome) = row_outcome(schema, version, |i| decode_column(row, i, &schema.columns[i]))?;
             items.push((key, outcome, address));
         }
         let k = schema.key.len();
         let mut tombs = Vec::with_capacity(deletes.len());
         for row in &deletes {
-            let key_values = decode_row(row, schema.key_columns())?;
+            let key_values = schema
+                .key_columns()
+                .enumerate()
+                .map(|(i, c)| decode_column(row, i, c))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| unreadable_key(schema, e))?;
             let tid = row.try_get::<Tid, _>(k)?;
             let address = Address::Deleted(tid, row.try_get::<i64, _>(k + 2)?);
             oldest = oldest.min(row.try_get::<PgTimestamp, _>(k + 1)?.0);
@@ -695,6 +703,31 @@ impl PgSource {
         }
         Ok(claim)
     }
+}
+
+/// A claimed row as it travels: its key, and its change or why it cannot
+/// go. A value PostgreSQL sent in a form pg2ch cannot read rejects the row
+/// (it stays in PostgreSQL with the reason, as a row ClickHouse cannot hold
+/// does) instead of failing the claim, which every retry would repeat. A
+/// row whose key cannot be read cannot even be named: that stops the table.
+fn row_outcome(
+    schema: &TableSchema,
+    version: u64,
+    column: impl Fn(usize) -> Result<Value, String>,
+) -> StoreResult<(Key, Outcome)> {
+    let key_values =
+        schema.key.iter().map(|i| column(*i)).collect::<Result<Vec<_>, _>>().map_err(|e| unreadable_key(schema, e))?;
+    let key = schema.key_of_key(&key_values);
+    let values = (0..schema.columns.len()).map(&column).collect::<Result<Vec<_>, _>>();
+    let outcome = match values.and_then(|values| schema.check_row(&values).map(|()| values)) {
+        Ok(values) => Outcome::Send(Change::upsert(values, version)),
+        Err(reason) => Outcome::Reject { reason, key: key_values },
+    };
+    Ok((key, outcome))
+}
+
+fn unreadable_key(schema: &TableSchema, why: String) -> StoreError {
+    StoreError::permanent(format!("a key of PostgreSQL table {schema} cannot be read ({why}): please report this"))
 }
 
 /// What changed between two column fingerprints, in words naming the columns.
@@ -746,9 +779,10 @@ impl ProducerLease {
         timeout: Duration,
     ) -> anyhow::Result<Self> {
         let options = options.clone().application_name(&super::lease::session_name("producer"));
-        let session =
-            bounded(|| "opening the producer lease session".into(), timeout, async { Ok(options.connect().await?) })
-                .await?;
+        let session = bounded_store(|| "opening the producer lease session".into(), timeout, async {
+            Ok(options.connect().await?)
+        })
+        .await?;
         Ok(ProducerLease { session, oid, mode, timeout })
     }
 
@@ -774,7 +808,7 @@ impl ProducerLease {
 /// Counts notifications on a table's channel, for idle producers to wait
 /// on instead of sleeping a whole poll interval. A table's statement
 /// trigger notifies only while a producer is registered idle
-/// ([`IdleRegistry::register`]), so a busy producer costs the database's
+/// (`IdleRegistry::register`), so a busy producer costs the database's
 /// commits nothing. Lost notifications (a dropped connection; inserts into
 /// a partition directly, which do not fire the parent's statement trigger;
 /// a transaction whose last write came just before the registration and
@@ -885,6 +919,42 @@ impl RowsCommitted {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
+    use crate::schema::Column;
+    use crate::types::PgType;
+
+    /// A value that cannot be read rejects its row, named by its key; a
+    /// key that cannot be read stops the table. Neither fails the claim
+    /// for a retry that would fail the same way.
+    #[test]
+    fn an_unreadable_value_rejects_its_row_and_an_unreadable_key_stops() {
+        let col = |name: &str, ty| Column { name: name.into(), ty, nullable: true };
+        let schema = TableSchema::new("public", "t", vec![col("note", PgType::Text), col("id", PgType::Int8)], vec![1]);
+        let read = |bad: Option<usize>| {
+            move |i: usize| match (i, bad) {
+                (i, Some(b)) if i == b => {
+                    Err(format!("column {i}: PostgreSQL sent 3 bytes where pg2ch expected a bigint"))
+                }
+                (0, _) => Ok(Value::text(b"hi".to_vec())),
+                _ => Ok(Value::Int(7)),
+            }
+        };
+        let (key, outcome) = row_outcome(&schema, 9, read(None)).unwrap();
+        assert_eq!(key, schema.key_of_key(&[Value::Int(7)]));
+        assert!(matches!(outcome, Outcome::Send(ref c) if c.version == 9 && !c.deleted), "{outcome:?}");
+        let (key, outcome) = row_outcome(&schema, 9, read(Some(0))).unwrap();
+        assert_eq!(key, schema.key_of_key(&[Value::Int(7)]));
+        match outcome {
+            Outcome::Reject { reason, key } => {
+                assert!(reason.contains("column 0: PostgreSQL sent 3 bytes"), "{reason}");
+                assert_eq!(key, vec![Value::Int(7)]);
+            }
+            other => panic!("not rejected: {other:?}"),
+        }
+        let stopped = row_outcome(&schema, 9, read(Some(1))).unwrap_err();
+        assert_eq!(stopped.kind(), ErrorKind::Permanent, "{stopped}");
+        assert!(stopped.to_string().contains("a key of PostgreSQL table"), "{stopped}");
+    }
 
     #[test]
     fn a_changed_primary_key_is_named() {

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 
 use super::{Chaos, yield_now};
-use crate::stores::{Leases, Members};
+use crate::stores::{Leases, Members, StoreError, StoreResult};
 
 /// Every lease session and what it holds.
 #[derive(Debug, Default)]
@@ -69,18 +69,18 @@ impl SimLeases {
         }
     }
 
-    async fn call(&self, what: &str) -> anyhow::Result<()> {
+    async fn call(&self, what: &str) -> StoreResult<()> {
         yield_now().await;
         if self.chaos.fails(what) {
-            anyhow::bail!("simulated lease failure: {what}");
+            return Err(StoreError::transient(format!("simulated lease failure: {what}")));
         }
         Ok(())
     }
 
     /// Reports a failure after the call took effect.
-    fn answer<T>(&self, what: &str, value: T) -> anyhow::Result<T> {
+    fn answer<T>(&self, what: &str, value: T) -> StoreResult<T> {
         if self.chaos.outcome_lost(what) {
-            anyhow::bail!("simulated lost answer: {what}");
+            return Err(StoreError::unknown(format!("simulated lost answer: {what}")));
         }
         Ok(value)
     }
@@ -95,7 +95,7 @@ impl Drop for SimLeases {
 }
 
 impl Leases for SimLeases {
-    async fn members(&mut self) -> anyhow::Result<Members> {
+    async fn members(&mut self) -> StoreResult<Members> {
         self.call("lease members").await?;
         let me = self.session();
         let mut table = self.table.borrow_mut();
@@ -105,7 +105,7 @@ impl Leases for SimLeases {
         self.answer("lease members", Members { me, all })
     }
 
-    async fn take(&mut self, p: i32) -> anyhow::Result<bool> {
+    async fn take(&mut self, p: i32) -> StoreResult<bool> {
         self.call("lease take").await?;
         let me = self.session();
         let holder = *self.table.borrow_mut().partitions.entry(p).or_insert(me);
@@ -113,7 +113,7 @@ impl Leases for SimLeases {
         self.answer("lease take", holder == me)
     }
 
-    async fn release(&mut self, p: i32) -> anyhow::Result<()> {
+    async fn release(&mut self, p: i32) -> StoreResult<()> {
         self.call("lease release").await?;
         let me = self.session();
         let mut table = self.table.borrow_mut();
@@ -124,7 +124,7 @@ impl Leases for SimLeases {
         self.answer("lease release", ())
     }
 
-    async fn held(&mut self) -> anyhow::Result<BTreeSet<i32>> {
+    async fn held(&mut self) -> StoreResult<BTreeSet<i32>> {
         self.call("lease held").await?;
         let table = self.table.borrow();
         let held = match self.session {

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use super::{Chaos, yield_now};
-use crate::stores::{DeadLetter, EventLog, Fetched, FetchedRecord, LogRecord, OutcomeUnknown, Permanent};
+use crate::stores::{DeadLetter, EventLog, Fetched, FetchedRecord, LogRecord, StoreError, StoreResult};
 
 #[derive(Debug)]
 struct Batch {
@@ -82,25 +82,25 @@ impl EventLog for SimLog {
         self.partitions
     }
 
-    async fn append(&self, partition: i32, records: Vec<LogRecord>) -> anyhow::Result<()> {
+    async fn append(&self, partition: i32, records: Vec<LogRecord>) -> StoreResult<()> {
         yield_now().await;
         if self.chaos.fails("kafka.append") {
-            anyhow::bail!("simulated: produce failed");
+            return Err(StoreError::transient("simulated: produce failed"));
         }
         let mut log = self.log.borrow_mut();
         let count = records.len();
         let base = log.push(partition as usize, records.into_iter().map(|r| r.value).collect());
         self.chaos.note(&("append", partition, base, count));
         if self.chaos.outcome_lost("kafka.append") {
-            return Err(OutcomeUnknown::error("simulated: produce timed out (it was appended)"));
+            return Err(StoreError::unknown("simulated: produce timed out (it was appended)"));
         }
         Ok(())
     }
 
-    async fn fetch(&self, partition: i32, offset: i64, _max_wait: Duration) -> anyhow::Result<Fetched> {
+    async fn fetch(&self, partition: i32, offset: i64, _max_wait: Duration) -> StoreResult<Fetched> {
         yield_now().await;
         if self.chaos.fails("kafka.fetch") {
-            anyhow::bail!("simulated: fetch failed");
+            return Err(StoreError::transient("simulated: fetch failed"));
         }
         let log = self.log.borrow();
         let batches = &log.partitions[partition as usize];
@@ -108,7 +108,7 @@ impl EventLog for SimLog {
         // Past the end, some brokers answer OffsetOutOfRange, others an
         // empty fetch whose high watermark tells; the consumer must stop on both.
         if offset > high_watermark && self.chaos.chance(0.5) {
-            return Err(Permanent::error(format!(
+            return Err(StoreError::permanent(format!(
                 "simulated OffsetOutOfRange: offset {offset} is outside partition {partition}: the topic was deleted and created again"
             )));
         }
@@ -123,19 +123,19 @@ impl EventLog for SimLog {
         Ok(Fetched { records, high_watermark })
     }
 
-    async fn record_at(&self, partition: i32, offset: i64) -> anyhow::Result<Option<FetchedRecord>> {
+    async fn record_at(&self, partition: i32, offset: i64) -> StoreResult<Option<FetchedRecord>> {
         yield_now().await;
         if self.chaos.fails("kafka.fetch") {
-            anyhow::bail!("simulated: fetch failed");
+            return Err(StoreError::transient("simulated: fetch failed"));
         }
         let log = self.log.borrow();
         Ok(log.partitions[partition as usize].iter().flat_map(Log::records).find(|r| r.offset == offset))
     }
 
-    async fn dead_letter(&self, letters: Vec<DeadLetter>) -> anyhow::Result<()> {
+    async fn dead_letter(&self, letters: Vec<DeadLetter>) -> StoreResult<()> {
         yield_now().await;
         if self.chaos.fails("kafka.dead_letter") {
-            anyhow::bail!("simulated: produce to the dead-letter topic failed");
+            return Err(StoreError::transient("simulated: produce to the dead-letter topic failed"));
         }
         let mut log = self.log.borrow_mut();
         for d in letters {
@@ -143,7 +143,7 @@ impl EventLog for SimLog {
         }
         drop(log);
         if self.chaos.outcome_lost("kafka.dead_letter") {
-            return Err(OutcomeUnknown::error("simulated: dead-letter produce timed out (it was appended)"));
+            return Err(StoreError::unknown("simulated: dead-letter produce timed out (it was appended)"));
         }
         Ok(())
     }

@@ -14,7 +14,7 @@ use super::{Chaos, yield_now};
 use crate::change::Change;
 use crate::checksum;
 use crate::schema::TableSchema;
-use crate::stores::{OutcomeUnknown, Position, Sink};
+use crate::stores::{Position, Sink, StoreError, StoreResult};
 use crate::types::Key;
 use crate::verify::{Finding, KeyRange, SinkRow, SinkSide, SinkSummary};
 
@@ -66,10 +66,10 @@ pub struct SimSink {
 }
 
 impl Sink for SimSink {
-    async fn positions(&mut self) -> anyhow::Result<BTreeMap<i32, Position>> {
+    async fn positions(&mut self) -> StoreResult<BTreeMap<i32, Position>> {
         yield_now().await;
         if self.chaos.fails("ch.positions") {
-            anyhow::bail!("simulated: reading positions failed");
+            return Err(StoreError::transient("simulated: reading positions failed"));
         }
         let table = self.table.borrow();
         Ok(table
@@ -81,10 +81,10 @@ impl Sink for SimSink {
             .collect())
     }
 
-    async fn write(&mut self, rows: &[Change]) -> anyhow::Result<()> {
+    async fn write(&mut self, rows: &[Change]) -> StoreResult<()> {
         yield_now().await;
         if self.chaos.fails("ch.insert") {
-            anyhow::bail!("simulated: insert failed");
+            return Err(StoreError::transient("simulated: insert failed"));
         }
         if self.chaos.outcome_lost("ch.insert.shard") {
             // A sharded cluster's insert: one shard's rows landed, the
@@ -93,20 +93,20 @@ impl Sink for SimSink {
             let schema = table.schema.clone();
             let landed = rows.iter().filter(|c| checksum::shard(&schema, &c.values, 2) == 0).cloned().collect();
             table.parts.push(landed);
-            anyhow::bail!("simulated: one shard's insert failed after the other's landed");
+            return Err(StoreError::transient("simulated: one shard's insert failed after the other's landed"));
         }
         self.table.borrow_mut().parts.push(rows.to_vec());
         self.chaos.note(&("insert", rows.len()));
         if self.chaos.outcome_lost("ch.insert") {
-            return Err(OutcomeUnknown::error("simulated: insert response lost (it landed)"));
+            return Err(StoreError::unknown("simulated: insert response lost (it landed)"));
         }
         Ok(())
     }
 
-    async fn store_positions(&mut self, positions: &BTreeMap<i32, Position>) -> anyhow::Result<()> {
+    async fn store_positions(&mut self, positions: &BTreeMap<i32, Position>) -> StoreResult<()> {
         yield_now().await;
         if self.chaos.fails("ch.store_positions") {
-            anyhow::bail!("simulated: storing positions failed");
+            return Err(StoreError::transient("simulated: storing positions failed"));
         }
         let mut table = self.table.borrow_mut();
         for (p, offset) in positions {
@@ -115,7 +115,7 @@ impl Sink for SimSink {
         drop(table);
         self.chaos.note(&("positions", positions.len()));
         if self.chaos.outcome_lost("ch.store_positions") {
-            return Err(OutcomeUnknown::error("simulated: storing positions response lost (it landed)"));
+            return Err(StoreError::unknown("simulated: storing positions response lost (it landed)"));
         }
         Ok(())
     }

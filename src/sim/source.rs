@@ -39,7 +39,7 @@ use super::{Chaos, yield_now};
 use crate::change::Change;
 use crate::checksum;
 use crate::schema::TableSchema;
-use crate::stores::{Claim, Claimed, Outcome, OutcomeUnknown, SourceTable};
+use crate::stores::{Claim, Claimed, Outcome, SourceTable, StoreError, StoreResult};
 use crate::types::{Key, Value};
 use crate::verify::{Finding, KeyRange, RowState, SAMPLE, SourceRow, SourceSide, SourceSummary};
 
@@ -394,8 +394,10 @@ impl SimSource {
     /// other session holds is locked and returned; the rest are skipped (a
     /// row changed since its claim stays unsent and goes again). It never
     /// waits and never fails.
-    fn lock_for_update(&mut self, items: &[usize]) -> anyhow::Result<Vec<Lockable>> {
-        let Some((_, claimed)) = &self.open else { anyhow::bail!("simulated: flag update without a claim") };
+    fn lock_for_update(&mut self, items: &[usize]) -> StoreResult<Vec<Lockable>> {
+        let Some((_, claimed)) = &self.open else {
+            return Err(StoreError::transient("simulated: flag update without a claim"));
+        };
         let mut table = self.table.borrow_mut();
         let mut locked = Vec::new();
         for i in items {
@@ -483,11 +485,11 @@ impl Drop for SimSource {
 }
 
 impl SourceTable for SimSource {
-    async fn claim(&mut self, after: Option<&Key>, limit: usize) -> anyhow::Result<Claim> {
+    async fn claim(&mut self, after: Option<&Key>, limit: usize) -> StoreResult<Claim> {
         yield_now().await;
         self.end_claim();
         if self.chaos.fails("pg.claim") {
-            anyhow::bail!("simulated: claim failed");
+            return Err(StoreError::transient("simulated: claim failed"));
         }
         let claim = self.read_claim(after, limit);
         // The rows are as of the query's snapshot; others go on (and
@@ -499,7 +501,7 @@ impl SourceTable for SimSource {
         Ok(claim)
     }
 
-    async fn load(&mut self) -> anyhow::Result<Option<Claim>> {
+    async fn load(&mut self) -> StoreResult<Option<Claim>> {
         yield_now().await;
         self.end_claim();
         if self.table.borrow().chunks.is_empty() {
@@ -507,7 +509,7 @@ impl SourceTable for SimSource {
         }
         if self.chaos.fails("pg.load") {
             self.abort();
-            anyhow::bail!("simulated: chunk read failed");
+            return Err(StoreError::transient("simulated: chunk read failed"));
         }
         let chunk = self.read_chunk();
         for _ in 0..self.chaos.below(8) {
@@ -516,14 +518,14 @@ impl SourceTable for SimSource {
         Ok(chunk)
     }
 
-    async fn mark_sent(&mut self, items: &[usize]) -> anyhow::Result<()> {
+    async fn mark_sent(&mut self, items: &[usize]) -> StoreResult<()> {
         yield_now().await;
         if self.open.is_none() {
-            anyhow::bail!("simulated: mark_sent without a claim");
+            return Err(StoreError::transient("simulated: mark_sent without a claim"));
         }
         if self.chaos.fails("pg.mark") {
             self.abort();
-            anyhow::bail!("simulated: update failed");
+            return Err(StoreError::transient("simulated: update failed"));
         }
         if self.chunk.is_some() {
             // A chunk's rows already read sent: nothing to write to them.
@@ -534,14 +536,14 @@ impl SourceTable for SimSource {
         Ok(())
     }
 
-    async fn reject(&mut self, items: &[(usize, String)]) -> anyhow::Result<()> {
+    async fn reject(&mut self, items: &[(usize, String)]) -> StoreResult<()> {
         yield_now().await;
         if self.open.is_none() {
-            anyhow::bail!("simulated: reject without a claim");
+            return Err(StoreError::transient("simulated: reject without a claim"));
         }
         if self.chaos.fails("pg.reject") {
             self.abort();
-            anyhow::bail!("simulated: update failed");
+            return Err(StoreError::transient("simulated: update failed"));
         }
         for (i, reason) in items {
             let locked = self.lock_for_update(&[*i])?;
@@ -550,12 +552,14 @@ impl SourceTable for SimSource {
         Ok(())
     }
 
-    async fn commit(&mut self) -> anyhow::Result<()> {
+    async fn commit(&mut self) -> StoreResult<()> {
         yield_now().await;
-        let Some((version, _)) = self.open.take() else { anyhow::bail!("simulated: commit without a claim") };
+        let Some((version, _)) = self.open.take() else {
+            return Err(StoreError::transient("simulated: commit without a claim"));
+        };
         if self.chaos.fails("pg.commit") {
             self.abort();
-            anyhow::bail!("simulated: commit failed");
+            return Err(StoreError::transient("simulated: commit failed"));
         }
         let marked = std::mem::take(&mut self.marked);
         let rejected = std::mem::take(&mut self.rejected);
@@ -603,12 +607,12 @@ impl SourceTable for SimSource {
         }
         self.chaos.note(&("commit", self.session, marked.len()));
         if self.chaos.outcome_lost("pg.commit") {
-            return Err(OutcomeUnknown::error("simulated: commit outcome unknown"));
+            return Err(StoreError::unknown("simulated: commit outcome unknown"));
         }
         Ok(())
     }
 
-    async fn rollback(&mut self) -> anyhow::Result<()> {
+    async fn rollback(&mut self) -> StoreResult<()> {
         yield_now().await;
         self.end_claim();
         Ok(())

@@ -418,10 +418,10 @@ fn store_errors_say_what_kind_they_are() {
     let record = || vec![LogRecord { key: b"1".to_vec(), value: b"{}".to_vec() }];
     let world = World::new(1, FaultRates { fail: 0.0, lost: 1.0, crash: 0.0 }, 1);
     let lost = futures::executor::block_on(world.event_log().append(0, record())).unwrap_err();
-    assert_eq!(kind(&lost), ErrorKind::Unknown, "{lost:#}");
+    assert_eq!(lost.kind(), ErrorKind::Unknown, "{lost:#}");
     world.chaos.rates.set(FaultRates { fail: 1.0, lost: 0.0, crash: 0.0 });
     let failed = futures::executor::block_on(world.event_log().append(0, record())).unwrap_err();
-    assert_eq!(kind(&failed), ErrorKind::Transient, "{failed:#}");
+    assert_eq!(failed.kind(), ErrorKind::Transient, "{failed:#}");
     world.chaos.rates.set(FaultRates::NONE);
     let mut consumer = world.consumer(ConsumerConfig::all_partitions(1));
     futures::executor::block_on(consumer.drain(&NoFaults, Duration::ZERO)).unwrap();

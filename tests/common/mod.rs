@@ -320,6 +320,23 @@ impl PrivateStack {
             _ => self.stack.stop(service).unwrap(),
         }
     }
+
+    /// Freezes (`true`) or thaws the broker process: connections stay open
+    /// and nothing answers, the way a hung server behaves.
+    pub fn freeze_broker(&self, frozen: bool) {
+        let pidfile = self.stack.dir.join("broker/broker.pid");
+        let pid = std::fs::read_to_string(&pidfile).unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()));
+        let pid = pid.trim();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(
+            String::from_utf8_lossy(&cmdline).split('\0').next().is_some_and(|argv0| argv0.ends_with("nisshi")),
+            "process {pid} of {} is not the broker",
+            pidfile.display()
+        );
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let status = std::process::Command::new("kill").args([signal, pid]).status().unwrap();
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
 }
 
 impl Drop for PrivateStack {
