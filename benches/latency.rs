@@ -257,7 +257,7 @@ fn main() {
         .await;
         let client = pg2ch::kafka::connect(&env.settings.kafka, Duration::from_secs(10)).await.unwrap();
         let topic = format!("{}_floor", env.name);
-        pg2ch::kafka::ensure_topic(&client, &topic, 1, Duration::from_secs(10)).await.unwrap();
+        pg2ch::kafka::ensure_topic(&client, &topic, 1, 1, Duration::from_secs(10)).await.unwrap();
         let log = pg2ch::kafka::KafkaLog::open(&client, &topic, Duration::from_secs(10)).await.unwrap();
         let record = || vec![LogRecord { key: b"1".to_vec(), value: br#"{"id":1}"#.to_vec() }];
         let produce = floor(200, async || log.append(0, record()).await.unwrap()).await;

@@ -215,7 +215,7 @@ fn sample_rows(n: u64) -> Vec<Change> {
 /// The 4-partition topic `name` on the bench's broker (created if missing).
 async fn open_topic(env: &TestEnv, name: &str) -> pg2ch::kafka::KafkaLog {
     let client = pg2ch::kafka::connect(&env.settings.kafka, Duration::from_secs(10)).await.unwrap();
-    pg2ch::kafka::ensure_topic(&client, name, 4, Duration::from_secs(10)).await.unwrap();
+    pg2ch::kafka::ensure_topic(&client, name, 4, 1, Duration::from_secs(10)).await.unwrap();
     pg2ch::kafka::KafkaLog::open(&client, name, Duration::from_secs(60)).await.unwrap()
 }
 

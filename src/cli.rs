@@ -184,6 +184,7 @@ mod limits {
     pub const WAIT_MS: u64 = 3_600_000;
     pub const SEED_ROWS: u64 = 1_000_000_000;
     pub const STACK_SERVERS: u64 = 16;
+    pub const REPLICATION: i64 = 1_000;
 }
 
 /// A parser of a `usize` setting between `low` and `high`.
@@ -198,6 +199,11 @@ enum Command {
         /// Partitions of the topic, when it is created.
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(i32).range(1..=limits::PARTITIONS))]
         partitions: i32,
+        /// Copies of each record, when a topic is created (default: 3, or
+        /// every broker of a smaller cluster). With two or more, topics get
+        /// `min.insync.replicas=2`.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(i16).range(1..=limits::REPLICATION))]
+        replication_factor: Option<i16>,
         /// Grant this role what `run`, `produce`, `consume`, `status` and
         /// `verify` need on the tables, and nothing more (repeatable).
         #[arg(long, value_name = "ROLE")]
@@ -450,7 +456,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         commands::check_names(&s)?;
     }
     match cli.command {
-        Command::Init { partitions, grant } => commands::init(&s, partitions, &grant).await?,
+        Command::Init { partitions, replication_factor, grant } => {
+            commands::init(&s, partitions, replication_factor, &grant).await?
+        }
         Command::Seed { rows } => commands::seed(&s, rows).await?,
         Command::Produce(a) => {
             a.serve_metrics()?;
@@ -527,7 +535,7 @@ mod tests {
     }
 
     /// Every numeric setting, with the command that takes it and its bounds.
-    const NUMERIC: [(&[&str], &str, i128, i128); 14] = [
+    const NUMERIC: [(&[&str], &str, i128, i128); 15] = [
         (&["run"], "--timeout-secs", 1, limits::TIMEOUT_SECS as i128),
         (&["run"], "--batch-rows", 1, limits::BATCH_ROWS as i128),
         (&["run"], "--batch-bytes", 1, limits::BYTES as i128),
@@ -538,6 +546,7 @@ mod tests {
         (&["run"], "--poll-ms", 1, limits::WAIT_MS as i128),
         (&["run"], "--coalesce-ms", 0, limits::WAIT_MS as i128),
         (&["init"], "--partitions", 1, limits::PARTITIONS as i128),
+        (&["init"], "--replication-factor", 1, limits::REPLICATION as i128),
         (&["seed"], "--rows", 0, limits::SEED_ROWS as i128),
         (&["stack", "up"], "--ch-replicas", 1, limits::STACK_SERVERS as i128),
         (&["stack", "up"], "--ch-shards", 1, limits::STACK_SERVERS as i128),

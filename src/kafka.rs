@@ -123,15 +123,119 @@ pub async fn topic_matches(client: &Client, topic: &str, partitions: i32, timeou
     }
 }
 
-/// Creates the topic with `partitions` partitions if it does not exist, and
-/// waits until the broker lists it. Fails if it exists with another count.
-pub async fn ensure_topic(client: &Client, topic: &str, partitions: i32, timeout: Duration) -> anyhow::Result<()> {
+/// How many copies of each record `init` asks for when it is not told: three
+/// (two may be lost), or every broker of a smaller cluster.
+pub const DEFAULT_REPLICATION: i16 = 3;
+
+/// The replication factor `init` creates topics with: `asked`, or
+/// [`DEFAULT_REPLICATION`] capped by the cluster's broker count. Fails when
+/// `asked` exceeds the brokers there are.
+pub async fn replication_factor(client: &Client, asked: Option<i16>, timeout: Duration) -> anyhow::Result<i16> {
+    let brokers = describe(client, timeout).await?.brokers;
+    choose_replication(asked, brokers)
+}
+
+fn choose_replication(asked: Option<i16>, brokers: usize) -> anyhow::Result<i16> {
+    let brokers = i16::try_from(brokers).unwrap_or(i16::MAX).max(1);
+    match asked {
+        None => Ok(DEFAULT_REPLICATION.min(brokers)),
+        Some(n) if n <= brokers => Ok(n),
+        Some(n) => anyhow::bail!("--replication-factor {n} needs {n} Kafka brokers; the cluster has {brokers}"),
+    }
+}
+
+/// The topic configurations `init` creates topics with. A position is only
+/// safe when the records behind it survive a broker: pg2ch always produces
+/// with `acks=all`, and with two or more replicas a record counts as
+/// written only once two of them hold it (`min.insync.replicas=2`), so a
+/// record PostgreSQL flags sent is never on one disk alone.
+pub fn topic_configs(replication: i16) -> &'static [(&'static str, &'static str)] {
+    if replication >= 2 { &[("min.insync.replicas", "2")] } else { &[] }
+}
+
+/// How a topic's partitions are copied across the cluster's brokers.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Replication {
+    /// Brokers in the cluster.
+    pub brokers: usize,
+    /// The fewest replicas any partition of the topic has.
+    pub replicas: usize,
+    /// Partitions with fewer in-sync replicas than replicas.
+    pub under_replicated: Vec<i32>,
+}
+
+impl Replication {
+    fn of(brokers: usize, topic: &rskafka::topic::TopicReplicas) -> Self {
+        Replication {
+            brokers,
+            replicas: topic.partitions.iter().map(|p| p.replicas.len()).min().unwrap_or(0),
+            under_replicated: topic
+                .partitions
+                .iter()
+                .filter(|p| p.in_sync.len() < p.replicas.len())
+                .map(|p| p.partition)
+                .collect(),
+        }
+    }
+
+    /// What puts records PostgreSQL already flags sent at risk, if anything.
+    pub fn warning(&self, topic: &str) -> Option<String> {
+        let wanted = usize::try_from(DEFAULT_REPLICATION).unwrap_or(3).min(self.brokers);
+        if !self.under_replicated.is_empty() {
+            Some(format!(
+                "partitions {:?} of Kafka topic {topic:?} have fewer in-sync replicas than replicas: a broker is down or behind",
+                self.under_replicated
+            ))
+        } else if self.replicas < wanted {
+            Some(format!(
+                "Kafka topic {topic:?} keeps {} cop{} of each record on a cluster of {} brokers: losing one disk loses records PostgreSQL already flags sent (reassign its partitions to {wanted} replicas)",
+                self.replicas,
+                if self.replicas == 1 { "y" } else { "ies" },
+                self.brokers
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+/// The topic's replication, or `None` when the topic does not exist.
+pub async fn replication(client: &Client, topic: &str, timeout: Duration) -> anyhow::Result<Option<Replication>> {
+    let cluster = describe(client, timeout).await?;
+    Ok(cluster.topics.iter().find(|t| t.name == topic).map(|t| Replication::of(cluster.brokers, t)))
+}
+
+async fn describe(client: &Client, timeout: Duration) -> anyhow::Result<rskafka::topic::ClusterReplicas> {
+    bounded(|| "reading the Kafka cluster's metadata".into(), timeout, async {
+        client.describe_replicas().await.map_err(anyhow::Error::from)
+    })
+    .await
+}
+
+/// Creates the topic with `partitions` partitions and `replication`
+/// replicas (and [`topic_configs`]) if it does not exist, and waits until
+/// the broker lists it. Fails if it exists with another partition count;
+/// warns if it exists with fewer replicas than the cluster allows.
+pub async fn ensure_topic(
+    client: &Client,
+    topic: &str,
+    partitions: i32,
+    replication: i16,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     if topic_matches(client, topic, partitions, timeout).await? {
+        if let Some(warning) = self::replication(client, topic, timeout).await?.and_then(|r| r.warning(topic)) {
+            tracing::warn!("{warning}");
+        }
         return Ok(());
     }
     let controller = client.controller_client()?;
     let created = bounded(|| format!("creating Kafka topic {topic:?}"), timeout, async {
-        controller.create_topic(topic, partitions, 1, timeout.as_millis() as i32).await.map_err(anyhow::Error::from)
+        let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        controller
+            .create_topic_with_configs(topic, partitions, replication, topic_configs(replication), timeout_ms)
+            .await
+            .map_err(anyhow::Error::from)
     })
     .await;
     if let Err(e) = created {
@@ -387,6 +491,41 @@ mod tests {
         }
         assert_eq!(split.len(), 5, "{split:?}");
         assert!(requests(Vec::<usize>::new(), |n| *n).is_empty());
+    }
+
+    #[test]
+    fn replication_defaults_to_three_capped_by_brokers_and_refuses_more_than_there_are() {
+        assert_eq!(choose_replication(None, 1).unwrap(), 1);
+        assert_eq!(choose_replication(None, 2).unwrap(), 2);
+        assert_eq!(choose_replication(None, 5).unwrap(), 3);
+        assert_eq!(choose_replication(None, 0).unwrap(), 1, "a metadata answer without brokers");
+        assert_eq!(choose_replication(Some(5), 5).unwrap(), 5);
+        let e = choose_replication(Some(2), 1).unwrap_err().to_string();
+        assert!(e.contains("--replication-factor 2") && e.contains("has 1"), "{e}");
+        assert!(topic_configs(1).is_empty());
+        assert_eq!(topic_configs(3), &[("min.insync.replicas", "2")]);
+    }
+
+    #[test]
+    fn replication_names_under_replicated_partitions_and_single_copies() {
+        use rskafka::topic::{PartitionReplicas, TopicReplicas};
+        let partition = |partition, replicas: &[i32], in_sync: &[i32]| PartitionReplicas {
+            partition,
+            leader: replicas[0],
+            replicas: replicas.to_vec(),
+            in_sync: in_sync.to_vec(),
+        };
+        let topic = |partitions| TopicReplicas { name: "t".into(), partitions };
+        let healthy = Replication::of(3, &topic(vec![partition(0, &[1, 2, 3], &[1, 2, 3])]));
+        assert_eq!(healthy.replicas, 3);
+        assert_eq!(healthy.warning("t"), None);
+        let behind =
+            Replication::of(3, &topic(vec![partition(0, &[1, 2, 3], &[1, 2, 3]), partition(1, &[2, 3, 1], &[2])]));
+        assert_eq!(behind.under_replicated, vec![1]);
+        assert!(behind.warning("t").unwrap().contains("[1]"));
+        let single = Replication::of(3, &topic(vec![partition(0, &[1], &[1])]));
+        assert!(single.warning("t").unwrap().contains("1 copy"), "{:?}", single.warning("t"));
+        assert_eq!(Replication::of(1, &topic(vec![partition(0, &[1], &[1])])).warning("t"), None);
     }
 
     proptest::proptest! {

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use common::TestEnv;
 use pg2ch::types::Value;
@@ -112,6 +114,37 @@ async fn batches_in_every_compression_codec_reach_clickhouse() {
     let bad = env.run(&["produce", "--once", "--compression", "brotli"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--compression"), "the error names the flag");
+}
+
+/// Topics get as many copies as the cluster allows (the local stack has one
+/// broker), more than there are brokers is refused before anything is
+/// written, and `status` shows the replication.
+#[tokio::test(flavor = "multi_thread")]
+async fn topics_get_the_replication_the_cluster_allows() {
+    let env = TestEnv::new("replicas").await;
+    let refused = env.run(&["init", "--replication-factor", "2"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--replication-factor 2 needs 2 Kafka brokers; the cluster has 1"), "{stderr}");
+    let client = pg2ch::kafka::connect(&env.settings.kafka, Duration::from_secs(10)).await.unwrap();
+    let topic = env.settings.kafka.topic.clone();
+    let timeout = Duration::from_secs(10);
+    assert_eq!(pg2ch::kafka::partition_count(&client, &topic, timeout).await.unwrap(), None, "refused before writing");
+    env.ok(&["init", "--partitions", "2"]);
+    for topic in [topic.clone(), pg2ch::kafka::dead_letter_topic(&topic)] {
+        let r = pg2ch::kafka::replication(&client, &topic, timeout).await.unwrap().expect("the topic exists");
+        assert_eq!((r.brokers, r.replicas), (1, 1), "{topic}: {r:?}");
+        assert!(r.under_replicated.is_empty(), "{topic}: {r:?}");
+    }
+    let status: serde_json::Value = serde_json::from_str(&env.ok(&["status", "--json"])).unwrap();
+    assert_eq!(status["replication"]["replicas"], 1, "{status}");
+    assert!(env.ok(&["status"]).contains("1 replicas per partition on 1 brokers, under-replicated partitions: none"));
+    // The request that carries topic configurations (the vendored rskafka's
+    // addition) is one the broker understands.
+    let configured = format!("{topic}.configured");
+    let controller = client.controller_client().unwrap();
+    controller.create_topic_with_configs(&configured, 1, 1, &[("min.insync.replicas", "1")], 5_000).await.unwrap();
+    assert_eq!(pg2ch::kafka::partition_count(&client, &configured, timeout).await.unwrap(), Some(1));
 }
 
 #[tokio::test(flavor = "multi_thread")]

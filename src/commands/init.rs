@@ -13,7 +13,7 @@ use crate::schema::{DEFAULT_TABLE, SENT, TableSchema};
 
 use super::{Settings, tables};
 
-pub async fn init(s: &Settings, partitions: i32, grant: &[String]) -> anyhow::Result<()> {
+pub async fn init(s: &Settings, partitions: i32, replication: Option<i16>, grant: &[String]) -> anyhow::Result<()> {
     anyhow::ensure!(partitions >= 1, "--partitions must be at least 1, got {partitions}");
     // Two sessions: one builds an index while the other reads its progress.
     let pool = postgres::connect(&s.pg, 2, s.timeouts.call).await?;
@@ -21,6 +21,7 @@ pub async fn init(s: &Settings, partitions: i32, grant: &[String]) -> anyhow::Re
     let client = kafka::connect(&s.kafka, s.timeouts.call).await?;
     let tables = tables(s, &pool, true).await?;
     // Every check that can fail comes before the first write.
+    let replication = kafka::replication_factor(&client, replication, s.timeouts.call).await?;
     for t in &tables {
         kafka::topic_matches(&client, &t.topic, partitions, s.timeouts.call).await?;
     }
@@ -33,14 +34,15 @@ pub async fn init(s: &Settings, partitions: i32, grant: &[String]) -> anyhow::Re
         for role in grant {
             postgres::install::grant(&pool, t.oid, &t.schema, role).await?;
         }
-        kafka::ensure_topic(&client, &t.topic, partitions, s.timeouts.call).await?;
-        kafka::ensure_topic(&client, &kafka::dead_letter_topic(&t.topic), 1, s.timeouts.call).await?;
+        kafka::ensure_topic(&client, &t.topic, partitions, replication, s.timeouts.call).await?;
+        let dead_letters = kafka::dead_letter_topic(&t.topic);
+        kafka::ensure_topic(&client, &dead_letters, 1, replication, s.timeouts.call).await?;
         ch.create_table(&t.schema).await?;
         let added = ch.sync_table(&t.schema).await?;
         keep_versions_ahead(&pool, &ch, &t.schema).await?;
         resend_for_added_columns(&pool, &t.schema, &added).await?;
         tracing::info!(
-            "initialised: PostgreSQL {}, topic {:?} ({partitions} partitions), ClickHouse {}.{} (server {}.{})",
+            "initialised: PostgreSQL {}, topic {:?} ({partitions} partitions, replication factor {replication} when created), ClickHouse {}.{} (server {}.{})",
             t.schema,
             t.topic,
             s.ch.database,

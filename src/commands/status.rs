@@ -43,6 +43,8 @@ pub struct Status {
     pub producers: Vec<String>,
     /// Records in `<topic>.dlq`.
     pub dead_letters: i64,
+    /// How the topic's partitions are copied across the brokers.
+    pub replication: Option<kafka::Replication>,
     pub clickhouse_rows_final: u64,
     pub clickhouse_rows_stored: u64,
     /// The initial load of the rows there were at `init`, if there was one.
@@ -53,6 +55,7 @@ pub struct Status {
 
 pub async fn status(s: &Settings) -> anyhow::Result<Vec<Status>> {
     let pool = postgres::connect(&s.pg, 2, s.timeouts.call).await?;
+    let client = kafka::connect(&s.kafka, s.timeouts.call).await?;
     let mut out = Vec::new();
     for table in tables(s, &pool, false).await? {
         // Read-only: nothing is added to ClickHouse nor flagged here.
@@ -85,6 +88,7 @@ pub async fn status(s: &Settings) -> anyhow::Result<Vec<Status>> {
             partitions,
             producers,
             dead_letters: c.log.dead_letter_count().await?,
+            replication: kafka::replication(&client, &table.topic, s.timeouts.call).await?,
             clickhouse_rows_final: c.sink.ch.final_count(&table.schema).await?,
             clickhouse_rows_stored: c.sink.ch.stored_count(&table.schema).await?,
             initial_load: postgres::load_progress(&pool, table.oid).await?,
@@ -129,6 +133,20 @@ impl Status {
             )?;
         }
         writeln!(out, "dead letters in {:?}: {}", kafka::dead_letter_topic(&self.topic), self.dead_letters)?;
+        if let Some(r) = &self.replication {
+            let behind = match r.under_replicated.as_slice() {
+                [] => "none".to_owned(),
+                parts => format!("{parts:?}"),
+            };
+            writeln!(
+                out,
+                "replication: {} replicas per partition on {} brokers, under-replicated partitions: {behind}",
+                r.replicas, r.brokers
+            )?;
+            if let Some(warning) = r.warning(&self.topic) {
+                writeln!(out, "WARNING: {warning}")?;
+            }
+        }
         writeln!(
             out,
             "ClickHouse rows: {} (FINAL, deleted keys left out), {} stored before merging",

@@ -8,7 +8,7 @@ use crate::{
     client::partition::PartitionClient,
     connection::{BrokerConnector, MetadataLookupMode, TlsConfig},
     protocol::primitives::Boolean,
-    topic::Topic,
+    topic::{ClusterReplicas, PartitionReplicas, Topic, TopicReplicas},
 };
 
 pub mod consumer;
@@ -199,5 +199,39 @@ impl Client {
                     .collect(),
             })
             .collect())
+    }
+
+    /// pg2ch addition: the number of brokers and every topic's partitions
+    /// with their replicas and in-sync replicas (not cached, like
+    /// [`Self::list_topics`]).
+    pub async fn describe_replicas(&self) -> Result<ClusterReplicas> {
+        let (response, _gen) = self
+            .brokers
+            .request_metadata(&MetadataLookupMode::ArbitraryBroker, None)
+            .await?;
+        let nodes = |a: crate::protocol::primitives::Array<crate::protocol::primitives::Int32>| {
+            a.0.unwrap_or_default().into_iter().map(|n| n.0).collect()
+        };
+        Ok(ClusterReplicas {
+            brokers: response.brokers.len(),
+            topics: response
+                .topics
+                .into_iter()
+                .filter(|t| !matches!(t.is_internal, Some(Boolean(true))))
+                .map(|t| TopicReplicas {
+                    name: t.name.0,
+                    partitions: t
+                        .partitions
+                        .into_iter()
+                        .map(|p| PartitionReplicas {
+                            partition: p.partition_index.0,
+                            leader: p.leader_id.0,
+                            replicas: nodes(p.replica_nodes),
+                            in_sync: nodes(p.isr_nodes),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        })
     }
 }
