@@ -78,6 +78,16 @@ struct Connection {
     /// Consumer group: names the positions stored in ClickHouse.
     #[arg(long, global = true, env = "KAFKA_GROUP", default_value = "pg2ch")]
     kafka_group: String,
+    /// SASL mechanism for the brokers: PLAIN, SCRAM-SHA-256 or
+    /// SCRAM-SHA-512 (unset: no authentication).
+    #[arg(long, global = true, env = "KAFKA_SASL_MECHANISM")]
+    kafka_sasl_mechanism: Option<crate::config::SaslMechanism>,
+    /// SASL user name for the brokers.
+    #[arg(long, global = true, env = "KAFKA_SASL_USER")]
+    kafka_sasl_user: Option<String>,
+    /// File holding the SASL password (else env KAFKA_SASL_PASS).
+    #[arg(long, global = true, env = "KAFKA_SASL_PASS_FILE")]
+    kafka_sasl_pass_file: Option<std::path::PathBuf>,
     /// Longest any single call to a service may take, in seconds.
     #[arg(long, global = true, env = "PG2CH_TIMEOUT_SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=limits::TIMEOUT_SECS))]
@@ -333,6 +343,21 @@ fn password(file: Option<&std::path::Path>, var: &str) -> anyhow::Result<Secret>
 }
 
 impl Connection {
+    /// The broker credentials: a mechanism and a user, or neither.
+    fn kafka_sasl(&self) -> anyhow::Result<Option<crate::config::KafkaSasl>> {
+        let user = self.kafka_sasl_user.clone().filter(|u| !u.is_empty());
+        match (self.kafka_sasl_mechanism, user) {
+            (None, None) => Ok(None),
+            (Some(mechanism), Some(username)) => Ok(Some(crate::config::KafkaSasl {
+                mechanism,
+                username,
+                password: password(self.kafka_sasl_pass_file.as_deref(), "KAFKA_SASL_PASS")?,
+            })),
+            (Some(_), None) => anyhow::bail!("KAFKA_SASL_MECHANISM is set but KAFKA_SASL_USER is not"),
+            (None, Some(_)) => anyhow::bail!("KAFKA_SASL_USER is set but KAFKA_SASL_MECHANISM is not"),
+        }
+    }
+
     fn settings(&self, tables: &Tables) -> anyhow::Result<Settings> {
         Ok(Settings {
             tables: tables.tables.iter().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect(),
@@ -357,6 +382,7 @@ impl Connection {
                 bootstrap: self.kafka_bootstrap.split(',').map(|s| s.trim().to_owned()).collect(),
                 topic: self.kafka_topic.clone(),
                 group: self.kafka_group.clone(),
+                sasl: self.kafka_sasl()?,
             },
             timeouts: Timeouts { call: Duration::from_secs(self.timeout_secs.max(1)) },
         })
@@ -623,6 +649,25 @@ mod tests {
             let e = Cli::try_parse_from(["pg2ch", "stack", "stop", bad]).unwrap_err().to_string();
             assert!(e.contains(&format!("unknown service {bad:?}")), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn broker_credentials_come_as_a_mechanism_and_a_user_or_not_at_all() {
+        let settings = |extra: &[&str]| {
+            let argv: Vec<&str> = ["pg2ch", "status"].iter().chain(extra).copied().collect();
+            Cli::try_parse_from(&argv)
+                .map_err(|e| e.to_string())
+                .and_then(|cli| cli.conn.settings(&cli.tables).map(|s| s.kafka.sasl).map_err(|e| e.to_string()))
+        };
+        assert!(settings(&[]).unwrap().is_none());
+        let sasl = settings(&["--kafka-sasl-mechanism", "scram-sha-512", "--kafka-sasl-user", "u"]).unwrap().unwrap();
+        assert_eq!((sasl.mechanism, sasl.username.as_str()), (crate::config::SaslMechanism::ScramSha512, "u"));
+        let e = settings(&["--kafka-sasl-mechanism", "PLAIN"]).unwrap_err();
+        assert_eq!(e, "KAFKA_SASL_MECHANISM is set but KAFKA_SASL_USER is not");
+        let e = settings(&["--kafka-sasl-user", "u"]).unwrap_err();
+        assert_eq!(e, "KAFKA_SASL_USER is set but KAFKA_SASL_MECHANISM is not");
+        let e = settings(&["--kafka-sasl-mechanism", "GSSAPI", "--kafka-sasl-user", "u"]).unwrap_err();
+        assert!(e.contains("unknown SASL mechanism \"GSSAPI\""), "{e}");
     }
 
     #[test]

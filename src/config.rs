@@ -158,6 +158,40 @@ pub struct KafkaConfig {
     pub topic: String,
     /// Names this consumer's positions; another group reads everything again.
     pub group: String,
+    /// How to authenticate to the brokers; `None`: no authentication.
+    pub sasl: Option<KafkaSasl>,
+}
+
+/// SASL credentials for the brokers.
+#[derive(Debug, Clone)]
+pub struct KafkaSasl {
+    pub mechanism: SaslMechanism,
+    pub username: String,
+    pub password: Secret,
+}
+
+/// The SASL mechanisms pg2ch speaks to a broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaslMechanism {
+    /// `PLAIN`: the password crosses the network as it is (use it behind TLS
+    /// or on a private network only).
+    Plain,
+    /// `SCRAM-SHA-256`.
+    ScramSha256,
+    /// `SCRAM-SHA-512`.
+    ScramSha512,
+}
+
+impl std::str::FromStr for SaslMechanism {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_uppercase().as_str() {
+            "PLAIN" => Ok(SaslMechanism::Plain),
+            "SCRAM-SHA-256" => Ok(SaslMechanism::ScramSha256),
+            "SCRAM-SHA-512" => Ok(SaslMechanism::ScramSha512),
+            _ => Err(format!("unknown SASL mechanism {s:?} (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)")),
+        }
+    }
 }
 
 impl KafkaConfig {

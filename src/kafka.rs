@@ -16,7 +16,7 @@ use rskafka::client::{Client, ClientBuilder};
 use rskafka::record::Record;
 
 use crate::change::MAX_MESSAGE_BYTES;
-use crate::config::{KafkaConfig, bounded, bounded_store};
+use crate::config::{KafkaConfig, KafkaSasl, SaslMechanism, bounded, bounded_store};
 use crate::error::{ErrorKind, StoreError, StoreResult};
 use crate::stores::{DeadLetter, EventLog, Fetched, FetchedRecord, LogRecord};
 
@@ -92,11 +92,27 @@ fn classify(
     }
 }
 
-/// Connects to the bootstrap brokers.
+/// rskafka's form of the credentials. Its `Debug` shows the password: it
+/// is made here, handed to the client builder and never kept or logged.
+fn sasl_config(sasl: &KafkaSasl) -> rskafka::client::SaslConfig {
+    use rskafka::client::{Credentials, SaslConfig};
+    let credentials = Credentials::new(sasl.username.clone(), sasl.password.expose().to_owned());
+    match sasl.mechanism {
+        SaslMechanism::Plain => SaslConfig::Plain(credentials),
+        SaslMechanism::ScramSha256 => SaslConfig::ScramSha256(credentials),
+        SaslMechanism::ScramSha512 => SaslConfig::ScramSha512(credentials),
+    }
+}
+
+/// Connects to the bootstrap brokers (with SASL when configured).
 pub async fn connect(cfg: &KafkaConfig, timeout: Duration) -> anyhow::Result<Client> {
     let backoff = BackoffConfig { deadline: Some(timeout), ..BackoffConfig::default() };
     bounded(|| format!("connecting to {}", cfg.describe()), timeout, async {
-        ClientBuilder::new(cfg.bootstrap.clone()).backoff_config(backoff).build().await.map_err(anyhow::Error::from)
+        let mut builder = ClientBuilder::new(cfg.bootstrap.clone()).backoff_config(backoff);
+        if let Some(sasl) = &cfg.sasl {
+            builder = builder.sasl_config(sasl_config(sasl));
+        }
+        builder.build().await.map_err(anyhow::Error::from)
     })
     .await
     .with_context(|| format!("cannot reach {}", cfg.describe()))

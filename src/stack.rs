@@ -804,8 +804,12 @@ impl Stack {
     }
 
     async fn broker_up(&self, env: &StackEnv) -> anyhow::Result<()> {
-        let kafka =
-            KafkaConfig { bootstrap: vec![env.kafka_bootstrap.clone()], topic: String::new(), group: String::new() };
+        let kafka = KafkaConfig {
+            bootstrap: vec![env.kafka_bootstrap.clone()],
+            topic: String::new(),
+            group: String::new(),
+            sasl: None,
+        };
         let probe = || async {
             let client = crate::kafka::connect(&kafka, Duration::from_secs(2)).await?;
             crate::config::bounded(|| "listing topics".into(), Duration::from_secs(2), async {

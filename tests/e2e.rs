@@ -147,6 +147,41 @@ async fn topics_get_the_replication_the_cluster_allows() {
     assert_eq!(pg2ch::kafka::partition_count(&client, &configured, timeout).await.unwrap(), Some(1));
 }
 
+/// A broker that requires SASL: without credentials the connection is cut
+/// before any request; with SCRAM credentials pg2ch authenticates, and
+/// the broker's answer (it holds no users: nisshi with memory storage
+/// cannot be given one before it requires authentication) comes back in
+/// one line that never shows the password, even with every log level on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_requiring_sasl_gets_the_configured_credentials() {
+    let broker = common::AuthenticatingBroker::start().await;
+    let env = TestEnv::new("sasl").await;
+    let mut settings = env.settings.clone();
+    settings.kafka.bootstrap = vec![broker.bootstrap.clone()];
+    let run = |env: &TestEnv| {
+        let out = env.command(&["status"]).env("PG2CH_TIMEOUT_SECS", "3").env("RUST_LOG", "trace").output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+        let last = String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or_default().to_owned();
+        assert!(last.starts_with("error: cannot reach Kafka broker") && last.contains(&broker.bootstrap), "{last}");
+        (out, last)
+    };
+    let (_, anonymous) = run(&env.view(settings.clone()));
+    assert!(!anonymous.contains("Sasl"), "no SASL without credentials: {anonymous}");
+    let marker = format!("sasl-secret-{}", std::process::id());
+    settings.kafka.sasl = Some(pg2ch::config::KafkaSasl {
+        mechanism: pg2ch::config::SaslMechanism::ScramSha256,
+        username: "pg2ch".into(),
+        password: pg2ch::config::Secret::new(marker.clone()),
+    });
+    let (out, _) = run(&env.view(settings));
+    // The last line may be the timeout; the retries before it say why.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("SCRAM outcome error: unknown user"), "SCRAM ran and the broker judged it: {stderr}");
+    for text in [&out.stdout, &out.stderr] {
+        assert!(!String::from_utf8_lossy(text).contains(&marker), "the SASL password was printed");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn two_groups_fan_out_independently() {
     let env = TestEnv::new("fanout").await;

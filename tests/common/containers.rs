@@ -115,6 +115,7 @@ pub async fn start() -> anyhow::Result<(Containers, Settings)> {
             bootstrap: vec![format!("127.0.0.1:{kafka_port}")],
             topic: String::new(),
             group: "pg2ch".into(),
+            sasl: None,
         },
         timeouts: Timeouts { call: Duration::from_secs(30) },
         tables: vec!["user_logins".into()],

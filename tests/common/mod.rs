@@ -74,7 +74,7 @@ async fn services() -> Settings {
                 cluster: None,
                 replicas: vec![],
             },
-            kafka: KafkaConfig { bootstrap: vec![bootstrap], topic: String::new(), group: "pg2ch".into() },
+            kafka: KafkaConfig { bootstrap: vec![bootstrap], topic: String::new(), group: "pg2ch".into(), sasl: None },
             timeouts: Timeouts { call: Duration::from_secs(30) },
             tables: vec!["user_logins".into()],
             other_types_as_text: false,
@@ -115,7 +115,12 @@ pub fn settings_of(env: pg2ch::stack::StackEnv) -> Settings {
     Settings {
         pg: env.pg,
         ch: env.ch,
-        kafka: KafkaConfig { bootstrap: vec![env.kafka_bootstrap], topic: String::new(), group: "pg2ch".into() },
+        kafka: KafkaConfig {
+            bootstrap: vec![env.kafka_bootstrap],
+            topic: String::new(),
+            group: "pg2ch".into(),
+            sasl: None,
+        },
         timeouts: Timeouts { call: Duration::from_secs(30) },
         tables: vec!["user_logins".into()],
         other_types_as_text: false,
@@ -611,7 +616,7 @@ impl TestEnv {
     /// The environment the binary reads, for this namespace.
     pub fn vars(&self) -> Vec<(&'static str, String)> {
         let s = &self.settings;
-        vec![
+        let mut vars = vec![
             ("PG_HOST", s.pg.host.clone()),
             ("PG_PORT", s.pg.port.to_string()),
             ("PG_USER", s.pg.user.clone()),
@@ -628,7 +633,18 @@ impl TestEnv {
             ("KAFKA_TOPIC", s.kafka.topic.clone()),
             ("KAFKA_GROUP", s.kafka.group.clone()),
             ("PG2CH_TIMEOUT_SECS", "10".into()),
-        ]
+        ];
+        if let Some(sasl) = &s.kafka.sasl {
+            let mechanism = match sasl.mechanism {
+                pg2ch::config::SaslMechanism::Plain => "PLAIN",
+                pg2ch::config::SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+                pg2ch::config::SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+            };
+            vars.push(("KAFKA_SASL_MECHANISM", mechanism.into()));
+            vars.push(("KAFKA_SASL_USER", sasl.username.clone()));
+            vars.push(("KAFKA_SASL_PASS", sasl.password.expose().to_owned()));
+        }
+        vars
     }
 
     /// A `pg2ch` command with this namespace's environment (and nothing from the caller's).
@@ -652,6 +668,10 @@ impl TestEnv {
             "KAFKA_BOOTSTRAP",
             "KAFKA_TOPIC",
             "KAFKA_GROUP",
+            "KAFKA_SASL_MECHANISM",
+            "KAFKA_SASL_USER",
+            "KAFKA_SASL_PASS",
+            "KAFKA_SASL_PASS_FILE",
             "PG2CH_TABLES",
             "PG2CH_OTHER_TYPES",
         ] {
@@ -677,5 +697,51 @@ impl TestEnv {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// A Kafka-API broker of its own that requires SASL authentication
+/// (nisshi `--authentication`, memory storage), on a free loopback port;
+/// stopped when dropped.
+pub struct AuthenticatingBroker {
+    pub bootstrap: String,
+    child: std::process::Child,
+}
+
+impl AuthenticatingBroker {
+    pub async fn start() -> AuthenticatingBroker {
+        let home = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_default();
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let nisshi = std::env::split_paths(&path)
+            .chain([home.join(".cargo/bin")])
+            .map(|dir| dir.join("nisshi"))
+            .find(|candidate| candidate.is_file())
+            .expect(
+                "no nisshi broker: run `just setup` (cargo install nisshi@0.7.0-pre.2 --locked --features dynostore)",
+            );
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(nisshi)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://nisshi/", "--authentication"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting nisshi");
+        let broker = AuthenticatingBroker { bootstrap: format!("127.0.0.1:{port}"), child };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(&broker.bootstrap).await.is_err() {
+            assert!(std::time::Instant::now() < deadline, "nisshi did not listen on {} within 30 s", broker.bootstrap);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        broker
+    }
+}
+
+impl Drop for AuthenticatingBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
