@@ -302,6 +302,20 @@ fn service_uid() -> anyhow::Result<u32> {
     String::from_utf8_lossy(&out.stdout).trim().parse().context("reading the service user's uid")
 }
 
+/// The uid and gid of the account services run as when we are root.
+fn service_ids() -> anyhow::Result<(u32, u32)> {
+    let out = Command::new("id").args(["-g", service_user()]).output().context("running id -g")?;
+    let gid = String::from_utf8_lossy(&out.stdout).trim().parse().context("reading the service user's gid")?;
+    Ok((service_uid()?, gid))
+}
+
+/// Whether every directory above `path` lets others through (the service
+/// user is neither their owner nor, usually, in their group).
+fn others_can_reach(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.ancestors().skip(1).all(|dir| std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
+}
+
 /// Reads the password in `file`, creating a random one on first use.
 fn secret_file(file: &Path) -> anyhow::Result<Secret> {
     if let Ok(s) = std::fs::read_to_string(file) {
@@ -355,6 +369,13 @@ where
 /// Starts `cmd` in its own process group, detached from our terminal, with its
 /// output in `log`, and records its pid in `pidfile`.
 fn spawn_detached(mut cmd: Command, log: &Path, pidfile: &Path) -> anyhow::Result<Starting> {
+    if is_root() {
+        // Root gives its services away: as the service user (std drops
+        // root's supplementary groups with it).
+        use std::os::unix::process::CommandExt;
+        let (uid, gid) = service_ids()?;
+        cmd.uid(uid).gid(gid);
+    }
     let out = std::fs::File::create(log)?;
     let child = without_secrets(&mut cmd)
         .stdin(Stdio::null())
@@ -524,6 +545,49 @@ impl Stack {
         PathBuf::from(name)
     }
 
+    /// The directory of ClickHouse, ZooKeeper and the broker: beside the
+    /// stack directory, like PostgreSQL's, because they too run as the
+    /// service user when we are root, and the stack directory (which holds
+    /// the passwords) is ours alone.
+    pub fn services_root(&self) -> PathBuf {
+        let mut name = self.dir.as_os_str().to_owned();
+        name.push("-services");
+        PathBuf::from(name)
+    }
+
+    /// `services_root()/name`, created if missing; the root itself belongs
+    /// to the service user and only to it.
+    fn service_dir(&self, name: &str) -> anyhow::Result<PathBuf> {
+        let root = self.services_root();
+        if !root.exists() {
+            private_dir(&root, my_uid())?;
+            chown_to_service_user(&root)?;
+        }
+        private_dir(&root, service_uid()?)?;
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+
+    /// `program` where the service user can run it: a binary under a
+    /// directory others cannot enter (`~/.cargo/bin` of root) is linked, or
+    /// else copied, into the services' directory.
+    fn runnable(&self, program: PathBuf) -> anyhow::Result<PathBuf> {
+        if !is_root() || others_can_reach(&program) {
+            return Ok(program);
+        }
+        let bin = self.service_dir("bin")?;
+        let name = program.file_name().context("a program has a file name")?;
+        let target = bin.join(name);
+        let _ = std::fs::remove_file(&target);
+        if std::fs::hard_link(&program, &target).is_err() {
+            std::fs::copy(&program, &target)
+                .with_context(|| format!("copying {} to {}", program.display(), target.display()))?;
+        }
+        chown_to_service_user(&bin)?;
+        Ok(target)
+    }
+
     /// Starts whatever is not already answering and waits until all three do.
     pub async fn up(&self) -> anyhow::Result<StackEnv> {
         private_dir(&self.dir, my_uid())?;
@@ -552,7 +616,7 @@ impl Stack {
         self.stop(Service::Broker)?;
         // Whatever cluster an earlier `up --ch-replicas` started here.
         for i in 1.. {
-            if !self.dir.join(format!("ch-r{i}")).exists() {
+            if !self.services_root().join(format!("ch-r{i}")).exists() && !self.dir.join(format!("ch-r{i}")).exists() {
                 break;
             }
             self.stop(Service::Replica(i))?;
@@ -572,19 +636,27 @@ impl Stack {
                 run_as_service_user(&pg_ctl, &["-D", &data, "-m", "fast", "-w", "stop"], "pg_ctl stop")
             }
             Service::ClickHouse => {
-                stop_pidfile(&self.dir.join("ch/server.pid"), "clickhouse-server");
+                for root in [self.services_root(), self.dir.clone()] {
+                    stop_pidfile(&root.join("ch/server.pid"), "clickhouse-server");
+                }
                 Ok(())
             }
             Service::Broker => {
-                stop_pidfile(&self.dir.join("broker/broker.pid"), self.broker_program());
+                for root in [self.services_root(), self.dir.clone()] {
+                    stop_pidfile(&root.join("broker/broker.pid"), self.broker_program());
+                }
                 Ok(())
             }
             Service::Replica(i) => {
-                stop_pidfile(&self.dir.join(format!("ch-r{i}/server.pid")), "clickhouse-server");
+                for root in [self.services_root(), self.dir.clone()] {
+                    stop_pidfile(&root.join(format!("ch-r{i}/server.pid")), "clickhouse-server");
+                }
                 Ok(())
             }
             Service::ZooKeeper => {
-                stop_pidfile(&self.dir.join("zk/zk.pid"), "java");
+                for root in [self.services_root(), self.dir.clone()] {
+                    stop_pidfile(&root.join("zk/zk.pid"), "java");
+                }
                 Ok(())
             }
         }
@@ -649,7 +721,7 @@ impl Stack {
     }
 
     async fn clickhouse_up(&self, env: &StackEnv) -> anyhow::Result<()> {
-        self.clickhouse_server_up(env, &self.dir.join("ch"), self.ch_port, self.ch_tcp_port, "").await
+        self.clickhouse_server_up(env, &self.service_dir("ch")?, self.ch_port, self.ch_tcp_port, "").await
     }
 
     /// Starts one `clickhouse-server` in `root` unless one answers on
@@ -710,7 +782,8 @@ impl Stack {
                 env.ch.password.expose()
             );
             write_private(&root.join("users.xml"), &users)?;
-            let mut cmd = Command::new(bin);
+            chown_to_service_user(root)?;
+            let mut cmd = Command::new(self.runnable(bin)?);
             cmd.arg(format!("--config-file={r}/config.xml")).current_dir(root);
             let mut server = spawn_detached(cmd, &root.join("stdout.log"), &root.join("server.pid"))?;
             server.logs.push(root.join("error.log"));
@@ -755,8 +828,8 @@ impl Stack {
                 i / per_shard + 1,
                 i + 1
             );
-            let root = self.dir.join(format!("ch-r{}", i + 1));
-            async move { self.clickhouse_server_up(env, &root, r.http, r.tcp, &extra).await }
+            let name = format!("ch-r{}", i + 1);
+            async move { self.clickhouse_server_up(env, &self.service_dir(&name)?, r.http, r.tcp, &extra).await }
         });
         futures::future::try_join_all(ups).await?;
         Ok(())
@@ -782,7 +855,7 @@ impl Stack {
         let jar = Path::new("/usr/share/java/zookeeper.jar");
         anyhow::ensure!(jar.exists(), "ZooKeeper not found: run `just setup` (or apt-get install zookeeper)");
         let java = find_binary(&["java"], &[]).context("java not found (apt-get install default-jre-headless)")?;
-        let root = self.dir.join("zk");
+        let root = self.service_dir("zk")?;
         std::fs::create_dir_all(root.join("data"))?;
         let r = root.display();
         std::fs::write(
@@ -792,6 +865,7 @@ impl Stack {
                  admin.enableServer=false\n4lw.commands.whitelist=srvr\n"
             ),
         )?;
+        chown_to_service_user(&root)?;
         let mut cmd = Command::new(java);
         cmd.args(["-Xmx256m", "-cp", "/usr/share/java/zookeeper.jar:/etc/zookeeper/conf_example"])
             .arg("org.apache.zookeeper.server.ZooKeeperServerMain")
@@ -819,11 +893,10 @@ impl Stack {
             .map(|_| ())
         };
         if probe().await.is_err() {
-            let root = self.dir.join("broker");
-            std::fs::create_dir_all(&root)?;
+            let root = self.service_dir("broker")?;
             let url = format!("tcp://127.0.0.1:{}", self.kafka_port);
             let cmd = if let Some(nisshi) = find_binary(&["nisshi"], &cargo_bin_dir()) {
-                let mut c = Command::new(nisshi);
+                let mut c = Command::new(self.runnable(nisshi)?);
                 c.args([
                     "broker",
                     "--listener-url",
@@ -845,7 +918,7 @@ impl Stack {
                     self.kafka_port
                 );
                 std::fs::write(root.join("redpanda.yaml"), config)?;
-                let mut c = Command::new(redpanda);
+                let mut c = Command::new(self.runnable(redpanda)?);
                 c.arg(format!("--redpanda-cfg={r}/redpanda.yaml")).args([
                     "--smp=1",
                     "--memory=1G",
@@ -858,6 +931,9 @@ impl Stack {
                     "no Kafka-API broker found: run `just setup` (or cargo install nisshi@0.7.0-pre.2 --locked --features dynostore), or point KAFKA_BOOTSTRAP at a running broker"
                 );
             };
+            chown_to_service_user(&root)?;
+            let mut cmd = cmd;
+            cmd.current_dir(&root);
             let broker = spawn_detached(cmd, &root.join("broker.log"), &root.join("broker.pid"))?;
             broker
                 .ready(&format!("the Kafka broker on port {}", self.kafka_port), Duration::from_secs(30), probe)

@@ -645,7 +645,7 @@ async fn random_rows_from_the_whole_domain_travel_exactly_or_are_rejected() {
 /// reads its own password from its configuration, and a process's
 /// environment is readable through `/proc`.
 #[test]
-fn services_the_stack_starts_inherit_no_secret() {
+fn services_the_stack_starts_inherit_no_secret_and_run_unprivileged() {
     let dir = std::env::temp_dir().join(format!("pg2ch-scrub-{}", std::process::id()));
     let marker = format!("not-for-services-{}", std::process::id());
     let ports = [
@@ -670,9 +670,10 @@ fn services_the_stack_starts_inherit_no_secret() {
     };
     let up = stack("up");
     let pg_root = std::path::PathBuf::from(format!("{}-pg", dir.display()));
+    let services = std::path::PathBuf::from(format!("{}-services", dir.display()));
     let pids: Vec<(&str, Option<String>)> = vec![
-        ("ClickHouse", std::fs::read_to_string(dir.join("ch/server.pid")).ok()),
-        ("the broker", std::fs::read_to_string(dir.join("broker/broker.pid")).ok()),
+        ("ClickHouse", std::fs::read_to_string(services.join("ch/server.pid")).ok()),
+        ("the broker", std::fs::read_to_string(services.join("broker/broker.pid")).ok()),
         (
             "PostgreSQL",
             std::fs::read_to_string(pg_root.join("data/postmaster.pid"))
@@ -680,19 +681,24 @@ fn services_the_stack_starts_inherit_no_secret() {
                 .and_then(|t| t.lines().next().map(str::to_owned)),
         ),
     ];
-    let environs: Vec<(&str, Result<Vec<u8>, String>)> = pids
+    // Each service's environment and the `Uid:` line of its status.
+    type Seen = Result<(Vec<u8>, String), String>;
+    let seen: Vec<(&str, Seen)> = pids
         .iter()
         .map(|(what, pid)| {
-            let environ = match pid {
-                Some(pid) => std::fs::read(format!("/proc/{}/environ", pid.trim())).map_err(|e| e.to_string()),
-                None => Err("no pid file".to_owned()),
+            let read = |pid: &str| -> Seen {
+                let environ = std::fs::read(format!("/proc/{pid}/environ")).map_err(|e| e.to_string())?;
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
+                let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap_or_default().to_owned();
+                Ok((environ, uid))
             };
-            (*what, environ)
+            (*what, pid.as_deref().map_or(Err("no pid file".to_owned()), |pid| read(pid.trim())))
         })
         .collect();
     let down = stack("down");
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&pg_root);
+    let _ = std::fs::remove_dir_all(&services);
     assert!(
         up.status.success(),
         "stack up: {}{}",
@@ -700,8 +706,17 @@ fn services_the_stack_starts_inherit_no_secret() {
         String::from_utf8_lossy(&up.stderr)
     );
     assert!(down.status.success(), "stack down: {}", String::from_utf8_lossy(&down.stderr));
-    for (what, environ) in environs {
-        let environ = environ.unwrap_or_else(|e| panic!("{what}'s environment: {e}"));
+    let we_are_root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .is_some_and(|ids| ids.split_whitespace().next() == Some("0"));
+    for (what, seen) in seen {
+        let (environ, uids) = seen.unwrap_or_else(|e| panic!("{what}'s process: {e}"));
+        if we_are_root {
+            // Real, effective, saved and file-system uid: none is root's.
+            assert!(uids.split_whitespace().all(|uid| uid != "0"), "{what} runs as root (Uid: {uids})");
+        }
         let leaked: Vec<String> = environ
             .split(|b| *b == 0)
             .map(|v| String::from_utf8_lossy(v).into_owned())

@@ -390,6 +390,7 @@ async fn a_stack_service_that_cannot_start_fails_at_once_quoting_its_log() {
     let _ = stack.down();
     let _ = std::fs::remove_dir_all(&stack.dir);
     let _ = std::fs::remove_dir_all(stack.pg_root());
+    let _ = std::fs::remove_dir_all(stack.services_root());
     let err = format!("{:#}", result.expect_err("ClickHouse started on a port that was taken"));
     assert!(err.contains(&format!("ClickHouse on port {} exited", stack.ch_port)), "{err}");
     assert!(err.contains("error.log ends:") && err.contains(&held.to_string()), "{err}");

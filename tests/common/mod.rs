@@ -329,7 +329,7 @@ impl PrivateStack {
     /// Freezes (`true`) or thaws the broker process: connections stay open
     /// and nothing answers, the way a hung server behaves.
     pub fn freeze_broker(&self, frozen: bool) {
-        let pidfile = self.stack.dir.join("broker/broker.pid");
+        let pidfile = self.stack.services_root().join("broker/broker.pid");
         let pid = std::fs::read_to_string(&pidfile).unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()));
         let pid = pid.trim();
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
@@ -350,6 +350,7 @@ impl Drop for PrivateStack {
         let _ = self.stack.down();
         let _ = std::fs::remove_dir_all(&self.stack.dir);
         let _ = std::fs::remove_dir_all(self.stack.pg_root());
+        let _ = std::fs::remove_dir_all(self.stack.services_root());
     }
 }
 
