@@ -25,10 +25,7 @@ use pg2ch::stack::Service;
 use pg2ch::types::Key;
 
 fn stop(mut child: Child) {
-    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
-    let status = child.wait().unwrap();
-    assert!(status.success(), "a pg2ch process stopped on SIGTERM with {status}");
+    common::terminate(&mut child, Duration::from_secs(60));
 }
 
 /// The engine of a table of the test's ClickHouse database.

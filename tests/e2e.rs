@@ -408,8 +408,7 @@ async fn an_idle_producer_wakes_on_commit_not_on_its_poll() {
     sqlx::query("INSERT INTO user_logins (username) VALUES ('woken')").execute(&pool).await.unwrap();
     common::eventually("a row inserted while the producer idles arrives", Duration::from_secs(60), || in_ch("woken"))
         .await;
-    let _ = std::process::Command::new("kill").arg(child.id().to_string()).status();
-    assert!(child.wait().unwrap().success());
+    common::terminate(&mut child, Duration::from_secs(60));
     assert!(env.ok(&["verify"]).contains("verify: OK"));
 }
 

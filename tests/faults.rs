@@ -5,7 +5,7 @@
 mod common;
 
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::Utc;
 use common::{PrivateStack, TestEnv, eventually};
@@ -44,18 +44,10 @@ async fn drained(env: &TestEnv) -> bool {
 
 /// SIGTERM, then the process must exit 0 within `limit`; returns its stderr.
 fn stop(mut child: Child, limit: Duration) -> String {
-    let asked = Instant::now();
-    assert!(std::process::Command::new("kill").arg(child.id().to_string()).status().unwrap().success());
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-            assert!(status.success(), "pg2ch run exited with {status} after SIGTERM:\n{err}");
-            return err;
-        }
-        assert!(asked.elapsed() < limit, "pg2ch run did not stop within {limit:?} of SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::terminate(&mut child, limit);
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    err
 }
 
 fn spawn_run(env: &TestEnv) -> Child {

@@ -107,9 +107,7 @@ async fn consumer_processes_share_partitions_and_take_over_from_dead_and_paused_
     let batches = inserter.await.unwrap();
     assert!(batches > 0, "rows kept arriving");
     for mut child in producers.into_iter().chain(consumers) {
-        signal(&child, "-TERM");
-        let status = child.wait().unwrap();
-        assert!(status.success(), "a pg2ch process stopped on SIGTERM with {status}");
+        common::terminate(&mut child, Duration::from_secs(60));
     }
     env.ok(&["run", "--once"]);
     let report = env.ok(&["verify"]);

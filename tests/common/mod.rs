@@ -127,6 +127,27 @@ pub fn settings_of(env: pg2ch::stack::StackEnv) -> Settings {
     }
 }
 
+/// SIGTERMs `child` and waits at most `limit` for it to exit, which it must
+/// do successfully: a process that ignores the signal fails the test (and
+/// is killed) instead of hanging it.
+pub fn terminate(child: &mut std::process::Child, limit: Duration) {
+    let asked = std::time::Instant::now();
+    let sent = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(sent.success(), "kill -TERM {} failed", child.id());
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "pg2ch process {} exited with {status} after SIGTERM", child.id());
+            return;
+        }
+        if asked.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("pg2ch process {} did not stop within {limit:?} of SIGTERM", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Polls `probe` until it returns true, failing after `limit`. Waiting for an
 /// observable condition, not for time to pass.
 pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut probe: F)
