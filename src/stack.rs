@@ -298,15 +298,21 @@ fn service_uid() -> anyhow::Result<u32> {
     if !is_root() {
         return Ok(my_uid());
     }
-    let out = Command::new("id").args(["-u", service_user()]).output().context("running id -u")?;
-    String::from_utf8_lossy(&out.stdout).trim().parse().context("reading the service user's uid")
+    service_id("-u")
 }
 
 /// The uid and gid of the account services run as when we are root.
 fn service_ids() -> anyhow::Result<(u32, u32)> {
-    let out = Command::new("id").args(["-g", service_user()]).output().context("running id -g")?;
-    let gid = String::from_utf8_lossy(&out.stdout).trim().parse().context("reading the service user's gid")?;
-    Ok((service_uid()?, gid))
+    Ok((service_uid()?, service_id("-g")?))
+}
+
+/// `id <flag> <service user>`: its uid (`-u`) or gid (`-g`).
+fn service_id(flag: &str) -> anyhow::Result<u32> {
+    let out = Command::new("id").args([flag, service_user()]).output().with_context(|| format!("running id {flag}"))?;
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .with_context(|| format!("reading `id {flag} {}`", service_user()))
 }
 
 /// Whether every directory above `path` lets others through (the service
@@ -540,9 +546,7 @@ impl Stack {
     /// PostgreSQL's directory: beside the stack directory, because its server
     /// runs as another user when we are root and cannot enter ours.
     pub fn pg_root(&self) -> PathBuf {
-        let mut name = self.dir.as_os_str().to_owned();
-        name.push("-pg");
-        PathBuf::from(name)
+        self.beside("-pg")
     }
 
     /// The directory of ClickHouse, ZooKeeper and the broker: beside the
@@ -550,9 +554,28 @@ impl Stack {
     /// service user when we are root, and the stack directory (which holds
     /// the passwords) is ours alone.
     pub fn services_root(&self) -> PathBuf {
+        self.beside("-services")
+    }
+
+    /// The stack directory's name with `suffix` appended.
+    fn beside(&self, suffix: &str) -> PathBuf {
         let mut name = self.dir.as_os_str().to_owned();
-        name.push("-services");
+        name.push(suffix);
         PathBuf::from(name)
+    }
+
+    /// Where a service's directory `name` is: under `services_root()`, or
+    /// in the stack directory itself for a stack an earlier version started.
+    fn service_paths(&self, name: &str) -> [PathBuf; 2] {
+        [self.services_root().join(name), self.dir.join(name)]
+    }
+
+    /// Stops the `program` whose pid `pidfile` (relative to a service
+    /// directory) records, in either layout.
+    fn stop_recorded(&self, pidfile: &str, program: &str) {
+        for path in self.service_paths(pidfile) {
+            stop_pidfile(&path, program);
+        }
     }
 
     /// `services_root()/name`, created if missing; the root itself belongs
@@ -616,7 +639,7 @@ impl Stack {
         self.stop(Service::Broker)?;
         // Whatever cluster an earlier `up --ch-replicas` started here.
         for i in 1.. {
-            if !self.services_root().join(format!("ch-r{i}")).exists() && !self.dir.join(format!("ch-r{i}")).exists() {
+            if !self.service_paths(&format!("ch-r{i}")).iter().any(|dir| dir.exists()) {
                 break;
             }
             self.stop(Service::Replica(i))?;
@@ -633,33 +656,14 @@ impl Stack {
             Service::Postgres => {
                 let pg_ctl = find_binary(&["pg_ctl"], &postgres_bin_dirs()).context("pg_ctl not found")?;
                 let data = self.pg_root().join("data").to_string_lossy().into_owned();
-                run_as_service_user(&pg_ctl, &["-D", &data, "-m", "fast", "-w", "stop"], "pg_ctl stop")
+                run_as_service_user(&pg_ctl, &["-D", &data, "-m", "fast", "-w", "stop"], "pg_ctl stop")?
             }
-            Service::ClickHouse => {
-                for root in [self.services_root(), self.dir.clone()] {
-                    stop_pidfile(&root.join("ch/server.pid"), "clickhouse-server");
-                }
-                Ok(())
-            }
-            Service::Broker => {
-                for root in [self.services_root(), self.dir.clone()] {
-                    stop_pidfile(&root.join("broker/broker.pid"), self.broker_program());
-                }
-                Ok(())
-            }
-            Service::Replica(i) => {
-                for root in [self.services_root(), self.dir.clone()] {
-                    stop_pidfile(&root.join(format!("ch-r{i}/server.pid")), "clickhouse-server");
-                }
-                Ok(())
-            }
-            Service::ZooKeeper => {
-                for root in [self.services_root(), self.dir.clone()] {
-                    stop_pidfile(&root.join("zk/zk.pid"), "java");
-                }
-                Ok(())
-            }
-        }
+            Service::ClickHouse => self.stop_recorded("ch/server.pid", "clickhouse-server"),
+            Service::Broker => self.stop_recorded("broker/broker.pid", self.broker_program()),
+            Service::Replica(i) => self.stop_recorded(&format!("ch-r{i}/server.pid"), "clickhouse-server"),
+            Service::ZooKeeper => self.stop_recorded("zk/zk.pid", "java"),
+        };
+        Ok(())
     }
 
     async fn postgres_up(&self, env: &StackEnv) -> anyhow::Result<()> {
