@@ -1,8 +1,9 @@
 //! A local PostgreSQL, ClickHouse and Kafka-API broker on loopback, for
 //! machines without Docker: `pg2ch stack up | down | env`.
 //!
-//! The broker is nisshi when installed (`just setup` builds it), else a
-//! `redpanda` binary on PATH.
+//! The broker is nisshi when installed (`just setup` builds it), with its
+//! topics and records in a SQLite file in the broker's directory, so a
+//! restart keeps them; else a `redpanda` binary on PATH.
 //!
 //! `up` is idempotent: a service that already answers with the stack's
 //! credentials is reused. PostgreSQL refuses to run as root, so when invoked
@@ -59,6 +60,11 @@ pub struct Stack {
 
 /// The name of the stack's ClickHouse cluster.
 pub const CLUSTER: &str = "pg2ch";
+
+/// How the local broker is installed, from the project's folder (`just
+/// setup` runs the same): nisshi 0.8.1 with one change so librdkafka's
+/// clients can talk to it (`vendor/nisshi/PG2CH.md`).
+pub const NISSHI_INSTALL: &str = "cargo install --path vendor/nisshi --locked --ignore-rust-version";
 
 /// The ports of a ClickHouse cluster: ZooKeeper's, and each replica's,
 /// shard by shard.
@@ -908,7 +914,9 @@ impl Stack {
                     "--advertised-listener-url",
                     &url,
                     "--storage-engine",
-                    "memory://nisshi/",
+                    // SQLite in the broker's directory (its working
+                    // directory): topics and records survive a restart.
+                    "sqlite://broker.db",
                 ]);
                 c
             } else if let Some(redpanda) = find_binary(&["redpanda"], &[]) {
@@ -932,7 +940,7 @@ impl Stack {
                 c
             } else {
                 bail!(
-                    "no Kafka-API broker found: run `just setup` (or cargo install nisshi@0.7.0-pre.2 --locked --features dynostore), or point KAFKA_BOOTSTRAP at a running broker"
+                    "no Kafka-API broker found: run `just setup` (or {NISSHI_INSTALL}), or point KAFKA_BOOTSTRAP at a running broker"
                 );
             };
             chown_to_service_user(&root)?;

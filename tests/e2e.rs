@@ -182,6 +182,78 @@ async fn a_broker_requiring_sasl_gets_the_configured_credentials() {
     }
 }
 
+/// Runs Debian's `kcat` (librdkafka, a client nobody here wrote) against
+/// the test's broker, with `input` on its stdin; fails the test unless it
+/// exits 0 within 30 s. Returns its stdout.
+fn kcat(env: &TestEnv, args: &[&str], input: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("timeout")
+        .args(["30", "kcat", "-b", &env.settings.kafka.bootstrap.join(",")])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running `timeout 30 kcat`");
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() != Some(127),
+        "kcat is not installed: run `just setup` (or `apt-get install kcat`): {stderr}"
+    );
+    assert!(out.status.success(), "kcat {args:?} failed ({}): {stderr}", out.status);
+    String::from_utf8(out.stdout).expect("kcat printed UTF-8")
+}
+
+/// What a user reaches for to look at a topic works against the broker:
+/// `kcat -L` lists the table's topic and its dead letters, `kcat -C` reads
+/// the topic to its end with keys, and a record written with `kcat -P`
+/// (not a row) reaches the dead-letter topic, where `kcat -C` shows its
+/// key, value and pg2ch's headers.
+#[tokio::test(flavor = "multi_thread")]
+async fn kcat_lists_reads_and_writes_the_topics() {
+    let env = TestEnv::new("kcat").await;
+    env.ok(&["init", "--partitions", "2"]);
+    env.ok(&["seed", "--rows", "40"]);
+    env.ok(&["run", "--once"]);
+    let dlq = pg2ch::kafka::dead_letter_topic(&env.name);
+
+    let listing = kcat(&env, &["-L"], "");
+    assert!(listing.contains(&format!("topic \"{}\" with 2 partitions", env.name)), "{listing}");
+    assert!(listing.contains(&format!("topic \"{dlq}\" with 1 partitions")), "{listing}");
+
+    let read =
+        |topic: &str| kcat(&env, &["-C", "-t", topic, "-o", "beginning", "-e", "-q", "-f", "%p|%k|%h|%s\\n"], "");
+    let lines: Vec<String> = read(&env.name).lines().map(str::to_owned).collect();
+    assert_eq!(lines.len(), 40, "{lines:?}");
+    let mut ids = std::collections::BTreeSet::new();
+    for line in &lines {
+        let [partition, key, _headers, value] = line.splitn(4, '|').collect::<Vec<_>>()[..] else { panic!("{line}") };
+        assert!(["0", "1"].contains(&partition), "{line}");
+        let value: serde_json::Value = serde_json::from_str(value).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let id = value["id"].as_i64().unwrap_or_else(|| panic!("no id: {line}"));
+        assert_eq!(key, id.to_string(), "the key is the row's key: {line}");
+        ids.insert(id);
+    }
+    assert_eq!(ids.len(), 40, "every row once: {ids:?}");
+
+    kcat(&env, &["-P", "-t", &env.name, "-p", "0", "-k", "kcat-key", "-H", "from=kcat"], "not a row\n");
+    env.ok(&["run", "--once"]);
+    let letters = read(&dlq);
+    let letter = letters.lines().collect::<Vec<_>>();
+    assert_eq!(letter.len(), 1, "{letters}");
+    let [partition, key, headers, value] = letter[0].splitn(4, '|').collect::<Vec<_>>()[..] else {
+        panic!("{letters}")
+    };
+    assert_eq!((partition, key, value), ("0", "kcat-key", "not a row"), "{letters}");
+    assert!(
+        headers.contains("pg2ch-reason=") && headers.contains(&format!("pg2ch-source-topic={}", env.name)),
+        "{headers}"
+    );
+    assert!(env.ok(&["verify"]).contains("verify: OK"));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn two_groups_fan_out_independently() {
     let env = TestEnv::new("fanout").await;

@@ -96,6 +96,14 @@ async fn clickhouse_outage_is_survived() {
     survives_outage("chdown", Service::ClickHouse).await;
 }
 
+/// The local broker keeps its topics on disk: restarted under a running
+/// `run`, it hands back the same log, so `run` carries on (no replaced-log
+/// stop) and loses nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_restart_is_survived() {
+    survives_outage("brokerdown", Service::Broker).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hung_broker_is_cut_by_timeouts_and_survived() {
     let private = PrivateStack::start("brokerhang").await;

@@ -738,9 +738,7 @@ impl AuthenticatingBroker {
             .chain([home.join(".cargo/bin")])
             .map(|dir| dir.join("nisshi"))
             .find(|candidate| candidate.is_file())
-            .expect(
-                "no nisshi broker: run `just setup` (cargo install nisshi@0.7.0-pre.2 --locked --features dynostore)",
-            );
+            .unwrap_or_else(|| panic!("no nisshi broker: run `just setup` ({})", pg2ch::stack::NISSHI_INSTALL));
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
         let child = Command::new(nisshi)
