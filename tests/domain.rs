@@ -323,9 +323,10 @@ async fn invalid_utf8_in_a_sql_ascii_database_is_rejected_per_row() {
     assert_eq!(names, [Value::Text("plain".into()), Value::Text("café".into())]);
 }
 
-/// The broker loses the topic (memory storage, restarted), `init` creates it
-/// again and it grows past the stored positions. Every mode must stop with a
-/// named error instead of reading on from the old positions.
+/// The broker loses its storage (stopped, its SQLite file deleted, started
+/// again), `init` creates the topic again and it grows past the stored
+/// positions. Every mode must stop with a named error instead of reading on
+/// from the old positions.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_recreated_topic_stops_every_mode_instead_of_skipping_rows() {
     let mut private = PrivateStack::start("recreate").await;
@@ -334,7 +335,7 @@ async fn a_recreated_topic_stops_every_mode_instead_of_skipping_rows() {
     env.ok(&["seed", "--rows", "2000"]);
     env.ok(&["run", "--once"]);
     // A running `run`, through the broker's restart.
-    let running = env
+    let mut running = env
         .command(&["run", "--poll-ms", "50", "--timeout-secs", "2"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -348,6 +349,13 @@ async fn a_recreated_topic_stops_every_mode_instead_of_skipping_rows() {
     })
     .await;
     private.stop(pg2ch::stack::Service::Broker);
+    let broker_dir = private.stack.services_root().join("broker");
+    for file in std::fs::read_dir(&broker_dir).unwrap() {
+        let path = file.unwrap().path();
+        if path.file_name().unwrap().to_string_lossy().starts_with("broker.db") {
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
     private.up().await;
     // `init` creates the topic again, unless the restarted producer's
     // request made the broker create one by itself first (nisshi does,
@@ -355,11 +363,27 @@ async fn a_recreated_topic_stops_every_mode_instead_of_skipping_rows() {
     let _ = env.run(&["init", "--partitions", "2"]);
     env.ok(&["seed", "--rows", "4000"]);
     env.ok(&["produce", "--once"]);
-    let started = Instant::now();
-    let out = running.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "the running `run` must stop by itself: {err}");
-    assert!(started.elapsed() < Duration::from_secs(60));
+    // Waited for with a deadline: a `run` that reads on would never end.
+    let mut stderr = running.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut err).unwrap();
+        err
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = running.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = running.kill();
+            let _ = running.wait();
+            panic!("the running `run` did not stop by itself within 60 s: {}", reader.join().unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let err = reader.join().unwrap();
+    assert_eq!(status.code(), Some(2), "the running `run` must stop by itself: {err}");
     let fatal = err.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("{err}"));
     assert!(
         fatal.contains("partition") && fatal.contains("created again") || fatal.contains("does not exist"),

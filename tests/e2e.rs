@@ -149,8 +149,7 @@ async fn topics_get_the_replication_the_cluster_allows() {
 
 /// A broker that requires SASL: without credentials the connection is cut
 /// before any request; with SCRAM credentials pg2ch authenticates, and
-/// the broker's answer (it holds no users: nisshi with memory storage
-/// cannot be given one before it requires authentication) comes back in
+/// the broker's answer (it holds no users) comes back in
 /// one line that never shows the password, even with every log level on.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_requiring_sasl_gets_the_configured_credentials() {

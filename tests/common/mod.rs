@@ -723,11 +723,12 @@ impl TestEnv {
 }
 
 /// A Kafka-API broker of its own that requires SASL authentication
-/// (nisshi `--authentication`, memory storage), on a free loopback port;
-/// stopped when dropped.
+/// (nisshi `--authentication`, SQLite storage holding no users), on a free
+/// loopback port; stopped and its storage deleted when dropped.
 pub struct AuthenticatingBroker {
     pub bootstrap: String,
     child: std::process::Child,
+    dir: std::path::PathBuf,
 }
 
 impl AuthenticatingBroker {
@@ -741,15 +742,19 @@ impl AuthenticatingBroker {
             .unwrap_or_else(|| panic!("no nisshi broker: run `just setup` ({})", pg2ch::stack::NISSHI_INSTALL));
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
+        // nisshi requires storage that can hold users for `--authentication`.
+        let dir = std::env::temp_dir().join(format!("pg2ch-sasl-broker-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
         let child = Command::new(nisshi)
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://nisshi/", "--authentication"])
+            .args(["--storage-engine", "sqlite://broker.db", "--authentication"])
+            .current_dir(&dir)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("starting nisshi");
-        let broker = AuthenticatingBroker { bootstrap: format!("127.0.0.1:{port}"), child };
+        let broker = AuthenticatingBroker { bootstrap: format!("127.0.0.1:{port}"), child, dir };
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while tokio::net::TcpStream::connect(&broker.bootstrap).await.is_err() {
             assert!(std::time::Instant::now() < deadline, "nisshi did not listen on {} within 30 s", broker.bootstrap);
@@ -763,5 +768,6 @@ impl Drop for AuthenticatingBroker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
