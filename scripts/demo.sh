@@ -7,8 +7,8 @@ scripts/stack.sh up
 cargo build --release --quiet --bin pg2ch
 # shellcheck disable=SC1091
 source target/stack.env
-# A fresh topic per demo: a broker with memory storage forgets topics when it
-# restarts, and the consumer's stored position belongs to a topic.
+# A fresh topic per demo, so each demo starts from an empty log (the stack's
+# broker keeps topics across restarts; compose's forgets them).
 export KAFKA_TOPIC="pg2ch_demo_$(date +%s)"
 bin=target/release/pg2ch
 
@@ -28,4 +28,5 @@ rows, start, end, verified = int(sys.argv[1]), float(sys.argv[2]), float(sys.arg
 secs = end - start
 print(f"\ndemo: {rows} rows seeded; run --once took {secs:.2f} s ({rows / secs:,.0f} rows/s); verify: {'OK' if verified == 0 else 'FAILED'}")
 PY
+echo "demo: the messages are in topic $KAFKA_TOPIC; look: kcat -b $KAFKA_BOOTSTRAP -C -t $KAFKA_TOPIC -e"
 exit "$verified"
