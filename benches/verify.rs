@@ -8,6 +8,13 @@
 //!
 //! Goals: at least 2M rows/s at 10M rows when the sides agree,
 //! and at most 64 MB peak RSS at any size.
+//!
+//! Then, at the larger size, what reading the ClickHouse table through
+//! `<table>_current` (`FINAL`, deleted keys left out) costs against a plain
+//! `SELECT` of the table, for a scan and for a lookup by key: alternating
+//! pairs, the median of each, first with the table merged into one part,
+//! then with a tenth of the keys written again (a hundredth deleted) in a
+//! part of their own, as a running pipeline leaves it between merges.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -59,6 +66,12 @@ async fn load(n: u64) -> TestEnv {
     .await
     .unwrap();
     sqlx::query("VACUUM ANALYZE user_logins").execute(&pool).await.unwrap();
+    load_clickhouse(&env, n).await;
+    env
+}
+
+/// The same `n` rows in ClickHouse alone, merged into one part.
+async fn load_clickhouse(env: &TestEnv, n: u64) {
     let ch = env.ch().await;
     ch.client
         .query(
@@ -71,7 +84,6 @@ async fn load(n: u64) -> TestEnv {
         .await
         .unwrap();
     ch.client.query("OPTIMIZE TABLE user_logins FINAL").execute().await.unwrap();
-    env
 }
 
 /// One `pg2ch verify` process; its exit code must be `expect`.
@@ -166,9 +178,94 @@ fn bench_size(c: &mut Criterion, rt: &Runtime, n: u64) {
     g.finish();
 }
 
+/// Seconds of one query, run to the end; its first number is returned too.
+async fn timed(ch: &pg2ch::clickhouse::ClickHouse, sql: &str) -> (f64, u64) {
+    let t = Instant::now();
+    let first: u64 = ch.client.query(sql).fetch_one().await.unwrap();
+    (t.elapsed().as_secs_f64(), first)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The cost of reading through the view of current rows against a plain
+/// `SELECT` and against `FINAL` on the table itself, per query shape,
+/// merged and then with a part of newer rows; the three in turn, median.
+fn reading(rt: &Runtime, n: u64) {
+    const PAIRS: usize = 7;
+    let env = rt.block_on(async {
+        let env = TestEnv::new("benchreading").await;
+        assert!(env.run(&["init", "--partitions", "1"]).status.success());
+        load_clickhouse(&env, n).await;
+        env
+    });
+    let ch = rt.block_on(env.ch());
+    let key = format!("id = {}", n / 2);
+    let shapes = [("scan: count(), sum(length(username))", None), ("lookup by key", Some(key.as_str()))];
+    println!(
+        "\n| reading {n} rows | table | plain SELECT ms | FINAL, deleted left out, ms | through user_logins_current ms \
+         | view / plain | rows plain, FINAL, view |\n|---|---|---:|---:|---:|---:|---|"
+    );
+    for state in ["merged, one part", "a tenth of the keys newer in a second part"] {
+        if state.starts_with("a tenth") {
+            // Keys 1, 11, 21, ...: written again, every tenth of them deleted.
+            rt.block_on(
+                ch.client
+                    .query(
+                        "INSERT INTO user_logins (id, username, event_time_us, _pg2ch_version, _pg2ch_deleted)
+                         SELECT toInt64(number * 10 + 1), concat('again_', toString(number)), toInt64(1700000000000000),
+                                1, toUInt8(number % 10 = 0)
+                         FROM system.numbers LIMIT ?",
+                    )
+                    .bind(n / 10)
+                    .execute(),
+            )
+            .unwrap();
+        }
+        for (shape, filter) in &shapes {
+            let select = "SELECT count() + sum(length(username)) * 0";
+            let sqls = [
+                format!("{select} FROM user_logins{}", filter.map_or(String::new(), |f| format!(" WHERE {f}"))),
+                format!(
+                    "{select} FROM user_logins FINAL WHERE _pg2ch_deleted = 0{}",
+                    filter.map_or(String::new(), |f| format!(" AND {f}"))
+                ),
+                format!("{select} FROM user_logins_current{}", filter.map_or(String::new(), |f| format!(" WHERE {f}"))),
+            ];
+            let mut secs: [Vec<f64>; 3] = Default::default();
+            let mut rows = [0; 3];
+            for _ in 0..PAIRS {
+                for (i, sql) in sqls.iter().enumerate() {
+                    let (s, r) = rt.block_on(timed(&ch, sql));
+                    secs[i].push(s);
+                    rows[i] = r;
+                }
+            }
+            let [plain, fin, view] = secs.map(|v| median(v) * 1000.0);
+            println!(
+                "| {shape} | {state} | {plain:.1} | {fin:.1} | {view:.1} | {:.1} | {}, {}, {} |",
+                view / plain,
+                rows[0],
+                rows[1],
+                rows[2]
+            );
+        }
+    }
+}
+
 fn main() {
     let rt = Runtime::new().unwrap();
     let n = rows();
+    // `PG2CH_BENCH_VERIFY_PART=reading` (or `verify`) runs one part alone.
+    let part = std::env::var("PG2CH_BENCH_VERIFY_PART").unwrap_or_default();
+    if part != "verify" {
+        reading(&rt, n);
+    }
+    if part == "reading" {
+        return;
+    }
     let mut c = Criterion::default().configure_from_args();
     for size in [n / 10, n] {
         bench_size(&mut c, &rt, size);

@@ -201,6 +201,17 @@ async fn a_sharded_cluster_gets_each_key_on_the_shard_that_owns_it() {
             .unwrap();
         assert_eq!(read as usize, expected.len(), "{table}: the Distributed table reads every shard");
     }
+    // The view of current rows reads every shard, also by a column other than the key.
+    let pg_notes: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM orders WHERE note IS NULL").fetch_one(&pg).await.unwrap();
+    let view_notes: u64 =
+        ch.client.query("SELECT count() FROM orders_current WHERE note IS NULL").fetch_one().await.unwrap();
+    assert_eq!(view_notes as i64, pg_notes, "orders_current reads every shard");
+    let ids: Vec<(String, i32)> =
+        ch.client.query("SELECT region, id FROM orders_current ORDER BY region, id").fetch_all().await.unwrap();
+    let pg_ids: Vec<(String, i32)> =
+        sqlx::query_as("SELECT region, id FROM orders ORDER BY region COLLATE \"C\", id").fetch_all(&pg).await.unwrap();
+    assert_eq!(ids, pg_ids, "orders_current holds every key of PostgreSQL once");
 
     // Teeth: a row copied onto the shard that does not own it is named.
     let (first, wrong) = (ports[0], ports[1]);

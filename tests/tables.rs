@@ -703,6 +703,97 @@ async fn updates_deletes_and_reinserts_of_every_type_survive_sigkill() {
     assert!(deletions > 0, "seed {seed}: deletions reached ClickHouse");
 }
 
+/// `<table>_current` reads the table as PostgreSQL has it: each live row's
+/// current values and no deleted key, also when an older live version sits
+/// in another part and the reader filters on a value only that version
+/// holds; no `_pg2ch_deleted`; the columns PostgreSQL gained once `run`
+/// added them. A ClickHouse table of that name that is not a view is
+/// refused by name and left alone. And the table checks that read
+/// `system.tables` keep working while another table of the database is
+/// dropped and created (ClickHouse 18.16 failed them).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_current_view_reads_the_table_as_postgresql_has_it() {
+    let env = TestEnv::new("currentview").await;
+    let pool = env.pg().await;
+    exec(
+        &pool,
+        "CREATE TABLE orders (id bigint PRIMARY KEY, amount numeric(10,2) NOT NULL, note text);
+         INSERT INTO orders SELECT g, g * 1.5, 'n' || g FROM generate_series(1, 300) g;",
+    )
+    .await;
+    let orders = ["--table", "orders"];
+    env.ok(&[&["init"][..], &orders].concat());
+    env.ok(&[&["run", "--once"][..], &orders].concat());
+    // Newer versions in parts of their own: updates, then deletions.
+    exec(&pool, "UPDATE orders SET note = 'changed' WHERE id % 3 = 0").await;
+    env.ok(&[&["run", "--once"][..], &orders].concat());
+    exec(&pool, "DELETE FROM orders WHERE id % 5 = 0").await;
+    env.ok(&[&["run", "--once"][..], &orders].concat());
+
+    let ch = env.ch().await;
+    let in_pg: Vec<(i64, Option<String>)> =
+        sqlx::query_as("SELECT id, note FROM orders ORDER BY id").fetch_all(&pool).await.unwrap();
+    let in_view: Vec<(i64, Option<String>)> =
+        ch.client.query("SELECT id, note FROM orders_current ORDER BY id").fetch_all().await.unwrap();
+    assert_eq!(in_view.len(), 240);
+    assert_eq!(in_view, in_pg, "the view reads what PostgreSQL has");
+    for (note, what) in [("n3", "updated"), ("n5", "deleted"), ("n15", "updated, then deleted")] {
+        let n: u64 =
+            ch.client.query("SELECT count() FROM orders_current WHERE note = ?").bind(note).fetch_one().await.unwrap();
+        assert_eq!(n, 0, "a filter matching only the old version of a row {what} finds nothing");
+    }
+    let columns = |table: &'static str| {
+        let client = ch.client.clone();
+        let db = env.name.clone();
+        async move {
+            client
+                .query("SELECT name FROM system.columns WHERE database = ? AND table = ?")
+                .bind(db)
+                .bind(table)
+                .fetch_all::<String>()
+                .await
+                .unwrap()
+        }
+    };
+    let names = columns("orders_current").await;
+    assert!(names.iter().any(|c| c == "_pg2ch_version") && !names.iter().any(|c| c == "_pg2ch_deleted"), "{names:?}");
+
+    exec(&pool, "ALTER TABLE orders ADD COLUMN country text DEFAULT 'NZ'").await;
+    env.ok(&[&["run", "--once"][..], &orders].concat());
+    assert!(columns("orders_current").await.iter().any(|c| c == "country"), "the view gains the added column");
+    let nz: u64 = ch.client.query("SELECT count() FROM orders_current WHERE country = 'NZ'").fetch_one().await.unwrap();
+    assert_eq!(nz, 240);
+
+    // A table of the view's name that is not a view: refused, left alone.
+    exec(&pool, "CREATE TABLE other (id int PRIMARY KEY)").await;
+    ch.client.query("CREATE TABLE other_current (x UInt8) ENGINE = Memory").execute().await.unwrap();
+    let out = env.run(&["init", "--table", "other"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let fatal = err.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("{err}"));
+    assert!(fatal.contains("other_current") && fatal.contains("not the View"), "{fatal}");
+    assert_eq!(columns("other_current").await, ["x"], "the table is left as it was");
+
+    // Table checks while another table of the database is dropped and created.
+    let schema = env.table("orders").await;
+    let churn = {
+        let client = ch.client.clone();
+        tokio::spawn(async move {
+            for _ in 0..150 {
+                client.query("DROP TABLE IF EXISTS churn").execute().await.unwrap();
+                client.query("CREATE VIEW churn AS SELECT 1 AS one").execute().await.unwrap();
+            }
+        })
+    };
+    let mut checks = 0;
+    while !churn.is_finished() {
+        ch.check_table(&schema).await.unwrap_or_else(|e| panic!("check {checks} while a table is dropped: {e:#}"));
+        checks += 1;
+    }
+    churn.await.unwrap();
+    assert!(checks > 0);
+}
+
 /// Two tables in one process: a column added while pg2ch is stopped is
 /// added to ClickHouse at start and its rows sent again; a column added
 /// while it runs stops that table's pipeline, naming the column, and the

@@ -16,6 +16,11 @@
 //! also gets `<table>_distributed`, a `Distributed` table over every shard's
 //! table for reading (pg2ch writes to the shards themselves).
 //!
+//! Beside each source table, `<table>_current` is a view of the table as
+//! PostgreSQL has it: `FINAL`, deleted keys left out, without
+//! `_pg2ch_deleted` (through `<table>_distributed` on a sharded cluster).
+//! `run` creates it when absent and creates it anew when columns are added.
+//!
 //! At start, the table is compared with PostgreSQL's: columns PostgreSQL
 //! gained are added (and the caller resends the rows that hold values in
 //! them); a column dropped, renamed or retyped in PostgreSQL stops the
@@ -24,7 +29,7 @@
 
 use anyhow::Context;
 
-use super::{ClickHouse, classify};
+use super::{ClickHouse, reading_catalogue};
 use crate::config::{bounded, bounded_store, ch_ident};
 use crate::error::{StoreError, StoreResult};
 use crate::schema::{CH_DELETED, CH_VERSION, TableSchema};
@@ -50,6 +55,11 @@ struct Existing {
 /// The name of the `Distributed` table over a source table's shards.
 pub fn distributed(name: &str) -> String {
     format!("{name}_distributed")
+}
+
+/// The name of the view of a source table's current rows.
+pub fn current(name: &str) -> String {
+    format!("{name}_current")
 }
 
 /// A string literal for ClickHouse SQL.
@@ -153,7 +163,63 @@ impl ClickHouse {
             ),
         )
         .await?;
-        self.create_distributed(schema, false).await
+        self.create_distributed(schema, false).await?;
+        self.create_current(schema, false).await
+    }
+
+    /// Creates `<table>_current`, the view of the table's current rows, if
+    /// absent (anew with `replace`, after columns were added: a view's
+    /// columns are fixed when it is created). Refuses, naming it, a table
+    /// of that name that is not a view.
+    async fn create_current(&self, schema: &TableSchema, replace: bool) -> anyhow::Result<()> {
+        let name = current(&schema.name);
+        // 18.16 has no `CREATE OR REPLACE VIEW`: when columns are added,
+        // queries of the view fail from its drop until it is created again,
+        // a moment later.
+        if !self.make_way(schema, &name, "View", replace).await? {
+            return Ok(());
+        }
+        let columns: Vec<String> =
+            schema.ch_columns(&self.caps).iter().filter(|c| c.name != CH_DELETED).map(|c| ch_ident(&c.name)).collect();
+        // `WHERE` after `FINAL`, not `PREWHERE`: the filter must see each
+        // key's newest version only, or an older live one would show.
+        self.run(
+            &format!("create view {name}"),
+            &format!(
+                "CREATE VIEW IF NOT EXISTS {}{} AS SELECT {} FROM {} FINAL WHERE {} = 0",
+                self.table(&name),
+                self.on_cluster(),
+                columns.join(", "),
+                self.readable(&schema.name),
+                ch_ident(CH_DELETED)
+            ),
+        )
+        .await
+    }
+
+    /// Whether `name`, a table pg2ch keeps for reading `schema`'s table
+    /// (of engine `engine`), is to be created: when it is absent, or when
+    /// `replace` (then it is dropped first). Refuses, naming it, a table of
+    /// that name with another engine: it is not pg2ch's to drop.
+    async fn make_way(&self, schema: &TableSchema, name: &str, engine: &str, replace: bool) -> anyhow::Result<bool> {
+        match self.engine(name).await? {
+            None => Ok(true),
+            Some((found, _)) if found != engine => Err(StoreError::permanent(format!(
+                "ClickHouse table {}.{name} is a {found}, not the {engine} pg2ch keeps there for reading {schema}; \
+                 rename that table",
+                self.database
+            ))
+            .into()),
+            Some(_) if !replace => Ok(false),
+            Some(_) => {
+                self.run(
+                    &format!("drop {name}"),
+                    &format!("DROP TABLE IF EXISTS {}{}", self.table(name), self.on_cluster()),
+                )
+                .await?;
+                Ok(true)
+            }
+        }
     }
 
     /// On a sharded cluster, creates `<table>_distributed` for reading
@@ -164,12 +230,8 @@ impl ClickHouse {
     async fn create_distributed(&self, schema: &TableSchema, replace: bool) -> anyhow::Result<()> {
         let Some(cluster) = self.cluster.as_ref().filter(|_| self.sharded()) else { return Ok(()) };
         let name = distributed(&schema.name);
-        if replace {
-            self.run(
-                &format!("drop table {name}"),
-                &format!("DROP TABLE IF EXISTS {}{}", self.table(&name), self.on_cluster()),
-            )
-            .await?;
+        if !self.make_way(schema, &name, "Distributed", replace).await? {
+            return Ok(());
         }
         let columns: Vec<String> =
             schema.ch_columns(&self.caps).iter().map(|c| format!("{} {}", ch_ident(&c.name), c.ty)).collect();
@@ -194,31 +256,33 @@ impl ClickHouse {
     async fn columns(&self, table: &str) -> StoreResult<Vec<Existing>> {
         bounded(|| format!("ClickHouse: reading the columns of {table}"), self.timeout, async {
             // Asked from `default`: the configured database may not exist.
-            self.client
-                .clone()
-                .with_database("default")
-                .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
-                .bind(self.database.as_str())
-                .bind(table)
-                .fetch_all::<Existing>()
-                .await
-                .map_err(classify)
+            reading_catalogue(|| {
+                self.client
+                    .clone()
+                    .with_database("default")
+                    .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
+                    .bind(self.database.as_str())
+                    .bind(table)
+                    .fetch_all::<Existing>()
+            })
+            .await
         })
         .await
     }
 
-    /// The table's engine as `system.tables` shows it in full, if it exists.
+    /// The table's engine, by name and in full, if the table exists.
     async fn engine(&self, table: &str) -> StoreResult<Option<(String, String)>> {
         bounded(|| "ClickHouse: reading a table's engine".into(), self.timeout, async {
-            self.client
-                .clone()
-                .with_database("default")
-                .query("SELECT engine, engine_full FROM system.tables WHERE database = ? AND name = ?")
-                .bind(self.database.as_str())
-                .bind(table)
-                .fetch_optional::<(String, String)>()
-                .await
-                .map_err(classify)
+            reading_catalogue(|| {
+                self.client
+                    .clone()
+                    .with_database("default")
+                    .query("SELECT engine, engine_full FROM system.tables WHERE database = ? AND name = ?")
+                    .bind(self.database.as_str())
+                    .bind(table)
+                    .fetch_optional::<(String, String)>()
+            })
+            .await
         })
         .await
     }
@@ -271,13 +335,13 @@ impl ClickHouse {
         self.compare_table(schema, true).await
     }
 
-    /// [`sync_table`](Self::sync_table) without changing anything: a
-    /// column still to be added is an error too.
     /// Whether the table exists in ClickHouse.
     pub async fn table_exists(&self, schema: &TableSchema) -> anyhow::Result<bool> {
         Ok(self.engine(&schema.name).await?.is_some())
     }
 
+    /// [`sync_table`](Self::sync_table) without changing anything: a
+    /// column still to be added is an error too.
     pub async fn check_table(&self, schema: &TableSchema) -> anyhow::Result<()> {
         self.compare_table(schema, false).await.map(|_| ())
     }
@@ -381,6 +445,7 @@ impl ClickHouse {
         if !added.is_empty() {
             self.create_distributed(schema, true).await?;
         }
+        self.create_current(schema, !added.is_empty()).await?;
         Ok(added)
     }
 }

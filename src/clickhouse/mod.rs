@@ -61,6 +61,24 @@ pub async fn taking_turns<T, F: Future<Output = Result<T, clickhouse::error::Err
     }
 }
 
+/// Runs a read of ClickHouse's catalogue (`system.tables`,
+/// `system.columns`) again while it fails with UNKNOWN_TABLE (60): 18.16
+/// fails such a read when any table of the database is dropped while it
+/// runs, even one the read filters out (a table the read asks about being
+/// absent is no row, not an error). Immediately, a few times: the race is
+/// that drop's moment. Other errors are returned, classified.
+pub async fn reading_catalogue<T, F: Future<Output = Result<T, clickhouse::error::Error>>>(
+    mut read: impl FnMut() -> F,
+) -> StoreResult<T> {
+    let mut attempts = 1;
+    loop {
+        match read().await {
+            Err(e) if code(&e) == Some(60) && attempts < 10 => attempts += 1,
+            other => return other.map_err(classify),
+        }
+    }
+}
+
 /// A driver error's kind: server answers that retrying cannot change (a
 /// missing table or column, a type mismatch, a wrong password) are
 /// permanent; a request whose answer was lost or cut may have acted (an
