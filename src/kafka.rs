@@ -178,12 +178,15 @@ pub struct Replication {
     pub replicas: usize,
     /// Partitions with fewer in-sync replicas than replicas.
     pub under_replicated: Vec<i32>,
+    /// The topic's `min.insync.replicas`, when the broker tells it.
+    pub min_insync: Option<usize>,
 }
 
 impl Replication {
-    fn of(brokers: usize, topic: &rskafka::topic::TopicReplicas) -> Self {
+    fn of(brokers: usize, topic: &rskafka::topic::TopicReplicas, min_insync: Option<usize>) -> Self {
         Replication {
             brokers,
+            min_insync,
             replicas: topic.partitions.iter().map(|p| p.replicas.len()).min().unwrap_or(0),
             under_replicated: topic
                 .partitions
@@ -194,10 +197,27 @@ impl Replication {
         }
     }
 
+    /// Why a position on this topic is not safe, if it is not: several
+    /// replicas, but a record counts as written (`acks=all`) once one of
+    /// them holds it.
+    pub fn unsafe_insync(&self, topic: &str) -> Option<String> {
+        match self.min_insync {
+            Some(min) if self.replicas >= 2 && min < 2 => Some(format!(
+                "Kafka topic {topic:?} has {} replicas but min.insync.replicas={min}: a record counts as written once one \
+                 broker holds it, so a record PostgreSQL flags sent may be on one disk alone (set min.insync.replicas=2 \
+                 on the topic)",
+                self.replicas
+            )),
+            _ => None,
+        }
+    }
+
     /// What puts records PostgreSQL already flags sent at risk, if anything.
     pub fn warning(&self, topic: &str) -> Option<String> {
         let wanted = usize::try_from(DEFAULT_REPLICATION).unwrap_or(3).min(self.brokers);
-        if !self.under_replicated.is_empty() {
+        if let Some(unsafe_insync) = self.unsafe_insync(topic) {
+            Some(unsafe_insync)
+        } else if !self.under_replicated.is_empty() {
             Some(format!(
                 "partitions {:?} of Kafka topic {topic:?} have fewer in-sync replicas than replicas: a broker is down or behind",
                 self.under_replicated
@@ -218,7 +238,25 @@ impl Replication {
 /// The topic's replication, or `None` when the topic does not exist.
 pub async fn replication(client: &Client, topic: &str, timeout: Duration) -> anyhow::Result<Option<Replication>> {
     let cluster = describe(client, timeout).await?;
-    Ok(cluster.topics.iter().find(|t| t.name == topic).map(|t| Replication::of(cluster.brokers, t)))
+    let Some(described) = cluster.topics.iter().find(|t| t.name == topic) else { return Ok(None) };
+    Ok(Some(Replication::of(cluster.brokers, described, min_insync(client, topic, timeout).await)))
+}
+
+/// The topic's `min.insync.replicas`, or `None` when the broker does not
+/// say (it may not know DescribeConfigs; that is logged, not an error).
+async fn min_insync(client: &Client, topic: &str, timeout: Duration) -> Option<usize> {
+    const KEY: &str = "min.insync.replicas";
+    let configs = bounded(|| format!("reading Kafka topic {topic:?}'s {KEY}"), timeout, async {
+        client.controller_client()?.describe_topic_configs(topic, &[KEY]).await.map_err(anyhow::Error::from)
+    })
+    .await;
+    match configs {
+        Ok(configs) => configs.into_iter().find(|(name, _)| name == KEY).and_then(|(_, value)| value?.parse().ok()),
+        Err(e) => {
+            tracing::debug!("{e:#}");
+            None
+        }
+    }
 }
 
 async fn describe(client: &Client, timeout: Duration) -> anyhow::Result<rskafka::topic::ClusterReplicas> {
@@ -230,8 +268,9 @@ async fn describe(client: &Client, timeout: Duration) -> anyhow::Result<rskafka:
 
 /// Creates the topic with `partitions` partitions and `replication`
 /// replicas (and [`topic_configs`]) if it does not exist, and waits until
-/// the broker lists it. Fails if it exists with another partition count;
-/// warns if it exists with fewer replicas than the cluster allows.
+/// the broker lists it. Fails if it exists with another partition count,
+/// or with several replicas and `min.insync.replicas` below 2; warns if it
+/// exists with fewer replicas than the cluster allows.
 pub async fn ensure_topic(
     client: &Client,
     topic: &str,
@@ -240,8 +279,13 @@ pub async fn ensure_topic(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     if topic_matches(client, topic, partitions, timeout).await? {
-        if let Some(warning) = self::replication(client, topic, timeout).await?.and_then(|r| r.warning(topic)) {
-            tracing::warn!("{warning}");
+        if let Some(r) = self::replication(client, topic, timeout).await? {
+            if let Some(refusal) = r.unsafe_insync(topic) {
+                anyhow::bail!("{refusal}");
+            }
+            if let Some(warning) = r.warning(topic) {
+                tracing::warn!("{warning}");
+            }
         }
         return Ok(());
     }
@@ -532,16 +576,26 @@ mod tests {
             in_sync: in_sync.to_vec(),
         };
         let topic = |partitions| TopicReplicas { name: "t".into(), partitions };
-        let healthy = Replication::of(3, &topic(vec![partition(0, &[1, 2, 3], &[1, 2, 3])]));
+        let healthy = Replication::of(3, &topic(vec![partition(0, &[1, 2, 3], &[1, 2, 3])]), Some(2));
         assert_eq!(healthy.replicas, 3);
         assert_eq!(healthy.warning("t"), None);
-        let behind =
-            Replication::of(3, &topic(vec![partition(0, &[1, 2, 3], &[1, 2, 3]), partition(1, &[2, 3, 1], &[2])]));
+        let behind = Replication::of(
+            3,
+            &topic(vec![partition(0, &[1, 2, 3], &[1, 2, 3]), partition(1, &[2, 3, 1], &[2])]),
+            None,
+        );
         assert_eq!(behind.under_replicated, vec![1]);
         assert!(behind.warning("t").unwrap().contains("[1]"));
-        let single = Replication::of(3, &topic(vec![partition(0, &[1], &[1])]));
+        let single = Replication::of(3, &topic(vec![partition(0, &[1], &[1])]), Some(1));
         assert!(single.warning("t").unwrap().contains("1 copy"), "{:?}", single.warning("t"));
-        assert_eq!(Replication::of(1, &topic(vec![partition(0, &[1], &[1])])).warning("t"), None);
+        assert_eq!(single.unsafe_insync("t"), None, "one replica: min.insync.replicas=1 is all there can be");
+        assert_eq!(Replication::of(1, &topic(vec![partition(0, &[1], &[1])]), Some(1)).warning("t"), None);
+        // Several replicas, but a record is acknowledged with one copy.
+        let one_copy_acks = Replication::of(3, &topic(vec![partition(0, &[1, 2, 3], &[1, 2, 3])]), Some(1));
+        let refusal = one_copy_acks.unsafe_insync("t").unwrap();
+        assert!(refusal.contains("min.insync.replicas=1") && refusal.contains("3 replicas"), "{refusal}");
+        assert_eq!(one_copy_acks.warning("t"), Some(refusal));
+        assert_eq!(Replication::of(3, &topic(vec![partition(0, &[1, 2], &[1, 2])]), None).unsafe_insync("t"), None);
     }
 
     proptest::proptest! {

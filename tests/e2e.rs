@@ -118,7 +118,7 @@ async fn batches_in_every_compression_codec_reach_clickhouse() {
 
 /// Topics get as many copies as the cluster allows (the local stack has one
 /// broker), more than there are brokers is refused before anything is
-/// written, and `status` shows the replication.
+/// written, and `status` shows the replication and `min.insync.replicas`.
 #[tokio::test(flavor = "multi_thread")]
 async fn topics_get_the_replication_the_cluster_allows() {
     let env = TestEnv::new("replicas").await;
@@ -138,13 +138,29 @@ async fn topics_get_the_replication_the_cluster_allows() {
     }
     let status: serde_json::Value = serde_json::from_str(&env.ok(&["status", "--json"])).unwrap();
     assert_eq!(status["replication"]["replicas"], 1, "{status}");
-    assert!(env.ok(&["status"]).contains("1 replicas per partition on 1 brokers, under-replicated partitions: none"));
-    // The request that carries topic configurations (the vendored rskafka's
-    // addition) is one the broker understands.
-    let configured = format!("{topic}.configured");
+    // A topic created without configurations: Kafka answers its default
+    // (1), nisshi answers only what was set, so pg2ch says "unknown".
+    let shown = status["replication"]["min_insync"].as_u64().map_or("unknown".to_owned(), |m| m.to_string());
+    assert!(shown == "1" || shown == "unknown", "{status}");
+    let text = env.ok(&["status"]);
+    let line = format!(
+        "1 replicas per partition on 1 brokers, min.insync.replicas {shown}, under-replicated partitions: none"
+    );
+    assert!(text.contains(&line), "{text}");
+    // The requests that carry and read topic configurations (the vendored
+    // rskafka's additions) are ones the broker understands: what one sets,
+    // the other reads back.
     let controller = client.controller_client().unwrap();
-    controller.create_topic_with_configs(&configured, 1, 1, &[("min.insync.replicas", "1")], 5_000).await.unwrap();
-    assert_eq!(pg2ch::kafka::partition_count(&client, &configured, timeout).await.unwrap(), Some(1));
+    for value in ["1", "3"] {
+        let configured = format!("{topic}.configured{value}");
+        controller
+            .create_topic_with_configs(&configured, 1, 1, &[("min.insync.replicas", value)], 5_000)
+            .await
+            .unwrap();
+        assert_eq!(pg2ch::kafka::partition_count(&client, &configured, timeout).await.unwrap(), Some(1));
+        let r = pg2ch::kafka::replication(&client, &configured, timeout).await.unwrap().unwrap();
+        assert_eq!(r.min_insync, Some(value.parse().unwrap()), "{configured}: {r:?}");
+    }
 }
 
 /// A broker that requires SASL: without credentials the connection is cut

@@ -138,9 +138,11 @@ impl Status {
                 [] => "none".to_owned(),
                 parts => format!("{parts:?}"),
             };
+            let insync = r.min_insync.map_or("unknown".to_owned(), |m| m.to_string());
             writeln!(
                 out,
-                "replication: {} replicas per partition on {} brokers, under-replicated partitions: {behind}",
+                "replication: {} replicas per partition on {} brokers, min.insync.replicas {insync}, under-replicated \
+                 partitions: {behind}",
                 r.replicas, r.brokers
             )?;
             if let Some(warning) = r.warning(&self.topic) {

@@ -13,8 +13,11 @@ use crate::{
     messenger::RequestError,
     protocol::{
         error::Error as ProtocolError,
-        messages::{CreateTopicConfig, CreateTopicRequest, CreateTopicsRequest, DeleteTopicsRequest},
-        primitives::{Array, Int16, Int32, NullableString, String_},
+        messages::{
+            CreateTopicConfig, CreateTopicRequest, CreateTopicsRequest, DeleteTopicsRequest,
+            DescribeConfigsRequest, DescribeConfigsResource, RESOURCE_TYPE_TOPIC,
+        },
+        primitives::{Array, Boolean, Int8, Int16, Int32, NullableString, String_},
     },
     throttle::maybe_throttle,
     validation::ExactlyOne,
@@ -121,6 +124,62 @@ impl ControllerClient {
         let _ = self.brokers.refresh_metadata().await;
 
         Ok(())
+    }
+
+    /// pg2ch addition: a topic's effective configurations named in `keys`
+    /// (all of them when `keys` is empty), as name and value (`None` when
+    /// the broker hides a sensitive one).
+    pub async fn describe_topic_configs(
+        &self,
+        name: impl Into<String> + Send,
+        keys: &[&str],
+    ) -> Result<Vec<(String, Option<String>)>> {
+        let keys = (!keys.is_empty()).then(|| keys.iter().map(|k| String_((*k).to_owned())).collect());
+        let request = &DescribeConfigsRequest {
+            resources: vec![DescribeConfigsResource {
+                resource_type: Int8(RESOURCE_TYPE_TOPIC),
+                resource_name: String_(name.into()),
+                configuration_keys: Array(keys),
+            }],
+            include_synonyms: Boolean(false),
+        };
+
+        maybe_retry(&self.backoff_config, self, "describe_topic_configs", || async move {
+            let (broker, r#gen) = self
+                .get()
+                .await
+                .map_err(|e| ErrorOrThrottle::Error((e, None)))?;
+            let response = broker
+                .request(request)
+                .await
+                .map_err(|e| ErrorOrThrottle::Error((e.into(), Some(r#gen))))?;
+
+            maybe_throttle(Some(response.throttle_time_ms))?;
+
+            let result = response
+                .results
+                .exactly_one()
+                .map_err(|e| ErrorOrThrottle::Error((Error::exactly_one_topic(e), Some(r#gen))))?;
+
+            match result.error {
+                None => Ok(result
+                    .configs
+                    .into_iter()
+                    .map(|c| (c.name.0, c.value.0))
+                    .collect()),
+                Some(protocol_error) => Err(ErrorOrThrottle::Error((
+                    Error::ServerError {
+                        protocol_error,
+                        error_message: result.error_message.0,
+                        request: RequestContext::Topic(result.resource_name.0),
+                        response: None,
+                        is_virtual: false,
+                    },
+                    Some(r#gen),
+                ))),
+            }
+        })
+        .await
     }
 
     /// Delete a topic
