@@ -6,7 +6,7 @@
 # is configured with (cached in podman's storage afterwards):
 #   localhost/pg2ch/postgres:15              PostgreSQL 15 (official image's variables)
 #   localhost/pg2ch/clickhouse-server:18.16  Debian's ClickHouse (official image's variables)
-#   localhost/pg2ch/nisshi:0.8.1-pg2ch.2     the nisshi broker, in place of Redpanda
+#   localhost/pg2ch/nisshi:0.8.1-pg2ch.N     the nisshi broker, in place of Redpanda (N from vendor/nisshi/Cargo.toml)
 # Usage: scripts/podman.sh up | down | env
 #   up    installs what is missing, builds missing images, starts the API service
 #   env   prints the environment for the Docker paths (DOCKER_HOST, image names)
@@ -24,7 +24,10 @@ sock="$sock_dir/podman.sock"
 base=localhost/pg2ch/debian:12
 postgres_image=localhost/pg2ch/postgres:15
 clickhouse_image=localhost/pg2ch/clickhouse-server:18.16
-broker_image=localhost/pg2ch/nisshi:0.8.1-pg2ch.2
+# The tag names the vendored build (0.8.1-pg2ch.N for version 0.8.1+pg2ch.N).
+nisshi_version=$(sed -n 's/^version = "\(0\.8\.1+pg2ch\.[0-9]*\)"$/\1/p' vendor/nisshi/Cargo.toml)
+[ -n "$nisshi_version" ] || { echo "podman: no 0.8.1+pg2ch.N version in vendor/nisshi/Cargo.toml" >&2; exit 1; }
+broker_image=localhost/pg2ch/nisshi:${nisshi_version/+/-}
 
 # Defaults below the machine's hard limits; crun fails on this cgroup layout.
 cat > "$CONTAINERS_CONF" <<'EOF'
@@ -116,10 +119,8 @@ build "$clickhouse_image" containers/clickhouse
 if ! podman image exists "$broker_image"; then
   nisshi=$(command -v nisshi || echo "$HOME/.cargo/bin/nisshi")
   [ -x "$nisshi" ] || { echo "podman: the nisshi binary is missing: run \`just setup\`" >&2; exit 1; }
-  # The tag names the vendored build (0.8.1-pg2ch.N for version 0.8.1+pg2ch.N).
-  want=${broker_image##*:}
-  cargo install --list | grep -q "^nisshi v${want/-pg2ch/+pg2ch} (" \
-    || { echo "podman: the installed nisshi is not ${want/-pg2ch/+pg2ch}: run \`just setup\`" >&2; exit 1; }
+  cargo install --list | grep -qF "nisshi v$nisshi_version (" \
+    || { echo "podman: the installed nisshi is not $nisshi_version: run \`just setup\`" >&2; exit 1; }
   context="$state/nisshi"
   rm -rf "$context"; cp -r containers/nisshi "$context"; cp "$nisshi" "$context/nisshi"
   build "$broker_image" "$context"

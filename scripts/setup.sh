@@ -38,9 +38,12 @@ fi
 # The broker: nisshi 0.8.1 built from vendor/nisshi (two changes: librdkafka
 # clients such as kcat can talk to it, and its SQLite storage fetches in
 # bounded time; see vendor/nisshi/PG2CH.md), known by its version
-# 0.8.1+pg2ch.N. Any other nisshi (crates.io's, or 0.7) is replaced. Same
-# command as pg2ch::stack::NISSHI_INSTALL.
-if cargo install --list | grep -q '^nisshi v0\.8\.1+pg2ch\.2 (.*/vendor/nisshi):$'; then
+# 0.8.1+pg2ch.N (read from vendor/nisshi/Cargo.toml). Any other nisshi
+# (crates.io's, or 0.7) is replaced. Same command as
+# pg2ch::stack::NISSHI_INSTALL.
+nisshi_version=$(sed -n 's/^version = "\(0\.8\.1+pg2ch\.[0-9]*\)"$/\1/p' vendor/nisshi/Cargo.toml)
+[ -n "$nisshi_version" ] || { echo "setup: no 0.8.1+pg2ch.N version in vendor/nisshi/Cargo.toml" >&2; exit 1; }
+if cargo install --list | grep -q "^nisshi v${nisshi_version//./\\.} (.*/vendor/nisshi):\$"; then
   :
 else
   echo "setup: building the nisshi Kafka-API broker 0.8.1 (about 17 minutes, once; reused afterwards)"
