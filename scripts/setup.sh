@@ -35,8 +35,8 @@ if [ ${#packages[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${packages[@]}" >/dev/null
 fi
 
-# The broker: nisshi 0.8.1 built from vendor/nisshi (two changes: librdkafka
-# clients such as kcat can talk to it, and its SQLite storage fetches in
+# The broker: nisshi 0.8.1 built from vendor/nisshi (librdkafka clients such
+# as kcat can talk to it, and its SQLite storage produces and fetches in
 # bounded time; see vendor/nisshi/PG2CH.md), known by its version
 # 0.8.1+pg2ch.N (read from vendor/nisshi/Cargo.toml). Any other nisshi
 # (crates.io's, or 0.7) is replaced. Same command as

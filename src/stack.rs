@@ -62,9 +62,9 @@ pub struct Stack {
 pub const CLUSTER: &str = "pg2ch";
 
 /// How the local broker is installed, from the project's folder (`just
-/// setup` runs the same): nisshi 0.8.1 with two changes, so librdkafka's
-/// clients can talk to it and its SQLite storage fetches in bounded time
-/// (`vendor/nisshi/PG2CH.md`).
+/// setup` runs the same): nisshi 0.8.1 with changes so librdkafka's
+/// clients can talk to it and its SQLite storage produces and fetches in
+/// bounded time (`vendor/nisshi/PG2CH.md`).
 pub const NISSHI_INSTALL: &str = "cargo install --path vendor/nisshi --locked --ignore-rust-version";
 
 /// The ports of a ClickHouse cluster: ZooKeeper's, and each replica's,

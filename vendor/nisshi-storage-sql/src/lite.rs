@@ -905,6 +905,13 @@ impl Delegate {
                     })
                     .inspect(|nisshi_lake_sink| debug!(nisshi_lake_sink))?)
         {
+            // pg2ch: the record insert is prepared once per batch, not once
+            // per record (preparing its joins cost most of a produce).
+            let record_insert = connection
+                .prepared_statement("record_insert.sql")
+                .await
+                .inspect_err(|err| error!(?err))?;
+
             for (delta, record) in inflated.records.iter().enumerate() {
                 debug!(delta, elapsed = elapsed_millis(start));
 
@@ -915,9 +922,9 @@ impl Delegate {
 
                 debug!(?delta, ?offset);
 
-                _ = connection
+                record_insert.reset();
+                _ = record_insert
                     .execute(
-                        "record_insert.sql",
                         (
                             self.cluster.as_str(),
                             topic,
@@ -3046,14 +3053,6 @@ impl Storage for Delegate {
     ) -> Result<Vec<deflated::Batch>> {
         let started_at = SystemTime::now();
 
-        let has_deadline_expired = || {
-            started_at
-                .elapsed()
-                .inspect(|elapsed| debug!(?elapsed, ?max_wait))
-                .map(|elapsed| max_wait.saturating_sub(elapsed).is_zero())
-                .unwrap_or_default()
-        };
-
         debug!(
             ?topition,
             offset,
@@ -3217,9 +3216,12 @@ impl Storage for Delegate {
                 .record(record_builder)
                 .last_offset_delta(offset_delta);
 
-            while let Some(row) = records.next().await?
-                && !has_deadline_expired()
-            {
+            // pg2ch: the rows the query found are all returned (at most
+            // 10,000, within max_bytes): the wait bounds how long to wait for
+            // records, not how many of those already there are read. With a
+            // short wait (a busy consumer's few milliseconds) upstream stopped
+            // after the first rows, so every fetch returned a few records.
+            while let Some(row) = records.next().await? {
                 let attributes = row
                     .get::<Option<i32>>(1)
                     .map(|attributes| attributes.unwrap_or(0))
