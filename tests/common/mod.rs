@@ -413,6 +413,9 @@ impl Drop for TestEnv {
                 if let (Owns::Both, Some(admin)) = (owns, pg_admin(&settings.pg).await) {
                     drop_pg_database(&admin, &settings.pg.database).await;
                 }
+                if owns == Owns::Both {
+                    drop_topics(&settings.kafka, std::slice::from_ref(&settings.kafka.topic)).await;
+                }
             })
         })
         .join();
@@ -443,12 +446,27 @@ async fn drop_pg_database(admin: &PgPool, name: &str) {
     let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(admin).await;
 }
 
+/// Deletes the broker's topics of the namespaces `names` (a namespace's
+/// topic, and those it names `<topic>.<table>`, `<topic>.dlq`, ...),
+/// quietly: the stack's broker keeps its topics on disk, so without this
+/// every run would add its records to it for good.
+async fn drop_topics(cfg: &KafkaConfig, names: &[String]) {
+    let Ok(client) = pg2ch::kafka::connect(cfg, Duration::from_secs(2)).await else { return };
+    let (Ok(topics), Ok(controller)) = (client.list_topics().await, client.controller_client()) else { return };
+    for topic in topics {
+        if names.iter().any(|n| topic.name == *n || topic.name.starts_with(&format!("{n}."))) {
+            let _ = tokio::time::timeout(Duration::from_secs(10), controller.delete_topic(topic.name, 5_000)).await;
+        }
+    }
+}
+
 /// The comment that marks a PostgreSQL database as a test's: the sweep
 /// drops no other, whatever its name.
 const TEST_MARK: &str = "pg2ch test database";
 
-/// Drops the namespaces earlier runs left behind: test databases whose
-/// process has gone (a failed test keeps its own until then). Only
+/// Drops the namespaces earlier runs left behind: test databases (and
+/// their topics) whose process has gone (a failed test keeps its own until
+/// then). Only
 /// PostgreSQL databases a test created and marked ([`TEST_MARK`]) are
 /// dropped, and only the ClickHouse databases of their names (a group's
 /// view adds `_<group>`): a server the environment names that is not a
@@ -484,6 +502,7 @@ async fn sweep(settings: &Settings) {
     for name in &gone {
         drop_pg_database(&admin, name).await;
     }
+    drop_topics(&settings.kafka, &gone).await;
 }
 
 /// Whether the process that created test database `name`
