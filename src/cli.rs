@@ -264,7 +264,11 @@ enum StackAction {
         shape: ClusterShape,
     },
     /// Stop what `up` started.
-    Down,
+    Down {
+        /// Also delete the broker's stored topics and records (its SQLite file), which `down` keeps otherwise.
+        #[arg(long)]
+        forget_topics: bool,
+    },
     /// Stop one service (postgres, clickhouse, broker, zookeeper, replica-N) to see how pg2ch meets an
     /// outage; `up` starts it again.
     Stop { service: crate::stack::Service },
@@ -529,7 +533,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                     let env = stack.with_cluster(shape.ch_shards, shape.ch_replicas).up().await?;
                     print!("{}", env.shell_exports());
                 }
-                StackAction::Down => stack.down()?,
+                StackAction::Down { forget_topics } => {
+                    stack.down()?;
+                    if forget_topics {
+                        stack.forget_topics()?;
+                    }
+                }
                 StackAction::Stop { service } => stack.stop(service)?,
                 StackAction::Env { shape } => {
                     print!("{}", stack.with_cluster(shape.ch_shards, shape.ch_replicas).env().shell_exports())

@@ -656,6 +656,18 @@ impl Stack {
         Ok(())
     }
 
+    /// Deletes the local broker's stored topics and records (its SQLite
+    /// file, with its write-ahead log and shared-memory index), in either
+    /// layout; the broker must be stopped. Returns how many files went.
+    pub fn forget_topics(&self) -> anyhow::Result<usize> {
+        let mut gone = 0;
+        for dir in self.service_paths("broker") {
+            gone += remove_broker_files(&dir)?;
+        }
+        tracing::info!("the broker's stored topics deleted ({gone} {})", if gone == 1 { "file" } else { "files" });
+        Ok(gone)
+    }
+
     /// Stops one service of this stack (`pg2ch stack stop`; `up` starts it
     /// again): to see how pg2ch meets an outage.
     pub fn stop(&self, service: Service) -> anyhow::Result<()> {
@@ -957,6 +969,22 @@ impl Stack {
     }
 }
 
+/// Deletes `broker.db` and its SQLite companions (`-wal`, `-shm`,
+/// `-journal`) from `dir`, nothing else; a missing directory or file is
+/// fine. Returns how many files it deleted.
+fn remove_broker_files(dir: &Path) -> anyhow::Result<usize> {
+    let mut gone = 0;
+    for name in ["broker.db", "broker.db-wal", "broker.db-shm", "broker.db-journal"] {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => gone += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(anyhow::anyhow!("cannot delete {}: {e}", path.display())),
+        }
+    }
+    Ok(gone)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -966,6 +994,24 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("pg2ch-stack-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir
+    }
+
+    #[test]
+    fn forgetting_topics_deletes_the_broker_files_and_nothing_else() {
+        let dir = scratch("forget");
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in ["broker.db", "broker.db-wal", "broker.db-shm", "broker.pid", "broker.log", "other.db"] {
+            std::fs::write(dir.join(name), b"x").unwrap();
+        }
+        assert_eq!(remove_broker_files(&dir).unwrap(), 3);
+        let mut left: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["broker.log", "broker.pid", "other.db"]);
+        // Again, and in a directory that does not exist: nothing to do, no error.
+        assert_eq!(remove_broker_files(&dir).unwrap(), 0);
+        assert_eq!(remove_broker_files(&dir.join("missing")).unwrap(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
