@@ -929,7 +929,7 @@ impl Stack {
                     "--storage-engine",
                     // SQLite in the broker's directory (its working
                     // directory): topics and records survive a restart.
-                    "sqlite://broker.db",
+                    &format!("sqlite://{BROKER_DB}"),
                 ]);
                 c
             } else if let Some(redpanda) = find_binary(&["redpanda"], &[]) {
@@ -969,13 +969,16 @@ impl Stack {
     }
 }
 
-/// Deletes `broker.db` and its SQLite companions (`-wal`, `-shm`,
+/// The local broker's SQLite file, in its directory (its working directory).
+const BROKER_DB: &str = "broker.db";
+
+/// Deletes [`BROKER_DB`] and its SQLite companions (`-wal`, `-shm`,
 /// `-journal`) from `dir`, nothing else; a missing directory or file is
 /// fine. Returns how many files it deleted.
 fn remove_broker_files(dir: &Path) -> anyhow::Result<usize> {
     let mut gone = 0;
-    for name in ["broker.db", "broker.db-wal", "broker.db-shm", "broker.db-journal"] {
-        let path = dir.join(name);
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let path = dir.join(format!("{BROKER_DB}{suffix}"));
         match std::fs::remove_file(&path) {
             Ok(()) => gone += 1,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
