@@ -7,18 +7,16 @@ file instead of replacing them, hence this merge.
 
 Usage: compose_local.py OUT
 """
-import re
+import subprocess
 import sys
 
 import yaml
 
-# The broker's image is tagged with the vendored nisshi's version, as
-# scripts/podman.sh builds it (0.8.1-pg2ch.N for 0.8.1+pg2ch.N).
-with open("vendor/nisshi/Cargo.toml") as f:
-    nisshi = re.search(r'^version = "(0\.8\.1\+pg2ch\.[0-9]+)"$', f.read(), re.M)
-if not nisshi:
-    sys.exit("compose_local.py: no 0.8.1+pg2ch.N version in vendor/nisshi/Cargo.toml")
-broker_image = "localhost/pg2ch/nisshi:" + nisshi.group(1).replace("+", "-")
+# The broker's image, as scripts/podman.sh builds it.
+image = subprocess.run(["scripts/nisshi_version.sh", "--image"], stdout=subprocess.PIPE, text=True)
+if image.returncode != 0:
+    sys.exit(f"compose_local.py: scripts/nisshi_version.sh failed (exit {image.returncode})")
+broker_image = image.stdout.strip()
 
 with open("docker-compose.yml") as f:
     base = yaml.safe_load(f)

@@ -25,9 +25,8 @@ base=localhost/pg2ch/debian:12
 postgres_image=localhost/pg2ch/postgres:15
 clickhouse_image=localhost/pg2ch/clickhouse-server:18.16
 # The tag names the vendored build (0.8.1-pg2ch.N for version 0.8.1+pg2ch.N).
-nisshi_version=$(sed -n 's/^version = "\(0\.8\.1+pg2ch\.[0-9]*\)"$/\1/p' vendor/nisshi/Cargo.toml)
-[ -n "$nisshi_version" ] || { echo "podman: no 0.8.1+pg2ch.N version in vendor/nisshi/Cargo.toml" >&2; exit 1; }
-broker_image=localhost/pg2ch/nisshi:${nisshi_version/+/-}
+nisshi_version=$(scripts/nisshi_version.sh)
+broker_image=$(scripts/nisshi_version.sh --image)
 
 # Defaults below the machine's hard limits; crun fails on this cgroup layout.
 cat > "$CONTAINERS_CONF" <<'EOF'

@@ -41,8 +41,7 @@ fi
 # 0.8.1+pg2ch.N (read from vendor/nisshi/Cargo.toml). Any other nisshi
 # (crates.io's, or 0.7) is replaced. Same command as
 # pg2ch::stack::NISSHI_INSTALL.
-nisshi_version=$(sed -n 's/^version = "\(0\.8\.1+pg2ch\.[0-9]*\)"$/\1/p' vendor/nisshi/Cargo.toml)
-[ -n "$nisshi_version" ] || { echo "setup: no 0.8.1+pg2ch.N version in vendor/nisshi/Cargo.toml" >&2; exit 1; }
+nisshi_version=$(scripts/nisshi_version.sh)
 if cargo install --list | grep -q "^nisshi v${nisshi_version//./\\.} (.*/vendor/nisshi):\$"; then
   :
 else
