@@ -509,9 +509,7 @@ impl KafkaLog {
         max_wait: Duration,
     ) -> StoreResult<(Vec<FetchedRecord>, i64)> {
         let client = self.client(partition)?;
-        // Never ask for a zero wait: nisshi answers a fetch with max_wait 0 with
-        // no topic at all, which rskafka rejects. One millisecond costs nothing.
-        let wait_ms = (max_wait.as_millis() as i32).max(1);
+        let wait_ms = i32::try_from(max_wait.as_millis()).unwrap_or(i32::MAX);
         let (records, high_watermark) = bounded_store(
             || format!("fetching partition {partition} at offset {offset}"),
             self.timeout + max_wait,

@@ -187,10 +187,11 @@ pub async fn produce<S: SourceTable, L: EventLog, W: Waits>(
 
 /// How long a fetch may wait for records while they keep coming, and for how
 /// long after the last ones. A Kafka broker answers a waiting fetch as soon
-/// as records arrive, but nisshi (the local broker) answers after half the
-/// wait whatever arrives, and serves one connection's requests in turn
-/// (measured: a 200 ms wait returns after 100 ms with a record produced at
-/// 20 ms), so a long wait would hold every row that long. Idle, the fetch
+/// as records arrive, but nisshi as released answers after half the wait
+/// whatever arrives (measured: a 200 ms wait returns after 100 ms with a
+/// record produced at 20 ms; the local stack's build wakes on produce), and
+/// serves one connection's requests in turn, so a long wait would hold every
+/// row that long. Idle, the fetch
 /// waits the poll interval up to [`COLD_WAIT`], so an idle consumer costs a
 /// few requests a second and the first row after a pause waits at most that.
 pub const HOT_WAIT: Duration = Duration::from_millis(4);
