@@ -14,7 +14,10 @@
 #            cursor and never deletes (as rotated queue tables emptied by
 #            TRUNCATE would cost no WAL per row), then flags as above;
 #   index_nolock, queue_nolock  the same, flagging without SKIP LOCKED (they
-#            deadlock with pgbench: why pg2ch locks with SKIP LOCKED).
+#            deadlock with pgbench: why pg2ch locks with SKIP LOCKED);
+#   index_notify, index_notify_invoker  index + pg2ch's statement trigger
+#            that notifies idle producers (none waits), its function run as
+#            its owner with a fixed search_path (as pg2ch's) or as the caller.
 # PostgreSQL and pgbench on CPU 0, the flagger's client on CPU 1 (its backend
 # is PostgreSQL's, on CPU 0). Per run: TPS, latency, WAL per transaction and
 # its largest record types (pg_walinspect), updates and HOT updates of the
@@ -48,7 +51,7 @@ SQL
 CREATE FUNCTION ${tab}_unsent() RETURNS trigger LANGUAGE plpgsql AS \$\$
 BEGIN NEW.sent_to_kafka := false; NEW.pg2ch_changed_at := now(); RETURN NEW; END \$\$;
 SQL
-    elif [ "${mode%_nolock}" = index ]; then
+    elif [ "${mode%_nolock}" = index ] || [ "${mode#index_notify}" != "$mode" ]; then
       psql_q -d "$db" <<SQL
 CREATE INDEX ${tab}_unsent ON $tab ($key) WHERE NOT sent_to_kafka;
 CREATE FUNCTION ${tab}_unsent() RETURNS trigger LANGUAGE plpgsql AS \$\$
@@ -66,6 +69,20 @@ BEGIN IF OLD.sent_to_kafka THEN INSERT INTO ${tab}_q ($key) VALUES (NEW.$key); E
   NEW.sent_to_kafka := false; NEW.pg2ch_changed_at := now(); RETURN NEW; END \$\$;
 SQL
     fi
+    if [ "${mode#index_notify}" != "$mode" ]; then
+      # pg2ch's statement trigger: notifies only while a producer waits idle
+      # (nobody waits here), as the owner (definer) or as the caller.
+      local rights="SECURITY DEFINER SET search_path = pg_catalog, pg_temp"
+      [ "$mode" = index_notify_invoker ] && rights=""
+      psql_q -d "$db" <<SQL
+CREATE UNLOGGED TABLE IF NOT EXISTS waiting (channel text NOT NULL, pid int NOT NULL, PRIMARY KEY (channel, pid));
+CREATE OR REPLACE FUNCTION notify_idle() RETURNS trigger LANGUAGE plpgsql $rights AS \$\$
+BEGIN IF EXISTS (SELECT 1 FROM public.waiting WHERE channel OPERATOR(pg_catalog.=) TG_ARGV[0]) THEN
+  PERFORM pg_catalog.pg_notify(TG_ARGV[0], ''); END IF; RETURN NULL; END \$\$;
+CREATE TRIGGER notify AFTER INSERT OR DELETE OR UPDATE ON $tab FOR EACH STATEMENT
+  WHEN (current_setting('pg2ch.own', true) IS DISTINCT FROM 'on') EXECUTE FUNCTION notify_idle('$tab');
+SQL
+    fi
     psql_q -d "$db" -c "CREATE TRIGGER unsent BEFORE UPDATE ON $tab FOR EACH ROW
       WHEN (current_setting('pg2ch.own', true) IS DISTINCT FROM 'on') EXECUTE FUNCTION ${tab}_unsent()"
   done
@@ -77,7 +94,7 @@ flag_sql() { # mode
     local tab=pgbench_${t%%:*} key=${t##*:}
     local lock="FOR NO KEY UPDATE SKIP LOCKED"
     [ "${1%_nolock}" = "$1" ] || lock=""
-    if [ "${1%_nolock}" = index ]; then
+    if [ "${1%_nolock}" = index ] || [ "${1#index_notify}" != "$1" ]; then
       echo "UPDATE $tab SET sent_to_kafka = true WHERE ctid IN (SELECT ctid FROM $tab WHERE NOT sent_to_kafka LIMIT 5000 $lock);"
     else
       echo "WITH q AS (SELECT id, $key FROM ${tab}_q WHERE id > (SELECT last FROM ${tab}_cursor) ORDER BY id LIMIT 5000),"
