@@ -226,7 +226,8 @@ fn main() {
         if std::env::var("PG2CH_BENCH_NO_NOTIFY").is_ok_and(|v| v == "1") {
             // Producers then wake by their poll alone (`--poll-ms`).
             for t in TABLES {
-                sqlx::query(&format!("DROP TRIGGER pg2ch_notify ON {t}")).execute(&pool_with).await.unwrap();
+                let drop = format!("DROP TRIGGER pg2ch_notify ON {}", pg2ch::config::pg_ident(t));
+                sqlx::query(&drop).execute(&pool_with).await.unwrap();
             }
         }
         for pool in [&pool_with, &pool_without] {
