@@ -15,8 +15,7 @@
 //! up to 10 ms (and early by no more than a query's way to ClickHouse: the
 //! time is taken as it is sent). `PG2CH_BENCH_LATENCY_SECS` sets each rate's duration
 //! (default 10); `PG2CH_BENCH_POLL_MS` the `--poll-ms` of `run` (default
-//! 200); `PG2CH_BENCH_NO_NOTIFY=1` drops the insert trigger, to compare with
-//! producers that only poll.
+//! 200).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -47,6 +46,26 @@ struct Seen {
     id: i64,
     committed: SystemTime,
     latency: Duration,
+}
+
+/// One row inserted after `quiet` without changes: its time from commit
+/// to readable in ClickHouse (asked every 5 ms). Producers find it by
+/// their idle looks alone, which grow apart while the table is quiet.
+async fn after_quiet(env: &TestEnv, ch: &pg2ch::clickhouse::ClickHouse, id: i64, quiet: Duration) -> Duration {
+    let pool = env.pg().await;
+    tokio::time::sleep(quiet).await;
+    sqlx::query("INSERT INTO user_logins (id, username) VALUES ($1, 'quiet')").bind(id).execute(&pool).await.unwrap();
+    let committed = Instant::now();
+    let deadline = committed + Duration::from_secs(30);
+    loop {
+        let seen: u64 =
+            ch.client.query("SELECT count() FROM user_logins WHERE id = ?").bind(id).fetch_one().await.unwrap();
+        if seen > 0 {
+            return committed.elapsed();
+        }
+        assert!(Instant::now() < deadline, "row {id} never reached ClickHouse");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Inserts `rate` rows/s for `secs` seconds and returns each row's journey,
@@ -241,9 +260,6 @@ fn main() {
         assert!(env.run(&["init", "--partitions", "4"]).status.success());
         let pool = env.pg().await;
         let ch = env.ch().await;
-        if std::env::var("PG2CH_BENCH_NO_NOTIFY").is_ok() {
-            sqlx::query("DROP TRIGGER pg2ch_notify ON user_logins").execute(&pool).await.unwrap();
-        }
 
         // Floors, each the median of 200 on an idle pipeline.
         sqlx::query("INSERT INTO user_logins (id, username, sent_to_kafka) VALUES (-1, 'floor', TRUE)")
@@ -296,6 +312,26 @@ fn main() {
         let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&log).unwrap();
         let poll = std::env::var("PG2CH_BENCH_POLL_MS").unwrap_or("200".into());
         let mut child = env.command(&["run", "--poll-ms", &poll]).stderr(file).spawn().unwrap();
+        // Single rows after quiet spells: 50 ms (the producer's idle looks
+        // still close together) and 3 s (looking once per poll interval).
+        // The first waits for `run` to start.
+        after_quiet(&env, &ch, -999, Duration::ZERO).await;
+        // What an idle `run` costs the source: its transactions (each an
+        // empty look) over 10 quiet seconds, as PostgreSQL counts them
+        // (statistics reach the counters within about a second).
+        let transactions = "SELECT (xact_commit + xact_rollback)::int8 FROM pg_stat_database WHERE datname = current_database()";
+        let before: i64 = sqlx::query_scalar(transactions).fetch_one(&pool).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let idle_tps = (sqlx::query_scalar::<_, i64>(transactions).fetch_one(&pool).await.unwrap() - before) as f64 / 10.0;
+        let mut quiet = Vec::new();
+        for (i, spell) in [Duration::from_millis(50), Duration::from_secs(3)].into_iter().enumerate() {
+            let mut took = Vec::new();
+            for n in 0..9 {
+                took.push(after_quiet(&env, &ch, -1000 * (i as i64 + 1) - n, spell).await);
+            }
+            took.sort();
+            quiet.push((spell, took[4], took[8]));
+        }
         let mut runs = Vec::new();
         let mut cpu = Vec::new();
         for rate in [2_000u64, 20_000] {
@@ -349,6 +385,11 @@ fn main() {
         println!(
             "| broker: fetch the newest record of the pipeline's own topic after the run (slowest partition) | {end_fetch:.1?} |"
         );
+        println!("\nan idle `pg2ch run` (one table, two producer lanes, `--poll-ms {poll}`): about {idle_tps:.0} transactions/s on the source");
+        println!("\n| one row after a quiet spell of | p50 of 9 | max of 9 |\n|---:|---:|---:|");
+        for (spell, p50, max) in &quiet {
+            println!("| {spell:?} | {p50:.1?} | {max:.1?} |");
+        }
         println!("\n`pg2ch run` logged {slow} slow statements (over 1 s); its log: {}", log.display());
         println!(
             "\n| rate | rows | p50 | p99 | max | commit to published, p50 / p99 | published to readable, p50 / p99 |\n|---:|---:|---:|---:|---:|---:|---:|"

@@ -18,8 +18,7 @@
 //! index entries), with pg2ch (its flag updates included) and without. At
 //! the end, `pg2ch verify` must exit 0.
 //!
-//! Knobs: `PG2CH_BENCH_NO_NOTIFY=1` (drops the statement triggers that wake
-//! idle producers, to measure what they cost), `PG2CH_BENCH_SCALE` (pgbench's scale, default 5),
+//! Knobs: `PG2CH_BENCH_SCALE` (pgbench's scale, default 5),
 //! `PG2CH_BENCH_PGBENCH_SECS` (each run, default 15), `PG2CH_BENCH_PAIRS`
 //! (default 3), `PG2CH_BENCH_RUN_ARGS` (more arguments to `pg2ch run`, e.g.
 //! `--coalesce-ms 50`).
@@ -223,13 +222,6 @@ fn main() {
         let once: Vec<&str> = ["run", "--once"].into_iter().chain(table_args.iter().copied()).collect();
         with.ok(&once);
         let (pool_with, pool_without) = (with.pg().await, without.pg().await);
-        if std::env::var("PG2CH_BENCH_NO_NOTIFY").is_ok_and(|v| v == "1") {
-            // Producers then wake by their poll alone (`--poll-ms`).
-            for t in TABLES {
-                let drop = format!("DROP TRIGGER pg2ch_notify ON {}", pg2ch::config::pg_ident(t));
-                sqlx::query(&drop).execute(&pool_with).await.unwrap();
-            }
-        }
         for pool in [&pool_with, &pool_without] {
             sqlx::query("VACUUM ANALYZE").execute(pool).await.unwrap();
         }

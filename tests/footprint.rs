@@ -2,8 +2,8 @@
 //! an application role with nothing but DML rights keeps every DML after
 //! `init`; `init` never queues the table's writers behind a long
 //! transaction and rebuilds an index an interrupted build left invalid;
-//! statements notify only while a producer waits idle, and such a producer
-//! is woken by them.
+//! a user's statement fires none of pg2ch's statement triggers (an older
+//! pg2ch's are dropped by `init` and by a start).
 
 mod common;
 
@@ -173,56 +173,73 @@ async fn an_index_left_invalid_by_an_interrupted_build_is_built_again() {
     env.ok(&["verify", "--table", "ledger"]);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn statements_notify_only_while_a_producer_waits_idle() {
-    let env = TestEnv::new("notifyidle").await;
-    env.ok(&["init"]);
-    let pool = env.pg().await;
-    let mut session = sqlx::postgres::PgListener::connect_with(&pool).await.unwrap();
-    session.listen("pg2ch_user_logins").await.unwrap();
-    // A notification to the session's own channel is delivered with its
-    // commit, before the statement's answer: buffered or not, it is decided.
-    let insert = "INSERT INTO user_logins (username) VALUES ('n')";
-    sqlx::query(insert).execute(&mut session).await.unwrap();
-    assert!(session.next_buffered().is_none(), "no producer waits: no notification");
-    sqlx::query("INSERT INTO _pg2ch.waiting (channel, pid) VALUES ('pg2ch_user_logins', pg_backend_pid())")
-        .execute(&mut session)
-        .await
-        .unwrap();
-    sqlx::query(insert).execute(&mut session).await.unwrap();
-    let woken = session.next_buffered().expect("a producer waits: the statement notifies");
-    assert_eq!(woken.channel(), "pg2ch_user_logins");
-    // Another table's producer waiting does not make this one notify.
-    sqlx::query("UPDATE _pg2ch.waiting SET channel = 'pg2ch_other'").execute(&mut session).await.unwrap();
-    sqlx::query(insert).execute(&mut session).await.unwrap();
-    assert!(session.next_buffered().is_none(), "only the table's own producers are woken");
+/// pg2ch's triggers on `table`: (per row, per statement).
+async fn own_triggers(pool: &PgPool, table: &str) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE tgtype & 1 = 1), count(*) FILTER (WHERE tgtype & 1 = 0) FROM pg_trigger
+         WHERE tgrelid = $1::regclass AND tgname LIKE 'pg2ch%'",
+    )
+    .bind(table)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// What an older pg2ch installed to wake idle producers: a statement
+/// trigger on each table, its function and the registry it read.
+async fn older_wake_objects(pool: &PgPool, tables: &[&str]) {
+    exec(
+        pool,
+        "CREATE UNLOGGED TABLE IF NOT EXISTS _pg2ch.waiting (channel text, pid int, PRIMARY KEY (channel, pid))",
+    )
+    .await;
+    exec(
+        pool,
+        "CREATE OR REPLACE FUNCTION _pg2ch.notify() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF EXISTS (SELECT 1 FROM _pg2ch.waiting WHERE channel = TG_ARGV[0]) THEN PERFORM pg_notify(TG_ARGV[0], ''); \
+         END IF; RETURN NULL; END $$",
+    )
+    .await;
+    for t in tables {
+        exec(
+            pool,
+            &format!(
+                "CREATE TRIGGER pg2ch_notify AFTER INSERT OR DELETE OR UPDATE ON {t} FOR EACH STATEMENT \
+                 EXECUTE FUNCTION _pg2ch.notify('pg2ch_{t}')"
+            ),
+        )
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_idle_producer_registers_and_is_woken_by_the_next_change() {
-    let env = TestEnv::new("wakeidle").await;
+async fn user_statements_fire_no_statement_trigger_and_older_ones_are_dropped() {
+    let env = TestEnv::new("nonotify").await;
     env.ok(&["init"]);
     let pool = env.pg().await;
-    // A poll interval far longer than the test waits: only a notification
-    // can bring the row over in time.
-    let mut run =
-        env.command(&["run", "--poll-ms", "600000"]).stderr(std::process::Stdio::null()).spawn().expect("pg2ch run");
-    eventually("the idle producer registers", Duration::from_secs(60), || {
-        let pool = pool.clone();
-        async move { scalar(&pool, "SELECT count(*) FROM _pg2ch.waiting").await == 1 }
-    })
-    .await;
-    exec(&pool, "INSERT INTO user_logins (username) VALUES ('wake up')").await;
-    let ch = env.ch().await;
-    let schema = env.logins().await;
-    eventually("the row reaches ClickHouse", Duration::from_secs(60), || {
-        let (ch, schema) = (&ch, &schema);
-        async move { ch.final_count(schema).await.unwrap_or(0) == 1 }
-    })
-    .await;
-    let _ = std::process::Command::new("kill").arg(run.id().to_string()).status();
-    let _ = run.wait();
+    assert_eq!(own_triggers(&pool, "user_logins").await, (3, 0), "row triggers only");
+    let gone =
+        "SELECT (to_regprocedure('_pg2ch.notify()') IS NULL AND to_regclass('_pg2ch.waiting') IS NULL)::int::int8";
+    // An upgrade: the next start drops the older trigger and, no table
+    // using them any more, its function and registry.
+    older_wake_objects(&pool, &["user_logins"]).await;
+    assert_eq!(own_triggers(&pool, "user_logins").await, (3, 1));
+    exec(&pool, "INSERT INTO user_logins (username) VALUES ('across the upgrade')").await;
+    env.ok(&["run", "--once"]);
+    assert_eq!(own_triggers(&pool, "user_logins").await, (3, 0), "the start dropped it");
+    assert_eq!(scalar(&pool, gone).await, 1, "nothing uses them: dropped");
     assert_eq!(scalar(&pool, "SELECT count(*) FROM user_logins WHERE NOT sent_to_kafka").await, 0);
+    // `init` drops it too, and keeps the function while another table,
+    // not started since, still fires it.
+    exec(&pool, "CREATE TABLE other (id int PRIMARY KEY)").await;
+    older_wake_objects(&pool, &["user_logins", "other"]).await;
+    env.ok(&["init"]);
+    assert_eq!(own_triggers(&pool, "user_logins").await, (3, 0), "init dropped it");
+    assert_eq!(scalar(&pool, gone).await, 0, "still in use by the other table");
+    exec(&pool, "INSERT INTO other VALUES (1)").await;
+    exec(&pool, "DROP TRIGGER pg2ch_notify ON other").await;
+    env.ok(&["init"]);
+    assert_eq!(scalar(&pool, gone).await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]

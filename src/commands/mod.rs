@@ -64,7 +64,8 @@ pub struct RunOptions {
     pub compression: kafka::Compression,
     /// Partitions this consumer reads; `None` means all.
     pub partitions: Option<Vec<i32>>,
-    /// How long to wait when there is nothing to do.
+    /// The longest wait when there is nothing to do (an idle producer
+    /// looks sooner after recent work: see [`loops::IdleWait`]).
     pub poll: Duration,
     /// How long a busy producer gathers changes between passes.
     pub coalesce: Duration,

@@ -10,7 +10,7 @@ use crate::clickhouse::{ChSink, ClickHouse};
 use crate::kafka::{self, KafkaLog};
 use crate::pipeline::{Consumer, ConsumerConfig, NoFaults, Producer, ProducerConfig, loops};
 use crate::postgres::lease::{self, PgLeases};
-use crate::postgres::{self, PgSource, ProducerLease, RowsCommitted};
+use crate::postgres::{self, PgSource, ProducerLease};
 use crate::stores::ClaimMode;
 
 use super::init::{keep_versions_ahead, resend_for_added_columns};
@@ -24,7 +24,6 @@ pub struct ProducerStores {
     pub table: Table,
     pub log: KafkaLog,
     pub sources: Vec<PgSource>,
-    pool: PgPool,
     options: sqlx::postgres::PgConnectOptions,
     config: ProducerConfig,
 }
@@ -54,7 +53,7 @@ impl ProducerStores {
         #[allow(clippy::needless_update)]
         let config =
             ProducerConfig { batch_rows: o.batch_rows, batch_bytes: o.batch_bytes, ..ProducerConfig::default() };
-        Ok(ProducerStores { table, log, sources, pool: pool.clone(), options, config })
+        Ok(ProducerStores { table, log, sources, options, config })
     }
 
     /// Waits until producers of the other claim mode are gone, then holds
@@ -88,16 +87,6 @@ impl ProducerStores {
             tracing::info!("{}: the other producer stopped; starting", self.table.schema);
         }
         Ok(Some(lease))
-    }
-
-    /// Notifications of changed rows for idle producers to wait on; none
-    /// with `--once`, which never waits.
-    pub async fn wakeups(&self, o: &RunOptions) -> anyhow::Result<Option<RowsCommitted>> {
-        if o.once {
-            Ok(None)
-        } else {
-            RowsCommitted::listen(&self.pool, postgres::channel(&self.table.schema)).await.map(Some)
-        }
     }
 
     /// One producer per lane, sharing the log and the keyset cursor.
@@ -190,13 +179,12 @@ async fn produce_lanes<L: crate::stores::EventLog>(
     producers: &mut [Producer<PgSource, L>],
     what: &str,
     once: bool,
-    (poll, coalesce): (Duration, Duration),
-    wake: Option<&RowsCommitted>,
+    pace: loops::Pace,
     shutdown: &Shutdown,
 ) -> anyhow::Result<usize> {
     let moved = futures::future::try_join_all(producers.iter_mut().map(|p| async {
-        let mut waits = RealWaits::new(poll, wake, shutdown.clone());
-        loops::produce(p, &NoFaults, format!("{what} producer"), once, coalesce, &mut waits).await
+        let mut waits = RealWaits::new(shutdown.clone());
+        loops::produce(p, &NoFaults, format!("{what} producer"), once, pace, &mut waits).await
     }))
     .await?;
     Ok(moved.into_iter().sum())
@@ -284,7 +272,7 @@ async fn table_pipeline(
         // With --once the producer is someone else, done before we start:
         // drain to the ends as they are now, still stopping on SIGINT/SIGTERM.
         let done = o.once.then(|| Cell::new(Some(true)));
-        let mut waits = RealWaits::new(o.poll, None, shutdown);
+        let mut waits = RealWaits::new(shutdown);
         return Ok((
             0,
             loops::consume(c, &NoFaults, format!("{what} consumer"), done.as_ref(), o.poll, &mut waits).await?,
@@ -293,30 +281,28 @@ async fn table_pipeline(
     let table_oid = table.oid;
     let mut stores = ProducerStores::connect(s, o, pool, table).await?;
     let Some(lease) = stores.lease(o, s.timeouts.call, shutdown.clone()).await? else { return Ok((0, 0)) };
-    let wake = stores.wakeups(o).await?;
+    let pace = loops::Pace { poll: o.poll, coalesce: o.coalesce };
     let mut producers = stores.producers();
     let work = async {
         match consumer.as_mut() {
-            None => produce_lanes(&mut producers, &what, o.once, (o.poll, o.coalesce), wake.as_ref(), &shutdown)
-                .await
-                .map(|n| (n, 0)),
+            None => produce_lanes(&mut producers, &what, o.once, pace, &shutdown).await.map(|n| (n, 0)),
             Some(c) if o.once => {
                 // Either half failing for good ends both: the other is abandoned
                 // where it stands, as a crash would leave it.
                 let done: Cell<Option<bool>> = Cell::new(None);
                 let produce = async {
-                    let r = produce_lanes(&mut producers, &what, true, (o.poll, o.coalesce), None, &shutdown).await;
+                    let r = produce_lanes(&mut producers, &what, true, pace, &shutdown).await;
                     done.set(Some(r.is_ok()));
                     r
                 };
-                let mut waits = RealWaits::new(o.poll, None, shutdown.clone());
+                let mut waits = RealWaits::new(shutdown.clone());
                 let consume = loops::consume(c, &NoFaults, format!("{what} consumer"), Some(&done), o.poll, &mut waits);
                 tokio::try_join!(produce, consume)
             }
             Some(c) => {
-                let mut waits = RealWaits::new(o.poll, None, shutdown.clone());
+                let mut waits = RealWaits::new(shutdown.clone());
                 tokio::try_join!(
-                    produce_lanes(&mut producers, &what, false, (o.poll, o.coalesce), wake.as_ref(), &shutdown),
+                    produce_lanes(&mut producers, &what, false, pace, &shutdown),
                     loops::consume(c, &NoFaults, format!("{what} consumer"), None, o.poll, &mut waits)
                 )
             }

@@ -1,12 +1,12 @@
 //! Loop policy: how a producer or consumer goes on after each step. A
 //! failure is retried with capped exponential backoff unless it is
-//! permanent (or a crash); an idle producer waits for new rows; `--once`
+//! permanent (or a crash); an idle producer looks for new rows again after
+//! a wait that grows from the coalescing window to the poll interval; `--once`
 //! stops after one pass (the producer) or at the partitions' ends (the
 //! consumer, once its producer is done).
 //!
 //! The loops are written against [`Waits`], which owns time and shutdown:
-//! the real one sleeps, listens for PostgreSQL's notifications and abandons
-//! a step that outlives shutdown's grace; the simulation's yields to its
+//! the real one sleeps and abandons a step that outlives shutdown's grace; the simulation's yields to its
 //! scheduler instead of sleeping and bounds a drain's steps. Both run these
 //! loops unchanged.
 
@@ -25,14 +25,8 @@ pub trait Waits {
     /// Runs one step; `None` when it was abandoned (shutdown's grace passed,
     /// or the simulation's step budget ran out).
     async fn step<T>(&mut self, step: impl Future<Output = T>) -> Option<T>;
-    /// An idle producer's wait for new rows. The real one registers the
-    /// producer idle on its first call after work (so that changes notify)
-    /// and returns at once, for the producer to look once more: changes
-    /// committed before the registration did not notify.
-    async fn idle(&mut self);
-    /// A producer found rows again: changes need not notify any more.
-    async fn busy(&mut self);
-    /// The wait before a retry.
+    /// A wait: before a retry, between a busy producer's passes, or an idle
+    /// producer's before it looks again.
     async fn pause(&mut self, d: Duration);
     /// Monotonic time since some fixed origin.
     fn now(&self) -> Duration;
@@ -98,14 +92,20 @@ fn fatal(e: &anyhow::Error) -> bool {
 /// between claims: after each claim, chunks until the window is over, then
 /// the next claim. Changes made meanwhile keep flowing at the usual pace,
 /// and `once` goes on until the load is over and a pass found nothing more.
+///
+/// A pass that found nothing is followed by the next after [`IdleWait`]:
+/// one window after work (more is likely on its way), less and less often
+/// as the table stays quiet, down to once per `poll`.
 pub async fn produce<S: SourceTable, L: EventLog, W: Waits>(
     p: &mut Producer<S, L>,
     faults: &dyn Faults,
     what: String,
     once: bool,
-    coalesce: Duration,
+    pace: Pace,
     waits: &mut W,
 ) -> anyhow::Result<usize> {
+    let coalesce = pace.coalesce;
+    let mut idle = IdleWait::new(pace);
     let mut moved = 0;
     let mut backoff = Backoff::new(what);
     // When the last claim began, and whether the last step was a claim:
@@ -125,7 +125,7 @@ pub async fn produce<S: SourceTable, L: EventLog, W: Waits>(
                     backoff.ok();
                     moved += loaded.unwrap_or(0);
                     if loaded.is_some_and(|n| n > 0) {
-                        waits.busy().await;
+                        idle.worked();
                     }
                 }
                 Err(e) if once || fatal(&e) => return Err(e),
@@ -145,7 +145,7 @@ pub async fn produce<S: SourceTable, L: EventLog, W: Waits>(
                 moved += n;
                 tracing::debug!("published and flagged {n} rows");
                 if n > 0 {
-                    waits.busy().await;
+                    idle.worked();
                 }
                 // One pass finds every change committed before it began; a
                 // second would only rescan what the first left behind.
@@ -161,9 +161,8 @@ pub async fn produce<S: SourceTable, L: EventLog, W: Waits>(
                             waits.pause(rest).await;
                         }
                     } else {
-                        // A pass ended empty-handed: what is committed from
-                        // now on notifies, or the poll finds it.
-                        waits.idle().await;
+                        // A pass ended empty-handed.
+                        waits.pause(idle.after_empty_look()).await;
                     }
                 }
             }
@@ -173,7 +172,7 @@ pub async fn produce<S: SourceTable, L: EventLog, W: Waits>(
                 if once {
                     break;
                 }
-                waits.idle().await;
+                waits.pause(idle.after_empty_look()).await;
             }
             Err(e) if once || fatal(&e) => return Err(e),
             Err(e) => {
@@ -211,9 +210,61 @@ pub const STORE_EVERY: Duration = Duration::from_secs(1);
 /// leases noticing.
 pub const RENEW_EVERY: Duration = Duration::from_secs(1);
 
-/// How long an idle producer waits for a notification before it looks
-/// anyway, unless told otherwise (`--poll-ms`).
+/// The longest an idle producer waits before it looks for new rows again,
+/// unless told otherwise (`--poll-ms`): how late the first change after a
+/// quiet spell can be found.
 pub const DEFAULT_POLL: Duration = Duration::from_millis(200);
+
+/// An idle producer's shortest wait after work (with no coalescing window).
+pub const IDLE_FIRST: Duration = Duration::from_millis(10);
+
+/// How often a producer looks for new rows and how long it gathers them.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    /// The longest wait of an idle producer ([`DEFAULT_POLL`]).
+    pub poll: Duration,
+    /// The window of a busy one ([`DEFAULT_COALESCE`]).
+    pub coalesce: Duration,
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Pace { poll: DEFAULT_POLL, coalesce: DEFAULT_COALESCE }
+    }
+}
+
+/// An idle producer's waits: the coalescing window after work (at least
+/// [`IDLE_FIRST`]), twice as long after every empty look, up to the poll
+/// interval. A busy table's lanes then claim no more often than the window
+/// (a sibling lane's empty pass is not followed by a claim at once, which
+/// would flag hot rows again); a quiet table costs a few cheap index
+/// lookups a second. Nothing in a user's statement wakes producers: a
+/// statement trigger would tax every user statement (measured: see
+/// docs/performance.md).
+pub struct IdleWait {
+    first: Duration,
+    next: Duration,
+    poll: Duration,
+}
+
+impl IdleWait {
+    pub fn new(pace: Pace) -> Self {
+        let first = pace.coalesce.max(IDLE_FIRST).min(pace.poll);
+        IdleWait { first, next: first, poll: pace.poll }
+    }
+
+    /// Rows were found: the next idle wait is short again.
+    pub fn worked(&mut self) {
+        self.next = self.first;
+    }
+
+    /// The wait before the next look, after an empty one.
+    pub fn after_empty_look(&mut self) -> Duration {
+        let now = self.next;
+        self.next = (now * 2).min(self.poll);
+        now
+    }
+}
 
 /// The window a busy producer gathers changes over between two passes,
 /// unless told otherwise (`--coalesce-ms`): a row changed many times a
@@ -341,5 +392,28 @@ mod tests {
         assert_eq!(fetch_wait(poll, at, Some(at - Duration::from_millis(10))), HOT_WAIT);
         assert_eq!(fetch_wait(poll, at, Some(at - HOT_FOR)), COLD_WAIT);
         assert_eq!(fetch_wait(Duration::from_millis(1), at, Some(at)), Duration::from_millis(1));
+    }
+
+    #[test]
+    fn an_idle_producer_looks_soon_after_work_and_at_the_poll_interval_when_quiet() {
+        let ms = Duration::from_millis;
+        let mut idle = IdleWait::new(Pace { poll: ms(1000), coalesce: ms(0) });
+        let waits: Vec<_> = (0..9).map(|_| idle.after_empty_look()).collect();
+        assert_eq!(waits, [ms(10), ms(20), ms(40), ms(80), ms(160), ms(320), ms(640), ms(1000), ms(1000)]);
+        idle.worked();
+        assert_eq!(idle.after_empty_look(), IDLE_FIRST);
+        // The coalescing window is the first wait: lanes claim no more often.
+        let mut windowed = IdleWait::new(Pace::default());
+        assert_eq!(
+            [windowed.after_empty_look(), windowed.after_empty_look(), windowed.after_empty_look()],
+            [ms(100), ms(200), ms(200)]
+        );
+        windowed.worked();
+        assert_eq!(windowed.after_empty_look(), DEFAULT_COALESCE);
+        // A poll interval under the first wait bounds every wait.
+        let mut quick = IdleWait::new(Pace { poll: ms(3), coalesce: ms(50) });
+        assert_eq!([quick.after_empty_look(), quick.after_empty_look()], [ms(3), ms(3)]);
+        quick.worked();
+        assert_eq!(quick.after_empty_look(), ms(3));
     }
 }

@@ -12,12 +12,13 @@
 //!   (no column list, so that dropping a column needs no `CASCADE`);
 //! - `pg2ch_deleted`, `AFTER DELETE`, and `pg2ch_rekeyed`, `AFTER UPDATE OF`
 //!   the key when it changed, per row: the old key goes into the table's
-//!   outbox (`_pg2ch."schema.table"`), which producers drain like the table;
-//! - `pg2ch_notify`, per statement (not pg2ch's own): wakes producers that
-//!   wait idle, and only those: it notifies only while a producer of the
-//!   table is registered in `_pg2ch.waiting`, so a busy database does not
-//!   pay for a notification in every transaction (PostgreSQL serialises the
-//!   commits of transactions that notify).
+//!   outbox (`_pg2ch."schema.table"`), which producers drain like the table.
+//!
+//! No statement-level trigger: producers find new rows by looking at the
+//! partial index (an idle one looks again after a wait that grows to the
+//! poll interval), so a user's statement pays for no notification.
+//! An older pg2ch's `pg2ch_notify` trigger is dropped by `init` and by the
+//! next start (with its function and registry once no table uses them).
 //!
 //! The functions that write or read pg2ch's own tables run with the rights
 //! of the role that ran `init` (`SECURITY DEFINER`, with a fixed
@@ -41,7 +42,7 @@ use anyhow::Context;
 use sqlx::PgPool;
 
 use super::catalogue::trigger_holders;
-use super::{channel, outbox, own_name};
+use super::{outbox, own_name};
 use crate::config::pg_ident;
 use crate::schema::{CHANGED_AT, DEFAULT_TABLE, OWN_COLUMNS, REJECTED, SENT, TableSchema, VERSION};
 use crate::types::PgType;
@@ -91,14 +92,14 @@ fn dollar_tag(body: &str) -> String {
 const NOT_OURS: &str = "current_setting('pg2ch.own', true) IS DISTINCT FROM 'on'";
 
 /// The statements that install pg2ch's triggers on one relation.
-fn trigger_statements(schema: &TableSchema, relation: &str, statement_level: bool) -> Vec<String> {
+fn trigger_statements(schema: &TableSchema, relation: &str) -> Vec<String> {
     let record = format!("_pg2ch.{}()", pg_ident(&own_name(schema, "")));
     let changed = schema
         .key_columns()
         .map(|c| format!("OLD.{0} IS DISTINCT FROM NEW.{0}", pg_ident(&c.name)))
         .collect::<Vec<_>>()
         .join(" OR ");
-    let mut out = vec![
+    vec![
         format!(
             "CREATE OR REPLACE TRIGGER pg2ch_unsent BEFORE UPDATE ON {relation} FOR EACH ROW WHEN ({NOT_OURS}) \
              EXECUTE FUNCTION _pg2ch.unsent()"
@@ -110,15 +111,7 @@ fn trigger_statements(schema: &TableSchema, relation: &str, statement_level: boo
             "CREATE OR REPLACE TRIGGER pg2ch_rekeyed AFTER UPDATE OF {} ON {relation} FOR EACH ROW WHEN ({changed}) EXECUTE FUNCTION {record}",
             key_list(schema)
         ),
-    ];
-    if statement_level {
-        out.push(format!(
-            "CREATE OR REPLACE TRIGGER pg2ch_notify AFTER INSERT OR DELETE OR UPDATE ON {relation} \
-             FOR EACH STATEMENT WHEN ({NOT_OURS}) EXECUTE FUNCTION _pg2ch.notify({})",
-            literal(&channel(schema))
-        ));
-    }
-    out
+    ]
 }
 
 /// How long one attempt at a step that locks the user's table may wait for
@@ -129,14 +122,6 @@ pub const LOCK_TIMEOUT_MS: u64 = 100;
 /// How long `init` (or a start) keeps retrying a step whose lock a long
 /// transaction holds, before it gives up naming the sessions that hold it.
 pub const LOCK_PATIENCE: Duration = Duration::from_secs(300);
-
-/// The registry of idle producers that `pg2ch_notify` reads: one row per
-/// listening session of a producer process that waits for changes.
-/// Unlogged: it is lost with a crash of the server, which only makes
-/// producers fall back on their poll interval until they register again.
-pub const WAITING: &str = "CREATE UNLOGGED TABLE IF NOT EXISTS _pg2ch.waiting (
-     channel text NOT NULL, pid int NOT NULL, since timestamptz NOT NULL DEFAULT now(),
-     PRIMARY KEY (channel, pid))";
 
 /// The initial loads: one row per table whose existing rows are still
 /// being carried (`tab`, the table's oid), with what the progress figures
@@ -272,24 +257,33 @@ const REGISTER_LOAD: &str = "INSERT INTO _pg2ch.loads (tab, rows_estimate, chunk
 /// `SECURITY DEFINER` with a `search_path` no caller can change.
 const DEFINER: &str = "SECURITY DEFINER SET search_path = pg_catalog, pg_temp";
 
-/// The functions every table's triggers share.
-fn shared_functions() -> [String; 2] {
-    [
-        // Touches only the row: no rights needed, no SET (which would cost a
-        // configuration save and restore in every row of every UPDATE).
-        "CREATE OR REPLACE FUNCTION _pg2ch.unsent() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN NEW.sent_to_kafka := false; NEW.pg2ch_rejected := NULL; NEW.pg2ch_changed_at := pg_catalog.now(); \
-         RETURN NEW; END $$"
-            .to_owned(),
-        // One notification per statement (PostgreSQL folds a transaction's
-        // equal ones into one, delivered at commit), and only while a
-        // producer of the table waits idle.
-        format!(
-            "CREATE OR REPLACE FUNCTION _pg2ch.notify() RETURNS trigger LANGUAGE plpgsql {DEFINER} AS $$ \
-             BEGIN IF EXISTS (SELECT 1 FROM _pg2ch.waiting WHERE channel = TG_ARGV[0]) THEN \
-             PERFORM pg_notify(TG_ARGV[0], ''); END IF; RETURN NULL; END $$"
-        ),
-    ]
+/// The function every table's `pg2ch_unsent` trigger runs. It touches only
+/// the row: no rights needed, no `SET` (which would cost a configuration
+/// save and restore in every row of every `UPDATE`).
+const UNSENT_FUNCTION: &str = "CREATE OR REPLACE FUNCTION _pg2ch.unsent() RETURNS trigger LANGUAGE plpgsql AS $$ \
+     BEGIN NEW.sent_to_kafka := false; NEW.pg2ch_rejected := NULL; NEW.pg2ch_changed_at := pg_catalog.now(); \
+     RETURN NEW; END $$";
+
+/// The statement-level trigger an older pg2ch put on every table to wake
+/// idle producers, and what it used.
+const RETIRED_TRIGGER: &str = "pg2ch_notify";
+const RETIRED_OBJECTS: [&str; 2] = ["DROP FUNCTION IF EXISTS _pg2ch.notify()", "DROP TABLE IF EXISTS _pg2ch.waiting"];
+
+/// Drops the function and registry an older pg2ch's `pg2ch_notify`
+/// triggers used, once no table has such a trigger left (dropping the
+/// function fails while one has: a table not yet started again keeps it).
+async fn drop_retired_objects(pool: &PgPool) -> anyhow::Result<()> {
+    let used: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = $1)")
+        .bind(RETIRED_TRIGGER)
+        .fetch_one(pool)
+        .await
+        .context("looking for an older pg2ch's statement triggers")?;
+    if !used {
+        for sql in RETIRED_OBJECTS {
+            sqlx::query(sql).execute(pool).await.with_context(|| format!("PostgreSQL: {sql}"))?;
+        }
+    }
+    Ok(())
 }
 
 /// Installs pg2ch on the table with this oid (see the module comment).
@@ -320,7 +314,6 @@ pub async fn install(pool: &PgPool, oid: u32, schema: &TableSchema) -> anyhow::R
         "CREATE SEQUENCE IF NOT EXISTS _pg2ch.versions".to_owned(),
         // The consumer groups whose partition leases live here.
         super::lease::REGISTRY.to_owned(),
-        WAITING.to_owned(),
         LOADS[0].to_owned(),
         LOADS[1].to_owned(),
         TABLES.to_owned(),
@@ -336,7 +329,7 @@ pub async fn install(pool: &PgPool, oid: u32, schema: &TableSchema) -> anyhow::R
             order_by(schema, "")
         ),
     ];
-    own.extend(shared_functions());
+    own.push(UNSENT_FUNCTION.to_owned());
     own.push(format!(
         "CREATE OR REPLACE FUNCTION _pg2ch.{}() RETURNS trigger LANGUAGE plpgsql {DEFINER} AS {tag} {record_body} {tag}",
         pg_ident(&own_name(schema, ""))
@@ -385,6 +378,7 @@ pub async fn install(pool: &PgPool, oid: u32, schema: &TableSchema) -> anyhow::R
         );
     }
     drop_legacy_function(pool, schema).await?;
+    drop_retired_objects(pool).await?;
     unsent_index(pool, oid, schema).await
 }
 
@@ -790,8 +784,7 @@ pub fn grants(schema: &TableSchema, role: &str) -> Vec<String> {
         // UPDATE: a start moves the sequence past ClickHouse's versions when behind.
         format!("GRANT USAGE, SELECT, UPDATE ON SEQUENCE _pg2ch.versions TO {r}"),
         format!(
-            "GRANT SELECT, INSERT, UPDATE, DELETE ON _pg2ch.waiting, _pg2ch.consumer_groups, _pg2ch.loads, \
-             _pg2ch.load_chunks, {} TO {r}",
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON _pg2ch.consumer_groups, _pg2ch.loads, _pg2ch.load_chunks, {} TO {r}",
             outbox(schema)
         ),
         format!("GRANT SELECT ON _pg2ch.tables TO {r}"),
@@ -830,9 +823,25 @@ async fn triggers(pool: &PgPool, oid: u32, schema: &TableSchema) -> anyhow::Resu
             .fetch_one(pool)
             .await
             .context("naming a child table")?;
-        out.extend(trigger_statements(schema, &name, holder == oid));
+        out.extend(trigger_statements(schema, &name));
+    }
+    if let Some(drop) = retired_trigger(pool, oid).await? {
+        out.push(drop);
     }
     Ok(out)
+}
+
+/// The `DROP TRIGGER` of an older pg2ch's `pg2ch_notify` on the table, if
+/// it has one.
+async fn retired_trigger(pool: &PgPool, oid: u32) -> anyhow::Result<Option<String>> {
+    let found: Option<String> =
+        sqlx::query_scalar("SELECT tgrelid::regclass::text FROM pg_trigger WHERE tgrelid = $1 AND tgname = $2")
+            .bind(sqlx::postgres::types::Oid(oid))
+            .bind(RETIRED_TRIGGER)
+            .fetch_optional(pool)
+            .await
+            .context("looking for an older pg2ch's statement trigger")?;
+    Ok(found.map(|relation| format!("DROP TRIGGER IF EXISTS {RETIRED_TRIGGER} ON {relation}")))
 }
 
 /// At start: fails, naming what is missing, unless `init` installed pg2ch
@@ -841,21 +850,19 @@ async fn triggers(pool: &PgPool, oid: u32, schema: &TableSchema) -> anyhow::Resu
 pub async fn check_installed(pool: &PgPool, oid: u32, schema: &TableSchema) -> anyhow::Result<()> {
     let present = columns(pool, oid, schema).await?;
     let missing: Vec<&str> = OWN_COLUMNS.into_iter().filter(|c| !present.iter().any(|p| p == c)).collect();
-    let (outbox_exists, waiting_exists): (bool, bool) = sqlx::query_as(
-        "SELECT to_regclass($1) IS NOT NULL,
-                    to_regclass('_pg2ch.waiting') IS NOT NULL AND to_regclass('_pg2ch.load_chunks') IS NOT NULL",
-    )
-    .bind(outbox(schema))
-    .fetch_one(pool)
-    .await
-    .context("looking up the outbox of deleted keys")?;
-    if !missing.is_empty() || !outbox_exists || !waiting_exists {
+    let (outbox_exists, loads_exist): (bool, bool) =
+        sqlx::query_as("SELECT to_regclass($1) IS NOT NULL, to_regclass('_pg2ch.load_chunks') IS NOT NULL")
+            .bind(outbox(schema))
+            .fetch_one(pool)
+            .await
+            .context("looking up the outbox of deleted keys")?;
+    if !missing.is_empty() || !outbox_exists || !loads_exist {
         let what = if !missing.is_empty() {
             format!("column(s) {}", missing.join(", "))
         } else if !outbox_exists {
             "its outbox of deleted keys".to_owned()
         } else {
-            "the registries of idle producers and initial loads that an older pg2ch did not install".to_owned()
+            "the registry of initial loads that an older pg2ch did not install".to_owned()
         };
         anyhow::bail!("PostgreSQL table {schema} lacks {what} (run `pg2ch init --table {schema}`)");
     }
@@ -879,7 +886,15 @@ pub async fn check_installed(pool: &PgPool, oid: u32, schema: &TableSchema) -> a
         let statements = triggers(pool, oid, schema).await?;
         let what = "adding pg2ch's triggers to a child made since init (run `pg2ch init` as the table's owner)";
         briefly_locked(pool, oid, schema, what, &statements).await?;
+    } else if let Some(drop) = retired_trigger(pool, oid).await? {
+        // Not fatal: the trigger costs the table's writers, it loses nothing.
+        let what = "dropping the statement trigger an older pg2ch installed";
+        match briefly_locked(pool, oid, schema, what, &[drop]).await {
+            Ok(()) => tracing::info!("{schema}: dropped the statement trigger of an older pg2ch ({RETIRED_TRIGGER})"),
+            Err(e) => tracing::warn!("{e:#} (run `pg2ch init --table {schema}` as the table's owner to drop it)"),
+        }
     }
+    drop_retired_objects(pool).await.unwrap_or_else(|e| tracing::debug!("{e:#}"));
     Ok(())
 }
 
@@ -899,14 +914,14 @@ mod tests {
             vec![0],
         );
         assert_eq!(order_by(&schema, "d."), "d.\"k\"\"1\" COLLATE \"C\"");
-        let sql = trigger_statements(&schema, "\"public\".\"Odd \"\"T\"\"\"", true);
+        let sql = trigger_statements(&schema, "\"public\".\"Odd \"\"T\"\"\"");
         assert!(
             sql[0].contains("BEFORE UPDATE ON \"public\".\"Odd \"\"T\"\"\" FOR EACH ROW WHEN (current_setting"),
             "{}",
             sql[0]
         );
         assert!(sql[2].contains("WHEN (OLD.\"k\"\"1\" IS DISTINCT FROM NEW.\"k\"\"1\")"), "{}", sql[2]);
-        assert!(sql[3].contains("_pg2ch.notify('pg2ch_Odd \"T\"')"), "{}", sql[3]);
+        assert_eq!(sql.len(), 3, "row triggers only: {sql:?}");
         assert_eq!(literal("it's"), "'it''s'");
         let grants = grants(&schema, "app \"x\"");
         assert!(grants.iter().all(|g| g.ends_with("TO \"app \"\"x\"\"\"")), "{grants:?}");

@@ -39,7 +39,7 @@ use crate::error::{ErrorKind, StoreError};
 use crate::schema::{CHANGED_AT, REJECTED, SENT, TableSchema};
 
 pub use catalogue::{read_table, resolve};
-pub use source::{PRODUCER_LOCK_CLASS, PgSource, ProducerLease, RowsCommitted};
+pub use source::{PRODUCER_LOCK_CLASS, PgSource, ProducerLease};
 pub use verify::PgVerifySide;
 
 /// The options every pg2ch session runs with.
@@ -194,15 +194,6 @@ pub fn legacy_own_name(schema: &TableSchema, suffix: &str) -> Option<String> {
 /// The outbox of a table's deleted keys, quoted: `_pg2ch."public.orders"`.
 pub fn outbox(schema: &TableSchema) -> String {
     format!("{OWN_SCHEMA}.{}", pg_ident(&own_name(schema, "")))
-}
-
-/// The channel a table's statement trigger notifies.
-pub fn channel(schema: &TableSchema) -> String {
-    let mut name = format!("pg2ch_{}", schema.name);
-    while name.len() > 63 {
-        name.pop();
-    }
-    name
 }
 
 /// Inserts `rows` synthetic login events into `user_logins` in batches of
@@ -498,7 +489,6 @@ mod tests {
         let a = own_name(&t("public", &long), "_keys");
         let b = own_name(&t("sales", &long), "_keys");
         assert!(a.len() <= 63 && b.len() <= 63 && a != b, "{a} {b}");
-        assert_eq!(channel(&t("public", "user_logins")), "pg2ch_user_logins");
         // Names a dot would make one: apart, and still short ones stay as they were.
         let (x, y) = (own_name(&t("a.b", "c"), ""), own_name(&t("a", "b.c"), ""));
         assert!(x != y && x.starts_with("a.b.c_") && y.starts_with("a.b.c_"), "{x} {y}");

@@ -38,7 +38,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use sqlx::postgres::types::Oid;
 use sqlx::postgres::{PgConnectOptions, PgRow};
 use sqlx::{ConnectOptions, Connection, PgConnection, Row};
@@ -421,13 +420,26 @@ impl SourceTable for PgSource {
                         .await
                         .map_err(classify)?
                 };
+                if rows.is_empty() && deletes.is_empty() {
+                    // An idle look: no version to draw, no columns to check
+                    // (the next claim that finds rows checks them).
+                    sqlx::query("COMMIT").execute(&mut *conn).await?;
+                    sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+                        .bind(CLAIM_LOCK_CLASS)
+                        .bind(oid as i32)
+                        .execute(&mut *conn)
+                        .await?;
+                    return Ok((rows, (deletes, live), 0, None));
+                }
                 let (version, now) = draw_version(conn, oid).await?;
                 // Nothing is held while the rows travel.
                 sqlx::query("COMMIT").execute(&mut *conn).await?;
-                Ok((rows, (deletes, live), version as u64, now))
+                Ok((rows, (deletes, live), version as u64, Some(now)))
             })
             .await?;
-        self.check_fingerprint(&now)?;
+        if let Some(now) = now {
+            self.check_fingerprint(&now)?;
+        }
         let claim = self.build(rows, deletes, version, limit);
         if claim.is_err() {
             self.conn = None;
@@ -802,117 +814,6 @@ impl ProducerLease {
     /// Lets go of the lease by closing its session.
     pub async fn release(self) {
         let _ = self.session.close().await;
-    }
-}
-
-/// Counts notifications on a table's channel, for idle producers to wait
-/// on instead of sleeping a whole poll interval. A table's statement
-/// trigger notifies only while a producer is registered idle
-/// (`IdleRegistry::register`), so a busy producer costs the database's
-/// commits nothing. Lost notifications (a dropped connection; inserts into
-/// a partition directly, which do not fire the parent's statement trigger;
-/// a transaction whose last write came just before the registration and
-/// whose commit came after the producer looked once more) cost at most the
-/// poll interval the producers keep as a fallback. The listening task ends
-/// with this value.
-pub struct RowsCommitted {
-    pub count: tokio::sync::watch::Receiver<u64>,
-    task: tokio::task::JoinHandle<()>,
-    pub registry: Arc<IdleRegistry>,
-}
-
-impl Drop for RowsCommitted {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// This process's row in `_pg2ch.waiting` for one table: present while one
-/// of its producers waits idle, keyed by the listening session's process
-/// id (a row whose session is gone is removed by the next registration).
-pub struct IdleRegistry {
-    pool: sqlx::PgPool,
-    channel: String,
-    /// The listening session's backend process id.
-    pid: std::sync::atomic::AtomicI32,
-    /// Whether the row is (believed) there.
-    waiting: std::sync::atomic::AtomicBool,
-}
-
-impl IdleRegistry {
-    /// Whether this process is registered idle.
-    pub fn waiting(&self) -> bool {
-        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Registers idle: from its commit on, every statement that changes the
-    /// table notifies. Clears rows of sessions that are gone.
-    pub async fn register(&self) -> anyhow::Result<()> {
-        sqlx::query(
-            "WITH gone AS (DELETE FROM _pg2ch.waiting w WHERE w.channel = $1 AND w.pid <> $2
-                           AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = w.pid))
-             INSERT INTO _pg2ch.waiting (channel, pid) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        )
-        .bind(&self.channel)
-        .bind(self.pid.load(std::sync::atomic::Ordering::Relaxed))
-        .execute(&self.pool)
-        .await
-        .map_err(classify)
-        .context("registering an idle producer in _pg2ch.waiting")?;
-        self.waiting.store(true, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Unregisters: statements stop notifying (unless another process waits).
-    pub async fn unregister(&self) -> anyhow::Result<()> {
-        self.waiting.store(false, std::sync::atomic::Ordering::Relaxed);
-        sqlx::query("DELETE FROM _pg2ch.waiting WHERE channel = $1 AND pid = $2")
-            .bind(&self.channel)
-            .bind(self.pid.load(std::sync::atomic::Ordering::Relaxed))
-            .execute(&self.pool)
-            .await
-            .map_err(classify)
-            .context("unregistering an idle producer from _pg2ch.waiting")?;
-        Ok(())
-    }
-}
-
-impl RowsCommitted {
-    pub async fn listen(pool: &sqlx::PgPool, channel: String) -> anyhow::Result<Self> {
-        let mut listener =
-            sqlx::postgres::PgListener::connect_with(pool).await.context("PostgreSQL: opening the LISTEN session")?;
-        listener.listen(&channel).await.with_context(|| format!("PostgreSQL: LISTEN {channel}"))?;
-        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(&mut listener)
-            .await
-            .context("PostgreSQL: the LISTEN session's process id")?;
-        let registry = Arc::new(IdleRegistry {
-            pool: pool.clone(),
-            channel: channel.clone(),
-            pid: pid.into(),
-            waiting: false.into(),
-        });
-        let (tx, count) = tokio::sync::watch::channel(0u64);
-        let mine = registry.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                // On error sqlx reconnects at the next call; notifications
-                // sent meanwhile are gone, so waiters are woken to look, and
-                // the next idle wait registers the new session.
-                if let Err(e) = listener.recv().await {
-                    tracing::debug!("LISTEN {channel}: {e}; reconnecting");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    mine.waiting.store(false, std::sync::atomic::Ordering::Relaxed);
-                    if let Ok(pid) =
-                        sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()").fetch_one(&mut listener).await
-                    {
-                        mine.pid.store(pid, std::sync::atomic::Ordering::Relaxed);
-                    }
-                }
-                tx.send_modify(|n| *n += 1);
-            }
-        });
-        Ok(RowsCommitted { count, task, registry })
     }
 }
 

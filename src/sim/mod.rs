@@ -395,7 +395,7 @@ impl World {
             &NoFaults,
             "producer".into(),
             true,
-            loops::DEFAULT_COALESCE,
+            loops::Pace::default(),
             &mut waits,
         ))
         .map_err(|e| format!("final produce: {e:#}"))?;
@@ -582,12 +582,6 @@ impl crate::pipeline::loops::Waits for SimWaits {
         }
     }
 
-    async fn idle(&mut self) {
-        yield_now().await;
-    }
-
-    async fn busy(&mut self) {}
-
     async fn pause(&mut self, _: Duration) {
         yield_now().await;
     }
@@ -611,7 +605,7 @@ fn producer_task(world: &World, session: u32, mode: ClaimMode, config: ProducerC
             &faults,
             "producer".into(),
             false,
-            loops::DEFAULT_COALESCE,
+            loops::Pace::default(),
             &mut SimWaits::unbounded(),
         )
         .await;
