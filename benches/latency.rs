@@ -51,10 +51,9 @@ struct Seen {
 /// One row inserted after `quiet` without changes: its time from commit
 /// to readable in ClickHouse (asked every 5 ms). Producers find it by
 /// their idle looks alone, which grow apart while the table is quiet.
-async fn after_quiet(env: &TestEnv, ch: &pg2ch::clickhouse::ClickHouse, id: i64, quiet: Duration) -> Duration {
-    let pool = env.pg().await;
+async fn after_quiet(pool: &sqlx::PgPool, ch: &pg2ch::clickhouse::ClickHouse, id: i64, quiet: Duration) -> Duration {
     tokio::time::sleep(quiet).await;
-    sqlx::query("INSERT INTO user_logins (id, username) VALUES ($1, 'quiet')").bind(id).execute(&pool).await.unwrap();
+    sqlx::query("INSERT INTO user_logins (id, username) VALUES ($1, 'quiet')").bind(id).execute(pool).await.unwrap();
     let committed = Instant::now();
     let deadline = committed + Duration::from_secs(30);
     loop {
@@ -315,7 +314,7 @@ fn main() {
         // Single rows after quiet spells: 50 ms (the producer's idle looks
         // still close together) and 3 s (looking once per poll interval).
         // The first waits for `run` to start.
-        after_quiet(&env, &ch, -999, Duration::ZERO).await;
+        after_quiet(&pool, &ch, -999, Duration::ZERO).await;
         // What an idle `run` costs the source: its transactions (each an
         // empty look) over 10 quiet seconds, as PostgreSQL counts them
         // (statistics reach the counters within about a second).
@@ -327,7 +326,7 @@ fn main() {
         for (i, spell) in [Duration::from_millis(50), Duration::from_secs(3)].into_iter().enumerate() {
             let mut took = Vec::new();
             for n in 0..9 {
-                took.push(after_quiet(&env, &ch, -1000 * (i as i64 + 1) - n, spell).await);
+                took.push(after_quiet(&pool, &ch, -1000 * (i as i64 + 1) - n, spell).await);
             }
             took.sort();
             quiet.push((spell, took[4], took[8]));

@@ -270,15 +270,18 @@ const RETIRED_TRIGGER: &str = "pg2ch_notify";
 const RETIRED_OBJECTS: [&str; 2] = ["DROP FUNCTION IF EXISTS _pg2ch.notify()", "DROP TABLE IF EXISTS _pg2ch.waiting"];
 
 /// Drops the function and registry an older pg2ch's `pg2ch_notify`
-/// triggers used, once no table has such a trigger left (dropping the
-/// function fails while one has: a table not yet started again keeps it).
+/// triggers used, once no table has such a trigger left (a table not yet
+/// started again keeps them). Where they are gone, this is one lookup.
 async fn drop_retired_objects(pool: &PgPool) -> anyhow::Result<()> {
-    let used: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = $1)")
-        .bind(RETIRED_TRIGGER)
-        .fetch_one(pool)
-        .await
-        .context("looking for an older pg2ch's statement triggers")?;
-    if !used {
+    let unused: bool = sqlx::query_scalar(
+        "SELECT to_regprocedure('_pg2ch.notify()') IS NOT NULL
+                AND NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = $1)",
+    )
+    .bind(RETIRED_TRIGGER)
+    .fetch_one(pool)
+    .await
+    .context("looking for an older pg2ch's statement triggers")?;
+    if unused {
         for sql in RETIRED_OBJECTS {
             sqlx::query(sql).execute(pool).await.with_context(|| format!("PostgreSQL: {sql}"))?;
         }

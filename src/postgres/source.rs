@@ -281,6 +281,18 @@ async fn begin_claim(conn: &mut PgConnection, oid: u32) -> StoreResult<()> {
     Ok(())
 }
 
+/// Ends a claim that draws no version (it found nothing, or must start
+/// again): its snapshot and the table's claim lock go.
+async fn abandon_claim(conn: &mut PgConnection, oid: u32) -> StoreResult<()> {
+    sqlx::query("ROLLBACK").execute(&mut *conn).await?;
+    sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+        .bind(CLAIM_LOCK_CLASS)
+        .bind(oid as i32)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// [`version_sql`] on the claim's session: the version and the fingerprint.
 async fn draw_version(conn: &mut PgConnection, oid: u32) -> StoreResult<(i64, String)> {
     let (version, _, now): (i64, bool, String) = sqlx::query_as(&version_sql())
@@ -345,12 +357,7 @@ impl SourceTable for PgSource {
                         // The relation was rewritten (VACUUM FULL, CLUSTER, an
                         // ALTER that rewrites): its rows may be anywhere now,
                         // so all of it is carried again.
-                        sqlx::query("ROLLBACK").execute(&mut *conn).await?;
-                        sqlx::query("SELECT pg_advisory_unlock($1, $2)")
-                            .bind(CLAIM_LOCK_CLASS)
-                            .bind(oid as i32)
-                            .execute(&mut *conn)
-                            .await?;
+                        abandon_claim(conn, oid).await?;
                         tracing::info!(
                             "a relation of the table was rewritten during its initial load; carrying all of it again"
                         );
@@ -421,14 +428,9 @@ impl SourceTable for PgSource {
                         .map_err(classify)?
                 };
                 if rows.is_empty() && deletes.is_empty() {
-                    // An idle look: no version to draw, no columns to check
-                    // (the next claim that finds rows checks them).
-                    sqlx::query("COMMIT").execute(&mut *conn).await?;
-                    sqlx::query("SELECT pg_advisory_unlock($1, $2)")
-                        .bind(CLAIM_LOCK_CLASS)
-                        .bind(oid as i32)
-                        .execute(&mut *conn)
-                        .await?;
+                    // An idle look (read-only): no version to draw, no
+                    // columns to check (the next claim that finds rows does).
+                    abandon_claim(conn, oid).await?;
                     return Ok((rows, (deletes, live), 0, None));
                 }
                 let (version, now) = draw_version(conn, oid).await?;
