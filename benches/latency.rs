@@ -19,6 +19,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/procs.rs"]
+mod procs;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant, SystemTime};
@@ -186,60 +188,6 @@ fn split(rows: &[Seen], published: &HashMap<i64, i64>) -> ((Duration, Duration),
     ((*pct(&produce, 0.5), *pct(&produce, 0.99)), (*pct(&consume, 0.5), *pct(&consume, 0.99)))
 }
 
-/// CPU time (user and system, in clock ticks) used so far by every process,
-/// by pid, with its name, from `/proc`.
-/// Per process: its name, CPU time used (ticks) and time its threads spent
-/// runnable but waiting for a CPU (ns, from each thread's `schedstat`).
-fn cpu_by_process() -> HashMap<u32, (String, u64, u64)> {
-    let mut by = HashMap::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
-        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-        let waited: u64 = std::fs::read_dir(entry.path().join("task"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-            .filter_map(|s| s.split_whitespace().nth(1).and_then(|w| w.parse::<u64>().ok()))
-            .sum();
-        // Fields 14 and 15 of stat (utime, stime), counted after the name.
-        by.insert(pid, (stat[open + 1..close].to_owned(), ticks(11) + ticks(12), waited));
-    }
-    by
-}
-
-/// Each process name's share of one core between two samples (summed over
-/// its processes; kernel workers as one), largest first, with how long its
-/// threads waited for a CPU per second (ms). A process that started between
-/// the samples counts from zero; one that ended, not at all.
-fn cpu_share(
-    before: &HashMap<u32, (String, u64, u64)>,
-    after: &HashMap<u32, (String, u64, u64)>,
-    over: Duration,
-) -> Vec<(String, f64, f64)> {
-    // Linux reports these in USER_HZ, 100 a second on every common build.
-    const TICKS_PER_SECOND: f64 = 100.0;
-    let mut by_name: HashMap<String, (u64, u64)> = HashMap::new();
-    for (pid, (name, t, w)) in after {
-        let name = if name.starts_with("kworker") { "kernel workers".to_owned() } else { name.clone() };
-        let (bt, bw) = before.get(pid).map_or((0, 0), |(_, t, w)| (*t, *w));
-        let e = by_name.entry(name).or_default();
-        e.0 += t.saturating_sub(bt);
-        e.1 += w.saturating_sub(bw);
-    }
-    let secs = over.as_secs_f64();
-    let mut shares: Vec<(String, f64, f64)> = by_name
-        .into_iter()
-        .map(|(name, (used, waited))| (name, used as f64 / TICKS_PER_SECOND / secs * 100.0, waited as f64 / 1e6 / secs))
-        .filter(|(_, pct, _)| *pct >= 1.0)
-        .collect();
-    shares.sort_by(|a, b| b.1.total_cmp(&a.1));
-    shares
-}
-
 /// Median of `n` timings of `op`.
 async fn floor<F: AsyncFnMut()>(n: usize, mut op: F) -> Duration {
     let mut t = Vec::with_capacity(n);
@@ -334,10 +282,10 @@ fn main() {
         let mut runs = Vec::new();
         let mut cpu = Vec::new();
         for rate in [2_000u64, 20_000] {
-            let before = cpu_by_process();
+            let before = procs::sample();
             let started = Instant::now();
             runs.push((rate, steady(&env, rate, secs()).await));
-            cpu.push((rate, cpu_share(&before, &cpu_by_process(), started.elapsed())));
+            cpu.push((rate, procs::cpu_share(&before, &procs::sample(), started.elapsed())));
         }
         let _ = std::process::Command::new("kill").arg(child.id().to_string()).status();
         let _ = child.wait();

@@ -9,11 +9,14 @@
 //! Per run: transactions per second and average latency (pgbench's own
 //! figures), WAL per transaction (the cluster's WAL position before and
 //! after, over the transactions pgbench counted). Over all runs: how much
-//! the tables (with indexes, and pg2ch's outboxes) grew. The ratios (with
+//! the tables (with indexes, and pg2ch's outboxes) grew, and in which part
+//! (the tables' own pages, their indexes, pg2ch's tables). The ratios (with
 //! pg2ch over without) are the medians of the pairs. Freshness under that
 //! load: every 100 ms during the runs with pg2ch, a marker is written into a
 //! teller's `filler`, and ClickHouse is asked every 10 ms which marker it
-//! holds; a marker's time is from its commit to the first answer holding it.
+//! holds; a marker's time is from its commit to the first answer holding it
+//! (or a later marker), split at its publish: the timestamp of the first
+//! record in the tellers' topic that holds it or a later marker.
 //! Also printed: the share of the tables' updates that were HOT (no new
 //! index entries), with pg2ch (its flag updates included) and without. At
 //! the end, `pg2ch verify` must exit 0.
@@ -26,10 +29,12 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use std::collections::{BTreeMap, HashMap};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::TestEnv;
+use pg2ch::stores::EventLog;
 use sqlx::PgPool;
 use tokio::runtime::Runtime;
 
@@ -81,18 +86,33 @@ async fn wal_lsn(pool: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::int8").fetch_one(pool).await.unwrap()
 }
 
-/// The tables' size with their indexes (and, where pg2ch runs, its own tables).
-async fn size(pool: &PgPool) -> i64 {
-    sqlx::query_scalar(
-        "SELECT (SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c
-                 WHERE c.relname = ANY($1) AND c.relkind = 'r')::int8
-              + coalesce((SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c JOIN pg_namespace n
-                          ON n.oid = c.relnamespace WHERE n.nspname = '_pg2ch' AND c.relkind = 'r'), 0)::int8",
+/// The three tables' size, in parts: (the tables themselves, their
+/// indexes, pg2ch's own tables where it runs).
+#[derive(Debug, Clone, Copy)]
+struct Size {
+    heap: i64,
+    indexes: i64,
+    own: i64,
+}
+
+impl Size {
+    fn total(&self) -> i64 {
+        self.heap + self.indexes + self.own
+    }
+}
+
+async fn size(pool: &PgPool) -> Size {
+    let (heap, indexes, own) = sqlx::query_as(
+        "SELECT coalesce(sum(pg_table_size(c.oid)), 0)::int8, coalesce(sum(pg_indexes_size(c.oid)), 0)::int8,
+                coalesce((SELECT sum(pg_total_relation_size(o.oid)) FROM pg_class o JOIN pg_namespace n
+                          ON n.oid = o.relnamespace WHERE n.nspname = '_pg2ch' AND o.relkind = 'r'), 0)::int8
+         FROM pg_class c WHERE c.relname = ANY($1) AND c.relkind = 'r'",
     )
     .bind(&TABLES[..])
     .fetch_one(pool)
     .await
-    .unwrap()
+    .unwrap();
+    Size { heap, indexes, own }
 }
 
 fn pgbench(env: &TestEnv, args: &[&str]) -> String {
@@ -134,13 +154,28 @@ async fn one_run(env: &TestEnv, pool: &PgPool, secs: u64) -> Run {
     }
 }
 
+/// A marker: its number, when its update committed, and its time from
+/// commit to readable in ClickHouse.
+struct Marker {
+    n: i64,
+    committed: SystemTime,
+    latency: Duration,
+}
+
 /// Markers written into a teller's filler every 100 ms until `stop`, and
-/// each one's time from commit to readable in ClickHouse.
-async fn freshness(env: &TestEnv, pool: &PgPool, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Vec<Duration> {
+/// each one's time from commit to readable in ClickHouse. Numbered on from
+/// `after`, the last marker of an earlier run: a marker counts as readable
+/// once ClickHouse holds it or a later one.
+async fn freshness(
+    env: &TestEnv,
+    pool: &PgPool,
+    after: i64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<Marker> {
     let ch = env.ch().await;
-    let mut pending: Vec<(i64, Instant)> = Vec::new();
+    let mut pending: Vec<(i64, Instant, SystemTime)> = Vec::new();
     let mut out = Vec::new();
-    let mut next = 0i64;
+    let mut next = after;
     let mut last_write = Instant::now() - Duration::from_secs(1);
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     let started = Instant::now();
@@ -157,7 +192,7 @@ async fn freshness(env: &TestEnv, pool: &PgPool, stop: std::sync::Arc<std::sync:
                 .execute(pool)
                 .await
                 .unwrap();
-            pending.push((next, Instant::now()));
+            pending.push((next, Instant::now(), SystemTime::now()));
             last_write = Instant::now();
         }
         let asked = Instant::now();
@@ -168,9 +203,9 @@ async fn freshness(env: &TestEnv, pool: &PgPool, stop: std::sync::Arc<std::sync:
             .await
             .expect("reading the marker from ClickHouse");
         let seen: i64 = seen.as_deref().map(str::trim).and_then(|s| s.strip_prefix('m')?.parse().ok()).unwrap_or(0);
-        pending.retain(|(n, at)| {
+        pending.retain(|(n, at, committed)| {
             if *n <= seen {
-                out.push(asked.saturating_duration_since(*at));
+                out.push(Marker { n: *n, committed: *committed, latency: asked.saturating_duration_since(*at) });
                 false
             } else {
                 true
@@ -179,6 +214,56 @@ async fn freshness(env: &TestEnv, pool: &PgPool, stop: std::sync::Arc<std::sync:
     }
     assert!(pending.is_empty(), "{} markers never reached ClickHouse", pending.len());
     out
+}
+
+/// When each marker was published: the timestamp (taken by the producer as
+/// it publishes, in milliseconds since the epoch) of the first record of
+/// the tellers' topic holding it or a later marker (a marker overwritten
+/// before a claim saw it is published by the later one, as the probe reads
+/// it), by marker number.
+async fn published(env: &TestEnv, markers: &[Marker]) -> HashMap<i64, i64> {
+    let client = pg2ch::kafka::connect(&env.settings.kafka, Duration::from_secs(10)).await.unwrap();
+    let topic = format!("{}.pgbench_tellers", env.settings.kafka.topic);
+    let log = pg2ch::kafka::KafkaLog::open(&client, &topic, Duration::from_secs(10)).await.unwrap();
+    // The earliest publish of each marker value seen in the topic.
+    let mut first: BTreeMap<i64, i64> = BTreeMap::new();
+    for p in 0..log.partitions() {
+        let mut next = 0;
+        loop {
+            let batch = log.fetch(p, next, Duration::from_millis(1)).await.unwrap();
+            for r in &batch.records {
+                next = r.offset + 1;
+                let Some(value) = r.value.as_deref() else { continue };
+                let value: serde_json::Value = serde_json::from_slice(value).unwrap();
+                let marker = value["filler"].as_str().map(str::trim).and_then(|f| f.strip_prefix('m')?.parse().ok());
+                if let Some(m) = marker {
+                    let at = first.entry(m).or_insert(r.timestamp_ms);
+                    *at = (*at).min(r.timestamp_ms);
+                }
+            }
+            if next >= batch.high_watermark {
+                break;
+            }
+        }
+    }
+    markers.iter().filter_map(|m| first.range(m.n..).map(|(_, at)| *at).min().map(|at| (m.n, at))).collect()
+}
+
+/// Each marker's time split at its publish: (commit to published, published
+/// to readable), each sorted.
+fn split(markers: &[Marker], published: &HashMap<i64, i64>) -> (Vec<Duration>, Vec<Duration>) {
+    let ms = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let (mut produce, mut consume): (Vec<Duration>, Vec<Duration>) = markers
+        .iter()
+        .filter_map(|m| {
+            let to_publish =
+                Duration::from_millis((published.get(&m.n)? - ms(m.committed)).max(0) as u64).min(m.latency);
+            Some((to_publish, m.latency - to_publish))
+        })
+        .unzip();
+    produce.sort();
+    consume.sort();
+    (produce, consume)
 }
 
 /// Updates of the three tables since the statistics were reset, and how
@@ -244,7 +329,8 @@ fn main() {
         for _ in 0..pairs {
             let base = one_run(&without, &pool_without, secs).await;
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let probe = freshness(&with, &pool_with, stop.clone());
+            let last = fresh.iter().map(|m: &Marker| m.n).max().unwrap_or(0);
+            let probe = freshness(&with, &pool_with, last, stop.clone());
             let measured = async {
                 let r = one_run(&with, &pool_with, secs).await;
                 stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -270,10 +356,23 @@ fn main() {
         with.ok(&verify);
 
         let ratio = |f: fn(&Run) -> f64| median(rounds.iter().map(|(b, c)| f(c) / f(b)).collect());
+        let published = published(&with, &fresh).await;
+        let (to_publish, to_readable) = split(&fresh, &published);
+        let mut fresh: Vec<Duration> = fresh.iter().map(|m| m.latency).collect();
         fresh.sort();
-        let p = |q: f64| fresh[((fresh.len() as f64 * q) as usize).min(fresh.len() - 1)];
-        let growth_with = (sizes_after.0 - sizes_before.0) as f64;
-        let growth_without = (sizes_after.1 - sizes_before.1).max(1) as f64;
+        let pct = |v: &[Duration], q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
+        let p = |q: f64| pct(&fresh, q);
+        let growth_with = (sizes_after.0.total() - sizes_before.0.total()) as f64;
+        let growth_without = (sizes_after.1.total() - sizes_before.1.total()).max(1) as f64;
+        let mb = |bytes: i64| bytes as f64 / 1e6;
+        let parts = |before: Size, after: Size| {
+            format!(
+                "tables {:.1} MB, indexes {:.1} MB, pg2ch's own {:.1} MB",
+                mb(after.heap - before.heap),
+                mb(after.indexes - before.indexes),
+                mb(after.own - before.own)
+            )
+        };
         println!("source cost, pgbench TPC-B-like, scale {scale}, 4 clients, {secs} s runs, {pairs} pairs:");
         println!("  transactions per second: {:.2}x of the database without pg2ch", ratio(|r| r.tps));
         println!("  average latency:         {:.2}x", ratio(|r| r.latency_ms));
@@ -283,6 +382,11 @@ fn main() {
             growth_with / growth_without,
             growth_with / 1e6,
             growth_without / 1e6
+        );
+        println!(
+            "    with: {}; without: {}",
+            parts(sizes_before.0, sizes_after.0),
+            parts(sizes_before.1, sizes_after.1)
         );
         let share = |(all, hot): (i64, i64)| hot as f64 * 100.0 / all.max(1) as f64;
         println!(
@@ -298,5 +402,15 @@ fn main() {
             p(0.99),
             fresh.len()
         );
+        if !to_publish.is_empty() {
+            println!(
+                "    commit to published:   p50 {:?}, p99 {:?}; published to readable: p50 {:?}, p99 {:?} ({} markers found in the topic)",
+                pct(&to_publish, 0.5),
+                pct(&to_publish, 0.99),
+                pct(&to_readable, 0.5),
+                pct(&to_readable, 0.99),
+                to_publish.len()
+            );
+        }
     });
 }
