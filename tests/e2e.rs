@@ -382,7 +382,13 @@ async fn verify_fails_on_planted_extra_missing_and_altered_rows() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1));
     assert!(text.contains("rows whose content differs: 1 (first: [1])"), "{text}");
-    assert!(text.contains("keys stored more than once before merging"), "{text}");
+    // ClickHouse may merge the two copies in the background at any time;
+    // merges only remove copies, so if two are still there now, there were
+    // two when verify looked.
+    let copies: u64 = ch.client.query("SELECT count() FROM user_logins WHERE id = 1").fetch_one().await.unwrap();
+    if copies > 1 {
+        assert!(text.contains("keys stored more than once before merging"), "{text}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
