@@ -62,9 +62,10 @@ pub async fn taking_turns<T, F: Future<Output = Result<T, clickhouse::error::Err
 }
 
 /// Runs a read of ClickHouse's catalogue (`system.tables`,
-/// `system.columns`) again while it fails with UNKNOWN_TABLE (60): 18.16
-/// fails such a read when any table of the database is dropped while it
-/// runs, even one the read filters out (a table the read asks about being
+/// `system.columns`) again while it fails with UNKNOWN_TABLE (60) or
+/// FILE_DOESNT_EXIST (107, "Cannot open file" naming the table's metadata file):
+/// 18.16 fails such a read when any table of the database is dropped while
+/// it runs, even one the read filters out (a table the read asks about being
 /// absent is no row, not an error). Immediately, a few times: the race is
 /// that drop's moment. Other errors are returned, classified.
 pub async fn reading_catalogue<T, F: Future<Output = Result<T, clickhouse::error::Error>>>(
@@ -73,7 +74,7 @@ pub async fn reading_catalogue<T, F: Future<Output = Result<T, clickhouse::error
     let mut attempts = 1;
     loop {
         match read().await {
-            Err(e) if code(&e) == Some(60) && attempts < 10 => attempts += 1,
+            Err(e) if matches!(code(&e), Some(60 | 107)) && attempts < 10 => attempts += 1,
             other => return other.map_err(classify),
         }
     }
