@@ -21,6 +21,8 @@
 mod common;
 #[path = "support/procs.rs"]
 mod procs;
+#[path = "support/topic.rs"]
+mod topic;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant, SystemTime};
@@ -155,20 +157,11 @@ async fn steady(env: &TestEnv, rate: u64, secs: u64) -> Vec<Seen> {
 /// as it publishes, in milliseconds) by id, read back from the topic.
 async fn published(log: &pg2ch::kafka::KafkaLog) -> HashMap<i64, i64> {
     let mut at = HashMap::new();
-    for p in 0..log.partitions() {
-        let mut next = 0;
-        loop {
-            let batch = log.fetch(p, next, Duration::from_millis(1)).await.unwrap();
-            for r in &batch.records {
-                let value: serde_json::Value = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
-                at.insert(value["id"].as_i64().unwrap(), r.timestamp_ms);
-                next = r.offset + 1;
-            }
-            if next >= batch.high_watermark {
-                break;
-            }
-        }
-    }
+    topic::each_record(log, |r| {
+        let value: serde_json::Value = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
+        at.insert(value["id"].as_i64().unwrap(), r.timestamp_ms);
+    })
+    .await;
     at
 }
 

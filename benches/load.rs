@@ -103,6 +103,12 @@ impl Pair {
     fn others_cpu(&self) -> f64 {
         self.load_cpu.iter().filter(|(n, _)| n != procs::OWN_CHILDREN).map(|(_, s)| s).sum()
     }
+
+    /// The fastest `cores` could have loaded `rows` if pg2ch cost nothing:
+    /// the other processes' CPU shared by them all (rows/s).
+    fn bound(&self, rows: u64, cores: f64) -> f64 {
+        rows as f64 / (self.others_cpu() / cores)
+    }
 }
 
 /// `name 1.23 s` for the names that used at least 0.05 s.
@@ -207,11 +213,11 @@ fn main() {
             let per_million = |s: f64| s * 1e6 / rows as f64;
             let pg2ch = m(&|p| per_million(p.pg2ch_cpu()));
             let others = m(&|p| per_million(p.others_cpu()));
-            let bound = m(&|p| rows as f64 / (p.others_cpu() / cores));
+            let bound = m(&|p| p.bound(rows, cores));
             println!("  CPU:           pg2ch {pg2ch:.2} s per million rows; every other process {others:.2} s (PostgreSQL, broker, ClickHouse, kernel)");
             println!(
                 "  bound:         without pg2ch's own CPU, {cores:.0} cores would still need that: at most {bound:.0} rows/s, {:.2}x COPY",
-                m(&|p| rows as f64 / (p.others_cpu() / cores) / p.copy_rate)
+                m(&|p| p.bound(rows, cores) / p.copy_rate)
             );
         }
     });

@@ -28,13 +28,14 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/topic.rs"]
+mod topic;
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use common::TestEnv;
-use pg2ch::stores::EventLog;
 use sqlx::PgPool;
 use tokio::runtime::Runtime;
 
@@ -227,25 +228,16 @@ async fn published(env: &TestEnv, markers: &[Marker]) -> HashMap<i64, i64> {
     let log = pg2ch::kafka::KafkaLog::open(&client, &topic, Duration::from_secs(10)).await.unwrap();
     // The earliest publish of each marker value seen in the topic.
     let mut first: BTreeMap<i64, i64> = BTreeMap::new();
-    for p in 0..log.partitions() {
-        let mut next = 0;
-        loop {
-            let batch = log.fetch(p, next, Duration::from_millis(1)).await.unwrap();
-            for r in &batch.records {
-                next = r.offset + 1;
-                let Some(value) = r.value.as_deref() else { continue };
-                let value: serde_json::Value = serde_json::from_slice(value).unwrap();
-                let marker = value["filler"].as_str().map(str::trim).and_then(|f| f.strip_prefix('m')?.parse().ok());
-                if let Some(m) = marker {
-                    let at = first.entry(m).or_insert(r.timestamp_ms);
-                    *at = (*at).min(r.timestamp_ms);
-                }
-            }
-            if next >= batch.high_watermark {
-                break;
-            }
+    topic::each_record(&log, |r| {
+        let Some(value) = r.value.as_deref() else { return };
+        let value: serde_json::Value = serde_json::from_slice(value).unwrap();
+        let marker = value["filler"].as_str().map(str::trim).and_then(|f| f.strip_prefix('m')?.parse().ok());
+        if let Some(m) = marker {
+            let at = first.entry(m).or_insert(r.timestamp_ms);
+            *at = (*at).min(r.timestamp_ms);
         }
-    }
+    })
+    .await;
     markers.iter().filter_map(|m| first.range(m.n..).map(|(_, at)| *at).min().map(|at| (m.n, at))).collect()
 }
 
