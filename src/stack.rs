@@ -865,12 +865,21 @@ impl Stack {
             // `srvr`, not `ruok`: ZooKeeper answers `imok` as soon as it
             // listens, before it has loaded its data and serves sessions; a
             // ClickHouse server started then fails its handshake and exits.
-            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-            s.write_all(b"srvr").await?;
-            let mut answer = String::new();
-            s.read_to_string(&mut answer).await?;
-            anyhow::ensure!(answer.contains("\nMode: "), "ZooKeeper answered {answer:?}");
-            Ok(())
+            // Bounded, as every probe here: a ZooKeeper still starting can
+            // take the connection and never answer nor close it.
+            crate::config::bounded(
+                || format!("asking ZooKeeper on port {port} for `srvr`"),
+                Duration::from_secs(2),
+                async {
+                    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                    s.write_all(b"srvr").await?;
+                    let mut answer = String::new();
+                    s.read_to_string(&mut answer).await?;
+                    anyhow::ensure!(answer.contains("\nMode: "), "ZooKeeper answered {answer:?}");
+                    Ok(())
+                },
+            )
+            .await
         };
         if probe().await.is_ok() {
             return Ok(());
