@@ -19,6 +19,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/polls.rs"]
+mod polls;
 #[path = "support/procs.rs"]
 mod procs;
 #[path = "support/topic.rs"]
@@ -30,10 +32,6 @@ use std::time::{Duration, Instant, SystemTime};
 use common::TestEnv;
 use pg2ch::stores::{EventLog, LogRecord};
 use tokio::runtime::Runtime;
-
-/// Most polls of ClickHouse in flight at once; a tick finding this many
-/// sends none (and the bench says how many it skipped).
-const MAX_QUERIES: usize = 4;
 
 fn secs() -> u64 {
     std::env::var("PG2CH_BENCH_LATENCY_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(10)
@@ -101,16 +99,10 @@ async fn steady(env: &TestEnv, rate: u64, secs: u64) -> Vec<Seen> {
     let mut latencies = Vec::new();
     let mut inserting = true;
     let deadline = Instant::now() + Duration::from_secs(secs + 90);
-    // A query is sent every 10 ms whether or not the last one returned (a
-    // loop that waited for each answer would ask every 10 ms plus the
-    // query's time, and be late by that much).
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut queries = futures::stream::FuturesUnordered::new();
-    let mut skipped = 0;
+    let mut polls = polls::Polls::every(Duration::from_millis(10));
     while (inserting || !outstanding.is_empty()) && Instant::now() < deadline {
-        tokio::select! {
-            _ = tick.tick() => {
+        match polls.next().await {
+            polls::Event::Tick => {
                 loop {
                     match rx.try_recv() {
                         Ok((first, last, at, wall)) => outstanding.extend((first..=last).map(|id| (id, (at, wall)))),
@@ -121,20 +113,14 @@ async fn steady(env: &TestEnv, rate: u64, secs: u64) -> Vec<Seen> {
                         }
                     }
                 }
-                let (Some((&low, _)), Some((&high, _))) = (outstanding.first_key_value(), outstanding.last_key_value()) else {
+                let (Some((&low, _)), Some((&high, _))) = (outstanding.first_key_value(), outstanding.last_key_value())
+                else {
                     continue;
                 };
-                if queries.len() >= MAX_QUERIES {
-                    skipped += 1;
-                    continue;
-                }
                 let query = ch.client.query("SELECT id FROM user_logins WHERE id BETWEEN ? AND ?").bind(low).bind(high);
-                queries.push(async move {
-                    let sent = Instant::now();
-                    (sent, query.with_setting("max_threads", "1").fetch_all::<i64>().await.unwrap())
-                });
+                polls.send(async move { query.with_setting("max_threads", "1").fetch_all::<i64>().await.unwrap() });
             }
-            Some((sent, seen)) = futures::StreamExt::next(&mut queries) => {
+            polls::Event::Answer(sent, seen) => {
                 // Only ids committed before `sent` were asked for.
                 for id in seen {
                     if let Some((at, committed)) = outstanding.remove(&id) {
@@ -144,8 +130,8 @@ async fn steady(env: &TestEnv, rate: u64, secs: u64) -> Vec<Seen> {
             }
         }
     }
-    if skipped > 0 {
-        eprintln!("latency: {skipped} of the 10 ms polls skipped, {MAX_QUERIES} queries being in flight");
+    if polls.skipped > 0 {
+        eprintln!("latency: {}", polls.summary());
     }
     inserter.await.unwrap();
     assert!(outstanding.is_empty(), "{} rows never reached ClickHouse", outstanding.len());

@@ -14,8 +14,9 @@
 //! pg2ch over without) are the medians of the pairs. Freshness under that
 //! load: every 100 ms during the runs with pg2ch, a marker is written into a
 //! teller's `filler`, and ClickHouse is asked every 10 ms which marker it
-//! holds; a marker's time is from its commit to the first answer holding it
-//! (or a later marker), split at its publish: the timestamp of the first
+//! holds (without waiting for the last answer; how long the answers took is
+//! printed); a marker's time is from its commit to the sending of the first
+//! query whose answer holds it (or a later marker), split at its publish: the timestamp of the first
 //! record in the tellers' topic that holds it or a later marker.
 //! Also printed: the share of the tables' updates that were HOT (no new
 //! index entries), with pg2ch (its flag updates included) and without. At
@@ -28,6 +29,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/polls.rs"]
+mod polls;
 #[path = "support/topic.rs"]
 mod topic;
 
@@ -164,57 +167,88 @@ struct Marker {
 }
 
 /// Markers written into a teller's filler every 100 ms until `stop`, and
-/// each one's time from commit to readable in ClickHouse. Numbered on from
-/// `after`, the last marker of an earlier run: a marker counts as readable
-/// once ClickHouse holds it or a later one.
+/// each one's time from commit to readable in ClickHouse (asked every
+/// 10 ms, see [`polls`]). Numbered on from `after`, the last marker of an
+/// earlier run: a marker counts as readable once ClickHouse holds it or a
+/// later one. Also returns the polls' summary line.
 async fn freshness(
     env: &TestEnv,
     pool: &PgPool,
     after: i64,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> Vec<Marker> {
+) -> (Vec<Marker>, String) {
     let ch = env.ch().await;
-    let mut pending: Vec<(i64, Instant, SystemTime)> = Vec::new();
-    let mut out = Vec::new();
-    let mut next = after;
-    let mut last_write = Instant::now() - Duration::from_secs(1);
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    let started = Instant::now();
-    loop {
-        let stopping = stop.load(std::sync::atomic::Ordering::SeqCst);
-        if stopping && (pending.is_empty() || started.elapsed() > Duration::from_secs(120)) {
-            break;
-        }
-        tick.tick().await;
-        if !stopping && last_write.elapsed() >= Duration::from_millis(100) {
-            next += 1;
-            sqlx::query("UPDATE pgbench_tellers SET filler = $1 WHERE tid = 1")
-                .bind(format!("m{next}"))
-                .execute(pool)
-                .await
-                .unwrap();
-            pending.push((next, Instant::now(), SystemTime::now()));
-            last_write = Instant::now();
-        }
-        let asked = Instant::now();
-        let seen: Option<String> = ch
-            .client
-            .query("SELECT filler FROM pgbench_tellers FINAL WHERE tid = 1")
-            .fetch_one::<Option<String>>()
-            .await
-            .expect("reading the marker from ClickHouse");
-        let seen: i64 = seen.as_deref().map(str::trim).and_then(|s| s.strip_prefix('m')?.parse().ok()).unwrap_or(0);
-        pending.retain(|(n, at, committed)| {
-            if *n <= seen {
-                out.push(Marker { n: *n, committed: *committed, latency: asked.saturating_duration_since(*at) });
-                false
-            } else {
-                true
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(i64, Instant, SystemTime)>();
+    let writer = {
+        let pool = pool.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut next = after;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                tick.tick().await;
+                next += 1;
+                sqlx::query("UPDATE pgbench_tellers SET filler = $1 WHERE tid = 1")
+                    .bind(format!("m{next}"))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                tx.send((next, Instant::now(), SystemTime::now())).unwrap();
             }
-        });
-    }
-    assert!(pending.is_empty(), "{} markers never reached ClickHouse", pending.len());
-    out
+        }
+    };
+    let reader = async {
+        let mut pending: Vec<(i64, Instant, SystemTime)> = Vec::new();
+        let mut out = Vec::new();
+        let mut writing = true;
+        let mut polls = polls::Polls::every(Duration::from_millis(10));
+        let mut deadline = None;
+        while writing || !pending.is_empty() {
+            match polls.next().await {
+                polls::Event::Tick => {
+                    loop {
+                        match rx.try_recv() {
+                            Ok(marker) => pending.push(marker),
+                            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                                writing = false;
+                                break;
+                            }
+                        }
+                    }
+                    if !writing
+                        && *deadline.get_or_insert_with(|| Instant::now() + Duration::from_secs(120)) < Instant::now()
+                    {
+                        break;
+                    }
+                    if pending.is_empty() {
+                        continue;
+                    }
+                    let query = ch.client.query("SELECT filler FROM pgbench_tellers FINAL WHERE tid = 1");
+                    polls.send(async move {
+                        query.fetch_one::<Option<String>>().await.expect("reading the marker from ClickHouse")
+                    });
+                }
+                polls::Event::Answer(sent, seen) => {
+                    let seen: i64 =
+                        seen.as_deref().map(str::trim).and_then(|s| s.strip_prefix('m')?.parse().ok()).unwrap_or(0);
+                    // Only markers committed before the query was sent count.
+                    pending.retain(|&(n, at, committed)| {
+                        if n <= seen && at <= sent {
+                            out.push(Marker { n, committed, latency: sent - at });
+                            false
+                        } else {
+                            true
+                        }
+                    });
+                }
+            }
+        }
+        assert!(pending.is_empty(), "{} markers never reached ClickHouse", pending.len());
+        (out, polls.summary())
+    };
+    let ((), found) = tokio::join!(writer, reader);
+    found
 }
 
 /// When each marker was published: the timestamp (taken by the producer as
@@ -318,6 +352,7 @@ fn main() {
         }
         let mut rounds = Vec::new();
         let mut fresh = Vec::new();
+        let mut polls_seen = Vec::new();
         for _ in 0..pairs {
             let base = one_run(&without, &pool_without, secs).await;
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -328,8 +363,9 @@ fn main() {
                 stop.store(true, std::sync::atomic::Ordering::SeqCst);
                 r
             };
-            let (carried, times) = tokio::join!(measured, probe);
+            let (carried, (times, polled)) = tokio::join!(measured, probe);
             fresh.extend(times);
+            polls_seen.push(polled);
             println!(
                 "pair: without {:.0} tps {:.2} ms {:.0} B WAL/tx | with {:.0} tps {:.2} ms {:.0} B WAL/tx",
                 base.tps, base.latency_ms, base.wal_per_tx, carried.tps, carried.latency_ms, carried.wal_per_tx
@@ -403,6 +439,9 @@ fn main() {
                 pct(&to_readable, 0.99),
                 to_publish.len()
             );
+        }
+        for (i, line) in polls_seen.iter().enumerate() {
+            println!("    polls of pair {}: {line}", i + 1);
         }
     });
 }

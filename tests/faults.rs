@@ -366,6 +366,13 @@ async fn metrics_are_served_in_prometheus_text() {
     assert!(body.contains("pg2ch_lag_seconds{partition=\"0\"} 0"), "{body}");
     let age = value(&body, "pg2ch_claimed_age_seconds").expect("the age of the claimed changes");
     assert!(age > 0.0 && age < 600.0, "{age}");
+    // The stages' times: publishes acknowledged, records fetched back (how
+    // long after their publish began, a time a clock could not make
+    // negative or absurd).
+    assert!(value(&body, "pg2ch_publish_seconds_count").is_some_and(|n| n >= 1.0), "{body}");
+    let fetched = value(&body, "pg2ch_fetched_age_seconds_count").expect("records fetched back");
+    let mean = value(&body, "pg2ch_fetched_age_seconds_sum").expect("their ages") / fetched;
+    assert!(fetched >= 1.0 && (0.0..600.0).contains(&mean), "{body}");
     stop(child, Duration::from_secs(10));
 }
 

@@ -288,9 +288,18 @@ impl<L: EventLog, K: Sink, G: Leases> Consumer<L, K, G> {
         }
         let mut fetched = Vec::with_capacity(results.len());
         let mut failed: Option<anyhow::Error> = None;
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
         for (p, result) in results {
             match result {
-                Ok(batch) => fetched.push((p, batch)),
+                Ok(batch) => {
+                    // Metrics only: how long after its publish began the
+                    // oldest record came back from the broker.
+                    if let Some(first) = batch.records.first() {
+                        let age_ms = (now_ms as i64 - first.timestamp_ms).max(0);
+                        metrics::histogram!("pg2ch_fetched_age_seconds").record(age_ms as f64 / 1e3);
+                    }
+                    fetched.push((p, batch))
+                }
                 Err(e) if kind(&e) == ErrorKind::Permanent => return Err(e),
                 Err(e) => {
                     tracing::debug!("partition {p}: {e:#}");

@@ -397,6 +397,8 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
     /// returns only when every partition acknowledged.
     async fn publish(&self, by_partition: BTreeMap<i32, Vec<LogRecord>>, faults: &dyn Faults) -> anyhow::Result<()> {
         let total = by_partition.len();
+        // Metrics only: how long the broker took to acknowledge.
+        let started = std::time::Instant::now();
         let mut pending: FuturesUnordered<_> = by_partition
             .into_iter()
             .map(|(p, records)| async move {
@@ -411,6 +413,7 @@ impl<S: SourceTable, L: EventLog> Producer<S, L> {
                 faults.at(CrashPoint::MidPublish)?;
             }
         }
+        metrics::histogram!("pg2ch_publish_seconds").record(started.elapsed().as_secs_f64());
         Ok(())
     }
 
