@@ -341,6 +341,19 @@ fn secret_file(file: &Path) -> anyhow::Result<Secret> {
     Ok(Secret::new(value))
 }
 
+/// Sends `request` to a service that answers once and closes (ZooKeeper's
+/// four-letter words, HTTP/1.0), and returns the whole answer. Unbounded: a
+/// service that takes the connection and never answers holds it for ever,
+/// so callers bound it ([`crate::config::bounded`]).
+pub async fn ask(addr: impl tokio::net::ToSocketAddrs, request: &[u8]) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(request).await?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await?;
+    Ok(answer)
+}
+
 /// Polls `probe` until it succeeds or `limit` passes: how anything that
 /// starts a service waits for it to answer.
 pub async fn wait_until<F, Fut>(what: &str, limit: Duration, probe: F) -> anyhow::Result<()>
@@ -861,7 +874,6 @@ impl Stack {
     /// A standalone ZooKeeper on loopback, from Debian's `zookeeper` package.
     async fn zookeeper_up(&self, port: u16) -> anyhow::Result<()> {
         let probe = || async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
             // `srvr`, not `ruok`: ZooKeeper answers `imok` as soon as it
             // listens, before it has loaded its data and serves sessions; a
             // ClickHouse server started then fails its handshake and exits.
@@ -871,10 +883,7 @@ impl Stack {
                 || format!("asking ZooKeeper on port {port} for `srvr`"),
                 Duration::from_secs(2),
                 async {
-                    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-                    s.write_all(b"srvr").await?;
-                    let mut answer = String::new();
-                    s.read_to_string(&mut answer).await?;
+                    let answer = ask(("127.0.0.1", port), b"srvr").await?;
                     anyhow::ensure!(answer.contains("\nMode: "), "ZooKeeper answered {answer:?}");
                     Ok(())
                 },

@@ -62,8 +62,7 @@ pub async fn status(s: &Settings) -> anyhow::Result<Vec<Status>> {
         let mut c = open_consumer(s, &RunOptions::default(), None, &table).await?;
         let positions = c.positions().await?.clone();
         let ends = c.high_watermarks().await?;
-        let now_ms =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let now_ms = crate::types::time::now_unix_ms();
         let (mut holders, producers) = lease::holders(&pool, &s.kafka.group, &table.topic, table.oid).await?;
         let mut partitions = Vec::new();
         for (&p, position) in &positions {

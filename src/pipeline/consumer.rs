@@ -288,14 +288,14 @@ impl<L: EventLog, K: Sink, G: Leases> Consumer<L, K, G> {
         }
         let mut fetched = Vec::with_capacity(results.len());
         let mut failed: Option<anyhow::Error> = None;
-        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        let now_ms = crate::types::time::now_unix_ms();
         for (p, result) in results {
             match result {
                 Ok(batch) => {
                     // Metrics only: how long after its publish began the
                     // oldest record came back from the broker.
                     if let Some(first) = batch.records.first() {
-                        let age_ms = (now_ms as i64 - first.timestamp_ms).max(0);
+                        let age_ms = (now_ms - first.timestamp_ms).max(0);
                         metrics::histogram!("pg2ch_fetched_age_seconds").record(age_ms as f64 / 1e3);
                     }
                     fetched.push((p, batch))
@@ -385,14 +385,14 @@ impl<L: EventLog, K: Sink, G: Leases> Consumer<L, K, G> {
         metrics::counter!("pg2ch_rows_written_total").increment(rows.len() as u64);
         metrics::counter!("pg2ch_dead_letters_total").increment(step.dead_letters as u64);
         metrics::histogram!("pg2ch_consume_batch_seconds").record(started.elapsed().as_secs_f64());
-        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        let now_ms = crate::types::time::now_unix_ms();
         for (p, position) in &next {
             let end = step.high_watermarks.get(p).copied().unwrap_or(position.next);
             let behind = (end - position.next).max(0);
             metrics::gauge!("pg2ch_lag", "partition" => p.to_string()).set(behind as f64);
             // Behind: about as old as the newest record just written.
             let age_ms = match (behind, newest_ms.get(p)) {
-                (1.., Some(&ts)) => (now_ms as i64 - ts).max(0),
+                (1.., Some(&ts)) => (now_ms - ts).max(0),
                 _ => 0,
             };
             metrics::gauge!("pg2ch_lag_seconds", "partition" => p.to_string()).set(age_ms as f64 / 1e3);

@@ -27,6 +27,12 @@ pub const PG_DATE_MIN: i32 = -2_451_545;
 /// The latest `date` PostgreSQL admits (5874897-12-31), in its days.
 pub const PG_DATE_MAX: i32 = 2_145_031_948;
 
+/// Now, in milliseconds since the Unix epoch, by this machine's clock (the
+/// unit of a Kafka record's timestamp).
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
 /// Now, in microseconds since PostgreSQL's epoch (2000-01-01 UTC), by this
 /// machine's clock.
 pub fn now_pg_us() -> i64 {

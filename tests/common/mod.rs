@@ -248,11 +248,7 @@ impl ChdbFrontEnd {
             });
         let url = format!("127.0.0.1:{port}");
         pg2ch::stack::wait_until("the chdb front end", Duration::from_secs(60), || async {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut s = tokio::net::TcpStream::connect(&url).await?;
-            s.write_all(b"GET /ping HTTP/1.0\r\n\r\n").await?;
-            let mut answer = String::new();
-            s.read_to_string(&mut answer).await?;
+            let answer = pg2ch::stack::ask(url.as_str(), b"GET /ping HTTP/1.0\r\n\r\n").await?;
             anyhow::ensure!(answer.contains("Ok."), "not ready");
             Ok(())
         })
